@@ -1,0 +1,178 @@
+"""The fused ops of pymeta: Python fronts over ``torch.ops.pymeta``, with their fake kernels
+(for ``torch.compile`` and meta tensors) and autograd formulas.
+
+Each front picks the native kernel or the pure-PyTorch reference per call (see
+``pymeta.set_backend``). Argument checks live in the native op's C++ front and in the
+reference, with the same messages; this file checks only Python types.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from pymeta import _backend, reference
+
+LR = Union[float, Tensor, Sequence[Tensor]]
+
+
+def _split_lr(lr: LR, count: int) -> tuple[list[Tensor] | None, float]:
+    if isinstance(lr, bool):
+        raise TypeError("pymeta.inner_update: lr must be a float, a tensor or a list of tensors, not a bool")
+    if isinstance(lr, (float, int)):
+        return None, float(lr)
+    if isinstance(lr, Tensor):  # one [] rate for every tensor
+        if lr.dim() != 0:
+            raise ValueError(f"pymeta.inner_update: lr given as one tensor must have shape []; "
+                             f"got {list(lr.shape)} (pass a list for per-tensor rates)")
+        return [lr] * count, 0.0
+    if isinstance(lr, (list, tuple)):
+        for i, x in enumerate(lr):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"pymeta.inner_update: lr[{i}] is a {type(x).__name__}, not a Tensor")
+        return list(lr), 0.0
+    raise TypeError(f"pymeta.inner_update: lr must be a float, a tensor or a list of tensors, "
+                    f"not {type(lr).__name__}")
+
+
+def _tensor_list(xs, name: str) -> list[Tensor]:
+    if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
+        raise TypeError(f"pymeta.inner_update: {name} must be a list of tensors, "
+                        f"not {type(xs).__name__}")
+    for i, x in enumerate(xs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"pymeta.inner_update: {name}[{i}] is a {type(x).__name__}, not a Tensor")
+    return list(xs)
+
+
+def inner_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LR) -> list[Tensor]:
+    """One MAML inner-loop SGD step for every tensor of a model and every task, in one launch:
+    ``out[i] = params[i] - lr_i * grads[i]``.
+
+    Args:
+        params: N tensors. ``params[i]`` is ``S_i`` (shared by all tasks, e.g. the
+            meta-parameters at the first inner step; broadcast, never copied T times) or
+            ``[T, *S_i]`` (one copy per task).
+        grads: N tensors ``[T, *S_i]``, the per-task gradients.
+        lr: a float (plain MAML); a ``[]`` tensor for all tensors; or a list of N tensors,
+            each ``[]`` (MAML++ per-layer per-step rate) or ``S_i`` (Meta-SGD per-parameter
+            rate). Rate tensors may require grad.
+
+    Returns:
+        N new tensors ``[T, *S_i]``. Inputs are never modified.
+
+    All tensors share one device and one floating dtype (float32, float64, float16 or
+    bfloat16; the 16-bit types compute in float32). Differentiable: the backward is one fused
+    launch (plus one small launch that folds the sums of ``[]`` rates); the gradient of a
+    shared param is summed over tasks, ``dgrad = -lr * dout``, and the rate's gradient is
+    reduced to its shape. Gradients flow on into the graph that produced ``grads``, so
+    second-order MAML works. The backward is itself differentiable (its own backward runs as
+    PyTorch ops), so ``create_graph=True`` through it, i.e. third order, is supported too.
+    """
+    params = _tensor_list(params, "params")
+    grads = _tensor_list(grads, "grads")
+    if not grads:
+        raise ValueError("pymeta.inner_update: params is an empty list" if not params
+                         else "pymeta.inner_update: grads is an empty list")
+    lr_tensors, lr_scalar = _split_lr(lr, len(grads))
+    if _backend.use_native("inner_update", grads[0].device):
+        return torch.ops.pymeta.inner_update(params, grads, lr_tensors, lr_scalar)
+    return reference.inner_update(params, grads, lr_tensors, lr_scalar)
+
+
+# ---- registrations on the native ops (only when the extension is built) -------------------
+
+def _needs(flag) -> bool:
+    return any(bool(f) for f in flag) if isinstance(flag, (list, tuple)) else bool(flag)
+
+
+if _backend.NATIVE:
+
+    @torch.library.register_fake("pymeta::inner_update")
+    def _inner_update_fake(params, grads, lr_tensors, lr_scalar):
+        reference.check_inner_update_args("pymeta.inner_update", params, grads, lr_tensors)
+        return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
+
+    @torch.library.register_fake("pymeta::inner_update_backward")
+    def _inner_update_backward_fake(grad_outs, grads, lr_tensors, lr_scalar, shared,
+                                    need_dparams, need_dgrads, need_dlrs):
+        dparams = [g.new_empty(g.shape[1:]) for g, s in zip(grads, shared) if s] if need_dparams else []
+        dgrads = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads] if need_dgrads else []
+        dlrs = ([torch.empty_like(x, memory_format=torch.contiguous_format) for x in lr_tensors]
+                if need_dlrs and lr_tensors is not None else [])
+        return dparams, dgrads, dlrs
+
+    def _inner_update_setup(ctx, inputs, output):
+        params, grads, lr_tensors, lr_scalar = inputs
+        ctx.shared = [int(p.shape != g.shape) for p, g in zip(params, grads)]
+        ctx.lr_scalar = lr_scalar
+        ctx.count = len(grads)
+        ctx.has_lr = lr_tensors is not None
+        # grads are needed only for the rates' gradient; don't keep them alive otherwise.
+        ctx.keep_grads = ctx.has_lr and any(x.requires_grad for x in lr_tensors)
+        ctx.save_for_backward(*(grads if ctx.keep_grads else []), *(lr_tensors or []))
+
+    def _inner_update_backward(ctx, grad_outs):
+        saved = ctx.saved_tensors
+        n_grads = ctx.count if ctx.keep_grads else 0
+        grad_outs = list(grad_outs)
+        grads = list(saved[:n_grads]) if ctx.keep_grads else grad_outs  # stand-ins: shapes only
+        lrs = list(saved[n_grads:]) if ctx.has_lr else None
+        need_p = _needs(ctx.needs_input_grad[0])
+        need_g = _needs(ctx.needs_input_grad[1])
+        need_lr = ctx.has_lr and ctx.keep_grads and _needs(ctx.needs_input_grad[2])
+        dps, dgs, dls = torch.ops.pymeta.inner_update_backward(
+            grad_outs, grads, lrs, ctx.lr_scalar, ctx.shared, need_p, need_g, need_lr)
+        none = [None] * ctx.count
+        dparams = none
+        if need_p:  # a per-task param's gradient is dout itself
+            it = iter(dps)
+            dparams = [next(it) if s else d for s, d in zip(ctx.shared, grad_outs)]
+        return (dparams, dgs if need_g else none,
+                (dls if need_lr else none) if ctx.has_lr else None, None)
+
+    torch.library.register_autograd("pymeta::inner_update", _inner_update_backward,
+                                    setup_context=_inner_update_setup)
+
+    # The backward's own backward (for create_graph=True through inner_update). It is linear
+    # in grad_outs, so plain PyTorch ops are enough here.
+    def _inner_update_backward_setup(ctx, inputs, output):
+        grad_outs, grads, lr_tensors, lr_scalar, shared, need_p, need_g, need_lr = inputs
+        ctx.flags = (list(shared), need_p, need_g, need_lr and lr_tensors is not None, lr_scalar)
+        ctx.count = len(grads)
+        ctx.has_lr = lr_tensors is not None
+        ctx.save_for_backward(*grad_outs, *grads, *(lr_tensors or []))
+
+    def _inner_update_double_backward(ctx, d_dparams, d_dgrads, d_dlrs):
+        shared, need_p, need_g, need_lr, lr_scalar = ctx.flags
+        n = ctx.count
+        saved = ctx.saved_tensors
+        douts, grads = saved[:n], saved[n:2 * n]
+        lrs = saved[2 * n:] if ctx.has_lr else None
+        it_p = iter(d_dparams)
+        g_douts, g_grads, g_lrs = [], [], []
+        for i in range(n):
+            d, g = douts[i], grads[i]
+            lr = lr_scalar if lrs is None else lrs[i]
+            acc = torch.zeros_like(d)
+            if need_p and shared[i]:
+                acc = acc + next(it_p)
+            if need_g:
+                acc = acc - lr * d_dgrads[i]
+            gg = torch.zeros_like(g)
+            gl = None
+            if need_lr:
+                c = d_dlrs[i]
+                acc = acc - g * c
+                gg = -d * c
+            if lrs is not None:
+                gl = (-(d * d_dgrads[i]).sum() if lrs[i].dim() == 0 else -(d * d_dgrads[i]).sum(0)) \
+                    if need_g else torch.zeros_like(lrs[i])
+                g_lrs.append(gl)
+            g_douts.append(acc)
+            g_grads.append(gg)
+        return g_douts, g_grads, (g_lrs if lrs is not None else None), None, None, None, None, None
+
+    torch.library.register_autograd("pymeta::inner_update_backward", _inner_update_double_backward,
+                                    setup_context=_inner_update_backward_setup)
