@@ -59,7 +59,9 @@ Geometry geometry(const Tensor& like, bool backward) {
     const int threads = backward ? 128 : 256;
     return {threads, threads * vec, backward ? 0 : 4};
   }
-  return {0, 1024, backward ? 0 : 16};
+  // CPU: long contiguous runs per row (hardware prefetchers stop at 4 KB pages, so short
+  // row segments at large strides stream badly); backward keeps a row of sums per tile.
+  return {0, backward ? 4096 : 16384, backward ? 0 : 1};
 }
 
 // The common checks. Returns T; fills `shared` and `lr_kinds`.

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one prepared script for a machine with an NVIDIA GPU and no network (e.g. the lent
+# H100/H200, whose python3 has torch, pybind11, cmake, ninja, nvcc and compute-sanitizer).
+# In under 6 minutes: builds pymeta in place for that GPU, runs the CUDA tests, runs every
+# kernel under compute-sanitizer, runs the CUDA benchmarks, and prints a short table last.
+#   bash bench/gpu_check.sh            # logs and bench.json go to $OUT (or /tmp/pymeta-gpu)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/pymeta-gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYMETA_CUDA=1
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # just this GPU's architecture: a quicker build
+  TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+fi
+export TORCH_CUDA_ARCH_LIST
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+t0=$SECONDS
+if ! { cmake -S . -B build-gpu -G Ninja -DPython_EXECUTABLE="$(command -v $PY)" \
+         -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/pymeta" && cmake --build build-gpu -j"$(nproc)"; } \
+       > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+build_s=$((SECONDS - t0))
+grep -iE "registers|spill|stack" "$OUT/build.log" | head -20
+
+t0=$SECONDS
+timeout 150 $PY -m pytest tests -q -m cuda -p no:cacheprovider > "$OUT/tests.log" 2>&1
+tests_rc=$?
+tests_s=$((SECONDS - t0))
+tail -25 "$OUT/tests.log"
+
+t0=$SECONDS
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY bench/sanitize.py > "$OUT/sanitizer.log" 2>&1
+san_rc=$?
+san_s=$((SECONDS - t0))
+tail -5 "$OUT/sanitizer.log"
+
+t0=$SECONDS
+timeout 180 $PY -m pymeta bench --device cuda --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+bench_rc=$?
+bench_s=$((SECONDS - t0))
+
+echo
+echo "==================== pymeta gpu_check summary ===================="
+cat "$OUT/gpu.txt"
+echo "build:      ${build_s}s (archs $TORCH_CUDA_ARCH_LIST)"
+echo "cuda tests: rc=$tests_rc ${tests_s}s: $(tail -1 "$OUT/tests.log")"
+echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|all kernels ran' "$OUT/sanitizer.log" | tr '\n' ' ')"
+echo "bench:      rc=$bench_rc ${bench_s}s"
+sed -n '/^$/,$p' "$OUT/bench.log"
+[ $tests_rc -eq 0 ] && [ $san_rc -eq 0 ] && [ $bench_rc -eq 0 ]

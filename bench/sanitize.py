@@ -1,0 +1,28 @@
+"""Runs every CUDA kernel of pymeta once on awkward sizes, for compute-sanitizer
+(bench/gpu_check.sh): vectorized and scalar paths, several launches, empty tensors,
+every rate form, forward and backward."""
+import torch
+
+import pymeta
+from pymeta import ops
+
+torch.manual_seed(0)
+pymeta.set_backend("native")
+dev = "cuda"
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    shapes = [(64, 3, 3, 3), (5,), (), (0,), (7, 13), (1024,), (4099,)] + [(i % 37,) for i in range(60)]
+    T = 5
+    params = [torch.randn(s, device=dev, dtype=dtype, requires_grad=True) if i % 2 else
+              torch.randn(T, *s, device=dev, dtype=dtype, requires_grad=True) for i, s in enumerate(shapes)]
+    grads = [torch.randn(T, *s, device=dev, dtype=dtype) for s in shapes]
+    for lr in (0.3,
+               [torch.rand((), device=dev, dtype=dtype, requires_grad=True) for _ in shapes],
+               [torch.rand(s, device=dev, dtype=dtype, requires_grad=True) for s in shapes]):
+        outs = ops.inner_update(params, grads, lr)
+        wrt = params + (lr if isinstance(lr, list) else [])
+        torch.autograd.grad(sum(o.float().sum() for o in outs), wrt)
+    # Misaligned views: storage offset 1 forces the scalar path.
+    base = torch.randn(T * 100 + 1, device=dev, dtype=dtype)
+    ops.inner_update([base[1:101]], [base[1:].view(T, 100)], 0.1)
+torch.cuda.synchronize()
+print("sanitize.py: all kernels ran")

@@ -1,0 +1,5 @@
+import sys
+
+from pymeta.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""The `pymeta` command (also `python -m pymeta`): info, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args) -> int:
+    import pymeta
+
+    for k, v in pymeta.info().items():
+        print(f"{k:>22}: {v}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    import pymeta
+    from pymeta import benchmark, workloads
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("pymeta bench: --device cuda but no GPU is available", file=sys.stderr)
+        return 2
+    info = pymeta.info()
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"pymeta {info['pymeta']}, torch {info['torch']}, device: {dev_name}")
+    bandwidth = benchmark.copy_bandwidth(device) if device == "cuda" else None
+    if bandwidth:
+        print(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (roofline column: floor / time)")
+    rows = []
+    for w in workloads.all_workloads(device, quick=args.quick):
+        print(f"timing {w.name} ({w.description}) ...", flush=True)
+        rows += benchmark.run_workload(w, device, min_time=0.05 if args.quick else 0.3,
+                                       bandwidth=bandwidth)
+    print(benchmark.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev_name, "info": info, "rows": rows}, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pymeta", description="fast batched meta-learning for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, compiled kernels, devices, backend")
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("bench", help="time the fused ops against their references")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--quick", action="store_true", help="fewer, smaller workloads")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.set_defaults(func=_cmd_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
