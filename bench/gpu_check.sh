@@ -14,6 +14,14 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # just this GPU's architecture: a q
   TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 fi
 export TORCH_CUDA_ARCH_LIST
+# The lent GPU image sets CXX=/opt/gcc/bin/g++, which linked libstdc++ code into the module
+# (3401 std:: symbols defined in _C.so, seen 2026-11-26); the module's private copies of the
+# locale facets then crash its first std::ostream use (every TORCH_CHECK message). The system compiler links libstdc++ as torch
+# does. Override with PYMETA_CXX.
+if [ -n "${PYMETA_CXX:-}" ]; then export CXX=$PYMETA_CXX CUDAHOSTCXX=$PYMETA_CXX
+elif [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc CUDAHOSTCXX=/usr/bin/g++
+fi
+rm -rf build-gpu  # a fresh configure, so the compiler choice above takes effect
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
