@@ -36,6 +36,10 @@ def _split_lr(lr: LR, count: int) -> tuple[list[Tensor] | None, float]:
                     f"not {type(lr).__name__}")
 
 
+def _is_vmapped(x: Tensor) -> bool:
+    return torch._C._functorch.is_batchedtensor(x)
+
+
 def _tensor_list(xs, name: str) -> list[Tensor]:
     if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
         raise TypeError(f"pymeta.inner_update: {name} must be a list of tensors, "
@@ -76,6 +80,8 @@ def inner_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LR) -> l
         raise ValueError("pymeta.inner_update: params is an empty list" if not params
                          else "pymeta.inner_update: grads is an empty list")
     lr_tensors, lr_scalar = _split_lr(lr, len(grads))
+    if lr_tensors is not None and any(_is_vmapped(x) for x in lr_tensors):
+        return reference.inner_update(params, grads, lr_tensors, lr_scalar)
     if _backend.use_native("inner_update", grads[0].device):
         return torch.ops.pymeta.inner_update(params, grads, lr_tensors, lr_scalar)
     return reference.inner_update(params, grads, lr_tensors, lr_scalar)
@@ -176,3 +182,37 @@ if _backend.NATIVE:
 
     torch.library.register_autograd("pymeta::inner_update_backward", _inner_update_double_backward,
                                     setup_context=_inner_update_backward_setup)
+
+    # vmap: an extra batch dimension B over (params, grads) folds into the task dimension,
+    # so a vmapped call is still one launch. Shared params that are not batched stay shared.
+    # Batched rates never get here: functorch can't unwrap a batched Tensor[]? argument
+    # (torch 2.14 asserts), so the front sends those calls to the reference.
+    def _inner_update_vmap(info, in_dims, params, grads, lr_tensors, lr_scalar):
+        B = info.batch_size
+        p_dims, g_dims = in_dims[0], in_dims[1]
+        l_dims = in_dims[2] if lr_tensors is not None else None
+        n = len(grads)
+
+        def first(x, d):  # batch dim first, materialized by expand when x is not batched
+            return x.movedim(d, 0) if d is not None else x.expand(B, *x.shape)
+
+        if l_dims is not None and any(d is not None for d in l_dims):
+            raise NotImplementedError("pymeta.inner_update: vmap over the rates runs through the "
+                                      "reference (pymeta.ops.inner_update does this)")
+        ps, gs, task_shapes = [], [], []
+        for p, g, pd, gd in zip(params, grads, p_dims, g_dims):
+            g = first(g, gd)  # [B, T, *S]
+            T, S = g.shape[1], g.shape[2:]
+            task_shapes.append((T, S))
+            gs.append(g.reshape(B * T, *S))
+            logical_shared = (p.dim() - (pd is not None)) == len(S)
+            if pd is None and logical_shared:
+                ps.append(p)  # still shared by every (batch, task) pair: no copy
+            elif logical_shared:  # one copy per batch element, shared by its tasks
+                ps.append(p.movedim(pd, 0).unsqueeze(1).expand(B, T, *S).reshape(B * T, *S))
+            else:
+                ps.append(first(p, pd).reshape(B * T, *S))
+        outs = torch.ops.pymeta.inner_update(ps, gs, lr_tensors, lr_scalar)
+        return [o.view(B, T, *S) for o, (T, S) in zip(outs, task_shapes)], [0] * n
+
+    torch.library.register_vmap("pymeta::inner_update", _inner_update_vmap)

@@ -325,3 +325,41 @@ def test_over_2_31_elements_cuda():
     assert out[0, 2 ** 31 - 4: 2 ** 31 + 4].float().eq(0.5).all()
     del out, p, g
     torch.cuda.empty_cache()
+
+
+@needs_native
+@pytest.mark.parametrize("batched", ["grads", "params_shared", "params_per_task", "lr"])
+def test_vmap_matches_loop(device, batched):
+    """torch.func.vmap over an extra batch dimension B of the native op."""
+    B, T = 3, 4
+    g = torch.Generator().manual_seed(1)
+
+    def r(*s):
+        return torch.randn(s, generator=g, dtype=torch.float64).to(device)
+
+    shapes = [(2, 3), (5,)]
+    grads = [r(B, T, *s) if batched != "lr" else r(T, *s) for s in shapes]
+    if batched == "params_shared":
+        params = [r(B, *s) for s in shapes]
+    elif batched == "params_per_task":
+        params = [r(B, T, *s) for s in shapes]
+    else:
+        params = [r(*s) for s in shapes]
+    lrs = [r(B, *s).abs() for s in shapes] if batched == "lr" else [r(*s).abs() for s in shapes]
+    in_dims = (
+        [0 if batched.startswith("params") else None] * 2,
+        [0 if batched != "lr" else None] * 2,
+        [0 if batched == "lr" else None] * 2,
+    )
+
+    def f(ps, gs, ls):
+        return ops.inner_update(ps, gs, ls)
+
+    with pymeta.use_backend("native"):
+        got = torch.func.vmap(f, in_dims=in_dims)(params, grads, lrs)
+    for b in range(B):
+        pick = lambda xs, d: [x[b] if d is not None else x for x, d in zip(xs, d)]
+        want = reference.inner_update(pick(params, in_dims[0]), pick(grads, in_dims[1]),
+                                      pick(lrs, in_dims[2]), 0.0)
+        for o, w in zip(got, want):
+            assert_close(o[b], w, rtol=1e-12, atol=1e-12)
