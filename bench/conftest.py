@@ -1,19 +1,6 @@
 import pytest
-import torch
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def timed(fn, device):
-    """fn, made to wait for the GPU so that wall-clock timing is honest there."""
-    if device != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    return run
+from benchutil import DEVICES
 
 
 @pytest.fixture(params=DEVICES)

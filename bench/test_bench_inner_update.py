@@ -3,7 +3,7 @@ The workloads are pymeta.workloads', shared with `pymeta bench`."""
 import pytest
 
 from pymeta import workloads
-from conftest import timed
+from benchutil import timed
 
 CASES = {
     "per-task scalar": dict(shared=False, lr_mode="scalar"),

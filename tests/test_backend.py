@@ -8,7 +8,7 @@ import torch
 
 import pymeta
 from pymeta import _backend, ops
-from conftest import needs_native
+from testutil import needs_native
 
 
 def test_info_fields():

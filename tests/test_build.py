@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import pymeta
-from conftest import needs_native
+from testutil import needs_native
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 import pymeta
 from pymeta import ops, reference
-from conftest import FLOAT_DTYPES, TOL, needs_native
+from testutil import FLOAT_DTYPES, TOL, needs_native
 
 SHAPES = [(3, 5), (7,), (), (0,), (2, 0, 3), (64, 1, 3, 3), (13,), (5, 129), (1,), (4, 4, 4)]
 
