@@ -15,8 +15,9 @@
 namespace pymeta {
 namespace {
 
-template <typename T> struct LaneCount { static constexpr int value = 8; };
-template <> struct LaneCount<double> { static constexpr int value = 4; };
+// One 16-byte SIMD register per value (SSE2, the x86-64 baseline): wider vector types would
+// be lowered through memory by the compiler.
+template <typename T> struct LaneCount { static constexpr int value = 16 / sizeof(T); };
 
 template <typename F>
 void dispatch_dtype(DType dtype, F&& f) {

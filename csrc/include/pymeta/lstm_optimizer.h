@@ -70,30 +70,34 @@ struct Access {  // scalar V
 };
 
 #if !defined(__CUDACC__)
-// L coordinates at once on the CPU. Plain loops over the lanes, which the compiler turns
-// into SIMD instructions; every lane runs the same operations in the same order as a CUDA
-// thread does for its one coordinate.
+// L coordinates at once on the CPU, as a GCC/Clang vector type: every operation is a SIMD
+// instruction (or a few, on narrower hardware), and every lane runs the same operations in
+// the same order as a CUDA thread does for its one coordinate.
 template <typename T, int L>
 struct Lanes {
-  T v[L];
+  typedef T vec_t __attribute__((vector_size(sizeof(T) * L)));
+  vec_t v;
   Lanes() = default;
-  Lanes(T s) { for (int l = 0; l < L; ++l) v[l] = s; }  // NOLINT: broadcast
+  Lanes(T s) { v = vec_t{} + s; }  // NOLINT: broadcast
+  static Lanes of(vec_t x) {
+    Lanes r;
+    r.v = x;
+    return r;
+  }
 };
 template <int L>
 struct LaneMask {
   bool m[L];
 };
 
-#define PYMETA_LANES_BINOP(op)                                                             \
-  template <typename T, int L>                                                            \
-  inline Lanes<T, L> operator op(const Lanes<T, L>& a, const Lanes<T, L>& b) {            \
-    Lanes<T, L> r;                                                                        \
-    for (int l = 0; l < L; ++l) r.v[l] = a.v[l] op b.v[l];                                \
-    return r;                                                                             \
-  }                                                                                       \
-  template <typename T, int L>                                                            \
-  inline Lanes<T, L> operator op(T a, const Lanes<T, L>& b) { return Lanes<T, L>(a) op b; } \
-  template <typename T, int L>                                                            \
+#define PYMETA_LANES_BINOP(op)                                                               \
+  template <typename T, int L>                                                              \
+  inline Lanes<T, L> operator op(const Lanes<T, L>& a, const Lanes<T, L>& b) {              \
+    return Lanes<T, L>::of(a.v op b.v);                                                     \
+  }                                                                                         \
+  template <typename T, int L>                                                              \
+  inline Lanes<T, L> operator op(T a, const Lanes<T, L>& b) { return Lanes<T, L>(a) op b; }   \
+  template <typename T, int L>                                                              \
   inline Lanes<T, L> operator op(const Lanes<T, L>& a, T b) { return a op Lanes<T, L>(b); }
 PYMETA_LANES_BINOP(+)
 PYMETA_LANES_BINOP(-)
@@ -102,26 +106,27 @@ PYMETA_LANES_BINOP(/)
 #undef PYMETA_LANES_BINOP
 
 template <typename T, int L>
-inline Lanes<T, L> operator-(const Lanes<T, L>& a) {
-  Lanes<T, L> r;
-  for (int l = 0; l < L; ++l) r.v[l] = -a.v[l];
-  return r;
-}
+inline Lanes<T, L> operator-(const Lanes<T, L>& a) { return Lanes<T, L>::of(-a.v); }
 template <typename T, int L>
 inline Lanes<T, L>& operator+=(Lanes<T, L>& a, const Lanes<T, L>& b) {
-  for (int l = 0; l < L; ++l) a.v[l] += b.v[l];
+  a.v += b.v;
   return a;
 }
 
-// exp for float lanes without libm calls, so that it vectorizes: 2^n * P(r) with
-// x = n ln2 + r, |r| <= ln2 / 2; degree-7 Taylor polynomial (error < 1e-8 relative).
-inline float exp_lane(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float t = x * 1.44269504088896341f;
-  const int n = static_cast<int>(t + (t < 0.0f ? -0.5f : 0.5f));
-  const float fn = static_cast<float>(n);
-  const float r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
+// exp of float lanes in vector instructions (no libm calls): 2^n * P(r) with
+// x = n ln2 + r, |r| <= ln2 / 2; degree-7 Taylor polynomial (relative error < 1e-7).
+template <int L>
+inline Lanes<float, L> v_exp(const Lanes<float, L>& a) {
+  typedef typename Lanes<float, L>::vec_t fv;
+  typedef int32_t iv __attribute__((vector_size(sizeof(int32_t) * L)));
+  fv x = a.v;
+  x = x < -87.0f ? fv{} - 87.0f : x;
+  x = x > 88.0f ? fv{} + 88.0f : x;
+  const fv t = x * 1.44269504088896341f;
+  const iv n = __builtin_convertvector(t + (t < 0.0f ? fv{} - 0.5f : fv{} + 0.5f), iv);
+  const fv fn = __builtin_convertvector(n, fv);
+  const fv r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  fv p = fv{} + 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -129,17 +134,15 @@ inline float exp_lane(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (n + 127) << 23;
-  float scale;
+  const iv bits = (n + 127) << 23;
+  fv scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return Lanes<float, L>::of(p * scale);
 }
-inline double exp_lane(double x) { return std::exp(x); }
-
-template <typename T, int L>
-inline Lanes<T, L> v_exp(const Lanes<T, L>& a) {
-  Lanes<T, L> r;
-  for (int l = 0; l < L; ++l) r.v[l] = exp_lane(a.v[l]);
+template <int L>
+inline Lanes<double, L> v_exp(const Lanes<double, L>& a) {
+  Lanes<double, L> r;
+  for (int l = 0; l < L; ++l) r.v[l] = std::exp(a.v[l]);
   return r;
 }
 template <typename T, int L>
@@ -150,29 +153,21 @@ inline Lanes<T, L> v_log(const Lanes<T, L>& a) {
 }
 template <typename T, int L>
 inline Lanes<T, L> v_abs(const Lanes<T, L>& a) {
-  Lanes<T, L> r;
-  for (int l = 0; l < L; ++l) r.v[l] = a.v[l] < T(0) ? -a.v[l] : a.v[l];
-  return r;
+  return Lanes<T, L>::of(a.v < T(0) ? -a.v : a.v);
 }
 template <typename T, int L>
 inline Lanes<T, L> v_sign(const Lanes<T, L>& a) {
-  Lanes<T, L> r;
-  for (int l = 0; l < L; ++l) r.v[l] = a.v[l] > T(0) ? T(1) : (a.v[l] < T(0) ? T(-1) : T(0));
-  return r;
+  typedef typename Lanes<T, L>::vec_t vt;
+  return Lanes<T, L>::of(a.v > T(0) ? vt{} + T(1) : (a.v < T(0) ? vt{} - T(1) : vt{}));
 }
 // tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): one exp, exact to rounding in
 // absolute terms (relative accuracy degrades only where tanh itself is tiny).
 template <typename T, int L>
 inline Lanes<T, L> v_tanh(const Lanes<T, L>& a) {
-  Lanes<T, L> m;
-  for (int l = 0; l < L; ++l) m.v[l] = T(-2) * (a.v[l] < T(0) ? -a.v[l] : a.v[l]);
-  const Lanes<T, L> e = v_exp(m);
-  Lanes<T, L> r;
-  for (int l = 0; l < L; ++l) {
-    const T t = (T(1) - e.v[l]) / (T(1) + e.v[l]);
-    r.v[l] = a.v[l] < T(0) ? -t : t;
-  }
-  return r;
+  const auto ax = a.v < T(0) ? -a.v : a.v;
+  const auto e = v_exp(Lanes<T, L>::of(ax * T(-2))).v;
+  const auto t = (T(1) - e) / (T(1) + e);
+  return Lanes<T, L>::of(a.v < T(0) ? -t : t);
 }
 template <typename T, int L>
 inline LaneMask<L> v_ge(const Lanes<T, L>& a, const Lanes<T, L>& b) {
@@ -193,7 +188,7 @@ struct Access<Lanes<T, L>> {  // lanes past `count` read as 0 and are not writte
     const T* q = p + row * c.stride + c.idx;
     Lanes<T, L> r;
     if (c.count == L) {
-      for (int l = 0; l < L; ++l) r.v[l] = q[l];
+      std::memcpy(&r.v, q, sizeof(r.v));
     } else {
       for (int l = 0; l < L; ++l) r.v[l] = l < c.count ? q[l] : T(0);
     }
@@ -202,7 +197,7 @@ struct Access<Lanes<T, L>> {  // lanes past `count` read as 0 and are not writte
   static void st(T* p, int64_t row, const Col& c, const Lanes<T, L>& v) {
     T* q = p + row * c.stride + c.idx;
     if (c.count == L) {
-      for (int l = 0; l < L; ++l) q[l] = v.v[l];
+      std::memcpy(q, &v.v, sizeof(v.v));
     } else {
       for (int l = 0; l < c.count; ++l) q[l] = v.v[l];
     }
@@ -343,6 +338,24 @@ PYMETA_HD LstmOptSegment lstm_opt_segment(int d, int H, int n_in) {
   }
 }
 
+// z[q] += sum_k w[(q H + j) H + k] * in[k], q = 0..3 (the 4 gates of unit j): the four
+// sums advance together (independent chains), each in the order k = 0 .. H-1.
+template <int HMAX, typename V, typename T>
+PYMETA_HD void lstm_gate_dots(V z[4], const T* w, int H, int j, const V* in) {
+  const int64_t gate = int64_t(H) * H;
+  const T* w0 = w + int64_t(j) * H;
+  const T* w1 = w0 + gate;
+  const T* w2 = w1 + gate;
+  const T* w3 = w2 + gate;
+  PYMETA_FOR_K(k, H) {
+    const V v = in[k];
+    z[0] = z[0] + w0[k] * v;
+    z[1] = z[1] + w1[k] * v;
+    z[2] = z[2] + w2[k] * v;
+    z[3] = z[3] + w3[k] * v;
+  }
+}
+
 // ---- one coordinate (or one group of lanes): forward ----------------------------------------
 // HMAX >= H bounds the unrolled loops over hidden units, so that the per-coordinate arrays
 // are indexed by compile-time constants only (registers on the GPU).
@@ -367,11 +380,9 @@ PYMETA_HD void lstm_opt_forward_coord(const LstmOptWeights<T>& W, const LstmOptS
       PYMETA_UNROLL
       for (int i = 0; i < 2; ++i)
         if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[i];
-      const T* w = W.w_hh1 + int64_t(r) * H;
-      PYMETA_FOR_K(k, H)
-        acc = acc + w[k] * rec[k];
       z[q] = acc;
     }
+    lstm_gate_dots<HMAX>(z, W.w_hh1, H, j, rec);
     V c, h;
     lstm_cell(z, A::ld(state, H + j, col), c, h);
     A::st(new_state, j, col, h);
@@ -386,17 +397,9 @@ PYMETA_HD void lstm_opt_forward_coord(const LstmOptWeights<T>& W, const LstmOptS
   for (int j = 0; j < H; ++j) {
     V z[4];
     PYMETA_UNROLL
-    for (int q = 0; q < 4; ++q) {
-      const int r = q * H + j;
-      V acc = V(W.b_ih2[r] + W.b_hh2[r]);
-      const T* wi = W.w_ih2 + int64_t(r) * H;
-      const T* wh = W.w_hh2 + int64_t(r) * H;
-      PYMETA_FOR_K(k, H)
-        acc = acc + wi[k] * in[k];
-      PYMETA_FOR_K(k, H)
-        acc = acc + wh[k] * rec[k];
-      z[q] = acc;
-    }
+    for (int q = 0; q < 4; ++q) z[q] = V(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
+    lstm_gate_dots<HMAX>(z, W.w_ih2, H, j, in);
+    lstm_gate_dots<HMAX>(z, W.w_hh2, H, j, rec);
     V c, h;
     lstm_cell(z, A::ld(state, 3 * H + j, col), c, h);
     A::st(new_state, 2 * H + j, col, h);
@@ -438,12 +441,11 @@ PYMETA_HD void lstm_opt_backward_coord(const LstmOptWeights<T>& W, const LstmOpt
       PYMETA_UNROLL
       for (int i = 0; i < 2; ++i)
         if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[i];
-      const T* w = W.w_hh1 + int64_t(r) * H;
-      PYMETA_FOR_K(k, H)
-        acc = acc + w[k] * a2[k];
       z[q] = acc;
-      A::st(ws, R.dz1 + r, wc, acc);
     }
+    lstm_gate_dots<HMAX>(z, W.w_hh1, H, j, a2);
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) A::st(ws, R.dz1 + q * H + j, wc, z[q]);
     V c, h;
     lstm_cell(z, A::ld(state, H + j, col), c, h);
     A::st(ws, R.h1 + j, wc, h);
@@ -456,18 +458,11 @@ PYMETA_HD void lstm_opt_backward_coord(const LstmOptWeights<T>& W, const LstmOpt
   for (int j = 0; j < H; ++j) {
     V z[4];
     PYMETA_UNROLL
-    for (int q = 0; q < 4; ++q) {
-      const int r = q * H + j;
-      V acc = V(W.b_ih2[r] + W.b_hh2[r]);
-      const T* wi = W.w_ih2 + int64_t(r) * H;
-      const T* wh = W.w_hh2 + int64_t(r) * H;
-      PYMETA_FOR_K(k, H)
-        acc = acc + wi[k] * a1[k];
-      PYMETA_FOR_K(k, H)
-        acc = acc + wh[k] * a2[k];
-      z[q] = acc;
-      A::st(ws, R.dz2 + r, wc, acc);
-    }
+    for (int q = 0; q < 4; ++q) z[q] = V(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
+    lstm_gate_dots<HMAX>(z, W.w_ih2, H, j, a1);
+    lstm_gate_dots<HMAX>(z, W.w_hh2, H, j, a2);
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) A::st(ws, R.dz2 + q * H + j, wc, z[q]);
     V c, h;
     lstm_cell(z, A::ld(state, 3 * H + j, col), c, h);
     A::st(ws, R.h2 + j, wc, h);
