@@ -13,6 +13,15 @@ TORCH_LIBRARY(pymeta, m) {
   // (dparams for the shared params only, in order; dgrads; dlrs), each list empty when
   // its need_* flag is false (dlrs also when lr_tensors is None).
   m.def("inner_update_backward(Tensor[] grad_outs, Tensor[] grads, Tensor[]? lr_tensors, float lr_scalar, int[] shared, bool need_dparams, bool need_dgrads, bool need_dlrs) -> (Tensor[], Tensor[], Tensor[])");
+  // One step of the coordinatewise LSTM optimizer (Andrychowicz et al. 2016), see
+  // pymeta/lstm_optimizer.h. grad: [N]; state: [4, H, N] = (h1, c1, h2, c2), feature-major;
+  // weights in nn.LSTMCell / nn.Linear layouts (w_ih1 [4H, n_in], w_hh1 [4H, H], b_* [4H],
+  // w_out [1, H], b_out [1]); preprocessing: 'log_sign' (n_in = 2) or 'none' (n_in = 1).
+  // Returns (update [N], new_state [4, H, N]).
+  m.def("lstm_optimizer_step(Tensor grad, Tensor state, Tensor w_ih1, Tensor w_hh1, Tensor b_ih1, Tensor b_hh1, Tensor w_ih2, Tensor w_hh2, Tensor b_ih2, Tensor b_hh2, Tensor w_out, Tensor b_out, str preprocessing, float p, float out_scale) -> (Tensor, Tensor)");
+  // Its backward: recomputes the step from the inputs, returns the gradients of (grad,
+  // state, the 10 weights). Weight gradients are summed over coordinates in a fixed order.
+  m.def("lstm_optimizer_step_backward(Tensor grad_update, Tensor grad_new_state, Tensor grad, Tensor state, Tensor w_ih1, Tensor w_hh1, Tensor b_ih1, Tensor b_hh1, Tensor w_ih2, Tensor w_hh2, Tensor b_ih2, Tensor b_hh2, Tensor w_out, Tensor b_out, str preprocessing, float p, float out_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef PYMETA_CUDA_ARCHS

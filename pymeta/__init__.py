@@ -10,10 +10,11 @@ import torch
 from pymeta import ops, reference
 from pymeta._backend import get_backend, set_backend, use_backend
 from pymeta import _backend
+from pymeta.lstm_optimizer import LSTMOptimizerNet
 
 __version__ = "0.1.0"
 
-__all__ = ["info", "get_backend", "set_backend", "use_backend", "ops", "reference", "__version__"]
+__all__ = ["LSTMOptimizerNet", "info", "get_backend", "set_backend", "use_backend", "ops", "reference", "__version__"]
 
 
 def info() -> dict:

@@ -216,3 +216,109 @@ if _backend.NATIVE:
         return [o.view(B, T, *S) for o, (T, S) in zip(outs, task_shapes)], [0] * n
 
     torch.library.register_vmap("pymeta::inner_update", _inner_update_vmap)
+
+# ---- lstm_optimizer_step -----------------------------------------------------------------------
+
+def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tensor, b_ih1: Tensor,
+                        b_hh1: Tensor, w_ih2: Tensor, w_hh2: Tensor, b_ih2: Tensor, b_hh2: Tensor,
+                        w_out: Tensor, b_out: Tensor, preprocessing: str = "log_sign",
+                        p: float = 10.0, out_scale: float = 0.1) -> tuple[Tensor, Tensor]:
+    """One step of the coordinatewise LSTM optimizer (Andrychowicz et al. 2016), fused.
+
+    Every coordinate n is one batch element of: x = preprocess(grad[n]); two stacked
+    LSTM cells of hidden size H (shared weights, PyTorch gate order i, f, g, o); a linear head;
+    ``update[n] = out_scale * (w_out @ h2 + b_out)``. The caller applies ``theta + update``.
+
+    Args:
+        grad: ``[N]``, the flat gradient (float32 or float64).
+        state: ``[4, H, N]``, contiguous: (h1, c1, h2, c2), feature-major, so that for one
+            feature the N coordinates are contiguous (coalesced GPU access). 1 <= H <= 64.
+        w_ih1 ``[4H, n_in]``, w_hh1 ``[4H, H]``, b_ih1, b_hh1 ``[4H]``: layer 1, as
+            ``nn.LSTMCell(n_in, H)``; w_ih2, w_hh2 ``[4H, H]``, b_ih2, b_hh2 ``[4H]``: layer 2,
+            as ``nn.LSTMCell(H, H)``; w_out ``[1, H]``, b_out ``[1]``: ``nn.Linear(H, 1)``.
+        preprocessing: ``"log_sign"`` (n_in = 2): ``|g| >= e^-p -> (log|g| / p, sign g)``, else
+            ``(-1, e^p g)``; ``"none"`` (n_in = 1): x = g.
+        p: the log_sign parameter, > 0.
+        out_scale: the factor of the head's output.
+
+    Returns:
+        ``(update [N], new_state [4, H, N])``, new tensors.
+
+    Differentiable w.r.t. every tensor (truncated BPTT through many steps). The backward
+    recomputes the step from its inputs (the saved memory of a step is its inputs), and sums
+    the weight gradients over coordinates in a fixed order: bitwise reproducible.
+    """
+    weights = (w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, w_out, b_out)
+    for name, t in zip(("grad", "state") + reference.LSTM_WEIGHT_NAMES, (grad, state) + weights):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"pymeta.lstm_optimizer_step: {name} is a {type(t).__name__}, "
+                            f"not a Tensor")
+    if not isinstance(preprocessing, str):
+        raise TypeError(f"pymeta.lstm_optimizer_step: preprocessing must be a str, "
+                        f"not {type(preprocessing).__name__}")
+    if _backend.use_native("lstm_optimizer_step", grad.device):
+        return torch.ops.pymeta.lstm_optimizer_step(grad, state, *weights, preprocessing,
+                                                    float(p), float(out_scale))
+    return reference.lstm_optimizer_step(grad, state, *weights, preprocessing, float(p),
+                                         float(out_scale))
+
+
+if _backend.NATIVE:
+
+    @torch.library.register_fake("pymeta::lstm_optimizer_step")
+    def _lstm_optimizer_step_fake(grad, state, *args):
+        weights, (preprocessing, p, _) = args[:10], args[10:]
+        N, H, _ = reference.check_lstm_optimizer_args(
+            "pymeta.lstm_optimizer_step", grad, state, weights, preprocessing, p)
+        return grad.new_empty([N]), grad.new_empty([4, H, N])
+
+    @torch.library.register_fake("pymeta::lstm_optimizer_step_backward")
+    def _lstm_optimizer_step_backward_fake(grad_update, grad_new_state, grad, state, *args):
+        weights, (preprocessing, p, _) = args[:10], args[10:]
+        N, H, _ = reference.check_lstm_optimizer_args(
+            "pymeta.lstm_optimizer_step_backward", grad, state, weights, preprocessing, p)
+        return (grad.new_empty([N]), grad.new_empty([4, H, N]),
+                *(w.new_empty(w.shape) for w in weights))
+
+    def _lstm_setup(ctx, inputs, output):
+        # The step's inputs only: the backward recomputes the gates from them.
+        ctx.cfg = inputs[12:]
+        ctx.save_for_backward(*inputs[:12])
+
+    def _lstm_backward(ctx, d_update, d_new_state):
+        grad, state, *weights = ctx.saved_tensors
+        if d_update is None:
+            d_update = grad.new_zeros(grad.shape)
+        if d_new_state is None:
+            d_new_state = state.new_zeros(state.shape)
+        outs = torch.ops.pymeta.lstm_optimizer_step_backward(
+            d_update, d_new_state, grad, state, *weights, *ctx.cfg)
+        return (*(g if need else None for g, need in zip(outs, ctx.needs_input_grad)),
+                None, None, None)
+
+    torch.library.register_autograd("pymeta::lstm_optimizer_step", _lstm_backward,
+                                    setup_context=_lstm_setup)
+
+    # The backward's own backward (second order, e.g. gradgradcheck): rare, so it runs the
+    # reference twice through autograd rather than a kernel of its own.
+    def _lstm_backward_setup(ctx, inputs, output):
+        ctx.cfg = inputs[14:]
+        ctx.save_for_backward(*inputs[:14])
+
+    def _lstm_double_backward(ctx, *grad_outs):
+        leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        d_update, d_new_state, grad, state, *weights = leaves
+        with torch.enable_grad():
+            update, new_state = reference.lstm_optimizer_step(grad, state, *weights, *ctx.cfg)
+            inputs = [grad, state, *weights]
+            firsts = torch.autograd.grad((update, new_state), inputs, (d_update, d_new_state),
+                                         create_graph=True, allow_unused=True)
+            pairs = [(f, g) for f, g in zip(firsts, grad_outs)
+                     if f is not None and g is not None and f.requires_grad]
+            seconds = torch.autograd.grad([f for f, _ in pairs], leaves, [g for _, g in pairs],
+                                          allow_unused=True) if pairs else [None] * len(leaves)
+        return (*(torch.zeros_like(x) if s is None else s for s, x in zip(seconds, leaves)),
+                None, None, None)
+
+    torch.library.register_autograd("pymeta::lstm_optimizer_step_backward",
+                                    _lstm_double_backward, setup_context=_lstm_backward_setup)

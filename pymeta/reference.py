@@ -4,6 +4,7 @@ the same messages as the native front, so both backends fail alike.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -103,3 +104,122 @@ def inner_update_backward(grad_outs: Sequence[Tensor], grads: Sequence[Tensor],
             dl = prod.sum() if lr_tensors[i].dim() == 0 else prod.sum(0)
             dlrs.append(dl.to(lr_tensors[i].dtype))
     return dparams, dgrads, dlrs
+
+
+# ---- lstm_optimizer_step -----------------------------------------------------------------------
+
+LSTM_WEIGHT_NAMES = ("w_ih1", "w_hh1", "b_ih1", "b_hh1", "w_ih2", "w_hh2", "b_ih2", "b_hh2",
+                     "w_out", "b_out")
+LSTM_MAX_HIDDEN = 64
+
+
+def lstm_weight_shapes(H: int, n_in: int) -> list[list[int]]:
+    """The shapes of the 10 weights, in LSTM_WEIGHT_NAMES order (nn.LSTMCell, nn.Linear)."""
+    return [[4 * H, n_in], [4 * H, H], [4 * H], [4 * H], [4 * H, H], [4 * H, H], [4 * H], [4 * H],
+            [1, H], [1]]
+
+
+def check_lstm_optimizer_args(op: str, grad: Tensor, state: Tensor, weights: Sequence[Tensor],
+                              preprocessing: str, p: float) -> tuple[int, int, int]:
+    """The argument checks of lstm_optimizer_step, in the order and with the messages of the
+    native front. Returns (N, H, n_in)."""
+    if preprocessing not in ("log_sign", "none"):
+        raise ValueError(f"{op}: preprocessing must be 'log_sign' or 'none', not '{preprocessing}'")
+    n_in = 2 if preprocessing == "log_sign" else 1
+    if preprocessing == "log_sign" and not (math.isfinite(p) and p > 0):
+        raise ValueError(f"{op}: p must be a finite number > 0 for log_sign preprocessing, got {p}")
+    if grad.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: grad has dtype {grad.dtype}; supported are float32 and float64")
+    if grad.dim() != 1:
+        raise ValueError(f"{op}: grad must be 1-D [N] (flatten it), got shape {_shape(grad)}")
+    N = grad.shape[0]
+
+    def same(t: Tensor, name: str) -> None:
+        if t.dtype != grad.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but grad has {grad.dtype}; "
+                            f"all tensors of one call share a dtype")
+        if t.device != grad.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but grad is on {grad.device}; "
+                             f"all tensors of one call share a device")
+
+    same(state, "state")
+    if state.dim() != 3 or state.shape[0] != 4 or state.shape[2] != N:
+        raise ValueError(f"{op}: state has shape {_shape(state)}; expected [4, H, N] with N = {N} "
+                         f"(h1, c1, h2, c2, feature-major)")
+    H = state.shape[1]
+    if not 1 <= H <= LSTM_MAX_HIDDEN:
+        raise ValueError(f"{op}: hidden size H = {H} (state.shape[1]) is not supported; "
+                         f"1 <= H <= {LSTM_MAX_HIDDEN}")
+    if not state.is_contiguous():
+        raise ValueError(f"{op}: state must be contiguous (layout [4, H, N], feature-major)")
+    if len(weights) != 10:
+        raise ValueError(f"{op}: expected 10 weight tensors, got {len(weights)}")
+    for name, w, shape in zip(LSTM_WEIGHT_NAMES, weights, lstm_weight_shapes(H, n_in)):
+        same(w, name)
+        if list(w.shape) != shape:
+            raise ValueError(f"{op}: {name} has shape {_shape(w)}; expected "
+                             f"[{', '.join(map(str, shape))}] for H = {H} and n_in = {n_in}")
+    return N, H, n_in
+
+
+def lstm_preprocess(grad: Tensor, preprocessing: str, p: float) -> Tensor:
+    """[N] -> [N, n_in]. log_sign: |g| >= e^-p -> (log|g| / p, sign g), else (-1, e^p g)."""
+    if preprocessing == "none":
+        return grad[:, None]
+    a = grad.abs()
+    big = a >= math.exp(-p)
+    # log of 1 where unused, so that the unused branch has a finite gradient (g = 0).
+    x0 = torch.where(big, torch.log(torch.where(big, a, torch.ones_like(a))) / p, -1.0)
+    x1 = torch.where(big, torch.sign(grad), grad * math.exp(p))
+    return torch.stack([x0, x1], dim=1)
+
+
+def _lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
+               b_hh: Tensor) -> tuple[Tensor, Tensor]:
+    z = x @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh
+    i, f, g, o = z.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tensor, b_ih1: Tensor,
+                        b_hh1: Tensor, w_ih2: Tensor, w_hh2: Tensor, b_ih2: Tensor, b_hh2: Tensor,
+                        w_out: Tensor, b_out: Tensor, preprocessing: str, p: float,
+                        out_scale: float) -> tuple[Tensor, Tensor]:
+    """One coordinatewise LSTM optimizer step (see pymeta.ops.lstm_optimizer_step).
+    grad [N], state [4, H, N] -> (update [N], new_state [4, H, N]). Differentiable."""
+    weights = (w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, w_out, b_out)
+    check_lstm_optimizer_args("pymeta.lstm_optimizer_step", grad, state, weights, preprocessing, p)
+    x = lstm_preprocess(grad, preprocessing, p)
+    h1, c1, h2, c2 = (s.t() for s in state.unbind(0))  # [N, H] each
+    h1, c1 = _lstm_cell(x, h1, c1, w_ih1, w_hh1, b_ih1, b_hh1)
+    h2, c2 = _lstm_cell(h1, h2, c2, w_ih2, w_hh2, b_ih2, b_hh2)
+    update = (h2 @ w_out.t() + b_out).squeeze(1) * out_scale
+    new_state = torch.stack([h1.t(), c1.t(), h2.t(), c2.t()]).contiguous()
+    return update, new_state
+
+
+def lstm_optimizer_step_backward(grad_update: Tensor, grad_new_state: Tensor, grad: Tensor,
+                                 state: Tensor, *args) -> tuple[Tensor, ...]:
+    """The backward of lstm_optimizer_step in the native op's layout: args are the 10 weights,
+    preprocessing, p, out_scale; returns the gradients of (grad, state, the 10 weights)."""
+    weights, (preprocessing, p, out_scale) = args[:10], args[10:]
+    op = "pymeta.lstm_optimizer_step_backward"
+    N, H, _ = check_lstm_optimizer_args(op, grad, state, weights, preprocessing, p)
+    for name, t, shape in (("grad_update", grad_update, [N]),
+                           ("grad_new_state", grad_new_state, [4, H, N])):
+        if t.dtype != grad.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but grad has {grad.dtype}; "
+                            f"all tensors of one call share a dtype")
+        if t.device != grad.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but grad is on {grad.device}; "
+                             f"all tensors of one call share a device")
+        if list(t.shape) != shape:
+            raise ValueError(f"{op}: {name} has shape {_shape(t)}; expected "
+                             f"[{', '.join(map(str, shape))}]")
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (grad, state, *weights)]
+        update, new_state = lstm_optimizer_step(*leaves, preprocessing, p, out_scale)
+        grads = torch.autograd.grad((update, new_state), leaves, (grad_update, grad_new_state),
+                                    allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))

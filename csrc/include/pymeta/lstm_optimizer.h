@@ -1,0 +1,566 @@
+// lstm_optimizer_step: one step of the coordinatewise LSTM optimizer of Andrychowicz et al.
+// (2016). Every coordinate n of the optimizee is one batch element of a 2-layer LSTM
+// (hidden size H, shared weights, PyTorch gate order i, f, g, o) and a linear head:
+//   x        = preprocess(grad[n])                    (n_in = 2 for log_sign, 1 for none)
+//   h1, c1   = LSTMCell(x,  (h1, c1); w_ih1, w_hh1, b_ih1, b_hh1)
+//   h2, c2   = LSTMCell(h1, (h2, c2); w_ih2, w_hh2, b_ih2, b_hh2)
+//   update   = out_scale * (w_out . h2 + b_out)
+// State layout: [4, H, N] (h1, c1, h2, c2), feature-major, so that for one feature the
+// coordinates are contiguous (coalesced on the GPU, SIMD lanes on the CPU).
+//
+// The per-coordinate math below is written once over a value type V: a scalar (one CUDA
+// thread = one coordinate) or Lanes<T, L> (the CPU runs L consecutive coordinates at once).
+#pragma once
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#include "pymeta/common.h"
+
+struct CUstream_st;
+
+namespace pymeta {
+
+constexpr int kLstmOptMaxHidden = 64;
+enum class LstmPreproc : int32_t { None = 0, LogSign = 1 };
+
+// PYMETA_FOR_K(k, H) { ... }: k = 0 .. H-1. On the GPU, a loop unrolled to the bucket size
+// HMAX with a guard, so that per-thread arrays indexed by k stay in registers; on the CPU a
+// plain loop (the arrays are in memory anyway, and unrolling would only bloat the code).
+#if defined(__CUDACC__)
+#define PYMETA_UNROLL _Pragma("unroll")
+#define PYMETA_FOR_K(k, H) _Pragma("unroll") for (int k = 0; k < HMAX; ++k) if (k < (H))
+#else
+#define PYMETA_UNROLL
+#define PYMETA_FOR_K(k, H) for (int k = 0; k < (H); ++k)
+#endif
+
+// ---- scalar math (host and device) ---------------------------------------------------------
+PYMETA_HD float v_exp(float x) { return expf(x); }
+PYMETA_HD double v_exp(double x) { return exp(x); }
+PYMETA_HD float v_log(float x) { return logf(x); }
+PYMETA_HD double v_log(double x) { return log(x); }
+PYMETA_HD float v_tanh(float x) { return tanhf(x); }
+PYMETA_HD double v_tanh(double x) { return tanh(x); }
+PYMETA_HD float v_abs(float x) { return fabsf(x); }
+PYMETA_HD double v_abs(double x) { return fabs(x); }
+template <typename T>
+PYMETA_HD T v_sign(T x) { return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0)); }
+template <typename T>
+PYMETA_HD bool v_ge(T a, T b) { return a >= b; }
+template <typename T>
+PYMETA_HD T v_select(bool m, T a, T b) { return m ? a : b; }
+template <typename T>
+PYMETA_HD T v_sigmoid(T x) { return T(1) / (T(1) + v_exp(-x)); }
+
+// Loads and stores of one value per coordinate. Row `row` of a feature-major array starts at
+// p + row * stride; the coordinate(s) are at idx (and the count - 1 after it, for Lanes).
+struct Col {
+  int64_t stride;
+  int64_t idx;
+  int count;
+};
+
+template <typename V>
+struct Access {  // scalar V
+  template <typename T>
+  PYMETA_HD static V ld(const T* p, int64_t row, const Col& c) { return p[row * c.stride + c.idx]; }
+  template <typename T>
+  PYMETA_HD static void st(T* p, int64_t row, const Col& c, V v) { p[row * c.stride + c.idx] = v; }
+};
+
+#if !defined(__CUDACC__)
+// L coordinates at once on the CPU, as a GCC/Clang vector type: every operation is a SIMD
+// instruction (or a few, on narrower hardware), and every lane runs the same operations in
+// the same order as a CUDA thread does for its one coordinate.
+template <typename T, int L>
+struct Lanes {
+  typedef T vec_t __attribute__((vector_size(sizeof(T) * L)));
+  vec_t v;
+  Lanes() = default;
+  Lanes(T s) { v = vec_t{} + s; }  // NOLINT: broadcast
+  static Lanes of(vec_t x) {
+    Lanes r;
+    r.v = x;
+    return r;
+  }
+};
+template <int L>
+struct LaneMask {
+  bool m[L];
+};
+
+#define PYMETA_LANES_BINOP(op)                                                               \
+  template <typename T, int L>                                                              \
+  inline Lanes<T, L> operator op(const Lanes<T, L>& a, const Lanes<T, L>& b) {              \
+    return Lanes<T, L>::of(a.v op b.v);                                                     \
+  }                                                                                         \
+  template <typename T, int L>                                                              \
+  inline Lanes<T, L> operator op(T a, const Lanes<T, L>& b) { return Lanes<T, L>(a) op b; }   \
+  template <typename T, int L>                                                              \
+  inline Lanes<T, L> operator op(const Lanes<T, L>& a, T b) { return a op Lanes<T, L>(b); }
+PYMETA_LANES_BINOP(+)
+PYMETA_LANES_BINOP(-)
+PYMETA_LANES_BINOP(*)
+PYMETA_LANES_BINOP(/)
+#undef PYMETA_LANES_BINOP
+
+template <typename T, int L>
+inline Lanes<T, L> operator-(const Lanes<T, L>& a) { return Lanes<T, L>::of(-a.v); }
+template <typename T, int L>
+inline Lanes<T, L>& operator+=(Lanes<T, L>& a, const Lanes<T, L>& b) {
+  a.v += b.v;
+  return a;
+}
+
+// exp of float lanes in vector instructions (no libm calls): 2^n * P(r) with
+// x = n ln2 + r, |r| <= ln2 / 2; degree-7 Taylor polynomial (relative error < 1e-7).
+template <int L>
+inline Lanes<float, L> v_exp(const Lanes<float, L>& a) {
+  typedef typename Lanes<float, L>::vec_t fv;
+  typedef int32_t iv __attribute__((vector_size(sizeof(int32_t) * L)));
+  fv x = a.v;
+  x = x < -87.0f ? fv{} - 87.0f : x;
+  x = x > 88.0f ? fv{} + 88.0f : x;
+  const fv t = x * 1.44269504088896341f;
+  const iv n = __builtin_convertvector(t + (t < 0.0f ? fv{} - 0.5f : fv{} + 0.5f), iv);
+  const fv fn = __builtin_convertvector(n, fv);
+  const fv r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  fv p = fv{} + 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const iv bits = (n + 127) << 23;
+  fv scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return Lanes<float, L>::of(p * scale);
+}
+template <int L>
+inline Lanes<double, L> v_exp(const Lanes<double, L>& a) {
+  Lanes<double, L> r;
+  for (int l = 0; l < L; ++l) r.v[l] = std::exp(a.v[l]);
+  return r;
+}
+template <typename T, int L>
+inline Lanes<T, L> v_log(const Lanes<T, L>& a) {
+  Lanes<T, L> r;
+  for (int l = 0; l < L; ++l) r.v[l] = std::log(a.v[l]);
+  return r;
+}
+template <typename T, int L>
+inline Lanes<T, L> v_abs(const Lanes<T, L>& a) {
+  return Lanes<T, L>::of(a.v < T(0) ? -a.v : a.v);
+}
+template <typename T, int L>
+inline Lanes<T, L> v_sign(const Lanes<T, L>& a) {
+  typedef typename Lanes<T, L>::vec_t vt;
+  return Lanes<T, L>::of(a.v > T(0) ? vt{} + T(1) : (a.v < T(0) ? vt{} - T(1) : vt{}));
+}
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): one exp, exact to rounding in
+// absolute terms (relative accuracy degrades only where tanh itself is tiny).
+template <typename T, int L>
+inline Lanes<T, L> v_tanh(const Lanes<T, L>& a) {
+  const auto ax = a.v < T(0) ? -a.v : a.v;
+  const auto e = v_exp(Lanes<T, L>::of(ax * T(-2))).v;
+  const auto t = (T(1) - e) / (T(1) + e);
+  return Lanes<T, L>::of(a.v < T(0) ? -t : t);
+}
+template <typename T, int L>
+inline LaneMask<L> v_ge(const Lanes<T, L>& a, const Lanes<T, L>& b) {
+  LaneMask<L> m;
+  for (int l = 0; l < L; ++l) m.m[l] = a.v[l] >= b.v[l];
+  return m;
+}
+template <typename T, int L>
+inline Lanes<T, L> v_select(const LaneMask<L>& m, const Lanes<T, L>& a, const Lanes<T, L>& b) {
+  Lanes<T, L> r;
+  for (int l = 0; l < L; ++l) r.v[l] = m.m[l] ? a.v[l] : b.v[l];
+  return r;
+}
+
+template <typename T, int L>
+struct Access<Lanes<T, L>> {  // lanes past `count` read as 0 and are not written
+  static Lanes<T, L> ld(const T* p, int64_t row, const Col& c) {
+    const T* q = p + row * c.stride + c.idx;
+    Lanes<T, L> r;
+    if (c.count == L) {
+      std::memcpy(&r.v, q, sizeof(r.v));
+    } else {
+      for (int l = 0; l < L; ++l) r.v[l] = l < c.count ? q[l] : T(0);
+    }
+    return r;
+  }
+  static void st(T* p, int64_t row, const Col& c, const Lanes<T, L>& v) {
+    T* q = p + row * c.stride + c.idx;
+    if (c.count == L) {
+      std::memcpy(q, &v.v, sizeof(v.v));
+    } else {
+      for (int l = 0; l < c.count; ++l) q[l] = v.v[l];
+    }
+  }
+};
+#endif  // !__CUDACC__
+
+// ---- the parameters of one call --------------------------------------------------------------
+
+template <typename T>
+struct LstmOptWeights {  // contiguous, in nn.LSTMCell / nn.Linear layouts
+  const T* w_ih1;  // [4H, n_in]
+  const T* w_hh1;  // [4H, H]
+  const T* b_ih1;  // [4H]
+  const T* b_hh1;  // [4H]
+  const T* w_ih2;  // [4H, H]
+  const T* w_hh2;  // [4H, H]
+  const T* b_ih2;  // [4H]
+  const T* b_hh2;  // [4H]
+  const T* w_out;  // [1, H]
+  const T* b_out;  // [1]
+};
+
+template <typename T>
+struct LstmOptScalars {
+  int H;
+  int n_in;
+  int preproc;  // LstmPreproc
+  T inv_p, exp_p, threshold, out_scale;  // 1/p, e^p, e^-p
+};
+
+// ---- preprocessing (paper, appendix A) -----------------------------------------------------
+// log_sign: |g| >= e^-p -> (log|g| / p, sign g), else (-1, e^p g); g = 0 takes the second
+// branch, giving (-1, 0). none: x = g.
+template <typename V, typename T>
+PYMETA_HD void lstm_preprocess(const V& g, const LstmOptScalars<T>& s, V x[2]) {
+  if (s.preproc == static_cast<int>(LstmPreproc::None)) {
+    x[0] = g;
+    x[1] = V(T(0));
+    return;
+  }
+  const V a = v_abs(g);
+  const auto big = v_ge(a, V(s.threshold));
+  x[0] = v_select(big, v_log(v_select(big, a, V(T(1)))) * s.inv_p, V(T(-1)));
+  x[1] = v_select(big, v_sign(g), g * s.exp_p);
+}
+
+// d grad from d x. The sign branch has zero derivative; d log|g| / dg = 1 / g.
+template <typename V, typename T>
+PYMETA_HD V lstm_preprocess_backward(const V& g, const LstmOptScalars<T>& s, const V dx[2]) {
+  if (s.preproc == static_cast<int>(LstmPreproc::None)) return dx[0];
+  const auto big = v_ge(v_abs(g), V(s.threshold));
+  return v_select(big, dx[0] * s.inv_p / v_select(big, g, V(T(1))), dx[1] * s.exp_p);
+}
+
+// ---- LSTM cell pointwise part: z = the 4 gate pre-activations (i, f, g, o) -----------------
+template <typename V>
+PYMETA_HD void lstm_cell(const V z[4], const V& c_prev, V& c, V& h) {
+  const V i = v_sigmoid(z[0]), f = v_sigmoid(z[1]), gg = v_tanh(z[2]), o = v_sigmoid(z[3]);
+  c = f * c_prev + i * gg;
+  h = o * v_tanh(c);
+}
+
+// Given dh and dc (the gradients w.r.t. the cell's outputs), the gradients w.r.t. z and
+// c_prev. Recomputes the activations from z rather than storing them.
+template <typename V>
+PYMETA_HD void lstm_cell_backward(const V z[4], const V& c_prev, const V& dh, const V& dc_in,
+                                  V dz[4], V& dc_prev) {
+  const V i = v_sigmoid(z[0]), f = v_sigmoid(z[1]), gg = v_tanh(z[2]), o = v_sigmoid(z[3]);
+  const V c = f * c_prev + i * gg;
+  const V tc = v_tanh(c);
+  const V dc = dc_in + dh * o * (V(1) - tc * tc);
+  dz[0] = dc * gg * i * (V(1) - i);
+  dz[1] = dc * c_prev * f * (V(1) - f);
+  dz[2] = dc * i * (V(1) - gg * gg);
+  dz[3] = dh * tc * o * (V(1) - o);
+  dc_prev = dc * f;
+}
+
+// ---- workspace rows of the backward (feature-major, one column per coordinate) ---------------
+// The backward writes, per coordinate: dz1 (layer-1 gate gradients), x, h1 (new), dz2, h2
+// (new), du (= d_update * out_scale). The weight gradients are then sums over coordinates of
+// products of these rows ("pairs": A rows times B rows), reduced deterministically.
+struct LstmOptRows {
+  int dz1, x, h1, dz2, h2, du, total;
+};
+PYMETA_HD LstmOptRows lstm_opt_rows(int H, int n_in) {
+  LstmOptRows r;
+  r.dz1 = 0;
+  r.x = 4 * H;
+  r.h1 = r.x + n_in;
+  r.dz2 = r.h1 + H;
+  r.h2 = r.dz2 + 4 * H;
+  r.du = r.h2 + H;
+  r.total = r.du + 1;
+  return r;
+}
+
+// The weight-gradient pairs, C_q[a, b] = sum_n A_q[a, n] * B_q[b, n]:
+//   q = 0: A = dz1 (4H), B = [x (n_in); h1_prev (H); 1]   -> d w_ih1, d w_hh1, d b1
+//   q = 1: A = dz2 (4H), B = [h1 (H); h2_prev (H); 1]     -> d w_ih2, d w_hh2, d b2
+//   q = 2: A = du (1),   B = [h2 (H); 1]                  -> d w_out, d b_out
+// The partial sums of one block of coordinates are laid out C_0, C_1, C_2, row-major.
+struct LstmOptPairs {
+  int ma[3], mb[3];
+  int64_t off[4];  // off[3] = P, the size of one block's partial sums
+};
+PYMETA_HD LstmOptPairs lstm_opt_pairs(int H, int n_in) {
+  LstmOptPairs p;
+  p.ma[0] = 4 * H; p.mb[0] = n_in + H + 1;
+  p.ma[1] = 4 * H; p.mb[1] = 2 * H + 1;
+  p.ma[2] = 1;     p.mb[2] = H + 1;
+  p.off[0] = 0;
+  for (int q = 0; q < 3; ++q) p.off[q + 1] = p.off[q] + int64_t(p.ma[q]) * p.mb[q];
+  return p;
+}
+
+// Which part of the pairs' sums is the gradient of weight d (0..9, in LstmOptWeights order):
+// dst[i, j] = C[src_off + i * src_stride + j] for i < rows, j < cols.
+struct LstmOptSegment {
+  int rows, cols;
+  int64_t src_off, src_stride;
+};
+PYMETA_HD LstmOptSegment lstm_opt_segment(int d, int H, int n_in) {
+  const LstmOptPairs p = lstm_opt_pairs(H, n_in);
+  const int64_t s0 = p.mb[0], s1 = p.mb[1], s2 = p.mb[2];
+  switch (d) {
+    case 0: return {4 * H, n_in, p.off[0], s0};
+    case 1: return {4 * H, H, p.off[0] + n_in, s0};
+    case 2:
+    case 3: return {4 * H, 1, p.off[0] + n_in + H, s0};
+    case 4: return {4 * H, H, p.off[1], s1};
+    case 5: return {4 * H, H, p.off[1] + H, s1};
+    case 6:
+    case 7: return {4 * H, 1, p.off[1] + 2 * H, s1};
+    case 8: return {1, H, p.off[2], s2};
+    default: return {1, 1, p.off[2] + H, s2};
+  }
+}
+
+// z[q] += sum_k w[(q H + j) H + k] * in[k], q = 0..3 (the 4 gates of unit j): the four
+// sums advance together (independent chains), each in the order k = 0 .. H-1.
+template <int HMAX, typename V, typename T>
+PYMETA_HD void lstm_gate_dots(V z[4], const T* w, int H, int j, const V* in) {
+  const int64_t gate = int64_t(H) * H;
+  const T* w0 = w + int64_t(j) * H;
+  const T* w1 = w0 + gate;
+  const T* w2 = w1 + gate;
+  const T* w3 = w2 + gate;
+  PYMETA_FOR_K(k, H) {
+    const V v = in[k];
+    z[0] = z[0] + w0[k] * v;
+    z[1] = z[1] + w1[k] * v;
+    z[2] = z[2] + w2[k] * v;
+    z[3] = z[3] + w3[k] * v;
+  }
+}
+
+// ---- one coordinate (or one group of lanes): forward ----------------------------------------
+// HMAX >= H bounds the unrolled loops over hidden units, so that the per-coordinate arrays
+// are indexed by compile-time constants only (registers on the GPU).
+template <int HMAX, typename V, typename T>
+PYMETA_HD void lstm_opt_forward_coord(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s,
+                                      const T* grad, const T* state, T* update, T* new_state,
+                                      const Col& col) {
+  using A = Access<V>;
+  const int H = s.H, n_in = s.n_in;
+  V x[2];
+  lstm_preprocess(A::ld(grad, 0, col), s, x);
+
+  V in[HMAX], rec[HMAX];
+  PYMETA_FOR_K(k, H)
+    rec[k] = A::ld(state, k, col);  // h1
+  for (int j = 0; j < H; ++j) {
+    V z[4];
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const int r = q * H + j;
+      V acc = V(W.b_ih1[r] + W.b_hh1[r]);
+      PYMETA_UNROLL
+      for (int i = 0; i < 2; ++i)
+        if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[i];
+      z[q] = acc;
+    }
+    lstm_gate_dots<HMAX>(z, W.w_hh1, H, j, rec);
+    V c, h;
+    lstm_cell(z, A::ld(state, H + j, col), c, h);
+    A::st(new_state, j, col, h);
+    A::st(new_state, H + j, col, c);
+  }
+
+  PYMETA_FOR_K(k, H) {
+    in[k] = A::ld(new_state, k, col);       // h1 (new): the input of layer 2
+    rec[k] = A::ld(state, 2 * H + k, col);  // h2
+  }
+  V out = V(W.b_out[0]);
+  for (int j = 0; j < H; ++j) {
+    V z[4];
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) z[q] = V(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
+    lstm_gate_dots<HMAX>(z, W.w_ih2, H, j, in);
+    lstm_gate_dots<HMAX>(z, W.w_hh2, H, j, rec);
+    V c, h;
+    lstm_cell(z, A::ld(state, 3 * H + j, col), c, h);
+    A::st(new_state, 2 * H + j, col, h);
+    A::st(new_state, 3 * H + j, col, c);
+    out = out + W.w_out[j] * h;
+  }
+  A::st(update, 0, col, out * s.out_scale);
+}
+
+// ---- one coordinate: backward ---------------------------------------------------------------
+// Recomputes the forward (writing gate pre-activations, x, h1, h2 to the workspace `ws`,
+// addressed by `wc`), then backpropagates, overwriting the pre-activations with their
+// gradients. d_state rows 0..H-1 hold d h1(new) until layer 1's backward is done.
+template <int HMAX, typename V, typename T>
+PYMETA_HD void lstm_opt_backward_coord(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s,
+                                       const T* grad, const T* state, const T* d_update,
+                                       const T* d_new_state, T* d_grad, T* d_state, T* ws,
+                                       const Col& col, const Col& wc) {
+  using A = Access<V>;
+  const int H = s.H, n_in = s.n_in;
+  const LstmOptRows R = lstm_opt_rows(H, n_in);
+  const V g = A::ld(grad, 0, col);
+  V x[2];
+  lstm_preprocess(g, s, x);
+  PYMETA_UNROLL
+  for (int i = 0; i < 2; ++i)
+    if (i < n_in) A::st(ws, R.x + i, wc, x[i]);
+
+  // forward, layer 1
+  V a1[HMAX], a2[HMAX];
+  PYMETA_FOR_K(k, H)
+    a2[k] = A::ld(state, k, col);
+  for (int j = 0; j < H; ++j) {
+    V z[4];
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const int r = q * H + j;
+      V acc = V(W.b_ih1[r] + W.b_hh1[r]);
+      PYMETA_UNROLL
+      for (int i = 0; i < 2; ++i)
+        if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[i];
+      z[q] = acc;
+    }
+    lstm_gate_dots<HMAX>(z, W.w_hh1, H, j, a2);
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) A::st(ws, R.dz1 + q * H + j, wc, z[q]);
+    V c, h;
+    lstm_cell(z, A::ld(state, H + j, col), c, h);
+    A::st(ws, R.h1 + j, wc, h);
+  }
+  // forward, layer 2
+  PYMETA_FOR_K(k, H) {
+    a1[k] = A::ld(ws, R.h1 + k, wc);
+    a2[k] = A::ld(state, 2 * H + k, col);
+  }
+  for (int j = 0; j < H; ++j) {
+    V z[4];
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) z[q] = V(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
+    lstm_gate_dots<HMAX>(z, W.w_ih2, H, j, a1);
+    lstm_gate_dots<HMAX>(z, W.w_hh2, H, j, a2);
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) A::st(ws, R.dz2 + q * H + j, wc, z[q]);
+    V c, h;
+    lstm_cell(z, A::ld(state, 3 * H + j, col), c, h);
+    A::st(ws, R.h2 + j, wc, h);
+  }
+
+  // backward, head and layer 2: a1 accumulates d h1(new), a2 d h2_prev
+  const V du = A::ld(d_update, 0, col) * s.out_scale;
+  A::st(ws, R.du, wc, du);
+  PYMETA_FOR_K(k, H) {
+    a1[k] = A::ld(d_new_state, k, col);
+    a2[k] = V(T(0));
+  }
+  for (int j = 0; j < H; ++j) {
+    V z[4], dz[4], dc_prev;
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) z[q] = A::ld(ws, R.dz2 + q * H + j, wc);
+    const V dh = du * W.w_out[j] + A::ld(d_new_state, 2 * H + j, col);
+    lstm_cell_backward(z, A::ld(state, 3 * H + j, col), dh, A::ld(d_new_state, 3 * H + j, col),
+                       dz, dc_prev);
+    A::st(d_state, 3 * H + j, col, dc_prev);
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const int r = q * H + j;
+      A::st(ws, R.dz2 + r, wc, dz[q]);
+      const T* wi = W.w_ih2 + int64_t(r) * H;
+      const T* wh = W.w_hh2 + int64_t(r) * H;
+      PYMETA_FOR_K(k, H) {
+        a1[k] = a1[k] + wi[k] * dz[q];
+        a2[k] = a2[k] + wh[k] * dz[q];
+      }
+    }
+  }
+  PYMETA_FOR_K(k, H) {
+    A::st(d_state, 2 * H + k, col, a2[k]);
+    A::st(d_state, k, col, a1[k]);  // d h1(new), read back by unit below
+    a2[k] = V(T(0));
+  }
+
+  // backward, layer 1: a2 accumulates d h1_prev
+  V dx[2] = {V(T(0)), V(T(0))};
+  for (int j = 0; j < H; ++j) {
+    V z[4], dz[4], dc_prev;
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) z[q] = A::ld(ws, R.dz1 + q * H + j, wc);
+    lstm_cell_backward(z, A::ld(state, H + j, col), A::ld(d_state, j, col),
+                       A::ld(d_new_state, H + j, col), dz, dc_prev);
+    A::st(d_state, H + j, col, dc_prev);
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const int r = q * H + j;
+      A::st(ws, R.dz1 + r, wc, dz[q]);
+      PYMETA_UNROLL
+      for (int i = 0; i < 2; ++i)
+        if (i < n_in) dx[i] = dx[i] + W.w_ih1[r * n_in + i] * dz[q];
+      const T* wh = W.w_hh1 + int64_t(r) * H;
+      PYMETA_FOR_K(k, H)
+        a2[k] = a2[k] + wh[k] * dz[q];
+    }
+  }
+  PYMETA_FOR_K(k, H)
+    A::st(d_state, k, col, a2[k]);
+  A::st(d_grad, 0, col, lstm_preprocess_backward(g, s, dx));
+}
+
+// ---- launch table and entry points ------------------------------------------------------------
+
+struct LstmOptLaunch {
+  const void* grad;         // [N]
+  const void* state;        // [4, H, N]
+  const void* w[10];        // LstmOptWeights order
+  void* update;             // forward: [N]
+  void* new_state;          // forward: [4, H, N]
+  const void* d_update;     // backward: [N]
+  const void* d_new_state;  // backward: [4, H, N]
+  void* d_grad;             // backward: [N]
+  void* d_state;            // backward: [4, H, N]
+  void* d_w[10];            // backward: the weights' gradients, weight shapes
+  void* workspace;          // backward: lstm_opt_workspace_bytes_*() bytes
+  int64_t N;
+  int32_t H;
+  int32_t n_in;
+  int32_t preproc;  // LstmPreproc
+  DType dtype;      // Float32 or Float64
+  double p;
+  double out_scale;
+};
+
+// Coordinates per block of the deterministic weight-gradient reduction: each block's partial
+// sums are written to the workspace, then summed over blocks in a fixed order. Fixed sizes
+// (not thread or SM counts), so results are bitwise reproducible on any machine of one kind.
+constexpr int64_t kLstmOptCpuBlock = 256;
+constexpr int64_t kLstmOptCudaChunk = 2048;
+
+int64_t lstm_opt_workspace_bytes_cpu(const LstmOptLaunch& L);
+void lstm_opt_forward_cpu(const LstmOptLaunch& L);
+void lstm_opt_backward_cpu(const LstmOptLaunch& L);
+int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L);
+int lstm_opt_forward_cuda(const LstmOptLaunch& L, CUstream_st* stream);
+int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream);
+
+}  // namespace pymeta

@@ -1,0 +1,231 @@
+// The torch-facing front of lstm_optimizer_step: argument checks (each naming the argument),
+// output and workspace allocation, and the per-device registrations. The kernels
+// (csrc/cpu/lstm_optimizer_cpu.cpp, csrc/cuda/lstm_optimizer_cuda.cu) see only the plain
+// launch table of pymeta/lstm_optimizer.h.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "pymeta/lstm_optimizer.h"
+
+#ifdef PYMETA_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace pymeta {
+namespace {
+
+using at::Tensor;
+
+const char* const kWeightNames[10] = {"w_ih1", "w_hh1", "b_ih1", "b_hh1", "w_ih2",
+                                      "w_hh2", "b_ih2", "b_hh2", "w_out", "b_out"};
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << s;
+  return o.str();
+}
+
+struct Dims {
+  int64_t N;
+  int64_t H;
+  int64_t n_in;
+  LstmPreproc preproc;
+};
+
+std::vector<int64_t> weight_shape(int d, int64_t H, int64_t n_in) {
+  switch (d) {
+    case 0: return {4 * H, n_in};
+    case 1: case 4: case 5: return {4 * H, H};
+    case 8: return {1, H};
+    case 9: return {1};
+    default: return {4 * H};
+  }
+}
+
+// The checks shared by the forward and the backward; messages match pymeta/reference.py.
+Dims check_args(const char* op, const Tensor& grad, const Tensor& state,
+                const std::vector<Tensor>& w, const std::string& preprocessing, double p) {
+  Dims d{};
+  TORCH_CHECK_VALUE(preprocessing == "log_sign" || preprocessing == "none", op,
+                    ": preprocessing must be 'log_sign' or 'none', not '", preprocessing, "'");
+  d.preproc = preprocessing == "log_sign" ? LstmPreproc::LogSign : LstmPreproc::None;
+  d.n_in = d.preproc == LstmPreproc::LogSign ? 2 : 1;
+  TORCH_CHECK_VALUE(d.preproc == LstmPreproc::None || (std::isfinite(p) && p > 0), op,
+                    ": p must be a finite number > 0 for log_sign preprocessing, got ", p);
+  TORCH_CHECK_TYPE(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble, op,
+                   ": grad has dtype ", grad.scalar_type(),
+                   "; supported are float32 and float64");
+  TORCH_CHECK_VALUE(grad.dim() == 1, op, ": grad must be 1-D [N] (flatten it), got shape ",
+                    shape_str(grad.sizes()));
+  d.N = grad.size(0);
+  const auto dtype = grad.scalar_type();
+  const auto device = grad.device();
+  auto same = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(),
+                     " but grad has ", dtype, "; all tensors of one call share a dtype");
+    TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(),
+                      " but grad is on ", device, "; all tensors of one call share a device");
+  };
+  same(state, "state");
+  TORCH_CHECK_VALUE(state.dim() == 3 && state.size(0) == 4 && state.size(2) == d.N, op,
+                    ": state has shape ", shape_str(state.sizes()),
+                    "; expected [4, H, N] with N = ", d.N, " (h1, c1, h2, c2, feature-major)");
+  d.H = state.size(1);
+  TORCH_CHECK_VALUE(d.H >= 1 && d.H <= kLstmOptMaxHidden, op, ": hidden size H = ", d.H,
+                    " (state.shape[1]) is not supported; 1 <= H <= ", kLstmOptMaxHidden);
+  TORCH_CHECK_VALUE(state.is_contiguous(), op,
+                    ": state must be contiguous (layout [4, H, N], feature-major)");
+  TORCH_CHECK_VALUE(w.size() == 10, op, ": expected 10 weight tensors, got ", w.size());
+  for (int i = 0; i < 10; ++i) {
+    same(w[i], kWeightNames[i]);
+    const auto expect = weight_shape(i, d.H, d.n_in);
+    TORCH_CHECK_VALUE(w[i].sizes() == at::IntArrayRef(expect), op, ": ", kWeightNames[i],
+                      " has shape ", shape_str(w[i].sizes()), "; expected ", shape_str(expect),
+                      " for H = ", d.H, " and n_in = ", d.n_in);
+  }
+  return d;
+}
+
+DType to_dtype(at::ScalarType t) { return t == at::kDouble ? DType::Float64 : DType::Float32; }
+
+#ifdef PYMETA_WITH_CUDA
+#define PYMETA_DEVICE_GUARD(t) \
+  std::optional<c10::cuda::CUDAGuard> guard_; \
+  if ((t).is_cuda()) guard_.emplace((t).device())
+#else
+#define PYMETA_DEVICE_GUARD(t) (void)0
+#endif
+
+LstmOptLaunch make_launch(const Dims& d, const Tensor& grad, const Tensor& state,
+                          const std::vector<Tensor>& w, double p, double out_scale) {
+  LstmOptLaunch L{};
+  L.grad = grad.data_ptr();
+  L.state = state.data_ptr();
+  for (int i = 0; i < 10; ++i) L.w[i] = w[i].data_ptr();
+  L.N = d.N;
+  L.H = static_cast<int32_t>(d.H);
+  L.n_in = static_cast<int32_t>(d.n_in);
+  L.preproc = static_cast<int32_t>(d.preproc);
+  L.dtype = to_dtype(grad.scalar_type());
+  L.p = p;
+  L.out_scale = out_scale;
+  return L;
+}
+
+std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& w) {
+  std::vector<Tensor> out;
+  out.reserve(w.size());
+  for (const auto& t : w) out.push_back(t.contiguous());
+  return out;
+}
+
+std::tuple<Tensor, Tensor> lstm_optimizer_step(
+    const Tensor& grad_in, const Tensor& state, const Tensor& w_ih1, const Tensor& w_hh1,
+    const Tensor& b_ih1, const Tensor& b_hh1, const Tensor& w_ih2, const Tensor& w_hh2,
+    const Tensor& b_ih2, const Tensor& b_hh2, const Tensor& w_out, const Tensor& b_out,
+    c10::string_view preprocessing, double p, double out_scale) {
+  const char* op = "pymeta.lstm_optimizer_step";
+  const std::vector<Tensor> w_in{w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, w_out, b_out};
+  const Dims d = check_args(op, grad_in, state, w_in, std::string(preprocessing), p);
+  PYMETA_DEVICE_GUARD(grad_in);
+  const Tensor grad = grad_in.contiguous();
+  const auto w = contiguous_weights(w_in);
+  Tensor update = at::empty({d.N}, grad.options());
+  Tensor new_state = at::empty({4, d.H, d.N}, grad.options());
+  if (d.N == 0) return {update, new_state};
+  LstmOptLaunch L = make_launch(d, grad, state, w, p, out_scale);
+  L.update = update.data_ptr();
+  L.new_state = new_state.data_ptr();
+  if (grad.is_cpu()) {
+    lstm_opt_forward_cpu(L);
+  } else {
+#ifdef PYMETA_WITH_CUDA
+    C10_CUDA_CHECK(static_cast<cudaError_t>(lstm_opt_forward_cuda(
+        L, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream())));
+#endif
+  }
+  return {update, new_state};
+}
+
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                  Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+BackwardResult lstm_optimizer_step_backward(
+    const Tensor& grad_update_in, const Tensor& grad_new_state_in, const Tensor& grad_in,
+    const Tensor& state, const Tensor& w_ih1, const Tensor& w_hh1, const Tensor& b_ih1,
+    const Tensor& b_hh1, const Tensor& w_ih2, const Tensor& w_hh2, const Tensor& b_ih2,
+    const Tensor& b_hh2, const Tensor& w_out, const Tensor& b_out,
+    c10::string_view preprocessing, double p, double out_scale) {
+  const char* op = "pymeta.lstm_optimizer_step_backward";
+  const std::vector<Tensor> w_in{w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, w_out, b_out};
+  const Dims d = check_args(op, grad_in, state, w_in, std::string(preprocessing), p);
+  auto same = [&](const Tensor& t, const char* name, at::IntArrayRef shape) {
+    TORCH_CHECK_TYPE(t.scalar_type() == grad_in.scalar_type(), op, ": ", name, " has dtype ",
+                     t.scalar_type(), " but grad has ", grad_in.scalar_type(),
+                     "; all tensors of one call share a dtype");
+    TORCH_CHECK_VALUE(t.device() == grad_in.device(), op, ": ", name, " is on ", t.device(),
+                      " but grad is on ", grad_in.device(),
+                      "; all tensors of one call share a device");
+    TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " has shape ", shape_str(t.sizes()),
+                      "; expected ", shape_str(shape));
+  };
+  same(grad_update_in, "grad_update", {d.N});
+  same(grad_new_state_in, "grad_new_state", {4, d.H, d.N});
+  PYMETA_DEVICE_GUARD(grad_in);
+  const Tensor grad = grad_in.contiguous();
+  const Tensor grad_update = grad_update_in.contiguous();
+  const Tensor grad_new_state = grad_new_state_in.contiguous();
+  const auto w = contiguous_weights(w_in);
+
+  Tensor d_grad = at::empty({d.N}, grad.options());
+  Tensor d_state = at::empty({4, d.H, d.N}, grad.options());
+  std::vector<Tensor> dw(10);
+  for (int i = 0; i < 10; ++i) dw[i] = at::empty(w[i].sizes(), grad.options());
+
+  LstmOptLaunch L = make_launch(d, grad, state, w, p, out_scale);
+  L.d_update = grad_update.data_ptr();
+  L.d_new_state = grad_new_state.data_ptr();
+  L.d_grad = d_grad.data_ptr();
+  L.d_state = d_state.data_ptr();
+  for (int i = 0; i < 10; ++i) L.d_w[i] = dw[i].data_ptr();
+  if (d.N == 0) {
+    for (auto& t : dw) t.zero_();
+  } else if (grad.is_cpu()) {
+    Tensor ws = at::empty({lstm_opt_workspace_bytes_cpu(L)}, grad.options().dtype(at::kByte));
+    L.workspace = ws.data_ptr();
+    lstm_opt_backward_cpu(L);
+  } else {
+#ifdef PYMETA_WITH_CUDA
+    Tensor ws = at::empty({lstm_opt_workspace_bytes_cuda(L)}, grad.options().dtype(at::kByte));
+    L.workspace = ws.data_ptr();
+    C10_CUDA_CHECK(static_cast<cudaError_t>(lstm_opt_backward_cuda(
+        L, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream())));
+#endif
+  }
+  return {d_grad, d_state, dw[0], dw[1], dw[2], dw[3], dw[4], dw[5], dw[6], dw[7], dw[8], dw[9]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pymeta, CPU, m) {
+  m.impl("lstm_optimizer_step", &lstm_optimizer_step);
+  m.impl("lstm_optimizer_step_backward", &lstm_optimizer_step_backward);
+}
+
+#ifdef PYMETA_WITH_CUDA
+TORCH_LIBRARY_IMPL(pymeta, CUDA, m) {
+  m.impl("lstm_optimizer_step", &lstm_optimizer_step);
+  m.impl("lstm_optimizer_step_backward", &lstm_optimizer_step_backward);
+}
+#endif
+
+}  // namespace pymeta

@@ -1,0 +1,331 @@
+"""pymeta.ops.lstm_optimizer_step: native kernels vs an oracle built from nn.LSTMCell,
+gradients, registrations (opcheck, torch.compile), argument errors, determinism."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pymeta
+from pymeta import _backend, ops, reference
+
+native_only = pytest.mark.skipif(not _backend.NATIVE, reason="pymeta._C is not built")
+cuda = [pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+OP = torch.ops.pymeta.lstm_optimizer_step if _backend.NATIVE else None
+BWD = torch.ops.pymeta.lstm_optimizer_step_backward if _backend.NATIVE else None
+
+
+def make_grad(n: int, dtype=torch.float64, device="cpu", seed=0) -> torch.Tensor:
+    """Magnitudes 1e-10 .. 1e2 (both preprocessing branches), both signs, exact zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    mag = 10.0 ** (torch.rand(n, generator=gen, dtype=torch.float64) * 12 - 10)
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double()
+    g = mag * sign
+    g[::7] = 0.0
+    return g.to(device=device, dtype=dtype)
+
+
+def make_net(H: int, preprocessing="log_sign", dtype=torch.float64, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    net = pymeta.LSTMOptimizerNet(H, preprocessing).to(device=device, dtype=dtype)
+    with torch.no_grad():  # larger than the default init, so that every gate matters
+        for prm in net.parameters():
+            prm.uniform_(-0.7, 0.7)
+    return net
+
+
+def oracle_step(net: pymeta.LSTMOptimizerNet, grad: torch.Tensor, state: torch.Tensor):
+    """The step from the nn modules themselves, with the preprocessing written out."""
+    if net.preprocessing == "log_sign":
+        p = net.p
+        big = grad.abs() >= math.exp(-p)
+        safe = torch.where(big, grad.abs(), torch.ones_like(grad))
+        x = torch.stack([torch.where(big, safe.log() / p, torch.full_like(grad, -1.0)),
+                         torch.where(big, grad.sign(), grad * math.exp(p))], dim=1)
+    else:
+        x = grad[:, None]
+    h1, c1, h2, c2 = (s.t() for s in state)
+    h1, c1 = net.cell1(x, (h1, c1))
+    h2, c2 = net.cell2(h1, (h2, c2))
+    update = net.out(h2).squeeze(1) * net.out_scale
+    return update, torch.stack([h1.t(), c1.t(), h2.t(), c2.t()])
+
+
+def tol(dtype):
+    return dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+
+
+# ---- forward and backward vs the oracle -------------------------------------------------------
+
+@native_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("H", [1, 7, 20, 32, 64])
+@pytest.mark.parametrize("preprocessing", ["log_sign", "none"])
+def test_step_matches_lstmcell_oracle(device, dtype, H, preprocessing):
+    N = 301  # not a multiple of the SIMD width, more than one CPU block
+    net = make_net(H, preprocessing, dtype, device)
+    grad = make_grad(N, dtype, device)
+    if preprocessing == "none":
+        grad = grad.clamp(-3, 3)
+    state = (torch.randn(4, H, N, dtype=torch.float64) * 0.5).to(device=device, dtype=dtype)
+    leaves = [grad, state, *net.weights()]
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    with pymeta.use_backend("native"):
+        u, s = ops.lstm_optimizer_step(*leaves, preprocessing, net.p, net.out_scale)
+    with torch.no_grad():
+        for dst, src in zip(net.weights(), leaves[2:]):
+            dst.copy_(src)
+    oleaves = [leaves[0].detach().clone().requires_grad_(), leaves[1].detach().clone().requires_grad_()]
+    u_ref, s_ref = oracle_step(net, oleaves[0], oleaves[1])
+    torch.testing.assert_close(u, u_ref, **tol(dtype))
+    torch.testing.assert_close(s, s_ref, **tol(dtype))
+
+    du = torch.randn_like(u)
+    ds = torch.randn_like(s)
+    got = torch.autograd.grad((u, s), leaves, (du, ds))
+    want = torch.autograd.grad((u_ref, s_ref), oleaves + list(net.weights()), (du, ds))
+    for name, a, b in zip(("grad", "state") + reference.LSTM_WEIGHT_NAMES, got, want):
+        scale = b.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(a / scale, b / scale, **tol(dtype), msg=f"d {name}")
+
+
+@native_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_preprocessing_branches(dtype):
+    """Exact zeros give (-1, 0); the threshold e^-p splits the branches."""
+    H, p = 3, 10.0
+    g = torch.tensor([0.0, -0.0, 1e-12, -1e-5, 5e-5, -2.0, 100.0], dtype=dtype)
+    x = reference.lstm_preprocess(g, "log_sign", p)
+    assert x[0].tolist() == [-1.0, 0.0] and x[1].tolist() == [-1.0, 0.0]
+    assert x[5, 1].item() == -1.0 and x[6, 1].item() == 1.0
+    torch.testing.assert_close(x[6, 0], torch.tensor(math.log(100.0) / p, dtype=dtype))
+    torch.testing.assert_close(x[3, 1], torch.tensor(-1e-5 * math.exp(p), dtype=dtype))
+    # The kernel agrees, including the gradient w.r.t. grad at 0 (the linear branch: e^p).
+    net = make_net(H, dtype=dtype)
+    state = torch.zeros(4, H, g.numel(), dtype=dtype)
+    gl = g.clone().requires_grad_()
+    u, _ = OP(gl, state, *[w.detach() for w in net.weights()], "log_sign", p, 0.1)
+    gr = g.clone().requires_grad_()
+    ur, _ = reference.lstm_optimizer_step(gr, state, *[w.detach() for w in net.weights()],
+                                          "log_sign", p, 0.1)
+    torch.testing.assert_close(u, ur, **tol(dtype))
+    (d_native,) = torch.autograd.grad(u.sum(), gl)
+    (d_ref,) = torch.autograd.grad(ur.sum(), gr)
+    assert torch.isfinite(d_native).all()
+    torch.testing.assert_close(d_native, d_ref, rtol=1e-4 if dtype == torch.float32 else 1e-9,
+                               atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+@native_only
+def test_empty():
+    net = make_net(5)
+    g = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    state = torch.zeros(4, 5, 0, dtype=torch.float64)
+    u, s = ops.lstm_optimizer_step(g, state, *net.weights())
+    assert u.shape == (0,) and s.shape == (4, 5, 0)
+    grads = torch.autograd.grad(u.sum() + s.sum(), list(net.parameters()))
+    assert all((x == 0).all() for x in grads)
+
+
+# ---- gradcheck, opcheck, torch.compile --------------------------------------------------------
+
+def _small_inputs(H=3, N=5, preprocessing="log_sign", seed=0):
+    net = make_net(H, preprocessing, seed=seed)
+    grad = torch.tensor([0.5, -2.0, 1e-6, 0.0, -3e-5], dtype=torch.float64)[:N]
+    state = torch.randn(4, H, N, dtype=torch.float64) * 0.5
+    return [grad, state, *[w.detach().clone() for w in net.weights()]]
+
+
+@native_only
+@pytest.mark.parametrize("preprocessing", ["log_sign", "none"])
+def test_gradcheck_every_input(preprocessing):
+    inputs = [t.requires_grad_() for t in _small_inputs(preprocessing=preprocessing)]
+
+    def f(*ts):
+        with pymeta.use_backend("native"):
+            return ops.lstm_optimizer_step(*ts, preprocessing, 10.0, 0.3)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6)
+
+
+@native_only
+def test_gradgradcheck():
+    inputs = [t.requires_grad_() for t in _small_inputs(H=2, N=3)]
+
+    def f(*ts):
+        return OP(*ts, "log_sign", 10.0, 0.3)
+
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-7, atol=1e-5)
+
+
+@native_only
+def test_opcheck_forward_and_backward():
+    inputs = _small_inputs()
+    torch.library.opcheck(OP, (*inputs, "log_sign", 10.0, 0.3))
+    torch.library.opcheck(OP, (*[t.clone().requires_grad_() for t in inputs], "log_sign", 10.0, 0.3))
+    grad, state = inputs[0], inputs[1]
+    bwd_args = (torch.randn(grad.shape, dtype=grad.dtype), torch.randn(state.shape, dtype=state.dtype),
+                *inputs, "log_sign", 10.0, 0.3)
+    torch.library.opcheck(BWD, bwd_args)
+    none_inputs = _small_inputs(preprocessing="none")
+    torch.library.opcheck(OP, (*none_inputs, "none", 10.0, 0.3))
+
+
+@native_only
+def test_backward_op_matches_reference_backward():
+    inputs = _small_inputs(H=7, N=5)
+    du = torch.randn(5, dtype=torch.float64)
+    ds = torch.randn(4, 7, 5, dtype=torch.float64)
+    got = BWD(du, ds, *inputs, "log_sign", 10.0, 0.3)
+    want = reference.lstm_optimizer_step_backward(du, ds, *inputs, "log_sign", 10.0, 0.3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@native_only
+def test_torch_compile_fullgraph():
+    net = make_net(6, dtype=torch.float32)
+    grad = make_grad(40, torch.float32)
+    state = torch.randn(4, 6, 40)
+
+    def step(g, s, *w):
+        u, s2 = ops.lstm_optimizer_step(g, s, *w, "log_sign", 10.0, 0.1)
+        return u * 2, s2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    w = [x.detach().clone().requires_grad_() for x in net.weights()]
+    with pymeta.use_backend("native"):
+        u, s = compiled(grad, state, *w)
+        u_e, s_e = step(grad, state, *w)
+    torch.testing.assert_close(u, u_e)
+    torch.testing.assert_close(s, s_e)
+    g1 = torch.autograd.grad(u.sum() + s.sum(), w)
+    g2 = torch.autograd.grad(u_e.sum() + s_e.sum(), w)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+# ---- argument errors: both backends, named argument, inputs untouched --------------------------
+
+def _valid(H=4, N=6, dtype=torch.float32):
+    net = make_net(H, dtype=dtype)
+    return {"grad": make_grad(N, dtype), "state": torch.randn(4, H, N, dtype=dtype),
+            **{n: w.detach().clone() for n, w in zip(reference.LSTM_WEIGHT_NAMES, net.weights())}}
+
+
+def _bad_cases():
+    cases = [
+        ("grad", lambda a: a["grad"].half(), TypeError, "grad has dtype"),
+        ("grad", lambda a: a["grad"].to(torch.int64), TypeError, "grad has dtype"),
+        ("grad", lambda a: a["grad"].view(2, 3), ValueError, "grad must be 1-D"),
+        ("state", lambda a: a["state"][:, :, :5].contiguous(), ValueError, "state has shape"),
+        ("state", lambda a: a["state"].reshape(4, 6, 4), ValueError, "state has shape"),
+        ("state", lambda a: a["state"].double(), TypeError, "state has dtype"),
+        ("state", lambda a: a["state"].transpose(1, 2).contiguous().transpose(1, 2),
+         ValueError, "state must be contiguous"),
+        ("state", lambda a: torch.zeros(4, 65, 6), ValueError, "hidden size H = 65"),
+    ]
+    for name in reference.LSTM_WEIGHT_NAMES:
+        cases.append((name, lambda a, n=name: a[n].double(), TypeError, f"{name} has dtype"))
+        cases.append((name, lambda a, n=name: torch.cat([a[n], a[n][:1]]), ValueError,
+                      f"{name} has shape"))
+    return cases
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: f"{c[0]}-{c[3]}")
+def test_bad_argument_names_it(backend, case):
+    name, mutate, exc, msg = case
+    args = _valid()
+    args[name] = mutate(args)
+    before = {k: v.clone() for k, v in args.items()}
+    with pymeta.use_backend(backend), pytest.raises(exc, match=msg):
+        ops.lstm_optimizer_step(*args.values())
+    for k, v in args.items():
+        assert torch.equal(v, before[k]), f"{k} was modified"
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+def test_bad_options(backend):
+    args = list(_valid().values())
+    with pymeta.use_backend(backend):
+        with pytest.raises(ValueError, match="preprocessing must be 'log_sign' or 'none'"):
+            ops.lstm_optimizer_step(*args, preprocessing="log")
+        with pytest.raises(ValueError, match="p must be a finite number > 0"):
+            ops.lstm_optimizer_step(*args, p=0.0)
+        with pytest.raises(ValueError, match="w_ih1 has shape"):  # n_in = 1 for 'none'
+            ops.lstm_optimizer_step(*args, preprocessing="none")
+        with pytest.raises(TypeError, match="state is a list"):
+            ops.lstm_optimizer_step(args[0], [1.0], *args[2:])
+
+
+@native_only
+def test_backward_op_checks_its_gradients():
+    args = list(_valid().values())
+    grad, state = args[0], args[1]
+    for fn in (BWD, reference.lstm_optimizer_step_backward):
+        with pytest.raises(ValueError, match="grad_update has shape"):
+            fn(grad[:3], state, *args, "log_sign", 10.0, 0.1)
+        with pytest.raises(TypeError, match="grad_new_state has dtype"):
+            fn(grad, state.double(), *args, "log_sign", 10.0, 0.1)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+def test_device_mismatch_is_named(device, backend):
+    args = _valid()
+    args["w_hh2"] = args["w_hh2"].to(device)
+    with pymeta.use_backend(backend), pytest.raises(ValueError, match="w_hh2 is on"):
+        ops.lstm_optimizer_step(*args.values())
+
+
+# ---- determinism ------------------------------------------------------------------------------
+
+@native_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_bitwise_deterministic(device, dtype):
+    H, N = 20, 5000
+    inputs = [t.to(device=device, dtype=dtype) for t in _valid(H, N).values()]
+    du = torch.randn(N, dtype=dtype, device=device)
+    ds = torch.randn(4, H, N, dtype=dtype, device=device)
+    runs = [BWD(du, ds, *inputs, "log_sign", 10.0, 0.1) for _ in range(2)]
+    if device == "cpu":  # the reduction order does not depend on the thread count either
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            runs.append(BWD(du, ds, *inputs, "log_sign", 10.0, 0.1))
+        finally:
+            torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+
+@native_only
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("H", [20, 64])
+def test_cuda_matches_cpu_large(dtype, H):
+    """Many blocks and reduction chunks (N not a multiple of either)."""
+    N = 100_003
+    inputs = [t.to(dtype) for t in _valid(H, N, torch.float64).values()]
+    du = torch.randn(N, dtype=dtype)
+    ds = torch.randn(4, H, N, dtype=dtype)
+    cpu_f = OP(*inputs, "log_sign", 10.0, 0.1)
+    cpu_b = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
+    gpu_in = [t.cuda() for t in inputs]
+    gpu_f = OP(*gpu_in, "log_sign", 10.0, 0.1)
+    gpu_b = BWD(du.cuda(), ds.cuda(), *gpu_in, "log_sign", 10.0, 0.1)
+    rtol, atol = (1e-9, 1e-9) if dtype == torch.float64 else (1e-3, 1e-3)
+    for a, b in zip(cpu_f + cpu_b, gpu_f + gpu_b):
+        scale = a.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(b.cpu() / scale, a / scale, rtol=rtol, atol=atol)
