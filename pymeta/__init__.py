@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from pymeta import ops, reference
+from pymeta import models, ops, reference
 from pymeta._backend import get_backend, set_backend, use_backend
 from pymeta import _backend
+from pymeta.maml import MAML
 
 __version__ = "0.1.0"
 
-__all__ = ["info", "get_backend", "set_backend", "use_backend", "ops", "reference", "__version__"]
+__all__ = ["MAML", "models", "info", "get_backend", "set_backend", "use_backend", "ops", "reference", "__version__"]
 
 
 def info() -> dict:
