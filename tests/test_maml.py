@@ -150,6 +150,25 @@ def test_conv4_five_steps_28px_float64(backend, first_order):
     assert_grads_match(maml, conv4_forward, *image_tasks(2, 3, 1, 2, 28, torch.float64, gen), F.cross_entropy)
 
 
+def test_conv4_second_order_matches_finite_differences(backend):
+    # Anchors the oracle: second order through BatchNorm is where batched autodiff can go
+    # wrong (torch.func's vmap(grad) does here, pytorch/functorch#534).
+    gen = torch.Generator().manual_seed(9)
+    maml = pymeta.MAML(make_conv4(torch.float64), inner_lr=0.4, inner_steps=2)
+    data = image_tasks(2, 3, 1, 2, 16, torch.float64, gen)
+    w = maml.module.features[0].weight
+    (g,) = torch.autograd.grad(maml.meta_loss(*data, F.cross_entropy), [w])
+    eps = 1e-6
+    for idx in [(0, 0, 0, 0), (3, 0, 1, 2)]:
+        with torch.no_grad():
+            w[idx] += eps
+            up = maml.meta_loss(*data, F.cross_entropy)
+            w[idx] -= 2 * eps
+            down = maml.meta_loss(*data, F.cross_entropy)
+            w[idx] += eps
+        torch.testing.assert_close(g[idx], (up - down) / (2 * eps), rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("model", ["mlp", "conv4"])
 @pytest.mark.parametrize("lr_mode", ["scalar", "per_param"])
 def test_meta_gradients_float32(backend, model, lr_mode):
