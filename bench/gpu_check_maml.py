@@ -1,10 +1,14 @@
-"""GPU check of pymeta.MAML: meta-gradients native vs reference vs loop, and timings (run by hand)."""
-import sys, time, statistics; sys.path.insert(0, "bench")
+"""GPU check of pymeta.MAML (run by hand: python bench/gpu_check_maml.py [device]): meta-gradients
+native vs reference vs the per-task loop in float64, then timings of the bench config at T=8 and 32."""
+import os, sys, time, statistics
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # this checkout's pymeta, and the bench workloads
 import torch, torch.nn.functional as F
 import pymeta
 from test_bench_maml import *
 print(pymeta.info())
-dev = "cuda"
+dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
 # correctness on GPU: native vs reference vs loop meta-gradients (float64, small)
 cfg = {**CPU_CONV4, "tasks": 3, "queries": 2}
 for fo in (False, True):
@@ -29,9 +33,9 @@ for T in (8, 32):
         ts = {impl: [] for impl in IMPLS}
         for b in built.values():
             for _ in range(3): meta_iteration(*b)
-        torch.cuda.synchronize()
+        sync()
         for _ in range(10):
             for impl, b in built.items():
-                torch.cuda.synchronize(); t = time.perf_counter(); meta_iteration(*b); torch.cuda.synchronize()
+                sync(); t = time.perf_counter(); meta_iteration(*b); sync()
                 ts[impl].append(time.perf_counter() - t)
         print(T, order, {k: "%.1f ms" % (statistics.median(v) * 1e3) for k, v in ts.items()}, flush=True)
