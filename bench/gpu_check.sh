@@ -36,28 +36,36 @@ build_s=$((SECONDS - t0))
 grep -iE "registers|spill|stack" "$OUT/build.log" | head -20
 
 t0=$SECONDS
-timeout 150 $PY -m pytest tests -q -m cuda -p no:cacheprovider > "$OUT/tests.log" 2>&1
+timeout 120 $PY -m pytest tests -q -m cuda -p no:cacheprovider > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tests_s=$((SECONDS - t0))
 tail -25 "$OUT/tests.log"
 
 t0=$SECONDS
-timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $PY bench/sanitize.py > "$OUT/sanitizer.log" 2>&1
+timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY bench/sanitize.py > "$OUT/sanitizer.log" 2>&1
 san_rc=$?
 san_s=$((SECONDS - t0))
 tail -5 "$OUT/sanitizer.log"
 
 t0=$SECONDS
-timeout 180 $PY -m pymeta bench --device cuda --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+timeout 120 $PY -m pymeta bench --device cuda --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 bench_s=$((SECONDS - t0))
+
+t0=$SECONDS
+timeout 45 $PY bench/lstm_gpu_timing.py > "$OUT/lstm_timing.log" 2>&1
+timeout 90 $PY bench/gpu_check_maml.py cuda > "$OUT/maml.log" 2>&1
+extra_s=$((SECONDS - t0))
 
 echo
 echo "==================== pymeta gpu_check summary ===================="
 cat "$OUT/gpu.txt"
 echo "build:      ${build_s}s (archs $TORCH_CUDA_ARCH_LIST)"
 echo "cuda tests: rc=$tests_rc ${tests_s}s: $(tail -1 "$OUT/tests.log")"
-echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|all kernels ran' "$OUT/sanitizer.log" | tr '\n' ' ')"
+echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$OUT/sanitizer.log" | tr '\n' ' ')"
+echo "lstm/maml timing: ${extra_s}s"
+cat "$OUT/lstm_timing.log" | tail -8
+grep -E "err vs loop|maml conv4" "$OUT/maml.log"
 echo "bench:      rc=$bench_rc ${bench_s}s"
 sed -n '/^$/,$p' "$OUT/bench.log"
 [ $tests_rc -eq 0 ] && [ $san_rc -eq 0 ] && [ $bench_rc -eq 0 ]

@@ -26,3 +26,15 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     ops.inner_update([base[1:101]], [base[1:].view(T, 100)], 0.1)
 torch.cuda.synchronize()
 print("sanitize.py: all kernels ran")
+
+# lstm_optimizer_step: forward and backward, odd N, two hidden sizes, both dtypes.
+for dtype in (torch.float32, torch.float64):
+    for H in (20, 64):
+        net = pymeta.LSTMOptimizerNet(H).to(dev, dtype)
+        N = 5003
+        grad = torch.randn(N, device=dev, dtype=dtype, requires_grad=True)
+        state = (torch.randn(4, H, N, device=dev, dtype=dtype) * 0.1).requires_grad_()
+        upd, new_state = net(grad, state)
+        torch.autograd.grad(upd.sum() + new_state.sum(), [grad, state] + list(net.parameters()))
+torch.cuda.synchronize()
+print("sanitize.py: lstm kernels ran")

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import torch
 
-from pymeta import ops, reference
+from pymeta import models, ops, reference
 from pymeta._backend import get_backend, set_backend, use_backend
 from pymeta import _backend
 from pymeta.lstm_optimizer import LSTMOptimizerNet
+from pymeta.maml import MAML
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTMOptimizerNet", "info", "get_backend", "set_backend", "use_backend", "ops", "reference", "__version__"]
+__all__ = ["MAML", "LSTMOptimizerNet", "models", "info", "get_backend", "set_backend", "use_backend",
+           "ops", "reference", "__version__"]
 
 
 def info() -> dict:

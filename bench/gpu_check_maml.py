@@ -1,0 +1,42 @@
+"""GPU check of pymeta.MAML (run by hand: python bench/gpu_check_maml.py [device]): meta-gradients
+native vs reference vs the per-task loop in float64, then timings of the bench config at T=8 and 32."""
+import os, sys, time, statistics
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # this checkout's pymeta, and the bench workloads
+import torch, torch.nn.functional as F
+import pymeta
+from test_bench_maml import *
+print(pymeta.info())
+dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+# correctness on GPU: native vs reference vs loop meta-gradients (float64, small)
+cfg = {**CPU_CONV4, "tasks": 3, "queries": 2}
+for fo in (False, True):
+    res = {}
+    for name, ctx in [("native", "native"), ("reference", "reference")]:
+        with pymeta.use_backend(ctx):
+            m, run, data = build("pymeta", cfg, fo, dev)
+            m.double(); data = [d.double() if d.is_floating_point() else d for d in data]
+            meta_iteration(m, run, data)
+            res[name] = [p.grad for p in m.module.parameters()]
+    m, run, data = build("loop", cfg, fo, dev)
+    m.double(); data = [d.double() if d.is_floating_point() else d for d in data]
+    meta_iteration(m, run, data); res["loop"] = [p.grad for p in m.parameters()]
+    for k in res:
+        err = max((a - b).abs().max().item() for a, b in zip(res[k], res["loop"]))
+        print("first_order" if fo else "second_order", k, "max abs err vs loop", err)
+# timing: the issue's GPU workload: Conv4 with 64 filters, 28x28x1, 5-way 1-shot, 15 queries
+# per class, 32 tasks, 5 inner steps, inner lr 0.4 (float32)
+GPU_CONV4 = {**CPU_CONV4, "hidden": 64, "tasks": 32, "inner_steps": 5}
+for order in ("second", "first"):
+    built = {impl: build(impl, GPU_CONV4, order == "first", dev) for impl in IMPLS}
+    ts = {impl: [] for impl in IMPLS}
+    for b in built.values():
+        for _ in range(2): meta_iteration(*b)
+    sync()
+    for _ in range(5):
+        for impl, b in built.items():
+            sync(); t = time.perf_counter(); meta_iteration(*b); sync()
+            ts[impl].append(time.perf_counter() - t)
+    print("maml conv4-64 T=32 steps=5", order, "order:",
+          {k: "%.1f ms" % (statistics.median(v) * 1e3) for k, v in ts.items()}, flush=True)

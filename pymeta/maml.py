@@ -1,0 +1,313 @@
+"""Batched MAML, MAML++ (per-layer per-step rates, multi-step loss), Meta-SGD and ANIL:
+the inner loop of every task at once.
+
+Per inner step, one ``vmap``-ed functional forward over the T tasks computes the T support
+losses, one ``autograd.grad`` of their sum gives every task's gradient in its own slice
+(tasks are independent), and one ``pymeta.ops.inner_update`` updates every adapted tensor of
+every task in a single fused launch.
+
+BatchNorm: inside ``adapt``, ``predict`` and ``meta_loss`` every BatchNorm layer normalizes
+with the batch statistics of each task's own inputs (the transductive setting of the MAML
+papers), in training and in eval mode alike, and its running statistics (and
+``num_batches_tracked``) are never read nor updated. Dropout and other random layers draw
+independently per task, and follow the wrapped module's train/eval mode.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from pymeta import ops
+
+__all__ = ["MAML"]
+
+LR_MODES = ("scalar", "per_layer_step", "per_param")
+
+AdaptSpec = Union[None, Sequence[str], Callable[[str, nn.Parameter], bool]]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _shape(t: Tensor) -> list:
+    return list(t.shape)
+
+
+class MAML(nn.Module):
+    """Wraps any ``nn.Module`` for batched MAML-family meta-learning.
+
+    Args:
+        model: the network; called on one task's batch ``[K, ...]``.
+        inner_lr: inner-loop rate α (the initial value of learnable rates).
+        inner_steps: inner SGD steps per task (>= 1).
+        first_order: drop the second-order terms (FOMAML): inner gradients are treated as
+            constants, θ' = θ - α·stopgrad(g); meta-gradients still reach θ and the rates.
+        lr_mode: ``"scalar"`` (one fixed α), ``"per_layer_step"`` (MAML++: a learnable []
+            rate per adapted tensor per step, ``self.step_lrs`` of shape
+            ``[inner_steps, n_adapted]``), or ``"per_param"`` (Meta-SGD: a learnable rate
+            tensor shaped like each adapted parameter, ``self.param_lrs``, used at every step).
+        adapt: which parameters the inner loop adapts: None (all), a list of parameter names
+            (or module names, meaning all of that module's parameters), or a predicate
+            ``f(name, param) -> bool``. The others stay shared by all tasks (ANIL: adapt only
+            the head).
+
+    Learnable rates are parameters of this module, so ``torch.optim.Adam(maml.parameters())``
+    meta-trains model and rates together. Names in ``adapted_names`` and in the dicts below
+    are the wrapped model's own parameter names.
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1,
+                 first_order: bool = False, lr_mode: str = "scalar", adapt: AdaptSpec = None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"pymeta.MAML: model must be an nn.Module, not {type(model).__name__}")
+        if lr_mode not in LR_MODES:
+            raise ValueError(f"pymeta.MAML: unknown lr_mode {lr_mode!r}; choose one of {LR_MODES}")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"pymeta.MAML: inner_steps must be an int >= 1, got {inner_steps!r}")
+        self.module = model
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = inner_steps
+        self.first_order = bool(first_order)
+        self.lr_mode = lr_mode
+        self.adapted_names: List[str] = self._select(model, adapt)
+        params = dict(model.named_parameters())
+        if lr_mode == "per_layer_step":
+            p0 = params[self.adapted_names[0]]
+            self.step_lrs = nn.Parameter(torch.full((inner_steps, len(self.adapted_names)),
+                                                    self.inner_lr, dtype=p0.dtype, device=p0.device))
+        elif lr_mode == "per_param":
+            self.param_lrs = nn.ParameterList(
+                [nn.Parameter(torch.full_like(params[n], self.inner_lr, requires_grad=False))
+                 for n in self.adapted_names])
+        # functional_call with these set to None makes every BatchNorm use batch statistics
+        # and leaves its buffers alone (see the module docstring).
+        self._bn_none: Dict[str, None] = {}
+        for mname, m in model.named_modules():
+            if isinstance(m, _BatchNorm):
+                for b in ("running_mean", "running_var", "num_batches_tracked"):
+                    if getattr(m, b, None) is not None:
+                        self._bn_none[f"{mname}.{b}" if mname else b] = None
+
+    # ---- selection and checks ------------------------------------------------------------
+
+    @staticmethod
+    def _select(model: nn.Module, adapt: AdaptSpec) -> List[str]:
+        named = list(model.named_parameters())
+        if adapt is None:
+            names = [n for n, _ in named]
+        elif callable(adapt):
+            names = [n for n, p in named if adapt(n, p)]
+        elif isinstance(adapt, str) or not isinstance(adapt, (list, tuple, set, frozenset)):
+            raise TypeError(f"pymeta.MAML: adapt must be None, a list of names or a predicate "
+                            f"f(name, param) -> bool, not {type(adapt).__name__}")
+        else:
+            all_names = [n for n, _ in named]
+            wanted = set()
+            for a in adapt:
+                if not isinstance(a, str):
+                    raise TypeError(f"pymeta.MAML: adapt must list names (str); got {a!r}")
+                hits = [n for n in all_names if n == a or n.startswith(a + ".")]
+                if not hits:
+                    raise ValueError(f"pymeta.MAML: adapt names {a!r}, which is neither a parameter "
+                                     f"nor a module with parameters of the model; its parameters "
+                                     f"are {all_names}")
+                wanted.update(hits)
+            names = [n for n in all_names if n in wanted]
+        if not names:
+            raise ValueError("pymeta.MAML: adapt selects no parameter of the model; the inner "
+                             "loop needs at least one parameter to adapt")
+        return names
+
+    @staticmethod
+    def _check_tasks(**tensors: Tensor) -> int:
+        T, first = None, None
+        for name, t in tensors.items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"pymeta.MAML: {name} must be a Tensor, not {type(t).__name__}")
+            if t.dim() < 2:
+                raise ValueError(f"pymeta.MAML: {name} has shape {_shape(t)}; expected "
+                                 f"[T, K, ...] (tasks, examples per task, ...)")
+            if T is None:
+                T, first = t.shape[0], name
+            elif t.shape[0] != T:
+                raise ValueError(f"pymeta.MAML: {name} has {t.shape[0]} tasks (shape {_shape(t)}) "
+                                 f"but {first} has {T}; the task dimensions must agree")
+        return T
+
+    @staticmethod
+    def _check_labels(out: Tensor, y: Tensor, y_name: str) -> None:
+        # Runs per task under vmap: out is [K, ...], y is [K, ...]. Accepted: targets shaped
+        # like the output, or integer class indices with the class dimension (1) dropped.
+        if y.shape == out.shape:
+            return
+        if (out.dim() >= 2 and not y.is_floating_point() and not y.is_complex()
+                and y.shape[:1] == out.shape[:1] and y.shape[1:] == out.shape[2:]):
+            return
+        raise ValueError(
+            f"pymeta.MAML: {y_name} has per-task shape {_shape(y)} (after the task dim), which "
+            f"does not fit the model's per-task output {_shape(out)}: expected {_shape(out)} "
+            f"(same shape) or, for integer class labels, {_shape(out)[:1] + _shape(out)[2:]}")
+
+    # ---- rates and the functional forward ------------------------------------------------
+
+    def _lr(self, step: int):
+        if self.lr_mode == "scalar":
+            return self.inner_lr
+        if self.lr_mode == "per_layer_step":
+            return list(self.step_lrs[step].unbind(0))
+        return list(self.param_lrs)
+
+    def _forward_tasks(self, shared: Dict[str, Tensor], adapted: Sequence[Tensor], x: Tensor,
+                       per_task: Callable[[Tensor, Tensor], Tensor], *extra: Tensor) -> Tensor:
+        """vmap over tasks of ``per_task(model_output, *extra_t)``; adapted are [T, ...],
+        shared are broadcast (in_dims None), x and extra are [T, ...]."""
+        names, module, bn_none = self.adapted_names, self.module, self._bn_none
+
+        def task(adapted_t, x_t, *extra_t):
+            out = functional_call(module, {**shared, **dict(zip(names, adapted_t)), **bn_none}, (x_t,))
+            return per_task(out, *extra_t)
+
+        return vmap(task, in_dims=0, randomness="different")(tuple(adapted), x, *extra)
+
+    def _task_losses(self, shared, adapted, x, y, loss_fn: LossFn, y_name: str) -> Tensor:
+        def per_task(out, y_t):
+            self._check_labels(out, y_t, y_name)
+            loss = loss_fn(out, y_t)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError(f"pymeta.MAML: loss_fn must return a scalar per task; got "
+                                 f"{_shape(loss) if isinstance(loss, Tensor) else type(loss).__name__}")
+            return loss
+        return self._forward_tasks(shared, adapted, x, per_task, y)
+
+    def _split_params(self):
+        params = dict(self.module.named_parameters())
+        adapted = [params.pop(n) for n in self.adapted_names]
+        if not torch.is_grad_enabled():
+            params = {n: p.detach() for n, p in params.items()}
+        return params, adapted
+
+    # ---- the inner loop ------------------------------------------------------------------
+
+    def _inner_loop(self, shared: Dict[str, Tensor], current: List[Tensor], x_support: Tensor,
+                    y_support: Tensor, loss_fn: LossFn,
+                    after_step: Optional[Callable[[int, List[Tensor]], None]] = None) -> List[Tensor]:
+        """Runs ``inner_steps`` steps from the meta-params ``current``; returns the adapted
+        list of ``[T, ...]``, calling ``after_step(step, adapted)`` after each step."""
+        T = x_support.shape[0]
+        grad_on = torch.is_grad_enabled()
+        create_graph = grad_on and not self.first_order
+        for step in range(self.inner_steps):
+            with torch.enable_grad():
+                if step == 0:
+                    # Per-task gradients w.r.t. the shared meta-params: differentiate through an
+                    # expanded view (no copy), so each task's gradient lands in its own slice.
+                    handles = [(p if grad_on and p.requires_grad else p.detach().requires_grad_())
+                               .expand(T, *p.shape) for p in current]
+                else:
+                    handles = [p if grad_on and p.requires_grad else p.detach().requires_grad_()
+                               for p in current]
+                losses = self._task_losses(shared, handles, x_support, y_support, loss_fn, "y_support")
+                grads = torch.autograd.grad(losses.sum(), handles, create_graph=create_graph,
+                                            allow_unused=True, materialize_grads=True)
+            # Step 0 passes the shared meta-params (S_i): inner_update broadcasts them.
+            current = ops.inner_update(current, list(grads), self._lr(step))
+            if after_step is not None:
+                after_step(step, current)
+        return current
+
+    # ---- public API ----------------------------------------------------------------------
+
+    def adapt(self, x_support: Tensor, y_support: Tensor, loss_fn: LossFn) -> Dict[str, Tensor]:
+        """Adapts the model to T tasks at once.
+
+        Args:
+            x_support: ``[T, K, ...]`` support inputs (K examples per task).
+            y_support: ``[T, K, ...]`` support targets, shaped like the model's per-task
+                output ``[K, ...]`` or integer class labels ``[K]`` for ``[K, C]`` logits.
+            loss_fn: ``loss_fn(output [K, ...], target [K, ...]) -> []``, called per task
+                (under vmap), e.g. ``F.cross_entropy`` or ``F.mse_loss``.
+
+        Returns:
+            dict name -> ``[T, *param.shape]`` of the adapted parameters only; shared
+            parameters are not copied. Differentiable w.r.t. the meta-parameters and rates
+            (second order unless ``first_order``). Under ``torch.no_grad()`` the inner
+            gradients are still computed but no graph is kept and the results need no grad.
+        """
+        self._check_tasks(x_support=x_support, y_support=y_support)
+        adapted = self._inner_loop(*self._split_params(), x_support, y_support, loss_fn)
+        return dict(zip(self.adapted_names, adapted))
+
+    def _adapted_list(self, adapted: Dict[str, Tensor], T: int, x_name: str) -> List[Tensor]:
+        if not isinstance(adapted, dict):
+            raise TypeError(f"pymeta.MAML: adapted must be the dict returned by adapt, "
+                            f"not {type(adapted).__name__}")
+        missing = [n for n in self.adapted_names if n not in adapted]
+        extra = [n for n in adapted if n not in self.adapted_names]
+        if missing or extra:
+            raise ValueError(f"pymeta.MAML: adapted must have exactly the adapted parameters "
+                             f"{self.adapted_names}; missing {missing}, unexpected {extra}")
+        out = [adapted[n] for n in self.adapted_names]
+        for n, t in zip(self.adapted_names, out):
+            if t.dim() < 1 or t.shape[0] != T:
+                raise ValueError(f"pymeta.MAML: adapted[{n!r}] has shape {_shape(t)} but "
+                                 f"{x_name} has {T} tasks; the task dimensions must agree")
+        return out
+
+    def predict(self, adapted: Dict[str, Tensor], x_query: Tensor) -> Tensor:
+        """Runs each task's adapted model on its queries.
+
+        Args:
+            adapted: the dict from ``adapt`` (name -> ``[T, ...]``).
+            x_query: ``[T, Q, ...]``.
+
+        Returns:
+            ``[T, Q, ...]`` outputs.
+        """
+        T = self._check_tasks(x_query=x_query)
+        adapted_list = self._adapted_list(adapted, T, "x_query")
+        shared, _ = self._split_params()
+        return self._forward_tasks(shared, adapted_list, x_query, lambda out: out)
+
+    def meta_loss(self, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor,
+                  loss_fn: LossFn, step_weights: Optional[Union[Sequence[float], Tensor]] = None) -> Tensor:
+        """The meta-training objective: adapt on the support sets, then the mean over the T
+        tasks of each task's query loss.
+
+        Args:
+            x_support, y_support: ``[T, K, ...]``; x_query, y_query: ``[T, Q, ...]``.
+            loss_fn: as in ``adapt``; used for the support and the query losses.
+            step_weights: MAML++ multi-step loss: ``inner_steps`` weights; the result is
+                ``sum_s w[s] * mean_t L_query(θ_t after step s+1)``. None: only the last step.
+
+        Returns:
+            a ``[]`` tensor; ``.backward()`` gives the meta-gradients of the model's
+            parameters and of the learnable rates.
+        """
+        self._check_tasks(x_support=x_support, y_support=y_support, x_query=x_query, y_query=y_query)
+        shared, meta = self._split_params()
+        if step_weights is None:
+            adapted = self._inner_loop(shared, meta, x_support, y_support, loss_fn)
+            return self._task_losses(shared, adapted, x_query, y_query, loss_fn, "y_query").mean()
+        if len(step_weights) != self.inner_steps:
+            raise ValueError(f"pymeta.MAML: step_weights has {len(step_weights)} weights but "
+                             f"inner_steps is {self.inner_steps}; give one weight per inner step")
+        terms: List[Tensor] = []
+
+        def after_step(step: int, adapted: List[Tensor]) -> None:
+            q = self._task_losses(shared, adapted, x_query, y_query, loss_fn, "y_query")
+            terms.append(step_weights[step] * q.mean())
+
+        self._inner_loop(shared, meta, x_support, y_support, loss_fn, after_step)
+        return torch.stack(terms).sum()
+
+    def forward(self, *args, **kwargs):
+        """Calls the wrapped model unchanged (plain, un-adapted forward)."""
+        return self.module(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, "
+                f"first_order={self.first_order}, lr_mode={self.lr_mode!r}, "
+                f"adapted={len(self.adapted_names)} tensors")

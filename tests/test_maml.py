@@ -1,0 +1,361 @@
+"""pymeta.MAML against a plain per-task Python loop (the oracle), on both backends."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pymeta
+from pymeta.models import MLP, Conv4
+
+BACKENDS = ["reference", pytest.param("native", marks=pytest.mark.skipif(
+    not pymeta._backend.NATIVE, reason="native extension not built"))]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with pymeta.use_backend(request.param):
+        yield request.param
+
+
+# ---- the oracle: hand-written functional forwards and a per-task loop ---------------------
+
+def mlp_forward(p, x):
+    h = x
+    for i in (0, 2):
+        h = F.relu(F.linear(h, p[f"body.{i}.weight"], p[f"body.{i}.bias"]))
+    return F.linear(h, p["head.weight"], p["head.bias"])
+
+
+def conv4_forward(p, x):
+    h = x
+    for i in range(4):
+        c, b = 4 * i, 4 * i + 1
+        h = F.conv2d(h, p[f"features.{c}.weight"], p[f"features.{c}.bias"], padding=1)
+        h = F.batch_norm(h, None, None, p[f"features.{b}.weight"], p[f"features.{b}.bias"], training=True)
+        h = F.max_pool2d(F.relu(h), 2)
+    return F.linear(h.flatten(1), p["head.weight"], p["head.bias"])
+
+
+def oracle_rate(maml, step, i):
+    if maml.lr_mode == "scalar":
+        return maml.inner_lr
+    if maml.lr_mode == "per_layer_step":
+        return maml.step_lrs[step, i]
+    return maml.param_lrs[i]
+
+
+def oracle_meta_loss(maml, forward, xs, ys, xq, yq, loss_fn, step_weights=None):
+    """Per task: inner SGD with autograd.grad (create_graph for second order, detached inner
+    grads for first order); mean over tasks of the query loss (or its step-weighted sum)."""
+    meta = dict(maml.module.named_parameters())
+    names = maml.adapted_names
+    total = 0.0
+    for t in range(xs.shape[0]):
+        p = dict(meta)
+        task = 0.0
+        for s in range(maml.inner_steps):
+            loss = loss_fn(forward(p, xs[t]), ys[t])
+            g = torch.autograd.grad(loss, [p[n] for n in names], create_graph=not maml.first_order)
+            if maml.first_order:
+                g = [x.detach() for x in g]
+            p = {**p, **{n: p[n] - oracle_rate(maml, s, i) * gi for i, (n, gi) in enumerate(zip(names, g))}}
+            if step_weights is not None:
+                task = task + step_weights[s] * loss_fn(forward(p, xq[t]), yq[t])
+        if step_weights is None:
+            task = loss_fn(forward(p, xq[t]), yq[t])
+        total = total + task
+    return total / xs.shape[0]
+
+
+def perturb_rates(maml, gen):
+    # Distinct rates per tensor/step/element, so a mix-up of rates shows.
+    with torch.no_grad():
+        if maml.lr_mode == "per_layer_step":
+            maml.step_lrs.mul_(0.5 + torch.rand(maml.step_lrs.shape, generator=gen, dtype=maml.step_lrs.dtype))
+        elif maml.lr_mode == "per_param":
+            for r in maml.param_lrs:
+                r.mul_(0.5 + torch.rand(r.shape, generator=gen, dtype=r.dtype))
+
+
+def assert_grads_match(maml, forward, xs, ys, xq, yq, loss_fn, step_weights=None, rtol=1e-10, atol=1e-10):
+    params = [p for p in maml.parameters()]
+    ours = torch.autograd.grad(maml.meta_loss(xs, ys, xq, yq, loss_fn, step_weights=step_weights),
+                               params, allow_unused=True, materialize_grads=True)
+    want = torch.autograd.grad(oracle_meta_loss(maml, forward, xs, ys, xq, yq, loss_fn, step_weights),
+                               params, allow_unused=True, materialize_grads=True)
+    names = [n for n, _ in maml.named_parameters()]
+    for n, a, b in zip(names, ours, want):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+    assert any(w.abs().sum() > 0 for w in want)
+
+
+def sinusoid_tasks(T, K, Q, dtype, gen):
+    amp = 0.1 + 4.9 * torch.rand(T, 1, 1, generator=gen, dtype=dtype)
+    phase = 3.14159 * torch.rand(T, 1, 1, generator=gen, dtype=dtype)
+    xs = 10 * torch.rand(T, K, 1, generator=gen, dtype=dtype) - 5
+    xq = 10 * torch.rand(T, Q, 1, generator=gen, dtype=dtype) - 5
+    return xs, amp * torch.sin(xs + phase), xq, amp * torch.sin(xq + phase)
+
+
+def image_tasks(T, n_way, k, q, size, dtype, gen, channels=1):
+    xs = torch.randn(T, n_way * k, channels, size, size, generator=gen, dtype=dtype)
+    xq = torch.randn(T, n_way * q, channels, size, size, generator=gen, dtype=dtype)
+    ys = torch.arange(n_way).repeat_interleave(k).expand(T, -1).contiguous()
+    yq = torch.arange(n_way).repeat_interleave(q).expand(T, -1).contiguous()
+    return xs, ys, xq, yq
+
+
+def make_mlp(dtype, seed=0):
+    torch.manual_seed(seed)
+    return MLP(1, (16, 16), 1).to(dtype)
+
+
+def make_conv4(dtype, seed=0, size=16):
+    torch.manual_seed(seed)
+    return Conv4(1, hidden=8, n_way=3, image_size=size).to(dtype)
+
+
+# ---- meta-gradients vs the oracle -------------------------------------------------------
+
+@pytest.mark.parametrize("lr_mode", ["scalar", "per_layer_step", "per_param"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_mlp_meta_gradients_float64(backend, lr_mode, first_order, steps):
+    gen = torch.Generator().manual_seed(steps)
+    maml = pymeta.MAML(make_mlp(torch.float64), inner_lr=0.05, inner_steps=steps,
+                       first_order=first_order, lr_mode=lr_mode)
+    perturb_rates(maml, gen)
+    assert_grads_match(maml, mlp_forward, *sinusoid_tasks(4, 5, 7, torch.float64, gen), F.mse_loss)
+
+
+@pytest.mark.parametrize("lr_mode", ["scalar", "per_layer_step", "per_param"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_conv4_meta_gradients_float64(backend, lr_mode, first_order, steps):
+    gen = torch.Generator().manual_seed(10 + steps)
+    maml = pymeta.MAML(make_conv4(torch.float64), inner_lr=0.1, inner_steps=steps,
+                       first_order=first_order, lr_mode=lr_mode)
+    perturb_rates(maml, gen)
+    assert_grads_match(maml, conv4_forward, *image_tasks(3, 3, 1, 2, 16, torch.float64, gen), F.cross_entropy)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_conv4_five_steps_28px_float64(backend, first_order):
+    gen = torch.Generator().manual_seed(5)
+    maml = pymeta.MAML(make_conv4(torch.float64, size=28), inner_lr=0.1, inner_steps=5,
+                       first_order=first_order, lr_mode="per_layer_step")
+    perturb_rates(maml, gen)
+    assert_grads_match(maml, conv4_forward, *image_tasks(2, 3, 1, 2, 28, torch.float64, gen), F.cross_entropy)
+
+
+def test_conv4_second_order_matches_finite_differences(backend):
+    # Anchors the oracle: second order through BatchNorm is where batched autodiff can go
+    # wrong (torch.func's vmap(grad) does here, pytorch/functorch#534).
+    gen = torch.Generator().manual_seed(9)
+    maml = pymeta.MAML(make_conv4(torch.float64), inner_lr=0.4, inner_steps=2)
+    data = image_tasks(2, 3, 1, 2, 16, torch.float64, gen)
+    w = maml.module.features[0].weight
+    (g,) = torch.autograd.grad(maml.meta_loss(*data, F.cross_entropy), [w])
+    eps = 1e-6
+    for idx in [(0, 0, 0, 0), (3, 0, 1, 2)]:
+        with torch.no_grad():
+            w[idx] += eps
+            up = maml.meta_loss(*data, F.cross_entropy)
+            w[idx] -= 2 * eps
+            down = maml.meta_loss(*data, F.cross_entropy)
+            w[idx] += eps
+        torch.testing.assert_close(g[idx], (up - down) / (2 * eps), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv4"])
+@pytest.mark.parametrize("lr_mode", ["scalar", "per_param"])
+def test_meta_gradients_float32(backend, model, lr_mode):
+    gen = torch.Generator().manual_seed(3)
+    if model == "mlp":
+        maml = pymeta.MAML(make_mlp(torch.float32), inner_lr=0.05, inner_steps=3, lr_mode=lr_mode)
+        fwd, data, loss = mlp_forward, sinusoid_tasks(4, 5, 7, torch.float32, gen), F.mse_loss
+    else:
+        maml = pymeta.MAML(make_conv4(torch.float32), inner_lr=0.1, inner_steps=2, lr_mode=lr_mode)
+        fwd, data, loss = conv4_forward, image_tasks(3, 3, 1, 2, 16, torch.float32, gen), F.cross_entropy
+    perturb_rates(maml, gen)
+    assert_grads_match(maml, fwd, *data, loss, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("lr_mode", ["scalar", "per_layer_step", "per_param"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_anil_head_only(backend, lr_mode, first_order):
+    gen = torch.Generator().manual_seed(7)
+    maml = pymeta.MAML(make_conv4(torch.float64), inner_lr=0.2, inner_steps=2,
+                       first_order=first_order, lr_mode=lr_mode, adapt=["head"])
+    assert maml.adapted_names == ["head.weight", "head.bias"]
+    perturb_rates(maml, gen)
+    data = image_tasks(3, 3, 2, 2, 16, torch.float64, gen)
+    assert_grads_match(maml, conv4_forward, *data, F.cross_entropy)
+    adapted = maml.adapt(*data[:2], F.cross_entropy)
+    assert list(adapted) == ["head.weight", "head.bias"]
+    assert adapted["head.weight"].shape == (3, *maml.module.head.weight.shape)
+
+
+def test_adapt_predicate_selects_like_names(backend):
+    m = make_mlp(torch.float64)
+    a = pymeta.MAML(m, adapt=lambda n, p: n.startswith("head."))
+    b = pymeta.MAML(m, adapt=["head.weight", "head.bias"])
+    assert a.adapted_names == b.adapted_names == ["head.weight", "head.bias"]
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_step_weights_multi_step_loss(backend, first_order):
+    gen = torch.Generator().manual_seed(11)
+    maml = pymeta.MAML(make_conv4(torch.float64), inner_lr=0.1, inner_steps=3,
+                       first_order=first_order, lr_mode="per_layer_step")
+    perturb_rates(maml, gen)
+    data = image_tasks(2, 3, 1, 2, 16, torch.float64, gen)
+    assert_grads_match(maml, conv4_forward, *data, F.cross_entropy, step_weights=[0.2, 0.3, 0.5])
+    # weights (0, ..., 0, 1) are plain MAML
+    last = maml.meta_loss(*data, F.cross_entropy, step_weights=torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(last, maml.meta_loss(*data, F.cross_entropy), rtol=1e-12, atol=0)
+
+
+def test_adapt_and_predict_values(backend):
+    gen = torch.Generator().manual_seed(2)
+    maml = pymeta.MAML(make_conv4(torch.float64), inner_lr=0.1, inner_steps=2)
+    xs, ys, xq, yq = image_tasks(3, 3, 1, 2, 16, torch.float64, gen)
+    adapted = maml.adapt(xs, ys, F.cross_entropy)
+    out = maml.predict(adapted, xq)
+    assert out.shape == (3, 6, 3)
+    meta = dict(maml.module.named_parameters())
+    for t in range(3):
+        p = dict(meta)
+        for _ in range(2):
+            g = torch.autograd.grad(F.cross_entropy(conv4_forward(p, xs[t]), ys[t]), list(p.values()))
+            p = {n: v - 0.1 * gi for (n, v), gi in zip(p.items(), g)}
+        for n in p:
+            torch.testing.assert_close(adapted[n][t], p[n], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out[t], conv4_forward(p, xq[t]), rtol=1e-10, atol=1e-12)
+
+
+# ---- evaluation mode, BatchNorm, dropout -----------------------------------------------
+
+@pytest.mark.parametrize("lr_mode", ["scalar", "per_param"])
+def test_no_grad_adaptation_builds_no_graph(backend, lr_mode):
+    gen = torch.Generator().manual_seed(4)
+    maml = pymeta.MAML(make_conv4(torch.float64), inner_lr=0.1, inner_steps=3, lr_mode=lr_mode)
+    xs, ys, xq, _ = image_tasks(2, 3, 1, 2, 16, torch.float64, gen)
+    with torch.no_grad():
+        adapted = maml.adapt(xs, ys, F.cross_entropy)
+        out = maml.predict(adapted, xq)
+    for v in adapted.values():
+        assert v.grad_fn is None and not v.requires_grad
+    assert out.grad_fn is None and not out.requires_grad
+    assert all(p.grad is None for p in maml.parameters())
+    torch.testing.assert_close(adapted, {k: v.detach() for k, v in maml.adapt(xs, ys, F.cross_entropy).items()},
+                               rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_uses_task_statistics_and_keeps_running_stats(backend, train):
+    gen = torch.Generator().manual_seed(6)
+    model = make_conv4(torch.float64)
+    with torch.no_grad():  # non-trivial running stats, to see they're neither used nor changed
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    model.train(train)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    maml = pymeta.MAML(model, inner_lr=0.1, inner_steps=2)
+    xs, ys, xq, yq = image_tasks(2, 3, 1, 2, 16, torch.float64, gen)
+    maml.meta_loss(xs, ys, xq, yq, F.cross_entropy).backward()
+    adapted = maml.adapt(xs, ys, F.cross_entropy)
+    out = maml.predict(adapted, xq)
+    with torch.no_grad():
+        maml.adapt(xs, ys, F.cross_entropy)
+    after = {k: v for k, v in model.state_dict().items() if k in before}
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    # per-task batch statistics: equal to the oracle's batch-stat forward in both modes
+    p = {n: v[1] for n, v in adapted.items()}
+    torch.testing.assert_close(out[1], conv4_forward(p, xq[1]), rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_draws_per_task_in_training_mode(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5), nn.Linear(64, 2)).double()
+    maml = pymeta.MAML(model, inner_lr=0.1, adapt=["2"])
+    x = torch.randn(1, 8, 4, dtype=torch.float64).expand(2, -1, -1)
+    adapted = {n: v.expand(2, *v.shape) for n, v in dict(model.named_parameters()).items() if n.startswith("2.")}
+    out = maml.predict(adapted, x)
+    assert not torch.equal(out[0], out[1])
+    model.eval()
+    out = maml.predict(adapted, x)
+    assert torch.equal(out[0], out[1])
+
+
+def test_adam_meta_trains_model_and_rates(backend):
+    gen = torch.Generator().manual_seed(8)
+    maml = pymeta.MAML(make_mlp(torch.float64), inner_lr=0.05, inner_steps=2, lr_mode="per_param")
+    opt = torch.optim.Adam(maml.parameters(), lr=1e-2)
+    rates0 = [r.detach().clone() for r in maml.param_lrs]
+    w0 = maml.module.head.weight.detach().clone()
+    opt.zero_grad()
+    maml.meta_loss(*sinusoid_tasks(4, 5, 5, torch.float64, gen), F.mse_loss).backward()
+    opt.step()
+    assert not torch.equal(w0, maml.module.head.weight)
+    assert all(not torch.equal(a, b) for a, b in zip(rates0, maml.param_lrs))
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+def test_bad_task_dimensions_name_the_argument():
+    maml = pymeta.MAML(make_mlp(torch.float32), inner_steps=1)
+    xs, ys = torch.randn(4, 5, 1), torch.randn(4, 5, 1)
+    xq, yq = torch.randn(4, 7, 1), torch.randn(4, 7, 1)
+    with pytest.raises(ValueError, match="y_support has 3 tasks.*x_support has 4"):
+        maml.adapt(xs, ys[:3], F.mse_loss)
+    with pytest.raises(ValueError, match="y_support has 3 tasks"):
+        maml.meta_loss(xs, ys[:3], xq, yq, F.mse_loss)
+    with pytest.raises(ValueError, match="x_query has 2 tasks"):
+        maml.meta_loss(xs, ys, xq[:2], yq, F.mse_loss)
+    with pytest.raises(ValueError, match="y_query has 5 tasks"):
+        maml.meta_loss(xs, ys, xq, torch.randn(5, 7, 1), F.mse_loss)
+    with pytest.raises(ValueError, match=r"x_support has shape \[5\]"):
+        maml.adapt(torch.randn(5), ys, F.mse_loss)
+    adapted = maml.adapt(xs, ys, F.mse_loss)
+    with pytest.raises(ValueError, match="x_query has 2 tasks"):
+        maml.predict(adapted, xq[:2])
+    with pytest.raises(ValueError, match="step_weights has 2 weights"):
+        maml.meta_loss(xs, ys, xq, yq, F.mse_loss, step_weights=[0.5, 0.5])
+
+
+def test_bad_label_shapes_name_the_argument():
+    mlp = pymeta.MAML(make_mlp(torch.float32))
+    xs, xq = torch.randn(2, 5, 1), torch.randn(2, 7, 1)
+    with pytest.raises(ValueError, match=r"y_support has per-task shape \[5\].*output \[5, 1\]"):
+        mlp.adapt(xs, torch.randn(2, 5), F.mse_loss)  # would silently broadcast in mse_loss
+    with pytest.raises(ValueError, match=r"y_support has per-task shape \[4, 1\]"):
+        mlp.adapt(xs, torch.randn(2, 4, 1), F.mse_loss)
+    with pytest.raises(ValueError, match=r"y_query has per-task shape \[6, 1\]"):
+        mlp.meta_loss(xs, torch.randn(2, 5, 1), xq, torch.randn(2, 6, 1), F.mse_loss)
+    conv = pymeta.MAML(make_conv4(torch.float32))
+    xs, ys, xq, yq = image_tasks(2, 3, 1, 2, 16, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"y_query has per-task shape \[6, 2\].*\[6, 3\]"):
+        conv.meta_loss(xs, ys, xq, torch.zeros(2, 6, 2, dtype=torch.long), F.cross_entropy)
+    conv.meta_loss(xs, ys, xq, yq, F.cross_entropy)  # class indices [Q] fit logits [Q, C]
+
+
+def test_bad_constructor_arguments():
+    m = make_mlp(torch.float32)
+    with pytest.raises(ValueError, match="lr_mode 'per_tensor'"):
+        pymeta.MAML(m, lr_mode="per_tensor")
+    with pytest.raises(ValueError, match="adapt selects no parameter"):
+        pymeta.MAML(m, adapt=[])
+    with pytest.raises(ValueError, match="adapt selects no parameter"):
+        pymeta.MAML(m, adapt=lambda n, p: False)
+    with pytest.raises(ValueError, match="adapt names 'head.w'"):
+        pymeta.MAML(m, adapt=["head.weight", "head.w"])
+    with pytest.raises(TypeError, match="adapt must be"):
+        pymeta.MAML(m, adapt="head")
+    with pytest.raises(ValueError, match="inner_steps"):
+        pymeta.MAML(m, inner_steps=0)
