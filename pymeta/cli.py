@@ -27,6 +27,8 @@ def _cmd_bench(args) -> int:
     info = pymeta.info()
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"pymeta {info['pymeta']}, torch {info['torch']}, device: {dev_name}")
+    if device == "cpu" and benchmark.keep_freed_cpu_memory():
+        print("malloc keeps freed memory for this run (see pymeta.benchmark.keep_freed_cpu_memory)")
     bandwidth = benchmark.copy_bandwidth(device) if device == "cuda" else None
     if bandwidth:
         print(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (roofline column: floor / time)")
