@@ -65,7 +65,7 @@ echo "cuda tests: rc=$tests_rc ${tests_s}s: $(tail -1 "$OUT/tests.log")"
 echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$OUT/sanitizer.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
 cat "$OUT/lstm_timing.log" | tail -8
-grep -E "err vs loop|maml conv4" "$OUT/maml.log"
+grep -E "err vs loop|maml conv4|graph vs eager|capture failed" "$OUT/maml.log"
 echo "bench:      rc=$bench_rc ${bench_s}s"
 sed -n '/^$/,$p' "$OUT/bench.log"
 [ $tests_rc -eq 0 ] && [ $san_rc -eq 0 ] && [ $bench_rc -eq 0 ]
