@@ -131,10 +131,12 @@ wgrad_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Ls
   const LstmWgradTile tl = lstm_wgrad_tile(p, blockIdx.x, blockIdx.y, L.N);
   const T* ws = static_cast<const T*>(L.workspace);
   const T* state = static_cast<const T*>(L.state);
+  LstmWgradRows<T> rows;
+  lstm_wgrad_rows(p, tl, ws, state, L.H, L.n_in, L.N, threadIdx.x, rows);
   T acc[4][4];
   lstm_wgrad_zero(acc);
   for (int64_t n = tl.n_begin; n < tl.n_end; n += kLstmWgTileK) {
-    lstm_wgrad_load(p, tl, n, ws, state, L.H, L.n_in, L.N, As, Bs, threadIdx.x);
+    lstm_wgrad_load(tl, rows, n, As, Bs, threadIdx.x);
     __syncthreads();
     lstm_wgrad_accumulate(As, Bs, acc, threadIdx.x);
     __syncthreads();

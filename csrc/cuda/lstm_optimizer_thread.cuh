@@ -417,26 +417,48 @@ PYMETA_HD void lstm_wgrad_zero(T (&acc)[4][4]) {
   }
 }
 
+// The rows thread t loads (lr + 2 i, i < 16, lr = t / 32), resolved once per block:
+// a[i] / b[i] point at the row's coordinate t % 32 (nullptr: a row past the tile's end, read
+// as 0); b_ones bit i: B row i is the row of ones.
+template <typename T>
+struct LstmWgradRows {
+  const T* a[kLstmWgTile / 2];
+  const T* b[kLstmWgTile / 2];
+  unsigned b_ones;
+};
+
+template <typename T>
+PYMETA_HD void lstm_wgrad_rows(const LstmWgradPlan& p, const LstmWgradTile& tl, const T* ws,
+                               const T* state, int H, int n_in, int64_t N, int t,
+                               LstmWgradRows<T>& r) {
+  const int lk = t % 32, lr = t / 32;
+  r.b_ones = 0;
+  PYMETA_UNROLL
+  for (int i = 0; i < kLstmWgTile / 2; ++i) {
+    const int row = lr + 2 * i;
+    const int a = tl.a0 + row, b = tl.b0 + row;
+    r.a[i] = a < tl.ma ? ws + int64_t(tl.arow0 + a) * N + lk : nullptr;
+    r.b[i] = nullptr;
+    if (b < tl.mb) {
+      const T* br = lstm_wgrad_b_row<T>(p, tl.q, b, ws, state, H, n_in, N);
+      if (br) r.b[i] = br + lk;
+      else r.b_ones |= 1u << i;
+    }
+  }
+}
+
 // Thread t's share of one stage: coordinates [n, n + kLstmWgTileK) of the tile's rows.
 template <typename T>
-PYMETA_HD void lstm_wgrad_load(const LstmWgradPlan& p, const LstmWgradTile& tl, int64_t n,
-                               const T* ws, const T* state, int H, int n_in, int64_t N,
+PYMETA_HD void lstm_wgrad_load(const LstmWgradTile& tl, const LstmWgradRows<T>& r, int64_t n,
                                T (&As)[kLstmWgTile][kLstmWgTileK + 4],
                                T (&Bs)[kLstmWgTile][kLstmWgTileK + 4], int t) {
   const int lk = t % 32, lr = t / 32;
-  const int64_t nn = n + lk;
-  const bool in = nn < tl.n_end;
+  const bool in = n + lk < tl.n_end;
   PYMETA_UNROLL
   for (int i = 0; i < kLstmWgTile / 2; ++i) {
-    const int row = lr + 2 * i;  // the same for a whole warp
-    const int a = tl.a0 + row, b = tl.b0 + row;
-    As[row][lk] = in && a < tl.ma ? ws[int64_t(tl.arow0 + a) * N + nn] : T(0);
-    T bv = T(0);
-    if (in && b < tl.mb) {
-      const T* br = lstm_wgrad_b_row<T>(p, tl.q, b, ws, state, H, n_in, N);
-      bv = br ? br[nn] : T(1);
-    }
-    Bs[row][lk] = bv;
+    const int row = lr + 2 * i;
+    As[row][lk] = in && r.a[i] ? r.a[i][n] : T(0);
+    Bs[row][lk] = !in ? T(0) : r.b[i] ? r.b[i][n] : (r.b_ones >> i & 1u) ? T(1) : T(0);
   }
 }
 

@@ -127,14 +127,15 @@ static void run(int H, int n_in, int64_t N, int block, std::mt19937& rng) {
     for (int64_t ch = 0; ch < plan.chunks; ++ch) {
       static T As[kLstmWgTile][kLstmWgTileK + 4], Bs[kLstmWgTile][kLstmWgTileK + 4];
       const LstmWgradTile tl = lstm_wgrad_tile(plan, tile, ch, N);
-      std::vector<std::array<std::array<T, 4>, 4>> acc(kLstmWgThreads);
       T a4[kLstmWgThreads][4][4];
       for (int t = 0; t < kLstmWgThreads; ++t) lstm_wgrad_zero(a4[t]);
+      std::vector<LstmWgradRows<T>> rows(kLstmWgThreads);
+      for (int t = 0; t < kLstmWgThreads; ++t)
+        lstm_wgrad_rows(plan, tl, ws.data(), state.data(), H, n_in, N, t, rows[t]);
       for (int64_t n = tl.n_begin; n < tl.n_end; n += kLstmWgTileK) {
         for (auto& r : As) for (auto& x : r) x = T(NAN);
         for (auto& r : Bs) for (auto& x : r) x = T(NAN);
-        for (int t = 0; t < kLstmWgThreads; ++t)
-          lstm_wgrad_load(plan, tl, n, ws.data(), state.data(), H, n_in, N, As, Bs, t);
+        for (int t = 0; t < kLstmWgThreads; ++t) lstm_wgrad_load(tl, rows[t], n, As, Bs, t);
         for (int t = 0; t < kLstmWgThreads; ++t) lstm_wgrad_accumulate(As, Bs, a4[t], t);
       }
       for (int t = 0; t < kLstmWgThreads; ++t) lstm_wgrad_store(plan, tl, a4[t], ws.data(), t);
