@@ -53,7 +53,7 @@ bench_rc=$?
 bench_s=$((SECONDS - t0))
 
 t0=$SECONDS
-timeout 45 $PY bench/lstm_gpu_timing.py > "$OUT/lstm_timing.log" 2>&1
+timeout 90 $PY bench/lstm_gpu_timing.py > "$OUT/lstm_timing.log" 2>&1
 timeout 90 $PY bench/gpu_check_maml.py cuda > "$OUT/maml.log" 2>&1
 extra_s=$((SECONDS - t0))
 
@@ -64,7 +64,7 @@ echo "build:      ${build_s}s (archs $TORCH_CUDA_ARCH_LIST)"
 echo "cuda tests: rc=$tests_rc ${tests_s}s: $(tail -1 "$OUT/tests.log")"
 echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$OUT/sanitizer.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
-cat "$OUT/lstm_timing.log" | tail -8
+cat "$OUT/lstm_timing.log" | tail -10
 grep -E "err vs loop|maml conv4|graph vs eager|capture failed" "$OUT/maml.log"
 echo "bench:      rc=$bench_rc ${bench_s}s"
 sed -n '/^$/,$p' "$OUT/bench.log"

@@ -1,22 +1,28 @@
-// CUDA kernels of lstm_optimizer_step: one thread per coordinate runs the shared math of
-// pymeta/lstm_optimizer.h (state loads and stores are coalesced thanks to the feature-major
-// [4, H, N] layout; weight loads are uniform over a warp, i.e. broadcasts from L1).
+// CUDA kernels of lstm_optimizer_step. One thread per coordinate (state loads and stores
+// are coalesced thanks to the feature-major [4, H, N] layout).
+// Main path (when the staged weights fit in shared memory): persistent blocks stage the
+// weights once into shared memory, in the padded layout of lstm_optimizer_thread.cuh (16-byte
+// vector loads, no per-k guards, no register spills), then loop over tiles of coordinates.
+// Fallback (double at H > 32, or a GPU with less shared memory): the header's per-coordinate
+// math with weights read from global memory.
 // Backward = three launches:
 //   1. per coordinate: recompute, backpropagate, write d_grad, d_state and the workspace rows;
-//   2. per (tile of weight-gradient entries, chunk of kLstmOptCudaChunk coordinates): a tiled
-//      sum over the chunk into that chunk's partial sums (no atomics);
+//   2. per (32 x 32 tile of weight-gradient entries, chunk of kLstmOptCudaChunk coordinates):
+//      a register-tiled sum over the chunk (4 x 4 entries per thread) into that chunk's
+//      partial sums (no atomics);
 //   3. per weight-gradient entry: the sum over chunks in order.
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <type_traits>
 
+#include "lstm_optimizer_thread.cuh"
 #include "pymeta/lstm_optimizer.h"
 
 namespace pymeta {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kTile = 32;  // weight-gradient tile: kTile x kTile entries per block
+constexpr int kThreads = 128;  // the fallback kernels
 
 template <typename T>
 struct Params {
@@ -39,6 +45,58 @@ Params<T> params_of(const LstmOptLaunch& L) {
   return P;
 }
 
+// ---- shared-memory kernels ------------------------------------------------------------------
+// Threads per block and coordinates per thread of the shared-memory kernels, by padded H.
+// HP = 64: the float weights take 201 KB, one block per SM, so a bigger block.
+template <int HP>
+constexpr int smem_threads() { return HP >= 64 ? 256 : 128; }
+template <typename T, int HP>
+constexpr int fwd_coords() { return 1; }
+
+template <typename T, int HP>
+__global__ void __launch_bounds__(smem_threads<HP>())
+forward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<T> P) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sw = reinterpret_cast<T*>(smem_raw);
+  lstm_stage_weights<HP>(sw, P.W, P.s.H, P.s.n_in, threadIdx.x, blockDim.x);
+  __syncthreads();
+  constexpr int C = fwd_coords<T, HP>();
+  const int64_t N = L.N;
+  const int64_t tile = int64_t(blockDim.x) * C;
+  for (int64_t base = int64_t(blockIdx.x) * tile; base < N; base += int64_t(gridDim.x) * tile) {
+    int64_t n[C];
+    bool valid[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int64_t m = base + int64_t(c) * blockDim.x + threadIdx.x;
+      valid[c] = m < N;
+      n[c] = valid[c] ? m : base + threadIdx.x;  // an invalid slot repeats slot 0
+    }
+    if (!valid[0]) break;  // slot 0 out of range: so are all later tiles of this block
+    lstm_smem_forward_thread<HP, C, T>(sw, P.s, static_cast<const T*>(L.grad),
+                                       static_cast<const T*>(L.state), static_cast<T*>(L.update),
+                                       static_cast<T*>(L.new_state), N, n, valid);
+  }
+}
+
+template <typename T, int HP>
+__global__ void __launch_bounds__(smem_threads<HP>())
+backward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<T> P) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sw = reinterpret_cast<T*>(smem_raw);
+  lstm_stage_weights<HP>(sw, P.W, P.s.H, P.s.n_in, threadIdx.x, blockDim.x);
+  __syncthreads();
+  const int64_t N = L.N;
+  for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
+       n += int64_t(gridDim.x) * blockDim.x) {
+    lstm_smem_backward_thread<HP, T>(
+        sw, P.s, static_cast<const T*>(L.grad), static_cast<const T*>(L.state),
+        static_cast<const T*>(L.d_update), static_cast<const T*>(L.d_new_state),
+        static_cast<T*>(L.d_grad), static_cast<T*>(L.d_state), static_cast<T*>(L.workspace), N, n);
+  }
+}
+
+// ---- fallback kernels: weights from global memory --------------------------------------------
 template <typename T, int HMAX>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<T> P) {
@@ -62,80 +120,28 @@ backward_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__
       col);
 }
 
-struct WgradPlan {
-  LstmOptPairs pairs;
-  LstmOptRows rows;
-  int tile_start[4];  // tiles of pair q: [tile_start[q], tile_start[q + 1])
-  int tiles_b[3];     // tiles along B rows of pair q
-  int64_t partial_offset;  // elements from the workspace start to the partial sums
-  int64_t chunks;
-};
-
-// Row k of B_q (see lstm_opt_pairs); nullptr is the row of ones.
+// ---- weight gradients -----------------------------------------------------------------------
+// One block: a kLstmWgTile x kLstmWgTile tile of C_q summed over one chunk of coordinates
+// (lstm_wgrad_* in lstm_optimizer_thread.cuh; the host emulation runs the same functions).
 template <typename T>
-__device__ const T* b_row(const WgradPlan& p, int q, int k, const T* ws, const T* state,
-                          int H, int n_in, int64_t N) {
-  const LstmOptRows& R = p.rows;
-  if (q == 0) return k < n_in ? ws + (R.x + k) * N : k < n_in + H ? state + int64_t(k - n_in) * N : nullptr;
-  if (q == 1) return k < H ? ws + (R.h1 + k) * N : k < 2 * H ? state + int64_t(2 * H + k - H) * N : nullptr;
-  return k < H ? ws + (R.h2 + k) * N : nullptr;
-}
-
-// Block (kTile, 8): thread (tx, ty) owns entries (a0 + ty + 8 i, b0 + tx), i < 4.
-template <typename T>
-__global__ void __launch_bounds__(kTile * 8)
-wgrad_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ WgradPlan p) {
-  __shared__ T As[kTile][kTile + 1];
-  __shared__ T Bs[kTile][kTile + 1];
-  const int tile = blockIdx.x;
-  const int q = tile < p.tile_start[1] ? 0 : tile < p.tile_start[2] ? 1 : 2;
-  const int local = tile - p.tile_start[q];
-  const int a0 = (local / p.tiles_b[q]) * kTile, b0 = (local % p.tiles_b[q]) * kTile;
-  const int ma = p.pairs.ma[q], mb = p.pairs.mb[q];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t N = L.N;
+__global__ void __launch_bounds__(kLstmWgThreads)
+wgrad_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ LstmWgradPlan p) {
+  __shared__ __align__(16) T As[kLstmWgTile][kLstmWgTileK + 4];
+  __shared__ __align__(16) T Bs[kLstmWgTile][kLstmWgTileK + 4];
+  const LstmWgradTile tl = lstm_wgrad_tile(p, blockIdx.x, blockIdx.y, L.N);
   const T* ws = static_cast<const T*>(L.workspace);
   const T* state = static_cast<const T*>(L.state);
-  const int arow0 = q == 0 ? p.rows.dz1 : q == 1 ? p.rows.dz2 : p.rows.du;
-
-  const T* arow[4];
-  const T* brow[4];
-  bool bones[4], bvalid[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int a = a0 + ty + 8 * i, b = b0 + ty + 8 * i;
-    arow[i] = a < ma ? ws + int64_t(arow0 + a) * N : nullptr;
-    bvalid[i] = b < mb;
-    brow[i] = bvalid[i] ? b_row<T>(p, q, b, ws, state, L.H, L.n_in, N) : nullptr;
-    bones[i] = bvalid[i] && brow[i] == nullptr;
-  }
-  const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * kLstmOptCudaChunk;
-  const int64_t n_end = n_begin + kLstmOptCudaChunk < N ? n_begin + kLstmOptCudaChunk : N;
-  T acc[4] = {0, 0, 0, 0};
-  for (int64_t n = n_begin; n < n_end; n += kTile) {
-    const int64_t nn = n + tx;
-    const bool in = nn < n_end;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      As[ty + 8 * i][tx] = in && arow[i] ? arow[i][nn] : T(0);
-      Bs[ty + 8 * i][tx] = !in ? T(0) : bones[i] ? T(1) : brow[i] ? brow[i][nn] : T(0);
-    }
+  LstmWgradRows<T> rows;
+  lstm_wgrad_rows(p, tl, ws, state, L.H, L.n_in, L.N, threadIdx.x, rows);
+  T acc[4][4];
+  lstm_wgrad_zero(acc);
+  for (int64_t n = tl.n_begin; n < tl.n_end; n += kLstmWgTileK) {
+    lstm_wgrad_load(tl, rows, n, As, Bs, threadIdx.x);
     __syncthreads();
-#pragma unroll 8
-    for (int k = 0; k < kTile; ++k) {
-      const T b = Bs[tx][k];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] += As[ty + 8 * i][k] * b;
-    }
+    lstm_wgrad_accumulate(As, Bs, acc, threadIdx.x);
     __syncthreads();
   }
-  T* partial = static_cast<T*>(L.workspace) + p.partial_offset +
-               static_cast<int64_t>(blockIdx.y) * p.pairs.off[3];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int a = a0 + ty + 8 * i, b = b0 + tx;
-    if (a < ma && b < mb) partial[p.pairs.off[q] + int64_t(a) * mb + b] = acc[i];
-  }
+  lstm_wgrad_store(p, tl, acc, static_cast<T*>(L.workspace), threadIdx.x);
 }
 
 struct FinishPlan {
@@ -159,16 +165,51 @@ __global__ void finish_kernel(const __grid_constant__ LstmOptLaunch L, const __g
   static_cast<T*>(L.d_w[d])[local] = acc;
 }
 
+// ---- dispatch -------------------------------------------------------------------------------
+// f(T{}, HP) for the shared-memory kernels: H padded to a multiple of 4 (16, 20, 24, 32, 64).
 template <typename F>
 int dispatch(const LstmOptLaunch& L, F&& f) {
   auto by_h = [&](auto tag) {
     using T = decltype(tag);
     if (L.H <= 16) return f(tag, std::integral_constant<int, 16>{});
+    if (L.H <= 20) return f(tag, std::integral_constant<int, 20>{});
     if (L.H <= 24) return f(tag, std::integral_constant<int, 24>{});
     if (L.H <= 32) return f(tag, std::integral_constant<int, 32>{});
     return f(T{}, std::integral_constant<int, 64>{});
   };
   return L.dtype == DType::Float64 ? by_h(double{}) : by_h(float{});
+}
+
+// How a shared-memory kernel is launched: blocks (0: it does not fit, use the fallback).
+struct SmemLaunch {
+  unsigned blocks;
+  int threads;
+  size_t smem;
+};
+
+template <typename K>
+int plan_smem(K kernel, int threads, size_t smem, int64_t tiles, SmemLaunch* out) {
+  out->blocks = 0;
+  out->threads = threads;
+  out->smem = smem;
+  int dev = 0, optin = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (!err) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err) return static_cast<int>(err);
+  if (smem > static_cast<size_t>(optin)) return 0;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+  if (!err) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  if (err) return static_cast<int>(err);
+  const int64_t most = int64_t(per_sm) * sms;
+  out->blocks = static_cast<unsigned>(tiles < most ? tiles : most);
+  return 0;
+}
+
+template <typename T, int HP>
+size_t smem_bytes(const LstmOptLaunch& L) {
+  return static_cast<size_t>(lstm_smem_layout(L.H, HP).total) * sizeof(T);
 }
 
 int64_t ws_rows_bytes(const LstmOptLaunch& L) {
@@ -188,34 +229,59 @@ int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
 
 int lstm_opt_forward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
   if (L.N == 0) return 0;
-  const unsigned blocks = static_cast<unsigned>((L.N + kThreads - 1) / kThreads);
-  return dispatch(L, [&](auto tag, auto hmax) {
+  return dispatch(L, [&](auto tag, auto hp) {
     using T = decltype(tag);
-    forward_kernel<T, decltype(hmax)::value><<<blocks, kThreads, 0, stream>>>(L, params_of<T>(L));
+    constexpr int HP = decltype(hp)::value;
+    const Params<T> P = params_of<T>(L);
+    constexpr int threads = smem_threads<HP>();
+    constexpr int C = fwd_coords<T, HP>();
+    const int64_t tiles = (L.N + int64_t(threads) * C - 1) / (int64_t(threads) * C);
+    SmemLaunch s{};
+    int err = 0;
+    // double at HP = 64 needs 402 KB of shared memory: no GPU has it
+    if constexpr (!(std::is_same<T, double>::value && HP > 32)) {
+      err = plan_smem(forward_smem_kernel<T, HP>, threads, smem_bytes<T, HP>(L), tiles, &s);
+      if (err) return err;
+    }
+    if (s.blocks > 0) {
+      if constexpr (!(std::is_same<T, double>::value && HP > 32))
+        forward_smem_kernel<T, HP><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+    } else {
+      const unsigned blocks = static_cast<unsigned>((L.N + kThreads - 1) / kThreads);
+      forward_kernel<T, 64><<<blocks, kThreads, 0, stream>>>(L, P);
+    }
     return static_cast<int>(cudaGetLastError());
   });
 }
 
 int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
   if (L.N == 0) return 0;
-  const unsigned blocks = static_cast<unsigned>((L.N + kThreads - 1) / kThreads);
-  return dispatch(L, [&](auto tag, auto hmax) {
+  return dispatch(L, [&](auto tag, auto hp) {
     using T = decltype(tag);
-    backward_kernel<T, decltype(hmax)::value><<<blocks, kThreads, 0, stream>>>(L, params_of<T>(L));
-    int err = static_cast<int>(cudaGetLastError());
+    constexpr int HP = decltype(hp)::value;
+    const Params<T> P = params_of<T>(L);
+    constexpr int threads = smem_threads<HP>();
+    const int64_t tiles = (L.N + threads - 1) / threads;
+    SmemLaunch s{};
+    int err = 0;
+    // double at HP = 64 needs 402 KB of shared memory: no GPU has it
+    if constexpr (!(std::is_same<T, double>::value && HP > 32)) {
+      err = plan_smem(backward_smem_kernel<T, HP>, threads, smem_bytes<T, HP>(L), tiles, &s);
+      if (err) return err;
+    }
+    if (s.blocks > 0) {
+      if constexpr (!(std::is_same<T, double>::value && HP > 32))
+        backward_smem_kernel<T, HP><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+    } else {
+      const unsigned blocks = static_cast<unsigned>((L.N + kThreads - 1) / kThreads);
+      backward_kernel<T, 64><<<blocks, kThreads, 0, stream>>>(L, P);
+    }
+    err = static_cast<int>(cudaGetLastError());
     if (err) return err;
 
-    WgradPlan p{};
-    p.pairs = lstm_opt_pairs(L.H, L.n_in);
-    p.rows = lstm_opt_rows(L.H, L.n_in);
-    p.tile_start[0] = 0;
-    for (int q = 0; q < 3; ++q) {
-      p.tiles_b[q] = (p.pairs.mb[q] + kTile - 1) / kTile;
-      p.tile_start[q + 1] = p.tile_start[q] + ((p.pairs.ma[q] + kTile - 1) / kTile) * p.tiles_b[q];
-    }
-    p.partial_offset = ws_rows_bytes(L) / static_cast<int64_t>(sizeof(T));
-    p.chunks = num_chunks(L.N);
-    wgrad_kernel<T><<<dim3(p.tile_start[3], static_cast<unsigned>(p.chunks)), dim3(kTile, 8), 0,
+    const LstmWgradPlan p = lstm_wgrad_plan(L.H, L.n_in, L.N, kLstmOptCudaChunk,
+                                            ws_rows_bytes(L) / static_cast<int64_t>(sizeof(T)));
+    wgrad_kernel<T><<<dim3(p.tile_start[3], static_cast<unsigned>(p.chunks)), kLstmWgThreads, 0,
                       stream>>>(L, p);
     err = static_cast<int>(cudaGetLastError());
     if (err) return err;

@@ -40,7 +40,18 @@ PYMETA_HD float v_exp(float x) { return expf(x); }
 PYMETA_HD double v_exp(double x) { return exp(x); }
 PYMETA_HD float v_log(float x) { return logf(x); }
 PYMETA_HD double v_log(double x) { return log(x); }
-PYMETA_HD float v_tanh(float x) { return tanhf(x); }
+// float tanh and sigmoid on the GPU: one MUFU.EX2 and one MUFU.RCP each (tanhf and a
+// correctly rounded division cost ~10x the instructions, as much as the gate products at
+// H = 20). tanh is the CPU lanes' formula, sign(x) (1 - e) / (1 + e) with e = exp(-2|x|):
+// exact to a few roundings in absolute terms. Double keeps the libm functions.
+PYMETA_HD float v_tanh(float x) {
+#if defined(__CUDA_ARCH__)
+  const float e = __expf(-2.0f * fabsf(x));
+  return copysignf(__fdividef(1.0f - e, 1.0f + e), x);
+#else
+  return tanhf(x);
+#endif
+}
 PYMETA_HD double v_tanh(double x) { return tanh(x); }
 PYMETA_HD float v_abs(float x) { return fabsf(x); }
 PYMETA_HD double v_abs(double x) { return fabs(x); }
@@ -52,6 +63,13 @@ template <typename T>
 PYMETA_HD T v_select(bool m, T a, T b) { return m ? a : b; }
 template <typename T>
 PYMETA_HD T v_sigmoid(T x) { return T(1) / (T(1) + v_exp(-x)); }
+PYMETA_HD float v_sigmoid(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(1.0f, 1.0f + __expf(-x));  // 0 once exp(-x) > 2^126: sigmoid < 2^-126
+#else
+  return 1.0f / (1.0f + v_exp(-x));
+#endif
+}
 
 // Loads and stores of one value per coordinate. Row `row` of a feature-major array starts at
 // p + row * stride; the coordinate(s) are at idx (and the count - 1 after it, for Lanes).

@@ -1,0 +1,186 @@
+// Host emulation of the CUDA kernels of lstm_optimizer_step (no GPU needed): runs the
+// per-thread functions of csrc/cuda/lstm_optimizer_thread.cuh the way the kernels call them
+// (weights staged into a padded buffer, tiles of threads, the weight-gradient blocks stage by
+// stage with every thread's load before any thread's sums) and compares them with the
+// header's per-coordinate math (what the CPU kernels and the fallback CUDA kernels run).
+// Built and run by tests/test_cuda_emu.py; exit status 0 = all equal.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <algorithm>
+#include <array>
+#include <random>
+#include <vector>
+
+#include "lstm_optimizer_thread.cuh"
+
+using namespace pymeta;
+
+static int failures = 0;
+
+template <typename T>
+static void expect_close(const char* what, const std::vector<T>& a, const std::vector<T>& b,
+                         double rtol, double atol, int H, int n_in) {
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double x = a[i], y = b[i];
+    if (!(std::fabs(x - y) <= atol + rtol * std::fabs(y))) {
+      if (failures < 20)
+        std::printf("FAIL %s (sizeof T %d, H %d, n_in %d) at %zu: %.17g vs %.17g\n", what,
+                    int(sizeof(T)), H, n_in, i, x, y);
+      ++failures;
+      return;
+    }
+  }
+}
+
+template <typename T, int HP, int C>
+static void run(int H, int n_in, int64_t N, int block, std::mt19937& rng) {
+  std::normal_distribution<double> nd(0.0, 1.0);
+  auto rnd = [&](size_t n, double scale) {
+    std::vector<T> v(n);
+    for (auto& x : v) x = static_cast<T>(nd(rng) * scale);
+    return v;
+  };
+  const double ws_ = 1.0 / std::sqrt(double(H));
+  std::vector<T> w[10] = {rnd(4 * H * n_in, ws_), rnd(4 * H * H, ws_), rnd(4 * H, ws_),
+                          rnd(4 * H, ws_),        rnd(4 * H * H, ws_), rnd(4 * H * H, ws_),
+                          rnd(4 * H, ws_),        rnd(4 * H, ws_),     rnd(H, ws_),
+                          rnd(1, ws_)};
+  const LstmOptWeights<T> W{w[0].data(), w[1].data(), w[2].data(), w[3].data(), w[4].data(),
+                            w[5].data(), w[6].data(), w[7].data(), w[8].data(), w[9].data()};
+  LstmOptScalars<T> s;
+  s.H = H;
+  s.n_in = n_in;
+  s.preproc = n_in == 2 ? int(LstmPreproc::LogSign) : int(LstmPreproc::None);
+  const double p = 10.0;
+  s.inv_p = T(1.0 / p);
+  s.exp_p = T(std::exp(p));
+  s.threshold = T(std::exp(-p));
+  s.out_scale = T(0.1);
+  std::vector<T> grad = rnd(N, 1e-3), state = rnd(4 * H * N, 0.5);
+  grad[0] = 0;  // the g = 0 branch of log_sign
+
+  // staged weights, with canaries past the end
+  const LstmSmemLayout lo = lstm_smem_layout(H, HP);
+  std::vector<T> sw(lo.total + 64, T(12345));
+  for (int t = 0; t < block; ++t) lstm_stage_weights<HP>(sw.data(), W, H, n_in, t, block);
+  for (int e = lo.total; e < lo.total + 64; ++e)
+    if (sw[e] != T(12345)) { std::printf("FAIL staging wrote past the end\n"); ++failures; break; }
+  if (lo.w2i % 4 || lo.w2h % 4 || (H * HP) % 4) { std::printf("FAIL alignment\n"); ++failures; }
+
+  // forward: reference
+  std::vector<T> u_ref(N), ns_ref(4 * H * N);
+  for (int64_t n = 0; n < N; ++n)
+    lstm_opt_forward_coord<kLstmOptMaxHidden, T, T>(W, s, grad.data(), state.data(), u_ref.data(),
+                                                   ns_ref.data(), Col{N, n, 1});
+  // forward: persistent blocks as in forward_smem_kernel (grid of 3 blocks)
+  std::vector<T> u(N, T(-777)), ns(4 * H * N, T(-777));
+  const int grid = 3;
+  const int64_t tile = int64_t(block) * C;
+  for (int bx = 0; bx < grid; ++bx)
+    for (int tx = 0; tx < block; ++tx)
+      for (int64_t base = int64_t(bx) * tile; base < N; base += int64_t(grid) * tile) {
+        int64_t n[C];
+        bool valid[C];
+        for (int c = 0; c < C; ++c) {
+          const int64_t m = base + int64_t(c) * block + tx;
+          valid[c] = m < N;
+          n[c] = valid[c] ? m : base + tx;
+        }
+        if (!valid[0]) break;
+        lstm_smem_forward_thread<HP, C, T>(sw.data(), s, grad.data(), state.data(), u.data(),
+                                           ns.data(), N, n, valid);
+      }
+  const double rt = sizeof(T) == 8 ? 1e-13 : 1e-5, at = sizeof(T) == 8 ? 1e-14 : 1e-6;
+  expect_close("update", u, u_ref, rt, at, H, n_in);
+  expect_close("new_state", ns, ns_ref, rt, at, H, n_in);
+
+  // backward: reference
+  std::vector<T> du = rnd(N, 1.0), dns = rnd(4 * H * N, 1.0);
+  const LstmOptRows R = lstm_opt_rows(H, n_in);
+  const int64_t chunk = 64;
+  const LstmOptPairs P = lstm_opt_pairs(H, n_in);
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  const int64_t rows_elems = int64_t(R.total) * N;
+  std::vector<T> dg_ref(N), ds_ref(4 * H * N), ws_ref(rows_elems);
+  for (int64_t n = 0; n < N; ++n) {
+    const Col col{N, n, 1};
+    lstm_opt_backward_coord<kLstmOptMaxHidden, T, T>(W, s, grad.data(), state.data(), du.data(),
+                                                    dns.data(), dg_ref.data(), ds_ref.data(),
+                                                    ws_ref.data(), col, col);
+  }
+  std::vector<T> dg(N, T(-777)), ds(4 * H * N, T(-777));
+  std::vector<T> ws(rows_elems + chunks * P.off[3], T(-777));
+  for (int bx = 0; bx < grid; ++bx)
+    for (int tx = 0; tx < block; ++tx)
+      for (int64_t n = int64_t(bx) * block + tx; n < N; n += int64_t(grid) * block)
+        lstm_smem_backward_thread<HP, T>(sw.data(), s, grad.data(), state.data(), du.data(),
+                                         dns.data(), dg.data(), ds.data(), ws.data(), N, n);
+  expect_close("d_grad", dg, dg_ref, rt, at, H, n_in);
+  expect_close("d_state", ds, ds_ref, rt, at, H, n_in);
+  std::vector<T> ws_rows(ws.begin(), ws.begin() + rows_elems);
+  expect_close("workspace rows", ws_rows, ws_ref, rt, at, H, n_in);
+
+  // weight gradients: every block of the grid (tiles x chunks), stage by stage
+  const LstmWgradPlan plan = lstm_wgrad_plan(H, n_in, N, chunk, rows_elems);
+  for (int tile = 0; tile < plan.tile_start[3]; ++tile)
+    for (int64_t ch = 0; ch < plan.chunks; ++ch) {
+      static T As[kLstmWgTile][kLstmWgTileK + 4], Bs[kLstmWgTile][kLstmWgTileK + 4];
+      const LstmWgradTile tl = lstm_wgrad_tile(plan, tile, ch, N);
+      T a4[kLstmWgThreads][4][4];
+      for (int t = 0; t < kLstmWgThreads; ++t) lstm_wgrad_zero(a4[t]);
+      std::vector<LstmWgradRows<T>> rows(kLstmWgThreads);
+      for (int t = 0; t < kLstmWgThreads; ++t)
+        lstm_wgrad_rows(plan, tl, ws.data(), state.data(), H, n_in, N, t, rows[t]);
+      for (int64_t n = tl.n_begin; n < tl.n_end; n += kLstmWgTileK) {
+        for (auto& r : As) for (auto& x : r) x = T(NAN);
+        for (auto& r : Bs) for (auto& x : r) x = T(NAN);
+        for (int t = 0; t < kLstmWgThreads; ++t) lstm_wgrad_load(tl, rows[t], n, As, Bs, t);
+        for (int t = 0; t < kLstmWgThreads; ++t) lstm_wgrad_accumulate(As, Bs, a4[t], t);
+      }
+      for (int t = 0; t < kLstmWgThreads; ++t) lstm_wgrad_store(plan, tl, a4[t], ws.data(), t);
+    }
+  // reference partial sums, in double
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t n0 = ch * chunk, n1 = std::min<int64_t>(N, n0 + chunk);
+    std::vector<T> got(P.off[3]), want(P.off[3]);
+    for (int64_t e = 0; e < P.off[3]; ++e) got[e] = ws[rows_elems + ch * P.off[3] + e];
+    for (int q = 0; q < 3; ++q)
+      for (int a = 0; a < P.ma[q]; ++a)
+        for (int b = 0; b < P.mb[q]; ++b) {
+          double acc = 0;
+          const int arow = (q == 0 ? R.dz1 : q == 1 ? R.dz2 : R.du) + a;
+          for (int64_t n = n0; n < n1; ++n) {
+            const T* br = lstm_wgrad_b_row<T>(plan, q, b, ws.data(), state.data(), H, n_in, N);
+            acc += double(ws[int64_t(arow) * N + n]) * (br ? double(br[n]) : 1.0);
+          }
+          want[P.off[q] + int64_t(a) * P.mb[q] + b] = T(acc);
+        }
+    expect_close("weight-gradient partial sums", got, want, sizeof(T) == 8 ? 1e-12 : 1e-4,
+                 sizeof(T) == 8 ? 1e-12 : 1e-4, H, n_in);
+  }
+}
+
+template <typename T>
+static void run_all(std::mt19937& rng) {
+  for (int n_in = 1; n_in <= 2; ++n_in) {
+    run<T, 16, 1>(1, n_in, 150, 32, rng);
+    run<T, 16, 2>(7, n_in, 150, 32, rng);
+    run<T, 16, 1>(16, n_in, 97, 16, rng);
+    run<T, 20, 1>(20, n_in, 150, 32, rng);
+    run<T, 20, 2>(20, n_in, 133, 16, rng);
+    run<T, 24, 1>(23, n_in, 70, 16, rng);
+    run<T, 32, 1>(32, n_in, 150, 32, rng);
+    run<T, 32, 2>(29, n_in, 101, 32, rng);
+    run<T, 64, 1>(64, n_in, 70, 32, rng);
+    run<T, 64, 1>(33, n_in, 70, 32, rng);
+  }
+}
+
+int main() {
+  std::mt19937 rng(1234);
+  run_all<double>(rng);
+  run_all<float>(rng);
+  std::printf(failures ? "lstm_emu: %d FAILURES\n" : "lstm_emu: all equal\n", failures);
+  return failures ? 1 : 0;
+}
