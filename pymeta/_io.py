@@ -1,0 +1,65 @@
+"""Files: atomic writes and loads that never unpickle arbitrary objects.
+
+Every pymeta file (learned-optimizer weights, optimizer state, meta-training checkpoints) is
+a ``torch.save`` of plain containers (dict, list, tuple), numbers, strings and tensors, read
+back with ``torch.load(..., weights_only=True)``: a file that holds anything else (a pickled
+class, a function call) is refused before any of its code can run.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+__all__ = ["FileFormatError", "atomic_save", "safe_load"]
+
+
+class FileFormatError(ValueError):
+    """A pymeta file that cannot be read: truncated, corrupt, not a pymeta file of the
+    expected kind, or one that holds objects other than tensors and plain containers."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that either fully replaces ``path`` or leaves it as it was:
+    it writes a temporary file in the same folder, flushes it to disk, then ``os.replace``s
+    (atomic on POSIX and Windows). A crash or an exception mid-write leaves the old file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def safe_load(path: str | os.PathLike, what: str, kind: str | None = None) -> dict:
+    """Loads a pymeta file with ``weights_only=True`` onto the CPU. ``kind``: the expected
+    value of its ``"format"`` entry. Raises FileNotFoundError, or FileFormatError with the
+    reason."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"pymeta: {what} file {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, a forbidden global, ...
+        raise FileFormatError(
+            f"pymeta: cannot read {what} from {path!r}: the file is truncated or corrupt, or "
+            f"holds objects other than tensors and plain containers (which are never "
+            f"unpickled) [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
+    if not isinstance(obj, dict):
+        raise FileFormatError(f"pymeta: {path!r} is not a {what} file (it holds a "
+                              f"{type(obj).__name__}, not a dict)")
+    if kind is not None and obj.get("format") != kind:
+        raise FileFormatError(f"pymeta: {path!r} is not a {what} file (format "
+                              f"{obj.get('format')!r}, expected {kind!r})")
+    return obj
