@@ -7,6 +7,7 @@ class, a function call) is refused before any of its code can run.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from typing import Any
@@ -21,11 +22,44 @@ class FileFormatError(ValueError):
     expected kind, or one that holds objects other than tensors and plain containers."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+CHECKSUM_KEY = "sha256"
+
+
+def _feed(h, obj: Any) -> None:
+    """Hashes a tree of plain containers and tensors (tensors by dtype, shape and bytes)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[" if isinstance(obj, list) else b"(")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def checksum(obj: Any) -> str:
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def atomic_save(obj: dict, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that either fully replaces ``path`` or leaves it as it was:
     it writes a temporary file in the same folder, flushes it to disk, then ``os.replace``s
-    (atomic on POSIX and Windows). A crash or an exception mid-write leaves the old file."""
+    (atomic on POSIX and Windows). A crash or an exception mid-write leaves the old file.
+    A SHA-256 of the contents is stored with them (torch's zip reader does not check the
+    data's CRCs), so ``safe_load`` also catches flipped bytes inside tensor data."""
     path = os.fspath(path)
+    obj = {**obj, CHECKSUM_KEY: checksum({k: v for k, v in obj.items() if k != CHECKSUM_KEY})}
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
@@ -59,6 +93,11 @@ def safe_load(path: str | os.PathLike, what: str, kind: str | None = None) -> di
     if not isinstance(obj, dict):
         raise FileFormatError(f"pymeta: {path!r} is not a {what} file (it holds a "
                               f"{type(obj).__name__}, not a dict)")
+    if CHECKSUM_KEY in obj:
+        stored = obj.pop(CHECKSUM_KEY)
+        if stored != checksum(obj):
+            raise FileFormatError(f"pymeta: cannot read {what} from {path!r}: the file is "
+                                  f"corrupt (its contents do not match their SHA-256)")
     if kind is not None and obj.get("format") != kind:
         raise FileFormatError(f"pymeta: {path!r} is not a {what} file (format "
                               f"{obj.get('format')!r}, expected {kind!r})")

@@ -185,11 +185,12 @@ def run_learned(net: LSTMOptimizerNet, problem: OptimizeeProblem, steps: int) ->
     out = []
     for t in range(steps + 1):
         theta = theta.detach().requires_grad_()
-        loss = problem.losses(theta, t)
-        out.append(loss.detach())
-        if t == steps:
-            break
-        (g,) = torch.autograd.grad(loss.sum(), theta)
+        with torch.enable_grad():
+            loss = problem.losses(theta, t)
+            out.append(loss.detach())
+            if t == steps:
+                break
+            (g,) = torch.autograd.grad(loss.sum(), theta)
         with torch.no_grad():
             update, state = ops.lstm_optimizer_step(g, state, *weights, net.preprocessing,
                                                     net.p, net.out_scale)
@@ -210,11 +211,12 @@ def run_torch_optimizer(problem: OptimizeeProblem, steps: int,
     out = []
     for t in range(steps + 1):
         opt.zero_grad(set_to_none=True)
-        loss = problem.losses(theta, t)
-        out.append(loss.detach())
-        if t == steps:
-            break
-        loss.sum().backward()
+        with torch.enable_grad():
+            loss = problem.losses(theta, t)
+            out.append(loss.detach())
+            if t == steps:
+                break
+            loss.sum().backward()
         opt.step()
     problem.last_theta = theta.detach()
     return torch.stack(out)
