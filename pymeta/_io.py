@@ -86,10 +86,12 @@ def safe_load(path: str | os.PathLike, what: str, kind: str | None = None) -> di
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, a forbidden global, ...
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        why = next((l for l in lines if "WeightsUnpickler error" in l), lines[0] if lines else "")
         raise FileFormatError(
             f"pymeta: cannot read {what} from {path!r}: the file is truncated or corrupt, or "
             f"holds objects other than tensors and plain containers (which are never "
-            f"unpickled) [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
+            f"unpickled) [{type(e).__name__}: {why}]") from e
     if not isinstance(obj, dict):
         raise FileFormatError(f"pymeta: {path!r} is not a {what} file (it holds a "
                               f"{type(obj).__name__}, not a dict)")

@@ -76,11 +76,12 @@ class LSTMOptimizerNet(nn.Module):
                 "p": self.p, "out_scale": self.out_scale}
 
     def save(self, path, **info: Any) -> None:
-        """Writes config and weights (plain tensors, moved to the CPU) to ``path``, atomically. ``info``: plain extra notes (str, numbers) kept in
-        the file, e.g. what the net was trained on."""
+        """Writes config and weights (plain tensors, moved to the CPU) to ``path``, atomically. ``info``: extra notes kept in the file (numbers, or
+        strings: anything else is stored as its str), e.g. what the net was trained on."""
         atomic_save({"format": NET_FORMAT, "version": 1, "config": self.config(),
                      "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
-                     "info": dict(info)}, path)
+                     "info": {str(k): v if type(v) in (int, float, bool) else str(v)
+                              for k, v in info.items()}}, path)
 
     @staticmethod
     def _read(path) -> dict:
