@@ -240,7 +240,7 @@ class LSTMOptimizer(torch.optim.Optimizer):
             joint = states[0].to(device, dtype).contiguous()
         else:
             joint = torch.cat([s.to(device, dtype) for s in states], 2)
-        grads = [p.grad.reshape(-1) for p, _ in items]
+        grads = [p.grad.reshape(-1).to(dtype) for p, _ in items]
         flat = grads[0] if len(grads) == 1 else torch.cat(grads)
         weights = [w.detach().to(device, dtype) for w in net.weights()]
         update, new_joint = ops.lstm_optimizer_step(
