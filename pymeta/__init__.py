@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import torch
 
-from pymeta import models, ops, reference
+from pymeta import models, ops, reference, tasks
 from pymeta._backend import get_backend, set_backend, use_backend
 from pymeta import _backend
-from pymeta.lstm_optimizer import LSTMOptimizerNet
+from pymeta._io import FileFormatError
+from pymeta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerNet
 from pymeta.maml import MAML
+from pymeta.meta_train import meta_train
 
 __version__ = "0.1.0"
 
-__all__ = ["MAML", "LSTMOptimizerNet", "models", "info", "get_backend", "set_backend", "use_backend",
-           "ops", "reference", "__version__"]
+__all__ = ["MAML", "LSTMOptimizerNet", "LSTMOptimizer", "meta_train", "FileFormatError", "models",
+           "tasks", "info", "get_backend", "set_backend", "use_backend", "ops", "reference",
+           "__version__"]
 
 
 def info() -> dict:

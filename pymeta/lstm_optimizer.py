@@ -2,10 +2,22 @@
 (Andrychowicz et al. 2016): a coordinatewise two-layer LSTM, one fused op per step."""
 from __future__ import annotations
 
+import os
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
 import torch
 from torch import Tensor, nn
 
 from pymeta import ops
+from pymeta._io import FileFormatError, atomic_save, safe_load
+
+__all__ = ["LSTMOptimizerNet", "LSTMOptimizer", "PRETRAINED_FILE"]
+
+NET_FORMAT = "pymeta.LSTMOptimizerNet"
+OPT_FORMAT = "pymeta.LSTMOptimizer"
+# The shipped default (package data): meta-trained on 10-d quadratics by
+# scripts/reproduce_l2l.py (see docs/RESULTS.md).
+PRETRAINED_FILE = "lstm_optimizer_quadratic.pt"
 
 
 class LSTMOptimizerNet(nn.Module):
@@ -56,6 +68,255 @@ class LSTMOptimizerNet(nn.Module):
             grad.reshape(-1), state, *self.weights(), self.preprocessing, self.p, self.out_scale)
         return update.reshape(grad.shape), new_state
 
+    # ---- files ---------------------------------------------------------------------------
+
+    def config(self) -> Dict[str, Any]:
+        """The constructor arguments: ``LSTMOptimizerNet(**net.config())`` has this shape."""
+        return {"hidden_size": self.hidden_size, "preprocessing": self.preprocessing,
+                "p": self.p, "out_scale": self.out_scale}
+
+    def save(self, path, **info: Any) -> None:
+        """Writes config and weights (plain tensors, moved to the CPU) to ``path``, atomically. ``info``: extra notes kept in the file (numbers, or
+        strings: anything else is stored as its str), e.g. what the net was trained on."""
+        atomic_save({"format": NET_FORMAT, "version": 1, "config": self.config(),
+                     "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
+                     "info": {str(k): v if type(v) in (int, float, bool) else str(v)
+                              for k, v in info.items()}}, path)
+
+    @staticmethod
+    def _read(path) -> dict:
+        obj = safe_load(path, "LSTMOptimizerNet weights", NET_FORMAT)
+        cfg, sd = obj.get("config"), obj.get("state_dict")
+        if not isinstance(cfg, dict) or not isinstance(sd, dict):
+            raise FileFormatError(f"pymeta: {os.fspath(path)!r} lacks the config or the weights "
+                                  f"of an LSTMOptimizerNet")
+        return obj
+
+    @classmethod
+    def load(cls, path, map_location=None) -> "LSTMOptimizerNet":
+        """A net built from the config in ``path`` with its weights. ``net.info`` holds the
+        file's notes."""
+        obj = cls._read(path)
+        try:
+            net = cls(**obj["config"])
+        except (TypeError, ValueError) as e:
+            raise FileFormatError(f"pymeta: {os.fspath(path)!r} has an invalid config "
+                                  f"{obj['config']!r}: {e}") from e
+        net._load_checked(obj["state_dict"], os.fspath(path))
+        net.info = dict(obj.get("info") or {})
+        return net.to(map_location) if map_location is not None else net
+
+    def load_weights(self, path) -> "LSTMOptimizerNet":
+        """Loads the weights in ``path`` into this net (in place, keeping its device and dtype);
+        the file's config must equal this net's (hidden size, preprocessing, p, out_scale)."""
+        obj = self._read(path)
+        if obj["config"] != self.config():
+            diff = {k: (obj["config"].get(k), v) for k, v in self.config().items()
+                    if obj["config"].get(k) != v}
+            raise ValueError(f"pymeta: {os.fspath(path)!r} holds an LSTMOptimizerNet that differs "
+                             f"from this one in {', '.join(f'{k} (file {a!r}, this net {b!r})' for k, (a, b) in diff.items())}")
+        self._load_checked(obj["state_dict"], os.fspath(path))
+        return self
+
+    def _load_checked(self, sd: dict, where: str) -> None:
+        own = self.state_dict()
+        bad = [k for k in own if k not in sd or not isinstance(sd[k], Tensor)
+               or sd[k].shape != own[k].shape]
+        extra = [k for k in sd if k not in own]
+        if bad or extra:
+            got = {k: list(sd[k].shape) if isinstance(sd.get(k), Tensor) else None for k in bad}
+            raise FileFormatError(f"pymeta: the weights in {where!r} do not fit an LSTMOptimizerNet "
+                                  f"with hidden_size={self.hidden_size}: missing or misshapen "
+                                  f"{got}, unexpected {extra}")
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(sd[k])
+
+    @classmethod
+    def pretrained(cls) -> "LSTMOptimizerNet":
+        """The net shipped with pymeta (package data ``pymeta/data/{PRETRAINED_FILE}``):
+        meta-trained on random 10-d quadratics; ``net.info`` says how."""
+        from importlib import resources
+        ref = resources.files("pymeta").joinpath("data", PRETRAINED_FILE)
+        with resources.as_file(ref) as path:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"pymeta: the pretrained LSTM optimizer {path} is missing "
+                                        f"from this install; rebuild it with "
+                                        f"`python scripts/reproduce_l2l.py --pretrain-only`")
+            return cls.load(path)
+
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, preprocessing={self.preprocessing!r}, "
                 f"p={self.p}, out_scale={self.out_scale}")
+
+
+class LSTMOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` driven by a learned ``LSTMOptimizerNet``:
+    ``p <- p + lr * update``, where ``(update, state) = net(p.grad, state)`` coordinatewise.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        net: the learned optimizer; None loads the pretrained net shipped with pymeta
+            (``LSTMOptimizerNet.pretrained()``). The optimizer only reads it (no gradients
+            flow into it from ``step``); it runs on each parameter's device and dtype.
+        lr: a per-group factor on the net's update (1.0: the update as meta-trained), so
+            learning-rate schedulers work as usual.
+
+    ``step()`` concatenates the flat gradients of all parameters that share a device and
+    dtype into one ``[N]`` vector and runs ONE fused ``pymeta.ops.lstm_optimizer_step`` for
+    them, then splits the update back. Parameters without ``.grad`` are skipped (their
+    recurrent state is left as it was); sparse gradients are refused.
+
+    State: ``self.state[p]`` holds ``"lstm_state"`` (``[4, H, p.numel()]``, the net's
+    (h1, c1, h2, c2) for p's coordinates) and ``"step"`` (an int). ``state_dict()`` adds the
+    net (config and weights) under ``"net"``, so that ``load_state_dict`` restores the run
+    exactly (it loads those weights into ``self.net`` after checking the config); everything
+    in it is tensors and plain containers, loadable with ``torch.load(weights_only=True)``.
+    ``save(path)`` / ``load(path)`` do both with atomic writes and safe loads.
+    """
+
+    def __init__(self, params, net: Optional[LSTMOptimizerNet] = None, lr: float = 1.0):
+        if net is None:
+            net = LSTMOptimizerNet.pretrained()
+        if not isinstance(net, LSTMOptimizerNet):
+            raise TypeError(f"pymeta.LSTMOptimizer: net must be an LSTMOptimizerNet or None, "
+                            f"not {type(net).__name__}")
+        if not isinstance(lr, (int, float)) or lr < 0:
+            raise ValueError(f"pymeta.LSTMOptimizer: invalid lr {lr!r} (a float >= 0)")
+        super().__init__(params, {"lr": float(lr)})
+        self.net = net
+        # (device, dtype) -> (joint state [4, H, N] of the last step, per-param views of it),
+        # so that a step over the same parameters as the last one skips re-concatenating.
+        self._joint: Dict[Tuple[torch.device, torch.dtype], Tuple[Tensor, List[Tensor]]] = {}
+
+    # ---- the step --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step for every parameter with a ``.grad``. Returns ``closure()``'s loss if
+        given (evaluated with gradients enabled, before the step)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets: Dict[Tuple[torch.device, torch.dtype], List[Tuple[Tensor, dict]]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or p.grad.layout != torch.strided:
+                    raise RuntimeError("pymeta.LSTMOptimizer does not support sparse gradients "
+                                       f"(a parameter of shape {list(p.shape)} has a "
+                                       f"{p.grad.layout} gradient); use a dense embedding or "
+                                       f"another optimizer for it")
+                if not p.is_floating_point():
+                    raise TypeError(f"pymeta.LSTMOptimizer: parameters must be real floating "
+                                    f"point, got {p.dtype}")
+                buckets.setdefault((p.device, p.dtype), []).append((p, group))
+        for (device, dtype), items in buckets.items():
+            self._step_bucket(device, dtype, items)
+        return loss
+
+    def _step_bucket(self, device, dtype, items: List[Tuple[Tensor, dict]]) -> None:
+        net = self.net
+        H = net.hidden_size
+        states = []
+        for p, _ in items:
+            st = self.state[p]
+            if "lstm_state" not in st:
+                st["lstm_state"] = torch.zeros(4, H, p.numel(), device=device, dtype=dtype)
+                st["step"] = 0
+            s = st["lstm_state"]
+            if s.shape != (4, H, p.numel()):
+                raise ValueError(f"pymeta.LSTMOptimizer: the state of a parameter of shape "
+                                 f"{list(p.shape)} is {list(s.shape)}, expected "
+                                 f"[4, {H}, {p.numel()}] (hidden size {H})")
+            states.append(s)
+        cached = self._joint.get((device, dtype))
+        if cached is not None and len(cached[1]) == len(states) and all(
+                a is b for a, b in zip(states, cached[1])):
+            joint = cached[0]  # the last step's output, over the same parameters
+        elif len(states) == 1:
+            joint = states[0].to(device, dtype).contiguous()
+        else:
+            joint = torch.cat([s.to(device, dtype) for s in states], 2)
+        grads = [p.grad.reshape(-1).to(dtype) for p, _ in items]
+        flat = grads[0] if len(grads) == 1 else torch.cat(grads)
+        weights = [w.detach().to(device, dtype) for w in net.weights()]
+        update, new_joint = ops.lstm_optimizer_step(
+            flat, joint, *weights, net.preprocessing, net.p, net.out_scale)
+        views, off = [], 0
+        for p, group in items:
+            n = p.numel()
+            p.add_(update[off:off + n].view_as(p), alpha=group["lr"])
+            st = self.state[p]
+            st["lstm_state"] = new_joint[:, :, off:off + n]
+            st["step"] += 1
+            views.append(st["lstm_state"])
+            off += n
+        self._joint[(device, dtype)] = (new_joint, views)
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        # Compact copies: the live states are views of one joint buffer per device (saving a
+        # view would save the whole buffer); a copy also keeps the dict apart from later steps.
+        sd["state"] = {k: {kk: (vv.contiguous() if isinstance(vv, Tensor) else vv)
+                           for kk, vv in v.items()} for k, v in sd["state"].items()}
+        sd["net"] = {"format": NET_FORMAT, "config": self.net.config(),
+                     "state_dict": {k: v.detach().clone()
+                                    for k, v in self.net.state_dict().items()}}
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores ``state_dict()``'s state. Checks, before changing anything, that every
+        recurrent state fits its parameter and this net's hidden size, and that the saved
+        net's config equals ``self.net``'s; then loads the saved net's weights into
+        ``self.net``."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict \
+                or "param_groups" not in state_dict:
+            raise ValueError("pymeta.LSTMOptimizer.load_state_dict: not an optimizer state_dict "
+                             "(needs 'state' and 'param_groups')")
+        H = self.net.hidden_size
+        saved_net = state_dict.get("net")
+        if saved_net is not None:
+            cfg = saved_net.get("config") if isinstance(saved_net, dict) else None
+            if cfg != self.net.config():
+                raise ValueError(f"pymeta.LSTMOptimizer.load_state_dict: the state was saved with "
+                                 f"a net {cfg} but this optimizer's net is {self.net.config()}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) == len(self.param_groups) and all(
+                len(a["params"]) == len(b["params"]) for a, b in zip(saved_groups, self.param_groups)):
+            id_map = {i: p for a, b in zip(saved_groups, self.param_groups)
+                      for i, p in zip(a["params"], b["params"])}
+            for k, v in state_dict["state"].items():
+                p = id_map.get(k)
+                s = v.get("lstm_state") if isinstance(v, dict) else None
+                if p is None or not isinstance(s, Tensor):
+                    raise ValueError(f"pymeta.LSTMOptimizer.load_state_dict: state entry {k!r} "
+                                     f"has no parameter or no 'lstm_state' tensor")
+                if s.dim() != 3 or s.shape[0] != 4 or s.shape[2] != p.numel():
+                    raise ValueError(f"pymeta.LSTMOptimizer.load_state_dict: the state of "
+                                     f"parameter {k} is {list(s.shape)}, which does not fit "
+                                     f"[4, H, {p.numel()}] for its shape {list(p.shape)}")
+                if s.shape[1] != H:
+                    raise ValueError(f"pymeta.LSTMOptimizer.load_state_dict: the state was saved "
+                                     f"for hidden size {s.shape[1]} but this optimizer's net has "
+                                     f"hidden size {H}")
+        rest = {k: v for k, v in state_dict.items() if k != "net"}
+        super().load_state_dict(rest)  # checks the groups, casts to each param's device/dtype
+        if saved_net is not None:
+            self.net._load_checked(saved_net["state_dict"], "the optimizer state_dict")
+        self._joint.clear()
+
+    def save(self, path) -> None:
+        """``state_dict()`` to ``path``, atomically (temporary file + os.replace)."""
+        atomic_save({"format": OPT_FORMAT, "version": 1, "state_dict": self.state_dict()}, path)
+
+    def load(self, path) -> None:
+        """``load_state_dict`` from a ``save``d file, read with ``weights_only=True``."""
+        obj = safe_load(path, "LSTMOptimizer state", OPT_FORMAT)
+        if not isinstance(obj.get("state_dict"), dict):
+            raise FileFormatError(f"pymeta: {os.fspath(path)!r} holds no optimizer state_dict")
+        self.load_state_dict(obj["state_dict"])

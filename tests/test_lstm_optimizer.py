@@ -125,3 +125,306 @@ def test_meta_gradients_bitwise_reproducible():
         _, g1 = _unroll_meta_grads(net, "cpu", torch.float32, steps=5, n=3000)
         _, g2 = _unroll_meta_grads(net, "cpu", torch.float32, steps=5, n=3000)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+# ---- pymeta.LSTMOptimizer (the drop-in torch.optim optimizer) --------------------------------
+
+import os
+import pickle
+
+from pymeta.lstm_optimizer import LSTMOptimizer, LSTMOptimizerNet
+
+
+def _small_net(H=6, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return LSTMOptimizerNet(H).to(dtype)
+
+
+def _model(seed=1):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def _batches(n, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 5, generator=gen), torch.randn(16, 3, generator=gen)) for _ in range(n)]
+
+
+def _train(model, opt, batches):
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+def test_optimizer_step_equals_net_by_hand(backend):
+    net = _small_net()
+    model = _model()
+    opt = LSTMOptimizer(model.parameters(), net=net)
+    params = list(model.parameters())
+    by_hand = [p.detach().clone() for p in params]
+    states = [net.init_state(p.numel()) for p in params]
+    gen = torch.Generator().manual_seed(3)
+    with pymeta.use_backend(backend):
+        for _ in range(3):
+            grads = [torch.randn(p.shape, generator=gen) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+            with torch.no_grad():
+                for i, g in enumerate(grads):
+                    u, states[i] = net(g, states[i])
+                    by_hand[i] = by_hand[i] + u
+    for p, q, s in zip(params, by_hand, states):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[p]["lstm_state"], s, rtol=1e-6, atol=1e-7)
+        assert opt.state[p]["step"] == 3
+
+
+def test_optimizer_one_op_call_per_device_and_dtype(monkeypatch):
+    from pymeta import ops
+    calls = []
+    real = ops.lstm_optimizer_step
+    monkeypatch.setattr(ops, "lstm_optimizer_step", lambda g, *a: calls.append(g.numel()) or real(g, *a))
+    model = _model()
+    extra = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    opt = LSTMOptimizer([*model.parameters(), extra], net=_small_net())
+    for p in [*model.parameters(), extra]:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(calls) == [4, sum(p.numel() for p in model.parameters())]
+    assert extra.dtype == torch.float64 and opt.state[extra]["lstm_state"].dtype == torch.float64
+
+
+def test_optimizer_param_groups_and_lr_scale():
+    net = _small_net()
+    a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(5))
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    opt = LSTMOptimizer([{"params": [a]}, {"params": [b], "lr": 0.5}], net=net)
+    # schedulers drive the groups' lr as for any torch optimizer
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 0.5]
+    g = torch.randn(5)
+    a.grad, b.grad = g.clone(), g.clone()
+    opt.step()
+    torch.testing.assert_close(b - b0, 0.5 * (a - a0))
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.05])
+    c = nn.Parameter(torch.randn(2))
+    opt.add_param_group({"params": [c], "lr": 2.0})
+    c.grad = torch.ones(2)
+    opt.step()
+    assert opt.state[c]["step"] == 1 and opt.state[a]["step"] == 2
+
+
+def test_optimizer_missing_grad_skipped_state_untouched():
+    net = _small_net()
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    opt = LSTMOptimizer([a, b], net=net)
+    a.grad, b.grad = torch.randn(3), torch.randn(4)
+    opt.step()
+    sb = opt.state[b]["lstm_state"].clone()
+    b_before = b.detach().clone()
+    a.grad, b.grad = torch.randn(3), None
+    opt.step()
+    assert torch.equal(b.detach(), b_before)
+    assert torch.equal(opt.state[b]["lstm_state"], sb) and opt.state[b]["step"] == 1
+    assert opt.state[a]["step"] == 2
+    c = nn.Parameter(torch.randn(2))
+    opt.add_param_group({"params": [c]})
+    opt.step()  # c never had a grad: no state at all
+    assert len(opt.state[c]) == 0
+
+
+def test_optimizer_sparse_grad_error():
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = LSTMOptimizer(emb.parameters(), net=_small_net())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_optimizer_closure_and_bad_args():
+    model = _model()
+    opt = LSTMOptimizer(model.parameters(), net=_small_net())
+    x = torch.randn(4, 5)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        return loss
+    assert isinstance(opt.step(closure), torch.Tensor)
+    with pytest.raises(TypeError, match="LSTMOptimizerNet"):
+        LSTMOptimizer(model.parameters(), net=nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="lr"):
+        LSTMOptimizer(model.parameters(), net=_small_net(), lr=-1.0)
+
+
+def test_optimizer_state_dict_roundtrip_and_bitwise_resume(tmp_path):
+    batches = _batches(10)
+    model = _model()
+    opt = LSTMOptimizer(model.parameters(), net=_small_net())
+    full = _train(model, opt, batches)
+
+    model2 = _model()
+    opt2 = LSTMOptimizer(model2.parameters(), net=_small_net())
+    first = _train(model2, opt2, batches[:5])
+    opt2.save(tmp_path / "opt.pt")
+    torch.save(model2.state_dict(), tmp_path / "model.pt")
+    sd = opt2.state_dict()
+    # a plain torch.save of state_dict() loads with weights_only=True too
+    torch.save(sd, tmp_path / "plain.pt")
+    plain = torch.load(tmp_path / "plain.pt", weights_only=True)
+    assert plain["param_groups"] == sd["param_groups"]
+    for k in sd["state"]:
+        assert torch.equal(plain["state"][k]["lstm_state"], sd["state"][k]["lstm_state"])
+
+    # a fresh model and optimizer (with a differently initialized net: the saved one is loaded)
+    model3 = _model(seed=9)
+    model3.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    opt3 = LSTMOptimizer(model3.parameters(), net=_small_net(seed=5))
+    opt3.load(tmp_path / "opt.pt")
+    sd3 = opt3.state_dict()
+    assert sd3["param_groups"] == sd["param_groups"]
+    for k in sd["state"]:
+        assert torch.equal(sd3["state"][k]["lstm_state"], sd["state"][k]["lstm_state"])
+        assert sd3["state"][k]["step"] == 5
+    for k, v in sd["net"]["state_dict"].items():
+        assert torch.equal(sd3["net"]["state_dict"][k], v)
+    rest = _train(model3, opt3, batches[5:])
+    assert first + rest == full  # bitwise: float equality of every loss
+    for p, q in zip(model3.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(model3.parameters(), model.parameters()):
+        assert torch.equal(opt3.state[p]["lstm_state"], opt.state[q]["lstm_state"])
+
+
+def test_optimizer_load_state_dict_checks():
+    model = _model()
+    opt = LSTMOptimizer(model.parameters(), net=_small_net(H=6))
+    _train(model, opt, _batches(2))
+    sd = opt.state_dict()
+    other = LSTMOptimizer(_model().parameters(), net=_small_net(H=8))
+    with pytest.raises(ValueError, match="hidden_size"):
+        other.load_state_dict(sd)
+    sd_no_net = {k: v for k, v in sd.items() if k != "net"}
+    with pytest.raises(ValueError, match="hidden size 6 but this optimizer's net has hidden size 8"):
+        other.load_state_dict(sd_no_net)
+    wrong_model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3))
+    with pytest.raises(ValueError, match="does not fit"):
+        LSTMOptimizer(wrong_model.parameters(), net=_small_net(H=6)).load_state_dict(sd)
+    with pytest.raises(ValueError, match="parameter group"):
+        LSTMOptimizer(list(model.parameters())[:2], net=_small_net(H=6)).load_state_dict(sd)
+
+
+# ---- files: weights_only, corrupt, truncated, wrong hidden size --------------------------------
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_pickle",))
+
+
+def test_net_save_load_roundtrip(tmp_path):
+    net = _small_net(H=7)
+    net.save(tmp_path / "net.pt", trained_on="nothing")
+    loaded = LSTMOptimizerNet.load(tmp_path / "net.pt")
+    assert loaded.config() == net.config() and loaded.info == {"trained_on": "nothing"}
+    for a, b in zip(loaded.weights(), net.weights()):
+        assert torch.equal(a, b)
+    other = _small_net(H=7, seed=3).load_weights(tmp_path / "net.pt")
+    assert torch.equal(other.cell2.weight_hh, net.cell2.weight_hh)
+
+
+def test_net_file_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    net = _small_net(H=7)
+    good = tmp_path / "net.pt"
+    net.save(good)
+    data = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(pymeta.FileFormatError, match="truncated or corrupt"):
+        LSTMOptimizerNet.load(tmp_path / "trunc.pt")
+    corrupt = bytearray(data)
+    corrupt[len(corrupt) // 3: len(corrupt) // 3 + 64] = b"\x00" * 64
+    (tmp_path / "corrupt.pt").write_bytes(bytes(corrupt))
+    with pytest.raises(pymeta.FileFormatError):
+        LSTMOptimizerNet.load(tmp_path / "corrupt.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file at all")
+    with pytest.raises(pymeta.FileFormatError):
+        LSTMOptimizerNet.load(tmp_path / "garbage.pt")
+    with pytest.raises(FileNotFoundError):
+        LSTMOptimizerNet.load(tmp_path / "missing.pt")
+    # another hidden size: a clear error naming both sizes
+    with pytest.raises(ValueError, match=r"hidden_size \(file 7, this net 8\)"):
+        _small_net(H=8).load_weights(good)
+    # a file of another kind
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(pymeta.FileFormatError, match="not a LSTMOptimizerNet weights file"):
+        LSTMOptimizerNet.load(tmp_path / "other.pt")
+    # weights that do not fit the config
+    obj = torch.load(good, weights_only=True)
+    obj["state_dict"]["cell2.weight_hh"] = torch.zeros(3, 3)
+    obj.pop("sha256")
+    torch.save(obj, tmp_path / "misshapen.pt")
+    with pytest.raises(pymeta.FileFormatError, match="do not fit"):
+        LSTMOptimizerNet.load(tmp_path / "misshapen.pt")
+
+
+def test_files_never_unpickle_objects(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    net = _small_net()
+    with open(tmp_path / "evil.pt", "wb") as f:
+        torch.save({"format": "pymeta.LSTMOptimizerNet", "config": net.config(),
+                    "state_dict": net.state_dict(), "evil": _Evil()}, f)
+    with pytest.raises(pymeta.FileFormatError, match="never\\s+unpickled|plain containers"):
+        LSTMOptimizerNet.load(tmp_path / "evil.pt")
+    opt = LSTMOptimizer([nn.Parameter(torch.randn(3))], net=net)
+    with pytest.raises(pymeta.FileFormatError):
+        opt.load(tmp_path / "evil.pt")
+    with open(tmp_path / "evil2.pt", "wb") as f:
+        pickle.dump(_Evil(), f, protocol=2)
+    with pytest.raises(pymeta.FileFormatError):
+        opt.load(tmp_path / "evil2.pt")
+    assert not (tmp_path / "pwned_by_pickle").exists()
+
+
+def test_optimizer_file_errors(tmp_path):
+    model = _model()
+    opt = LSTMOptimizer(model.parameters(), net=_small_net(H=6))
+    _train(model, opt, _batches(2))
+    opt.save(tmp_path / "opt.pt")
+    data = (tmp_path / "opt.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[:100])
+    with pytest.raises(pymeta.FileFormatError, match="truncated or corrupt"):
+        opt.load(tmp_path / "trunc.pt")
+    other = LSTMOptimizer(_model().parameters(), net=_small_net(H=8))
+    with pytest.raises(ValueError, match="hidden_size"):
+        other.load(tmp_path / "opt.pt")
+
+
+def test_pretrained_net_shipped_and_default():
+    net = LSTMOptimizerNet.pretrained()
+    assert isinstance(net, LSTMOptimizerNet) and "quadratic" in net.info.get("trained_on", "")
+    opt = LSTMOptimizer([nn.Parameter(torch.randn(3))])
+    assert opt.net.config() == net.config()
+    assert all(torch.equal(a, b) for a, b in zip(opt.net.weights(), net.weights()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_optimizer_params_on_two_devices():
+    net = _small_net()
+    a = nn.Parameter(torch.randn(5))
+    b = nn.Parameter(a.detach().clone().cuda())
+    opt = LSTMOptimizer([a, b], net=net)
+    g = torch.randn(5)
+    a.grad, b.grad = g.clone(), g.cuda()
+    opt.step()
+    assert opt.state[b]["lstm_state"].device.type == "cuda"
+    torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,222 @@
+"""Meta-training of the learned LSTM optimizer (Andrychowicz et al. 2016), and running
+optimizers (learned or torch.optim) on batches of optimizee problems.
+
+One meta-iteration samples ``meta_batch`` problems of a family as ONE vectorized optimizee
+(a flat ``theta`` over every problem's coordinates, see ``pymeta.tasks``) and runs it for
+``horizon`` steps of the learned optimizer. Every ``unroll`` steps, the meta-loss
+
+    L = sum_{t = k+1}^{k+unroll} mean_b f_b(theta_t)
+
+is backpropagated into the net's weights (truncated BPTT) and Adam takes a step; theta and
+the LSTM state carry into the next unroll, detached. The optimizee gradients fed to the net
+are detached (the paper drops the second derivatives). Each step is one fused
+``lstm_optimizer_step`` over all problems' coordinates.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from pymeta._io import FileFormatError, atomic_save, safe_load
+from pymeta.lstm_optimizer import LSTMOptimizerNet
+from pymeta.tasks import OptimizeeProblem, derive_seed
+
+__all__ = ["meta_train", "unroll", "run_learned", "run_torch_optimizer"]
+
+CKPT_FORMAT = "pymeta.meta_train"
+
+
+def unroll(net: LSTMOptimizerNet, problem: OptimizeeProblem, theta: Tensor, state: Tensor,
+           t0: int, steps: int, on_grad: Optional[Callable[[Tensor], None]] = None):
+    """``steps`` learned-optimizer steps from step ``t0``, differentiable w.r.t. the net.
+
+    Args:
+        theta: flat parameters ``[N]`` at step t0 (treated as a constant: detached here).
+        state: the LSTM state ``[4, H, N]`` at step t0 (detached here).
+        on_grad: called with every gradient fed to the net (tests check it is detached).
+
+    Returns ``(meta_loss, theta, state, last_losses)``: the meta-loss
+    ``sum_{t=t0+1}^{t0+steps} mean_b f_b(theta_t)`` (a graph into the net's weights), theta and
+    the state after the last step (still attached), and the per-problem losses ``[B]`` at
+    the last step.
+    """
+    theta = theta.detach().requires_grad_()
+    state = state.detach()
+    loss = problem.losses(theta, t0)
+    meta_loss = theta.new_zeros(())
+    for j in range(steps):
+        # First-order: the gradient is a constant to the net (no create_graph). The graph of
+        # `loss` is kept (retain_graph) because the meta-loss backpropagates through it.
+        (g,) = torch.autograd.grad(loss.sum(), theta, retain_graph=j > 0)
+        if on_grad is not None:
+            on_grad(g)
+        update, state = net(g, state)
+        theta = theta + update
+        loss = problem.losses(theta, t0 + j + 1)
+        meta_loss = meta_loss + loss.mean()
+    return meta_loss, theta, state, loss
+
+
+def _config(net, family, unroll_, horizon, meta_lr, meta_batch, seed, dtype) -> Dict[str, Any]:
+    return {"family": repr(family), "net": net.config(), "unroll": int(unroll_),
+            "horizon": int(horizon), "meta_lr": float(meta_lr), "meta_batch": int(meta_batch),
+            "seed": int(seed), "dtype": str(dtype)}
+
+
+def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
+               horizon: int = 100, meta_lr: float = 1e-3, meta_batch: int = 128, seed: int = 0,
+               checkpoint: Optional[str | os.PathLike] = None, progress: bool = True,
+               checkpoint_every: int = 10, device=None,
+               dtype: torch.dtype = torch.float32) -> Dict[str, List[float]]:
+    """Meta-trains ``net`` (in place) on problems of ``family`` with Adam.
+
+    Args:
+        net: the ``LSTMOptimizerNet`` whose weights are trained.
+        family: a task family with ``sample(batch, seed, device, dtype)`` (``pymeta.tasks``).
+        iterations: the total number of meta-iterations (one is a fresh batch of problems run
+            for ``horizon`` steps, i.e. ``ceil(horizon / unroll)`` Adam steps). With a
+            checkpoint, a resumed run continues up to this total.
+        unroll: truncation length of BPTT (steps per meta-gradient).
+        horizon: optimizee steps per meta-iteration.
+        meta_lr: Adam's learning rate.
+        meta_batch: problems per meta-iteration, run as one vectorized optimizee.
+        seed: iteration i's problems are ``family.sample(meta_batch, derive_seed(seed, i))``;
+            nothing else is random, so a run is a pure function of its arguments.
+        checkpoint: a path. If the file exists the run resumes from it (its configuration
+            must match); it is (re)written atomically every ``checkpoint_every`` iterations
+            and at the end. Resuming gives bitwise the same result as an uninterrupted run.
+        progress: show a tqdm bar.
+        device, dtype: of the optimizee (and of the net, which is moved there).
+
+    Returns the history: ``{"iteration", "meta_loss", "final_loss", "seconds"}`` lists, one
+    entry per meta-iteration: ``meta_loss`` is the iteration's total meta-loss divided by
+    ``horizon`` (the mean optimizee loss along the trajectory), ``final_loss`` the mean loss
+    at the last step, ``seconds`` the wall time of the iteration. Iterations whose meta-loss
+    is not finite make no Adam step (``history["skipped"]`` counts them).
+    """
+    if not isinstance(net, LSTMOptimizerNet):
+        raise TypeError(f"pymeta.meta_train: net must be an LSTMOptimizerNet, not {type(net).__name__}")
+    for name, v in (("iterations", iterations), ("unroll", unroll), ("horizon", horizon),
+                    ("meta_batch", meta_batch), ("checkpoint_every", checkpoint_every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "iterations" else 1):
+            raise ValueError(f"pymeta.meta_train: {name} must be a positive int, got {v!r}")
+    device = torch.device(device) if device is not None else net.out.weight.device
+    net.to(device=device, dtype=dtype)
+    opt = torch.optim.Adam(net.parameters(), lr=meta_lr)
+    config = _config(net, family, unroll, horizon, meta_lr, meta_batch, seed, dtype)
+    history: Dict[str, List[float]] = {"iteration": [], "meta_loss": [], "final_loss": [],
+                                       "seconds": [], "skipped": []}
+    start = 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        ck = safe_load(checkpoint, "meta-training checkpoint", CKPT_FORMAT)
+        if ck.get("config") != config:
+            saved = ck.get("config") or {}
+            diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+            raise ValueError(f"pymeta.meta_train: the checkpoint {os.fspath(checkpoint)!r} is of "
+                             f"another run; it differs in (checkpoint, now): {diff}")
+        try:
+            net._load_checked(ck["net"], os.fspath(checkpoint))
+            opt.load_state_dict(ck["adam"])
+            history = {k: list(v) for k, v in ck["history"].items()}
+            start = int(ck["iteration"])
+        except (KeyError, TypeError) as e:
+            raise FileFormatError(f"pymeta: the checkpoint {os.fspath(checkpoint)!r} is "
+                                  f"incomplete: {e!r}") from e
+
+    def save(done: int) -> None:
+        atomic_save({"format": CKPT_FORMAT, "version": 1, "config": config, "iteration": done,
+                     "net": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+                     "adam": opt.state_dict(), "history": history}, checkpoint)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(range(start, iterations), initial=start, total=iterations, disable=not progress,
+               desc="meta-train", unit="it")
+    for it in bar:
+        t_start = time.perf_counter()
+        problem = family.sample(meta_batch, derive_seed(seed, it), device, dtype)
+        theta = problem.init_theta()
+        state = net.init_state(problem.numel, device=device, dtype=dtype)
+        total, skipped, last = 0.0, 0, None
+        for t0 in range(0, horizon, unroll):
+            steps = min(unroll, horizon - t0)
+            meta_loss, theta, state, last = unroll_fn(net, problem, theta, state, t0, steps)
+            value = float(meta_loss.detach())
+            opt.zero_grad(set_to_none=True)
+            if math.isfinite(value):
+                meta_loss.backward()
+                opt.step()
+            else:
+                skipped += 1
+            total += value
+            theta, state = theta.detach(), state.detach()
+            if not torch.isfinite(theta).all():  # diverged: the rest of the horizon is noise
+                skipped += math.ceil((horizon - t0 - steps) / unroll)
+                break
+        history["iteration"].append(it)
+        history["meta_loss"].append(total / horizon)
+        history["final_loss"].append(float(last.detach().mean()))
+        history["seconds"].append(time.perf_counter() - t_start)
+        history["skipped"].append(skipped)
+        bar.set_postfix(meta_loss=f"{total / horizon:.4g}", final=f"{history['final_loss'][-1]:.4g}")
+        if checkpoint is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == iterations):
+            save(it + 1)
+    bar.close()
+    return history
+
+
+unroll_fn = unroll  # meta_train's `unroll` argument shadows the function inside it
+
+
+# ---- running optimizers on a batch of problems -------------------------------------------------
+
+def run_learned(net: LSTMOptimizerNet, problem: OptimizeeProblem, steps: int) -> Tensor:
+    """Runs the learned optimizer for ``steps`` steps (no meta-gradient); returns the
+    per-problem losses ``[steps + 1, B]`` at steps 0..steps, and leaves the final flat
+    parameters in ``problem.last_theta``."""
+    theta = problem.init_theta()
+    state = net.init_state(problem.numel, device=theta.device, dtype=theta.dtype)
+    weights = [w.detach().to(theta.device, theta.dtype) for w in net.weights()]
+    from pymeta import ops
+    out = []
+    for t in range(steps + 1):
+        theta = theta.detach().requires_grad_()
+        with torch.enable_grad():
+            loss = problem.losses(theta, t)
+            out.append(loss.detach())
+            if t == steps:
+                break
+            (g,) = torch.autograd.grad(loss.sum(), theta)
+        with torch.no_grad():
+            update, state = ops.lstm_optimizer_step(g, state, *weights, net.preprocessing,
+                                                    net.p, net.out_scale)
+            theta = theta + update
+    problem.last_theta = theta.detach()
+    return torch.stack(out)
+
+
+def run_torch_optimizer(problem: OptimizeeProblem, steps: int,
+                        make_optimizer: Callable[[List[Tensor]], torch.optim.Optimizer]) -> Tensor:
+    """Runs a torch optimizer, built by ``make_optimizer([theta])``, on the flat parameters of
+    every problem at once (the loss is the sum of the problems' losses, so each problem
+    gets its own gradient; coordinatewise optimizers then run every problem independently).
+    Returns the per-problem losses ``[steps + 1, B]`` at steps 0..steps; the final flat
+    parameters are left in ``problem.last_theta``."""
+    theta = problem.init_theta().requires_grad_()
+    opt = make_optimizer([theta])
+    out = []
+    for t in range(steps + 1):
+        opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = problem.losses(theta, t)
+            out.append(loss.detach())
+            if t == steps:
+                break
+            loss.sum().backward()
+        opt.step()
+    problem.last_theta = theta.detach()
+    return torch.stack(out)
