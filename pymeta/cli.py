@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a short run (under a minute on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iterations", type=int, default=None,
-                   help="sinusoid meta-iterations per method (default 3000, --quick 300; "
+                   help="sinusoid meta-iterations per method (default 2500, --quick 300; "
                         "the papers' protocol: 60000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
