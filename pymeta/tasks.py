@@ -279,8 +279,14 @@ class FewShotSampler:
                 if both:
                     raise ValueError(f"pymeta.tasks.FewShotSampler.splits: classes of splits {a!r} "
                                      f"and {b!r} overlap: {sorted(both)[:10]}; splits must be disjoint")
-        return {n: cls(x, y, n_way, k_shot, q_queries, classes=classes[n],
-                       seed=None if seed is None else seed + i, **kwargs) for i, n in enumerate(names)}
+        out = {}
+        for i, n in enumerate(names):
+            try:
+                out[n] = cls(x, y, n_way, k_shot, q_queries, classes=classes[n],
+                             seed=None if seed is None else seed + i, **kwargs)
+            except ValueError as e:
+                raise ValueError(f"split {n!r}: {e}") from None
+        return out
 
     @classmethod
     def from_folder(cls, root: Union[str, os.PathLike], n_way: int, k_shot: int, q_queries: int = 15, *,

@@ -119,6 +119,8 @@ def test_disjoint_splits():
         FewShotSampler.splits(x, y, 2, 1, 2, classes={"train": [0, 1, 2], "test": [2, 3, 4]})
     with pytest.raises(ValueError, match="sizes"):
         split_classes(5, [4, 4])
+    with pytest.raises(ValueError, match="split 'val': .*n_way=3"):
+        FewShotSampler.splits(x, y, 3, 1, 2, classes=parts)
 
 
 def test_rotation_augmentation():
