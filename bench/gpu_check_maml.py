@@ -2,10 +2,11 @@
 native vs reference vs the per-task loop in float64, then timings of the bench config at T=8 and 32."""
 import os, sys, time, statistics
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]  # this checkout's pymeta, and the bench workloads
+sys.path[:0] = [os.path.dirname(HERE)]  # this checkout's pymeta (its workloads module)
 import torch, torch.nn.functional as F
 import pymeta
-from test_bench_maml import *
+from pymeta.workloads import CPU_CONV4, GPU_CONV4, meta_iteration, build_maml as build
+IMPLS = ["pymeta", "torch_func", "loop"]
 print(pymeta.info())
 dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
 sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
@@ -27,7 +28,6 @@ for fo in (False, True):
         print("first_order" if fo else "second_order", k, "max abs err vs loop", err)
 # timing: the issue's GPU workload: Conv4 with 64 filters, 28x28x1, 5-way 1-shot, 15 queries
 # per class, 32 tasks, 5 inner steps, inner lr 0.4 (float32)
-GPU_CONV4 = {**CPU_CONV4, "hidden": 64, "tasks": 32, "inner_steps": 5}
 for order in ("second", "first"):
     built = {impl: build(impl, GPU_CONV4, order == "first", dev) for impl in IMPLS}
     ts = {impl: [] for impl in IMPLS}

@@ -117,10 +117,10 @@ def format_table(rows: list[dict]) -> str:
             current = r["workload"]
             lines.append("")
             lines.append(current)
-            lines.append(f"  {'variant':<22}{'eager ms':>10}{'x pymeta':>9}{'graph ms':>10}{'x pymeta':>9}"
+            lines.append(f"  {'variant':<26}{'eager ms':>10}{'x pymeta':>9}{'graph ms':>10}{'x pymeta':>9}"
                          f"{'roofline':>9}")
         graph = f"{r['graph_ms']:.4f}" if r.get("graph_ms") else "-"
         gx = f"{r['pymeta_graph_speedup']:.2f}" if r.get("pymeta_graph_speedup") else "-"
         roof = f"{r['roofline_fraction'] * 100:.0f}%" if r.get("roofline_fraction") else "-"
-        lines.append(f"  {r['variant']:<22}{r['ms']:>10.4f}{r['pymeta_speedup']:>9.2f}{graph:>10}{gx:>9}{roof:>9}")
+        lines.append(f"  {r['variant']:<26}{r['ms']:>10.4f}{r['pymeta_speedup']:>9.2f}{graph:>10}{gx:>9}{roof:>9}")
     return "\n".join(lines)

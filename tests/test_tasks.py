@@ -1,11 +1,16 @@
 """pymeta.tasks: optimizee families (shapes, seeding, independence of the problems of a
-batch, the digits train/test split)."""
+batch, the digits train/test split) and the few-shot part (Sinusoid, FewShotSampler on tensor
+data and image folders, split_classes, digits_dataset)."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from pymeta.tasks import DigitsMLPFamily, QuadraticFamily, derive_seed, load_digits_split
+from pymeta.tasks import (Episode, FewShotSampler, Sinusoid, digits_dataset, load_image_folder,
+                          split_classes)
 
 
 def test_quadratic_shapes_loss_and_seeding():
@@ -89,3 +94,232 @@ def test_digits_family_errors_and_derive_seed():
         DigitsMLPFamily(hidden=0)
     assert derive_seed(0, 1) != derive_seed(1, 0) and derive_seed(0, 1) == derive_seed(0, 1)
     assert 0 <= derive_seed(5) < 2 ** 63
+
+
+# ---- few-shot task samplers ------------------------------------------------------------
+
+
+
+def _toy(classes=6, per_class=10, side=4):
+    """x[i] is a [1, side, side] image whose every pixel encodes (class, example index), so a
+    drawn example can be traced back and rotations can be checked exactly."""
+    y = torch.arange(classes).repeat_interleave(per_class)
+    base = torch.arange(side * side, dtype=torch.float32).view(1, side, side)
+    x = torch.stack([base + 1000 * y[i] + 100 * (i % per_class) for i in range(len(y))])
+    return x, y
+
+
+# ---- Sinusoid --------------------------------------------------------------------------------
+
+def test_sinusoid_shapes_ranges_and_function():
+    b = Sinusoid(seed=0).sample(7, 5, 3)
+    assert b.x_support.shape == (7, 5, 1) and b.y_support.shape == (7, 5, 1)
+    assert b.x_query.shape == (7, 3, 1) and b.y_query.shape == (7, 3, 1)
+    assert b.amplitude.shape == (7,) and b.phase.shape == (7,)
+    assert b.x_support.dtype == torch.float32
+    assert ((b.amplitude >= 0.1) & (b.amplitude <= 5)).all()
+    assert ((b.phase >= 0) & (b.phase <= math.pi)).all()
+    assert (b.x_support.abs() <= 5).all() and (b.x_query.abs() <= 5).all()
+    want = b.amplitude[:, None, None] * torch.sin(b.x_support - b.phase[:, None, None])
+    torch.testing.assert_close(b.y_support, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sinusoid_seeding():
+    a, b, c = Sinusoid(seed=3).sample(4, 5, 5), Sinusoid(seed=3).sample(4, 5, 5), Sinusoid(seed=4).sample(4, 5, 5)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a.x_support, c.x_support)
+    s = Sinusoid(seed=3)
+    first, second = s.sample(4, 5), s.sample(4, 5)  # the generator advances
+    assert not torch.equal(first.x_support, second.x_support)
+
+
+def test_sinusoid_bad_inputs():
+    with pytest.raises(ValueError, match="shots"):
+        Sinusoid(seed=0).sample(2, 0)
+    with pytest.raises(ValueError, match="tasks"):
+        Sinusoid(seed=0).sample(0, 5)
+    with pytest.raises(TypeError, match="queries"):
+        Sinusoid(seed=0).sample(2, 5, 1.5)
+    with pytest.raises(ValueError, match="amplitude"):
+        Sinusoid(amplitude=(5, 0.1))
+
+
+# ---- FewShotSampler on tensors ----------------------------------------------------------------
+
+def test_sampler_shapes_and_label_remapping():
+    x, y = _toy()
+    s = FewShotSampler(x, y, n_way=3, k_shot=2, q_queries=4, seed=0)
+    e = s.sample(5)
+    assert isinstance(e, Episode)
+    assert e.x_support.shape == (5, 6, 1, 4, 4) and e.y_support.shape == (5, 6)
+    assert e.x_query.shape == (5, 12, 1, 4, 4) and e.y_query.shape == (5, 12)
+    assert e.classes.shape == (5, 3)
+    assert e.y_support.dtype == torch.long
+    assert e.y_support[0].tolist() == [0, 0, 1, 1, 2, 2]
+    assert e.y_query[0].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    for t in range(5):
+        assert len(set(e.classes[t].tolist())) == 3  # N distinct classes
+        for xs, ys in ((e.x_support[t], e.y_support[t]), (e.x_query[t], e.y_query[t])):
+            true_class = (xs[:, 0, 0, 0] // 1000).long()
+            # label j stands for the class classes[t, j] everywhere in the episode
+            assert torch.equal(true_class, e.classes[t][ys])
+        # support and query examples of one episode are all distinct
+        ids = torch.cat([e.x_support[t, :, 0, 0, 0], e.x_query[t, :, 0, 0, 0]])
+        assert ids.unique().numel() == ids.numel()
+
+
+def test_sampler_zero_queries_and_device_dtype_kept():
+    x, y = _toy()
+    e = FewShotSampler(x.double(), y, 2, 3, 0, seed=0).sample(2)
+    assert e.x_query.shape == (2, 0, 1, 4, 4) and e.x_support.dtype == torch.float64
+
+
+def test_sampler_seeding_determinism():
+    x, y = _toy()
+    a = FewShotSampler(x, y, 3, 1, 2, seed=11).sample(8)
+    b = FewShotSampler(x, y, 3, 1, 2, seed=11).sample(8)
+    c = FewShotSampler(x, y, 3, 1, 2, seed=12).sample(8)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert not torch.equal(a.x_support, c.x_support)
+    g = torch.Generator().manual_seed(5)
+    d = FewShotSampler(x, y, 3, 1, 2, seed=0).sample(8, generator=g)
+    e = FewShotSampler(x, y, 3, 1, 2, seed=99).sample(8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(d.x_support, e.x_support)
+
+
+def test_sampler_draws_every_class_and_example():
+    x, y = _toy(classes=4, per_class=5)
+    e = FewShotSampler(x, y, 2, 2, 1, seed=0).sample(400)
+    assert set(e.classes.flatten().tolist()) == {0, 1, 2, 3}
+    seen = torch.cat([e.x_support[..., 0, 0, 0].flatten(), e.x_query[..., 0, 0, 0].flatten()]).unique()
+    assert seen.numel() == 20
+
+
+def test_disjoint_splits():
+    x, y = _toy(classes=10)
+    parts = split_classes(10, {"train": 6, "val": 2, "test": -1}, seed=0)
+    assert sorted(sum(parts.values(), [])) == list(range(10))
+    assert len(parts["train"]) == 6 and len(parts["val"]) == 2 and len(parts["test"]) == 2
+    assert split_classes(10, [6, 2, 2], seed=0) == parts
+    samplers = FewShotSampler.splits(x, y, 2, 1, 2, classes=parts, seed=0)
+    for name, s in samplers.items():
+        drawn = (s.sample(50).x_support[..., 0, 0, 0] // 1000).long().unique().tolist()
+        assert set(drawn) <= set(parts[name]), name
+    with pytest.raises(ValueError, match="overlap"):
+        FewShotSampler.splits(x, y, 2, 1, 2, classes={"train": [0, 1, 2], "test": [2, 3, 4]})
+    with pytest.raises(ValueError, match="sizes"):
+        split_classes(5, [4, 4])
+    with pytest.raises(ValueError, match="split 'val': .*n_way=3"):
+        FewShotSampler.splits(x, y, 3, 1, 2, classes=parts)
+
+
+def test_rotation_augmentation():
+    x, y = _toy(classes=2, per_class=6)
+    s = FewShotSampler(x, y, 8, 1, 1, rotations=True, seed=0)
+    assert s.num_classes == 8
+    assert s.class_names[:4] == [(0, 0), (0, 90), (0, 180), (0, 270)]
+    e = s.sample(3)
+    for t in range(3):
+        for j, cid in enumerate(e.classes[t].tolist()):
+            label, angle = s.class_names[cid]
+            img = e.x_support[t, j]  # K = 1: row j has label j
+            # undo the rotation: the image must be one of this class's originals
+            back = torch.rot90(img, -(angle // 90), dims=(-2, -1))
+            assert ((back - x[y == label]).abs().flatten(1).sum(1) == 0).any()
+            if angle:
+                assert not torch.equal(img, back)
+    only_180 = FewShotSampler(x, y, 4, 1, 1, rotations=(0, 180), seed=0)
+    assert only_180.num_classes == 4
+    with pytest.raises(ValueError, match="rotations"):
+        FewShotSampler(x, y, 2, 1, 1, rotations=(45,))
+    with pytest.raises(ValueError, match="square"):
+        FewShotSampler(torch.zeros(12, 1, 4, 5), y, 2, 1, 1, rotations=True)
+
+
+def test_sampler_bad_inputs():
+    x, y = _toy(classes=4, per_class=5)
+    with pytest.raises(ValueError, match="n_way=5"):
+        FewShotSampler(x, y, 5, 1, 1)
+    with pytest.raises(ValueError, match="k_shot \\+ q_queries = 6"):
+        FewShotSampler(x, y, 2, 3, 3)
+    with pytest.raises(ValueError, match="n_way"):
+        FewShotSampler(x, y, 0, 1, 1)
+    with pytest.raises(ValueError, match="k_shot"):
+        FewShotSampler(x, y, 2, 0, 1)
+    with pytest.raises(ValueError, match="q_queries"):
+        FewShotSampler(x, y, 2, 1, -1)
+    with pytest.raises(TypeError, match="k_shot"):
+        FewShotSampler(x, y, 2, 1.0, 1)
+    with pytest.raises(ValueError, match="x has 19 examples but y has 20"):
+        FewShotSampler(x[:19], y, 2, 1, 1)
+    with pytest.raises(ValueError, match="y must be a 1-D integer"):
+        FewShotSampler(x, y.float(), 2, 1, 1)
+    with pytest.raises(ValueError, match="classes lists labels not present"):
+        FewShotSampler(x, y, 2, 1, 1, classes=[0, 7])
+    with pytest.raises(ValueError, match="tasks"):
+        FewShotSampler(x, y, 2, 1, 1, seed=0).sample(0)
+
+
+# ---- image folders ------------------------------------------------------------------------------
+
+def _write_tree(root, layout, size=(10, 12), per_class=4):
+    from PIL import Image
+
+    for ci, cls in enumerate(layout):
+        d = root.joinpath(*cls.split("/"))
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            value = 20 * ci + i  # a flat gray level per image, identifies (class, example)
+            Image.new("L", size, color=value).save(d / f"{i:02d}.png")
+    (root / "README.txt").write_text("not an image")
+
+
+def test_image_folder_omniglot_layout(tmp_path):
+    layout = ["Greek/character01", "Greek/character02", "Latin/character01"]
+    _write_tree(tmp_path, layout)
+    x, y, names = load_image_folder(tmp_path, size=8)
+    assert names == layout
+    assert x.shape == (12, 1, 8, 8) and x.dtype == torch.float32
+    assert y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert torch.allclose(x[5], torch.full((1, 8, 8), 21 / 255))  # class 1, example 1
+    rgb, _, _ = load_image_folder(tmp_path, size=(6, 7), grayscale=False)
+    assert rgb.shape == (12, 3, 6, 7)
+    inv, _, _ = load_image_folder(tmp_path, size=8, invert=True)
+    torch.testing.assert_close(inv, 1 - x)
+    s = FewShotSampler.from_folder(tmp_path, 2, 1, 2, size=8, seed=0, rotations=True,
+                                   classes=["Greek/character01", "Latin/character01"])
+    assert s.num_classes == 8
+    e = s.sample(3)
+    assert e.x_support.shape == (3, 2, 1, 8, 8) and e.x_query.shape == (3, 4, 1, 8, 8)
+    level = (e.x_support[..., 0, 0] * 255).round().long().flatten()
+    assert set((level // 20).tolist()) <= {0, 2}  # only the two chosen classes
+
+
+def test_image_folder_flat_layout_and_errors(tmp_path):
+    _write_tree(tmp_path / "flat", ["cat", "dog"], size=(5, 5), per_class=3)
+    x, y, names = load_image_folder(tmp_path / "flat", size=None)
+    assert names == ["cat", "dog"] and x.shape == (6, 1, 5, 5)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no class folders with images"):
+        load_image_folder(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="root"):
+        load_image_folder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="size"):
+        load_image_folder(tmp_path / "flat", size=0)
+    with pytest.raises(ValueError, match="k_shot \\+ q_queries"):
+        FewShotSampler.from_folder(tmp_path / "flat", 2, 2, 2, size=5)
+    with pytest.raises(ValueError, match="not classes"):
+        FewShotSampler.from_folder(tmp_path / "flat", 2, 1, 1, size=5, classes=["cat", "cow"])
+    from PIL import Image
+
+    Image.new("L", (9, 9)).save(tmp_path / "flat" / "dog" / "big.png")
+    with pytest.raises(ValueError, match="different sizes"):
+        load_image_folder(tmp_path / "flat", size=None)
+
+
+def test_digits_dataset():
+    x, y = digits_dataset()
+    assert x.shape == (1797, 1, 8, 8) and y.shape == (1797,)
+    assert 0 <= x.min() and x.max() <= 1
+    assert y.unique().tolist() == list(range(10))
