@@ -58,31 +58,24 @@ def test_demo_quick(tmp_path):
         assert maml["post_mse"] < maml["pre_mse"], maml
     assert r["sinusoid"]["5-shot"]["MAML"]["published_mse"] == 1.13
     assert r["sinusoid"]["5-shot"]["Meta-SGD"]["published_mse"] == 0.90
-    # Part 2: the learned optimizer, once it is in the build.
+    # Part 2: the learned optimizer (shipped net) on unseen quadratics.
     lo = r["learned_optimizer"]
-    if lo == "skipped":
-        assert demo.LEARNED_OPTIMIZER_SKIPPED in out
-    else:
-        learned = lo["LSTM (learned)"]
-        assert learned["final_loss"] < learned["initial_loss"], learned
+    assert lo != "skipped"
+    learned = lo["LSTM (learned)"]
+    assert learned["final_loss"] < learned["initial_loss"], learned
+    for name in ("Adam", "RMSprop", "SGD", "NAG"):
+        assert lo[name]["lr"] in demo.LR_GRID and lo[name]["final_loss"] < lo[name]["initial_loss"]
     # Part 3: accuracies are fractions; MAML's adapted accuracy beats chance (20%).
     for k in ("1-shot", "5-shot"):
         e = r["digits"][k]
         for learner in ("MAML", "no meta-training"):
             assert 0 <= e[learner]["pre_accuracy"] <= 1 and 0 <= e[learner]["post_accuracy"] <= 1
         assert e["MAML"]["post_accuracy"] > 0.3, e
-    for name in ("sinusoid.png", "digits.png", "results.json"):
+    for name in ("sinusoid.png", "learned_optimizer.png", "digits.png", "results.json"):
         assert (out_dir / name).stat().st_size > 0
         assert str(out_dir / name) in out  # named at the end
     assert "Sinusoid regression, 5-shot" in out and "pymeta demo --iterations 60000" in out
     assert r["seconds"]["total"] < 120
-
-
-def test_learned_optimizer_part_skips_cleanly_without_it(capsys):
-    if hasattr(pymeta, "LSTMOptimizer") and hasattr(pymeta, "meta_train"):
-        pytest.skip("the learned optimizer is in this build (test_demo_quick runs it)")
-    assert demo.demo_learned_optimizer(quick=True, progress=False) == "skipped"
-    assert demo.LEARNED_OPTIMIZER_SKIPPED in capsys.readouterr().out
 
 
 def test_demo_argument_errors(capsys):
