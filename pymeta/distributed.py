@@ -74,7 +74,22 @@ def init(backend: Optional[str] = None, timeout_s: float = 60.0) -> Tuple[int, i
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            # Under torchrun the store outlives a restart of the workers; without a fresh
+            # prefix, restarted ranks can read the dead ranks' addresses from the previous
+            # round (seen as 'connection refused' or a hang in the gloo mesh set-up).
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                 is_master=(rank == 0 and not agent_store), timeout=timeout,
+                                 wait_for_workers=False)
+            store = dist.PrefixStore(f"pymeta/restart{restart}", base)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

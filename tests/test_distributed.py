@@ -62,14 +62,15 @@ def launch(args, world=2, timeout=TIMEOUT, **extra_env):
 
 def example_args(tmp_path, *more):
     return ["-m", "pymeta.examples.distributed_maml", "--steps", "3", "--meta-batch", "6",
+            "--timeout", "30",
             "--hidden", "8", "--dtype", "float64", "--lr-mode", "per_param",
             "--inner-lr", "0.05", "--meta-lr", "0.01", *more]
 
 
-def single_process_maml(tmp_path, steps=3, world=2, lr_mode="per_param"):
+def single_process_maml(tmp_path, *more, steps=3, world=2):
     """The reference: one process, the whole meta-batch (every rank's tasks) per step."""
     from pymeta.examples import distributed_maml as ex
-    args = ex.parse_args(example_args(tmp_path, "--lr-mode", lr_mode)[2:])
+    args = ex.parse_args(example_args(tmp_path, *more)[2:])
     maml, opt = ex.build(args)
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -141,13 +142,17 @@ def test_problem_subset_matches_full_batch():
 
 # ---- 2 gloo ranks --------------------------------------------------------------------------
 
-def test_maml_two_ranks_equal_single_process(tmp_path):
+@pytest.mark.parametrize("mode", [("--lr-mode", "per_param", "--meta-batch", "6"),
+                                  ("--lr-mode", "per_layer_step", "--inner-steps", "2",
+                                   "--meta-batch", "5")], ids=["per_param", "per_layer_step_uneven"])
+def test_maml_two_ranks_equal_single_process(tmp_path, mode):
     out_file = tmp_path / "final.pt"
-    out = launch(example_args(tmp_path, "--out", str(out_file)))
+    out = launch(example_args(tmp_path, "--out", str(out_file), *mode))
     check_ok(out)
     dist_state = safe_load(out_file, "result")["maml"]
-    assert_same(dist_state, single_process_maml(tmp_path))
-    assert any(k.startswith("param_lrs") for k in dist_state)  # the learnable rates too
+    assert_same(dist_state, single_process_maml(tmp_path, *mode))
+    rates = "param_lrs" if "per_param" in mode else "step_lrs"
+    assert any(k.startswith(rates) for k in dist_state)  # the learnable rates too
 
 
 def test_meta_train_two_ranks_equal_single_process(tmp_path):
