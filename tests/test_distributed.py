@@ -156,10 +156,22 @@ def test_maml_two_ranks_equal_single_process(tmp_path, mode):
 
 
 def test_meta_train_two_ranks_equal_single_process(tmp_path):
+    """2 ranks, resumed once from their checkpoint after iteration 1, equal one process."""
     out_file = tmp_path / "net.pt"
-    out = launch([WORKER, "meta_train", str(out_file)])
+    out = launch([WORKER, "meta_train", str(out_file), str(tmp_path / "mt_ckpt.pt")])
     check_ok(out)
     res = safe_load(out_file, "result")
+    # one bucketed all-reduce per unroll (iteration 1: horizon 4 / unroll 2), plus the
+    # config check's all_gather (not an all_reduce)
+    assert res["all_reduce_calls_iteration_1"] == 2
+    assert res["all_reduce_calls_resumed"] == 2  # run 2 resumed: it ran iteration 2 only
+    b = res["buckets"]
+    assert b["total"] == 4 and abs(b["loss"] - (3 * 10 + 1 * 20) / 4) < 1e-12
+    # float64 [5, 20, 4] in 100-byte buckets: [5], [20], [4]; float32 [3]: 4 all_reduces
+    assert b["calls"] == 4
+    for i, g in enumerate(b["grads"]):
+        want = (3 * (i + 1) + 1 * 2 * (i + 1)) / 4 if i < 3 else 0.0
+        torch.testing.assert_close(g, torch.full_like(g, want), rtol=1e-7, atol=0)
     sys.path.insert(0, os.path.dirname(WORKER))
     import dist_worker
     net = dist_worker.make_net()
