@@ -139,6 +139,16 @@ def test_problem_subset_matches_full_batch():
     sub = full.subset(2, 4)
     theta = full.init_theta()
     torch.testing.assert_close(sub.losses(sub.init_theta()), full.losses(theta)[2:4], rtol=0, atol=0)
+    # digits MLPs: the subset's initial weights and per-step minibatches are the full batch's
+    fam = pymeta.tasks.DigitsMLPFamily(hidden=4)
+    full = fam.sample(3, 5, dtype=torch.float64)
+    sub = full.subset(1, 3).subset(1, 2)  # problem 2
+    n = full.n_params
+    assert torch.equal(sub.init_theta(), full.init_theta()[2 * n:3 * n])
+    for step in (0, 7):
+        assert torch.equal(sub.minibatch(step), full.minibatch(step)[2:3])
+        torch.testing.assert_close(sub.losses(sub.init_theta(), step),
+                                   full.losses(full.init_theta(), step)[2:3], rtol=1e-12, atol=0)
 
 
 # ---- 2 gloo ranks --------------------------------------------------------------------------
