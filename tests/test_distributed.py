@@ -222,3 +222,24 @@ def test_elastic_restart_resumes_from_checkpoint(tmp_path):
     res = safe_load(out_file, "result")
     assert res["steps_run"] == 1  # the restarted ranks ran only step 2
     assert_same(res["maml"], single_process_maml(tmp_path))
+
+
+def test_maml_meta_step_single_process_is_a_plain_step():
+    """Without a process group, maml_meta_step (sharded or not) is zero_grad, backward, step."""
+    from pymeta.examples import distributed_maml as ex
+    args = ex.parse_args(["--hidden", "8", "--dtype", "float64", "--meta-batch", "4"])
+    batch = ex.full_batch(args, 0, 1)
+    states = []
+    for how in ("plain", "sharded", "full"):
+        maml, opt = ex.build(args)
+        if how == "plain":
+            opt.zero_grad()
+            F_loss = maml.meta_loss(*batch, F.mse_loss)
+            F_loss.backward()
+            opt.step()
+        else:
+            loss = pdist.maml_meta_step(maml, opt, batch, F.mse_loss, sharded=how == "sharded")
+            assert abs(loss - float(F_loss.detach())) < 1e-12
+        states.append(maml.state_dict())
+    assert_same(states[0], states[1], tol=0)
+    assert_same(states[0], states[2], tol=0)
