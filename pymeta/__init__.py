@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from pymeta import models, ops, reference, tasks
+from pymeta import distributed
 from pymeta._backend import get_backend, set_backend, use_backend
 from pymeta import _backend
 from pymeta._io import FileFormatError
@@ -18,7 +19,7 @@ from pymeta.meta_train import meta_train
 __version__ = "0.1.0"
 
 __all__ = ["MAML", "LSTMOptimizerNet", "LSTMOptimizer", "meta_train", "FileFormatError", "models",
-           "tasks", "info", "get_backend", "set_backend", "use_backend", "ops", "reference",
+           "tasks", "distributed", "info", "get_backend", "set_backend", "use_backend", "ops", "reference",
            "__version__"]
 
 

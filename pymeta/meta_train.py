@@ -72,7 +72,7 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
                horizon: int = 100, meta_lr: float = 1e-3, meta_batch: int = 128, seed: int = 0,
                checkpoint: Optional[str | os.PathLike] = None, progress: bool = True,
                checkpoint_every: int = 10, device=None,
-               dtype: torch.dtype = torch.float32) -> Dict[str, List[float]]:
+               dtype: torch.dtype = torch.float32, distributed=False) -> Dict[str, List[float]]:
     """Meta-trains ``net`` (in place) on problems of ``family`` with Adam.
 
     Args:
@@ -92,6 +92,14 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
             and at the end. Resuming gives bitwise the same result as an uninterrupted run.
         progress: show a tqdm bar.
         device, dtype: of the optimizee (and of the net, which is moved there).
+        distributed: False (one process, the default), True (the default
+            ``torch.distributed`` process group) or a process group. Every rank samples the
+            same ``meta_batch`` problems and runs its shard of them
+            (``pymeta.distributed.shard_range``); after each unroll the net's gradients, the
+            meta-loss and a divergence flag are all-reduced in one bucketed collective,
+            weighted by each rank's problem count, so every Adam step equals the
+            single-process one. The configuration (with the net's shapes) is checked on all
+            ranks at the start; rank 0 writes the checkpoint, every rank reads it.
 
     Returns the history: ``{"iteration", "meta_loss", "final_loss", "seconds"}`` lists, one
     entry per meta-iteration: ``meta_loss`` is the iteration's total meta-loss divided by
@@ -112,8 +120,25 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
     history: Dict[str, List[float]] = {"iteration": [], "meta_loss": [], "final_loss": [],
                                        "seconds": [], "skipped": []}
     start = 0
-    if checkpoint is not None and os.path.exists(checkpoint):
+    group, rank, world = None, 0, 1
+    dist_on = distributed is not False and distributed is not None
+    if dist_on:
+        from pymeta import distributed as pdist
+        group = None if distributed is True else distributed
+        rank, world = pdist.rank_world(group)
+        pdist.check_config({**config, "net_shapes": {k: list(v.shape) for k, v in
+                                                     net.state_dict().items()}}, group)
+        ck = (pdist.load_checkpoint(checkpoint, "meta-training checkpoint", CKPT_FORMAT, group)
+              if checkpoint is not None else None)
+        if meta_batch < world:
+            raise ValueError(f"pymeta.meta_train: meta_batch {meta_batch} is smaller than the "
+                             f"{world} ranks; every rank needs at least one problem")
+        lo, hi = pdist.shard_range(meta_batch, rank, world)
+    elif checkpoint is not None and os.path.exists(checkpoint):
         ck = safe_load(checkpoint, "meta-training checkpoint", CKPT_FORMAT)
+    else:
+        ck = None
+    if ck is not None:
         if ck.get("config") != config:
             saved = ck.get("config") or {}
             diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
@@ -129,6 +154,13 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
                                   f"incomplete: {e!r}") from e
 
     def save(done: int) -> None:
+        if dist_on:
+            pdist.save_checkpoint({"format": CKPT_FORMAT, "version": 1, "config": config,
+                                   "iteration": done,
+                                   "net": {k: v.detach().cpu().clone()
+                                           for k, v in net.state_dict().items()},
+                                   "adam": opt.state_dict(), "history": history}, checkpoint, group)
+            return
         atomic_save({"format": CKPT_FORMAT, "version": 1, "config": config, "iteration": done,
                      "net": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
                      "adam": opt.state_dict(), "history": history}, checkpoint)
@@ -137,6 +169,16 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
     bar = tqdm(range(start, iterations), initial=start, total=iterations, disable=not progress,
                desc="meta-train", unit="it")
     for it in bar:
+        if dist_on:
+            history_step = _distributed_iteration(net, opt, family, it, seed, meta_batch, lo, hi,
+                                                  unroll, horizon, device, dtype, group)
+            for k, v in history_step.items():
+                history[k].append(v)
+            bar.set_postfix(meta_loss=f"{history['meta_loss'][-1]:.4g}",
+                            final=f"{history['final_loss'][-1]:.4g}")
+            if checkpoint is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == iterations):
+                save(it + 1)
+            continue
         t_start = time.perf_counter()
         problem = family.sample(meta_batch, derive_seed(seed, it), device, dtype)
         theta = problem.init_theta()
@@ -170,6 +212,42 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
 
 
 unroll_fn = unroll  # meta_train's `unroll` argument shadows the function inside it
+
+
+def _distributed_iteration(net, opt, family, it, seed, meta_batch, lo, hi, unroll_len, horizon,
+                           device, dtype, group) -> Dict[str, float]:
+    """One meta-iteration of meta_train on this rank's problems ``lo..hi-1`` of the
+    iteration's meta-batch, with one bucketed all-reduce per unroll (the net's gradients, the
+    meta-loss, the final loss and a divergence flag, weighted by the problem counts)."""
+    from pymeta.distributed import all_reduce_gradients
+    t_start = time.perf_counter()
+    problem = family.sample(meta_batch, derive_seed(seed, it), device, dtype).subset(lo, hi)
+    count = hi - lo
+    theta = problem.init_theta()
+    state = net.init_state(problem.numel, device=device, dtype=dtype)
+    total, skipped, final = 0.0, 0, float("nan")
+    for t0 in range(0, horizon, unroll_len):
+        steps = min(unroll_len, horizon - t0)
+        meta_loss, theta, state, last = unroll_fn(net, problem, theta, state, t0, steps)
+        local = float(meta_loss.detach())
+        theta, state = theta.detach(), state.detach()
+        diverged = 0.0 if bool(torch.isfinite(theta).all()) else 1.0
+        opt.zero_grad(set_to_none=True)
+        if math.isfinite(local):
+            meta_loss.backward()
+        _, (value, final, div) = all_reduce_gradients(
+            list(net.parameters()), count, group,
+            extras=[local, float(last.detach().mean()), diverged])
+        if math.isfinite(value):
+            opt.step()
+        else:
+            skipped += 1
+        total += value
+        if div != 0.0:  # some rank diverged: every rank stops here, as one process would
+            skipped += math.ceil((horizon - t0 - steps) / unroll_len)
+            break
+    return {"iteration": it, "meta_loss": total / horizon, "final_loss": final,
+            "seconds": time.perf_counter() - t_start, "skipped": skipped}
 
 
 # ---- running optimizers on a batch of problems -------------------------------------------------

@@ -100,6 +100,12 @@ class OptimizeeProblem:
     def _losses(self, params: List[Tensor], step: int) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def subset(self, start: int, stop: int) -> "OptimizeeProblem":
+        """Problems ``start..stop-1`` of this batch as a problem of their own, identical to
+        those problems here (used to shard a meta-batch across ranks)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be split into shards (it has "
+                                  f"no subset method); distributed meta_train needs one")
+
 
 # ---- quadratics ------------------------------------------------------------------------------
 
@@ -117,6 +123,11 @@ class QuadraticProblem(OptimizeeProblem):
         (theta,) = params  # [B, dim]
         r = torch.bmm(self.W, theta.unsqueeze(2)).squeeze(2) - self.y
         return (r * r).sum(1)
+
+    def subset(self, start: int, stop: int) -> "QuadraticProblem":
+        d = self.dim
+        return QuadraticProblem(self.W[start:stop], self.y[start:stop],
+                                self.theta0[start * d:stop * d])
 
 
 class QuadraticFamily:
@@ -197,6 +208,18 @@ class DigitsMLPProblem(OptimizeeProblem):
         self.x_train, self.y_train = xtr.to(self.device, dtype), ytr.to(self.device)
         self.x_test, self.y_test = xte.to(self.device, dtype), yte.to(self.device)
         self._batches: Dict[int, Tensor] = {}
+        self._rows = (0, batch, batch)  # (start, stop, full batch): see subset
+
+    def subset(self, start: int, stop: int) -> "DigitsMLPProblem":
+        import copy
+        sub = copy.copy(self)
+        n = self.n_params
+        lo = self._rows[0]
+        sub.batch = stop - start
+        sub.theta0 = self.theta0[start * n:stop * n]
+        sub._rows = (lo + start, lo + stop, self._rows[2])
+        sub._batches = {}
+        return sub
 
     def minibatch(self, step: int) -> Tensor:
         """``[B, batch_size]`` indices into the training split for ``step`` (deterministic)."""
@@ -204,7 +227,8 @@ class DigitsMLPProblem(OptimizeeProblem):
         if idx is None:
             g = _generator(derive_seed(self.seed, 1, step))
             n = self.y_train.shape[0]
-            idx = torch.randint(n, (self.batch, self.family.batch_size), generator=g)
+            lo, hi, full = self._rows
+            idx = torch.randint(n, (full, self.family.batch_size), generator=g)[lo:hi]
             idx = idx.to(self.device)
             if len(self._batches) > 4096:
                 self._batches.clear()
