@@ -156,6 +156,41 @@ void wgrad_products(WgradIsa isa, const T* at, int64_t lda, int cnt, const T* co
   wgrad_base::products(at, lda, cnt, brows, nb, ct);
 }
 
+
+// ---- the per-coordinate math on 64-byte lanes (AVX-512) ---------------------------------------
+// The header's per-coordinate code, instantiated on Lanes<T, 64 / sizeof(T)> inside functions
+// compiled for AVX-512 (flatten: the whole call tree is inlined, so it is compiled for that
+// target too). Same operations per lane as the 16-byte path; no contraction into FMAs.
+#ifdef PYMETA_WGRAD_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+template <typename T, int HMAX>
+__attribute__((flatten)) void forward_groups_avx512(const LstmOptWeights<T>& W,
+                                                    const LstmOptScalars<T>& s, const T* grad,
+                                                    const T* state, T* update, T* new_state,
+                                                    int64_t N, int64_t n0, int64_t n1) {
+  constexpr int LN = 64 / sizeof(T);
+  for (int64_t n = n0; n < n1; n += LN) {
+    const Col col{N, n, static_cast<int>(std::min<int64_t>(LN, n1 - n))};
+    lstm_opt_forward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, update, new_state, col);
+  }
+}
+template <typename T, int HMAX>
+__attribute__((flatten)) void backward_block_avx512(
+    const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,
+    const T* d_update, const T* d_new_state, T* d_grad, T* d_state, T* ws, int64_t ws_stride,
+    int64_t N, int64_t n0, int64_t cnt) {
+  constexpr int LN = 64 / sizeof(T);
+  for (int64_t n = n0; n < n0 + cnt; n += LN) {
+    const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));
+    const Col col{N, n, c}, wc{ws_stride, n - n0, c};
+    lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update, d_new_state,
+                                                   d_grad, d_state, ws, col, wc);
+  }
+}
+#pragma GCC pop_options
+#endif
+
 template <typename T, int HMAX>
 void forward(const LstmOptLaunch& L) {
   constexpr int LN = LaneCount<T>::value;
@@ -168,6 +203,19 @@ void forward(const LstmOptLaunch& L) {
   auto* new_state = static_cast<T*>(L.new_state);
   // A group costs ~ 20 H^2 flops per coordinate; aim for ~ 100k flops per task.
   const int64_t grain = std::max<int64_t>(1, 4096 / (int64_t(L.H) * L.H * LN + 1));
+#ifdef PYMETA_WGRAD_X86
+  if (wgrad_isa() == WgradIsa::Avx512) {
+    // Tasks of 64 bytes' worth of coordinates (the 64-byte lanes), same grain in coordinates.
+    constexpr int WN = 64 / sizeof(T);
+    const int64_t wgroups = (L.N + WN - 1) / WN;
+    const int64_t wgrain = std::max<int64_t>(1, grain * LN / WN);
+    at::parallel_for(0, wgroups, wgrain, [&](int64_t g0, int64_t g1) {
+      forward_groups_avx512<T, HMAX>(W, s, grad, state, update, new_state, L.N, g0 * WN,
+                                     std::min<int64_t>(L.N, g1 * WN));
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n = g * LN;
@@ -210,6 +258,12 @@ void backward(const LstmOptLaunch& L) {
     std::vector<const T*> brows(nbpad);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * BC, cnt = std::min<int64_t>(BC, N - n0);
+#ifdef PYMETA_WGRAD_X86
+      if (isa == WgradIsa::Avx512) {
+        backward_block_avx512<T, HMAX>(W, s, grad, state, d_update, d_new_state, d_grad,
+                                       d_state, ws.data(), BC, N, n0, cnt);
+      } else
+#endif
       for (int64_t n = n0; n < n0 + cnt; n += LN) {
         const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));
         const Col col{N, n, c}, wc{BC, n - n0, c};
