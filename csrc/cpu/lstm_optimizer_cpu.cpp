@@ -142,10 +142,8 @@ WgradIsa wgrad_isa() {
   return WgradIsa::Base;
 #endif
 }
-constexpr int kWgradMaxNR = 5;
 
-// brows must hold nb rows padded (with a row of zeros) to a multiple of kWgradMaxNR... of the
-// chosen path's NR; the caller pads to kWgradMaxNR * kWgradMaxNR-safe length (see backward).
+// brows: nb rows, nb a multiple of every path's NR (the caller pads with a row of zeros).
 template <typename T>
 void wgrad_products(WgradIsa isa, const T* at, int64_t lda, int cnt, const T* const* brows,
                     int nb, T* ct) {
@@ -157,39 +155,45 @@ void wgrad_products(WgradIsa isa, const T* at, int64_t lda, int cnt, const T* co
 }
 
 
-// ---- the per-coordinate math on 64-byte lanes (AVX-512) ---------------------------------------
-// The header's per-coordinate code, instantiated on Lanes<T, 64 / sizeof(T)> inside functions
-// compiled for AVX-512 (flatten: the whole call tree is inlined, so it is compiled for that
-// target too). Same operations per lane as the 16-byte path; no contraction into FMAs.
+// ---- the per-coordinate math on wide lanes (AVX-512: 64 bytes, AVX2: 32 bytes) -------------
+// The header's per-coordinate code, instantiated on Lanes<T, VB / sizeof(T)> inside functions
+// compiled for that target (flatten: the whole call tree is inlined, so it is compiled for the
+// target too). The same operations per lane as the 16-byte path.
+#define PYMETA_COORD_KERNELS(SUFFIX, VB)                                                        \
+  template <typename T, int HMAX>                                                             \
+  __attribute__((flatten)) void forward_groups_##SUFFIX(                                      \
+      const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,  \
+      T* update, T* new_state, int64_t N, int64_t n0, int64_t n1) {                           \
+    constexpr int LN = VB / sizeof(T);                                                        \
+    for (int64_t n = n0; n < n1; n += LN) {                                                   \
+      const Col col{N, n, static_cast<int>(std::min<int64_t>(LN, n1 - n))};                  \
+      lstm_opt_forward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, update, new_state, col); \
+    }                                                                                         \
+  }                                                                                           \
+  template <typename T, int HMAX>                                                             \
+  __attribute__((flatten)) void backward_block_##SUFFIX(                                      \
+      const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,  \
+      const T* d_update, const T* d_new_state, T* d_grad, T* d_state, T* ws,                  \
+      int64_t ws_stride, int64_t N, int64_t n0, int64_t cnt) {                                \
+    constexpr int LN = VB / sizeof(T);                                                        \
+    for (int64_t n = n0; n < n0 + cnt; n += LN) {                                             \
+      const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));                    \
+      const Col col{N, n, c}, wc{ws_stride, n - n0, c};                                       \
+      lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update,             \
+                                                     d_new_state, d_grad, d_state, ws, col, wc); \
+    }                                                                                         \
+  }
 #ifdef PYMETA_WGRAD_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
-template <typename T, int HMAX>
-__attribute__((flatten)) void forward_groups_avx512(const LstmOptWeights<T>& W,
-                                                    const LstmOptScalars<T>& s, const T* grad,
-                                                    const T* state, T* update, T* new_state,
-                                                    int64_t N, int64_t n0, int64_t n1) {
-  constexpr int LN = 64 / sizeof(T);
-  for (int64_t n = n0; n < n1; n += LN) {
-    const Col col{N, n, static_cast<int>(std::min<int64_t>(LN, n1 - n))};
-    lstm_opt_forward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, update, new_state, col);
-  }
-}
-template <typename T, int HMAX>
-__attribute__((flatten)) void backward_block_avx512(
-    const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,
-    const T* d_update, const T* d_new_state, T* d_grad, T* d_state, T* ws, int64_t ws_stride,
-    int64_t N, int64_t n0, int64_t cnt) {
-  constexpr int LN = 64 / sizeof(T);
-  for (int64_t n = n0; n < n0 + cnt; n += LN) {
-    const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));
-    const Col col{N, n, c}, wc{ws_stride, n - n0, c};
-    lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update, d_new_state,
-                                                   d_grad, d_state, ws, col, wc);
-  }
-}
+PYMETA_COORD_KERNELS(avx512, 64)
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+PYMETA_COORD_KERNELS(avx2, 32)
 #pragma GCC pop_options
 #endif
+#undef PYMETA_COORD_KERNELS
 
 template <typename T, int HMAX>
 void forward(const LstmOptLaunch& L) {
@@ -204,14 +208,16 @@ void forward(const LstmOptLaunch& L) {
   // A group costs ~ 20 H^2 flops per coordinate; aim for ~ 100k flops per task.
   const int64_t grain = std::max<int64_t>(1, 4096 / (int64_t(L.H) * L.H * LN + 1));
 #ifdef PYMETA_WGRAD_X86
-  if (wgrad_isa() == WgradIsa::Avx512) {
-    // Tasks of 64 bytes' worth of coordinates (the 64-byte lanes), same grain in coordinates.
-    constexpr int WN = 64 / sizeof(T);
+  if (wgrad_isa() != WgradIsa::Base) {
+    // Tasks of whole wide-lane groups, the same grain in coordinates.
+    const bool z = wgrad_isa() == WgradIsa::Avx512;
+    const int64_t WN = (z ? 64 : 32) / sizeof(T);
     const int64_t wgroups = (L.N + WN - 1) / WN;
     const int64_t wgrain = std::max<int64_t>(1, grain * LN / WN);
     at::parallel_for(0, wgroups, wgrain, [&](int64_t g0, int64_t g1) {
-      forward_groups_avx512<T, HMAX>(W, s, grad, state, update, new_state, L.N, g0 * WN,
-                                     std::min<int64_t>(L.N, g1 * WN));
+      const int64_t n1 = std::min<int64_t>(L.N, g1 * WN);
+      if (z) forward_groups_avx512<T, HMAX>(W, s, grad, state, update, new_state, L.N, g0 * WN, n1);
+      else forward_groups_avx2<T, HMAX>(W, s, grad, state, update, new_state, L.N, g0 * WN, n1);
     });
     return;
   }
@@ -262,6 +268,9 @@ void backward(const LstmOptLaunch& L) {
       if (isa == WgradIsa::Avx512) {
         backward_block_avx512<T, HMAX>(W, s, grad, state, d_update, d_new_state, d_grad,
                                        d_state, ws.data(), BC, N, n0, cnt);
+      } else if (isa == WgradIsa::Avx2) {
+        backward_block_avx2<T, HMAX>(W, s, grad, state, d_update, d_new_state, d_grad,
+                                     d_state, ws.data(), BC, N, n0, cnt);
       } else
 #endif
       for (int64_t n = n0; n < n0 + cnt; n += LN) {
