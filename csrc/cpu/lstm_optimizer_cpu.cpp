@@ -1,12 +1,16 @@
 // CPU kernels of lstm_optimizer_step: at::parallel_for over groups of L consecutive
 // coordinates, each group running the shared per-coordinate math of
-// pymeta/lstm_optimizer.h on Lanes<T, L> (SIMD across coordinates).
+// pymeta/lstm_optimizer.h on Lanes<T, L> (SIMD across coordinates): L fills a 64-byte
+// (AVX-512) or 32-byte (AVX2) register where the CPU has one (functions compiled for that
+// target, chosen once per process), a 16-byte one otherwise.
 // The backward works in fixed blocks of kLstmOptCpuBlock coordinates: each block keeps its
-// workspace rows in a small local buffer (cache-resident), reduces its weight-gradient
-// partial sums into the shared workspace, and a final pass sums the blocks in order.
+// workspace rows in a small local buffer (cache-resident), computes its weight-gradient
+// partial sums as register-tiled matrix products into the shared workspace, and a final pass
+// sums the blocks in order (bitwise the same for any thread count).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -15,8 +19,9 @@
 namespace pymeta {
 namespace {
 
-// One 16-byte SIMD register per value (SSE2, the x86-64 baseline): wider vector types would
-// be lowered through memory by the compiler.
+// One 16-byte SIMD register per value (SSE2, the x86-64 baseline) in code compiled for the
+// default target: wider vector types would be lowered through memory there. The wider paths
+// live in target-specific functions (below).
 template <typename T> struct LaneCount { static constexpr int value = 16 / sizeof(T); };
 
 template <typename F>
