@@ -1,12 +1,16 @@
 // CPU kernels of lstm_optimizer_step: at::parallel_for over groups of L consecutive
 // coordinates, each group running the shared per-coordinate math of
-// pymeta/lstm_optimizer.h on Lanes<T, L> (SIMD across coordinates).
+// pymeta/lstm_optimizer.h on Lanes<T, L> (SIMD across coordinates): L fills a 64-byte
+// (AVX-512) or 32-byte (AVX2) register where the CPU has one (functions compiled for that
+// target, chosen once per process), a 16-byte one otherwise.
 // The backward works in fixed blocks of kLstmOptCpuBlock coordinates: each block keeps its
-// workspace rows in a small local buffer (cache-resident), reduces its weight-gradient
-// partial sums into the shared workspace, and a final pass sums the blocks in order.
+// workspace rows in a small local buffer (cache-resident), computes its weight-gradient
+// partial sums as register-tiled matrix products into the shared workspace, and a final pass
+// sums the blocks in order (bitwise the same for any thread count).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -15,8 +19,9 @@
 namespace pymeta {
 namespace {
 
-// One 16-byte SIMD register per value (SSE2, the x86-64 baseline): wider vector types would
-// be lowered through memory by the compiler.
+// One 16-byte SIMD register per value (SSE2, the x86-64 baseline) in code compiled for the
+// default target: wider vector types would be lowered through memory there. The wider paths
+// live in target-specific functions (below).
 template <typename T> struct LaneCount { static constexpr int value = 16 / sizeof(T); };
 
 template <typename F>
@@ -70,6 +75,131 @@ T dot(const T* a, const T* b, int64_t count) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+
+// ---- the weight-gradient block products ------------------------------------------------------
+// C^T[b, a] = sum_{n < cnt} At[n, a] * B_b[n], for a < lda (a multiple of 64 bytes' worth of T;
+// At is A transposed, coordinate-major, zero past the real rows) and b < nb. Register tiles of
+// MRV vectors of A (along a) times NR rows of B (broadcast), accumulated over n in order:
+// every entry is one sequential sum over n, whatever the tiling, ISA path or thread count.
+// The same source is compiled for AVX-512, AVX2+FMA and the SSE2 baseline; the path is chosen
+// once per process from the CPU (so results are reproducible on one machine).
+#define PYMETA_WGRAD_KERNELS(NS, VB, MRVMAX, NRV)                                               \
+  namespace NS {                                                                              \
+  constexpr int kNR = NRV;                                                                    \
+  template <typename T, int MRV>                                                              \
+  void tile(const T* at, int64_t lda, int cnt, const T* const* bp, T* ct, int64_t a0) {        \
+    constexpr int VW = VB / sizeof(T);                                                        \
+    typedef T vec __attribute__((vector_size(VB)));                                           \
+    vec acc[MRV][NRV];                                                                        \
+    for (int i = 0; i < MRV; ++i)                                                             \
+      for (int j = 0; j < NRV; ++j) acc[i][j] = vec{};                                        \
+    const T* a = at + a0;                                                                     \
+    for (int n = 0; n < cnt; ++n, a += lda) {                                                 \
+      vec av[MRV];                                                                            \
+      for (int i = 0; i < MRV; ++i) std::memcpy(&av[i], a + i * VW, VB);                      \
+      for (int j = 0; j < NRV; ++j) {                                                         \
+        const vec bv = vec{} + bp[j][n];                                                      \
+        for (int i = 0; i < MRV; ++i) acc[i][j] += av[i] * bv;                                \
+      }                                                                                       \
+    }                                                                                         \
+    for (int j = 0; j < NRV; ++j)                                                             \
+      for (int i = 0; i < MRV; ++i) std::memcpy(ct + j * lda + a0 + i * VW, &acc[i][j], VB);   \
+  }                                                                                           \
+  template <typename T>                                                                       \
+  void products(const T* at, int64_t lda, int cnt, const T* const* brows, int nb, T* ct) {    \
+    constexpr int VW = VB / sizeof(T);                                                        \
+    const int64_t nvec = lda / VW;                                                            \
+    for (int b0 = 0; b0 < nb; b0 += NRV) {                                                    \
+      T* c = ct + int64_t(b0) * lda;                                                          \
+      int64_t v = 0;                                                                          \
+      for (; v + MRVMAX <= nvec; v += MRVMAX) tile<T, MRVMAX>(at, lda, cnt, brows + b0, c, v * VW); \
+      for (; v < nvec; ++v) tile<T, 1>(at, lda, cnt, brows + b0, c, v * VW);                  \
+    }                                                                                         \
+  }                                                                                           \
+  }  // namespace NS
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
+PYMETA_WGRAD_KERNELS(wgrad_avx512, 64, 5, 4)
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
+PYMETA_WGRAD_KERNELS(wgrad_avx2, 32, 2, 5)
+#pragma GCC pop_options
+#define PYMETA_WGRAD_X86 1
+#endif
+PYMETA_WGRAD_KERNELS(wgrad_base, 16, 2, 5)
+#undef PYMETA_WGRAD_KERNELS
+
+enum class WgradIsa { Base, Avx2, Avx512 };
+WgradIsa wgrad_isa() {
+#ifdef PYMETA_WGRAD_X86
+  static const WgradIsa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+                                  ? WgradIsa::Avx512
+                              : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                                  ? WgradIsa::Avx2
+                                  : WgradIsa::Base;
+  return isa;
+#else
+  return WgradIsa::Base;
+#endif
+}
+
+// brows: nb rows, nb a multiple of every path's NR (the caller pads with a row of zeros).
+template <typename T>
+void wgrad_products(WgradIsa isa, const T* at, int64_t lda, int cnt, const T* const* brows,
+                    int nb, T* ct) {
+#ifdef PYMETA_WGRAD_X86
+  if (isa == WgradIsa::Avx512) return wgrad_avx512::products(at, lda, cnt, brows, nb, ct);
+  if (isa == WgradIsa::Avx2) return wgrad_avx2::products(at, lda, cnt, brows, nb, ct);
+#endif
+  wgrad_base::products(at, lda, cnt, brows, nb, ct);
+}
+
+
+// ---- the per-coordinate math on wide lanes (AVX-512: 64 bytes, AVX2: 32 bytes) -------------
+// The header's per-coordinate code, instantiated on Lanes<T, VB / sizeof(T)> inside functions
+// compiled for that target (flatten: the whole call tree is inlined, so it is compiled for the
+// target too). The same operations per lane as the 16-byte path.
+#define PYMETA_COORD_KERNELS(SUFFIX, VB)                                                        \
+  template <typename T, int HMAX>                                                             \
+  __attribute__((flatten)) void forward_groups_##SUFFIX(                                      \
+      const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,  \
+      T* update, T* new_state, int64_t N, int64_t n0, int64_t n1) {                           \
+    constexpr int LN = VB / sizeof(T);                                                        \
+    for (int64_t n = n0; n < n1; n += LN) {                                                   \
+      const Col col{N, n, static_cast<int>(std::min<int64_t>(LN, n1 - n))};                  \
+      lstm_opt_forward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, update, new_state, col); \
+    }                                                                                         \
+  }                                                                                           \
+  template <typename T, int HMAX>                                                             \
+  __attribute__((flatten)) void backward_block_##SUFFIX(                                      \
+      const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,  \
+      const T* d_update, const T* d_new_state, T* d_grad, T* d_state, T* ws,                  \
+      int64_t ws_stride, int64_t N, int64_t n0, int64_t cnt) {                                \
+    constexpr int LN = VB / sizeof(T);                                                        \
+    for (int64_t n = n0; n < n0 + cnt; n += LN) {                                             \
+      const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));                    \
+      const Col col{N, n, c}, wc{ws_stride, n - n0, c};                                       \
+      lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update,             \
+                                                     d_new_state, d_grad, d_state, ws, col, wc); \
+    }                                                                                         \
+  }
+#ifdef PYMETA_WGRAD_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+PYMETA_COORD_KERNELS(avx512, 64)
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+PYMETA_COORD_KERNELS(avx2, 32)
+#pragma GCC pop_options
+#endif
+#undef PYMETA_COORD_KERNELS
+
 template <typename T, int HMAX>
 void forward(const LstmOptLaunch& L) {
   constexpr int LN = LaneCount<T>::value;
@@ -82,6 +212,21 @@ void forward(const LstmOptLaunch& L) {
   auto* new_state = static_cast<T*>(L.new_state);
   // A group costs ~ 20 H^2 flops per coordinate; aim for ~ 100k flops per task.
   const int64_t grain = std::max<int64_t>(1, 4096 / (int64_t(L.H) * L.H * LN + 1));
+#ifdef PYMETA_WGRAD_X86
+  if (wgrad_isa() != WgradIsa::Base) {
+    // Tasks of whole wide-lane groups, the same grain in coordinates.
+    const bool z = wgrad_isa() == WgradIsa::Avx512;
+    const int64_t WN = (z ? 64 : 32) / sizeof(T);
+    const int64_t wgroups = (L.N + WN - 1) / WN;
+    const int64_t wgrain = std::max<int64_t>(1, grain * LN / WN);
+    at::parallel_for(0, wgroups, wgrain, [&](int64_t g0, int64_t g1) {
+      const int64_t n1 = std::min<int64_t>(L.N, g1 * WN);
+      if (z) forward_groups_avx512<T, HMAX>(W, s, grad, state, update, new_state, L.N, g0 * WN, n1);
+      else forward_groups_avx2<T, HMAX>(W, s, grad, state, update, new_state, L.N, g0 * WN, n1);
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n = g * LN;
@@ -109,10 +254,30 @@ void backward(const LstmOptLaunch& L) {
   auto* d_state = static_cast<T*>(L.d_state);
   auto* partial = static_cast<T*>(L.workspace);  // [blocks, P.off[3]]
 
+  // A^T for the block products: lda = 4H rounded up to 64 bytes of T, rows past 4H are zero.
+  const int64_t align = 64 / sizeof(T);
+  const int64_t lda = (4 * H + align - 1) / align * align;
+  const WgradIsa isa = wgrad_isa();
+  constexpr int NRP = 20;  // a multiple of every path's NR (4, 5): B row lists padded to it
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> ws(static_cast<size_t>(R.total) * BC);
+    std::vector<T> at_buf(static_cast<size_t>(lda) * BC, T(0));
+    std::vector<T> ones(BC, T(1)), zeros(BC, T(0));
+    const int mbmax = std::max(P.mb[0], P.mb[1]);
+    const int nbpad = (mbmax + NRP - 1) / NRP * NRP;
+    std::vector<T> ct(static_cast<size_t>(nbpad) * lda);
+    std::vector<const T*> brows(nbpad);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * BC, cnt = std::min<int64_t>(BC, N - n0);
+#ifdef PYMETA_WGRAD_X86
+      if (isa == WgradIsa::Avx512) {
+        backward_block_avx512<T, HMAX>(W, s, grad, state, d_update, d_new_state, d_grad,
+                                       d_state, ws.data(), BC, N, n0, cnt);
+      } else if (isa == WgradIsa::Avx2) {
+        backward_block_avx2<T, HMAX>(W, s, grad, state, d_update, d_new_state, d_grad,
+                                     d_state, ws.data(), BC, N, n0, cnt);
+      } else
+#endif
       for (int64_t n = n0; n < n0 + cnt; n += LN) {
         const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));
         const Col col{N, n, c}, wc{BC, n - n0, c};
@@ -123,18 +288,34 @@ void backward(const LstmOptLaunch& L) {
       T* out = partial + b * P.off[3];
       auto wrow = [&](int r) -> const T* { return ws.data() + int64_t(r) * BC; };
       auto srow = [&](int r) -> const T* { return state + int64_t(r) * N + n0; };
-      for (int q = 0; q < 3; ++q) {
-        for (int a = 0; a < P.ma[q]; ++a) {
-          const T* arow = wrow(q == 0 ? R.dz1 + a : q == 1 ? R.dz2 + a : R.du);
-          T* o = out + P.off[q] + int64_t(a) * P.mb[q];
-          for (int k = 0; k < P.mb[q]; ++k) {
-            const T* brow = nullptr;  // nullptr: the row of ones (bias)
-            if (q == 0) brow = k < n_in ? wrow(R.x + k) : k < n_in + H ? srow(k - n_in) : nullptr;
-            else if (q == 1) brow = k < H ? wrow(R.h1 + k) : k < 2 * H ? srow(2 * H + k - H) : nullptr;
-            else brow = k < H ? wrow(R.h2 + k) : nullptr;
-            o[k] = dot(arow, brow, cnt);
-          }
+      for (int q = 0; q < 2; ++q) {
+        const int ma = P.ma[q], mb = P.mb[q];
+        const int arow0 = q == 0 ? R.dz1 : R.dz2;
+        // A (4H rows of gate gradients, coordinates contiguous) -> A^T (coordinate-major).
+        for (int a = 0; a < ma; ++a) {
+          const T* src = wrow(arow0 + a);
+          T* dst = at_buf.data() + a;
+          for (int64_t n = 0; n < cnt; ++n) dst[n * lda] = src[n];
         }
+        int nb = 0;
+        for (int k = 0; k < mb; ++k) {
+          const T* brow;
+          if (q == 0) brow = k < n_in ? wrow(R.x + k) : k < n_in + H ? srow(k - n_in) : ones.data();
+          else brow = k < H ? wrow(R.h1 + k) : k < 2 * H ? srow(2 * H + k - H) : ones.data();
+          brows[nb++] = brow;
+        }
+        const int nbp = (nb + NRP - 1) / NRP * NRP;
+        for (; nb < nbp; ++nb) brows[nb] = zeros.data();
+        wgrad_products<T>(isa, at_buf.data(), lda, static_cast<int>(cnt), brows.data(), nbp,
+                          ct.data());
+        T* o = out + P.off[q];
+        for (int a = 0; a < ma; ++a)
+          for (int k = 0; k < mb; ++k) o[int64_t(a) * mb + k] = ct[int64_t(k) * lda + a];
+      }
+      {  // q = 2: one A row (du), H + 1 dot products
+        const T* arow = wrow(R.du);
+        T* o = out + P.off[2];
+        for (int k = 0; k < P.mb[2]; ++k) o[k] = dot(arow, k < H ? wrow(R.h2 + k) : nullptr, cnt);
       }
     }
   });
