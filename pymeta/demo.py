@@ -85,6 +85,14 @@ def _pyplot():
     return plt
 
 
+def _save_figure(plt, fig, path: str) -> str:
+    """Lays out, writes (PNG, 110 dpi) and closes fig; returns path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ---- part 1: sinusoid regression -------------------------------------------------------------
 
 def demo_sinusoid(device: str = "cpu", quick: bool = False, seed: int = 0, out_dir: Optional[str] = None,
@@ -179,9 +187,7 @@ def _plot_sinusoid(path: str, curves: Dict[str, List[float]], examples: dict, K:
             b.plot(xs, examples[name]["post"], "--", color=color, label=f"{name}, one step")
     b.set(xlabel="x", ylabel="y", title=f"A held-out task, {K}-shot")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 # ---- part 2: the learned LSTM optimizer (isolated: needs pymeta.LSTMOptimizer) --------------
@@ -287,11 +293,7 @@ def demo_learned_optimizer(device: str = "cpu", quick: bool = False, seed: int =
                     label=name + (f" (lr {best_lr[name]:.2g})" if name in best_lr else ""))
         ax.set(xlabel="step", ylabel="mean loss", yscale="log", title="Unseen quadratics")
         ax.legend()
-        fig.tight_layout()
-        path = os.path.join(out_dir, "learned_optimizer.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        results["plot"] = path
+        results["plot"] = _save_figure(plt, fig, os.path.join(out_dir, "learned_optimizer.png"))
     return results
 
 
@@ -401,11 +403,7 @@ def demo_digits(device: str = "cpu", quick: bool = False, seed: int = 0, out_dir
         ax.set(xlabel="meta-iteration", ylabel="query accuracy after adaptation, % (moving average)",
                title="MAML on digits 0-4 x 4 rotations (meta-training tasks)")
         ax.legend()
-        fig.tight_layout()
-        path = os.path.join(out_dir, "digits.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        results["plot"] = path
+        results["plot"] = _save_figure(plt, fig, os.path.join(out_dir, "digits.png"))
     return results
 
 

@@ -17,6 +17,17 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+def _check_same(op: str, t: Tensor, name: str, dtype: torch.dtype, dtype_of: str,
+                device: torch.device, device_of: str) -> None:
+    """All tensors of one call share a dtype and a device; names the offender."""
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but {dtype_of} has {dtype}; "
+                        f"all tensors of one call share a dtype")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {device_of} is on {device}; "
+                         f"all tensors of one call share a device")
+
+
 def check_inner_update_args(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                             lr_tensors: Sequence[Tensor] | None) -> list[bool]:
     """The argument checks of inner_update; returns which params are shared over tasks."""
@@ -35,12 +46,7 @@ def check_inner_update_args(op: str, params: Sequence[Tensor], grads: Sequence[T
                         f"float16 and bfloat16")
 
     def check(t: Tensor, name: str, i: int) -> None:
-        if t.dtype != dtype:
-            raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype} but params[0] has {dtype}; "
-                            f"all tensors of one call share a dtype")
-        if t.device != device:
-            raise ValueError(f"{op}: {name}[{i}] is on {t.device} but grads[0] is on {device}; "
-                             f"all tensors of one call share a device")
+        _check_same(op, t, f"{name}[{i}]", dtype, "params[0]", device, "grads[0]")
 
     shared = []
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -135,12 +141,7 @@ def check_lstm_optimizer_args(op: str, grad: Tensor, state: Tensor, weights: Seq
     N = grad.shape[0]
 
     def same(t: Tensor, name: str) -> None:
-        if t.dtype != grad.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but grad has {grad.dtype}; "
-                            f"all tensors of one call share a dtype")
-        if t.device != grad.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but grad is on {grad.device}; "
-                             f"all tensors of one call share a device")
+        _check_same(op, t, name, grad.dtype, "grad", grad.device, "grad")
 
     same(state, "state")
     if state.dim() != 3 or state.shape[0] != 4 or state.shape[2] != N:
@@ -208,12 +209,7 @@ def lstm_optimizer_step_backward(grad_update: Tensor, grad_new_state: Tensor, gr
     N, H, _ = check_lstm_optimizer_args(op, grad, state, weights, preprocessing, p)
     for name, t, shape in (("grad_update", grad_update, [N]),
                            ("grad_new_state", grad_new_state, [4, H, N])):
-        if t.dtype != grad.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but grad has {grad.dtype}; "
-                            f"all tensors of one call share a dtype")
-        if t.device != grad.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but grad is on {grad.device}; "
-                             f"all tensors of one call share a device")
+        _check_same(op, t, name, grad.dtype, "grad", grad.device, "grad")
         if list(t.shape) != shape:
             raise ValueError(f"{op}: {name} has shape {_shape(t)}; expected "
                              f"[{', '.join(map(str, shape))}]")
