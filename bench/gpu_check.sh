@@ -50,9 +50,13 @@ tail -5 "$OUT/sanitizer.log"
 
 
 t0=$SECONDS
-timeout 90 $PY bench/lstm_gpu_timing.py > "$OUT/lstm_timing.log" 2>&1
+timeout 150 $PY bench/lstm_gpu_goals.py > "$OUT/lstm_goals.log" 2>&1
+timeout 90 $PY bench/lstm_gpu_timing.py --H 20 32 64 > "$OUT/lstm_timing.log" 2>&1
 timeout 90 $PY bench/gpu_check_maml.py cuda > "$OUT/maml.log" 2>&1
 extra_s=$((SECONDS - t0))
+if [ "${PYMETA_PROFILE:-1}" = 1 ]; then  # kernel-time breakdowns, for the next levers
+  timeout 60 $PY bench/gpu_profile.py > "$OUT/profile.log" 2>&1
+fi
 
 t0=$SECONDS
 bench_rc=0
@@ -71,7 +75,8 @@ echo "build:      ${build_s}s (archs $TORCH_CUDA_ARCH_LIST)"
 echo "cuda tests: rc=$tests_rc ${tests_s}s: $(tail -1 "$OUT/tests.log")"
 echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$OUT/sanitizer.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
-cat "$OUT/lstm_timing.log" | tail -10
+cat "$OUT/lstm_goals.log" | tail -14
+cat "$OUT/lstm_timing.log" | tail -8
 grep -E "err vs loop|maml conv4|graph vs eager|capture failed" "$OUT/maml.log"
 echo "bench:      rc=$bench_rc ${bench_s}s"
 sed -n '/^$/,$p' "$OUT/bench.log"

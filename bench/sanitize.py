@@ -27,9 +27,10 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
 torch.cuda.synchronize()
 print("sanitize.py: all kernels ran")
 
-# lstm_optimizer_step: forward and backward, odd N, two hidden sizes, both dtypes.
+# lstm_optimizer_step: forward and backward, odd N, both dtypes; float32 H <= 32 takes the
+# tensor-core forward (H 7, 20, 32), H = 64 the CUDA-core kernels.
 for dtype in (torch.float32, torch.float64):
-    for H in (20, 64):
+    for H in ((7, 20, 32, 64) if dtype == torch.float32 else (20, 64)):
         net = pymeta.LSTMOptimizerNet(H).to(dev, dtype)
         N = 5003
         grad = torch.randn(N, device=dev, dtype=dtype, requires_grad=True)

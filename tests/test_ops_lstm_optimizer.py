@@ -329,3 +329,24 @@ def test_cuda_matches_cpu_large(dtype, H):
     for a, b in zip(cpu_f + cpu_b, gpu_f + gpu_b):
         scale = a.abs().max().clamp_min(1.0)
         torch.testing.assert_close(b.cpu() / scale, a / scale, rtol=rtol, atol=atol)
+
+
+@native_only
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("H", [1, 7, 20, 24, 32])
+def test_cuda_tensor_core_forward_matches_cuda_core_forward(H, monkeypatch):
+    """float32, H <= 32 takes the tensor-core forward (3xTF32 mma.sync); PYMETA_LSTM_MMA=0
+    selects the CUDA-core kernel. Both agree, NaN stays in its coordinates, and N not a
+    multiple of the 32-coordinate warp step leaves nothing past N written."""
+    N = 10_007
+    inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
+    inputs[0][[5, 4000]] = float("nan")
+    fast = OP(*inputs, "log_sign", 10.0, 0.1)
+    monkeypatch.setenv("PYMETA_LSTM_MMA", "0")
+    slow = OP(*inputs, "log_sign", 10.0, 0.1)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, equal_nan=True)
+    bad = fast[0].isnan()
+    assert bad.nonzero().flatten().tolist() == [5, 4000]
+    assert torch.equal(fast[1].isnan().any(dim=1), bad.expand(4, N))

@@ -14,8 +14,10 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 
+#include "lstm_optimizer_mma.cuh"
 #include "lstm_optimizer_thread.cuh"
 #include "pymeta/lstm_optimizer.h"
 
@@ -94,6 +96,26 @@ backward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_const
         static_cast<const T*>(L.d_update), static_cast<const T*>(L.d_new_state),
         static_cast<T*>(L.d_grad), static_cast<T*>(L.d_state), static_cast<T*>(L.workspace), N, n);
   }
+}
+
+// ---- tensor-core forward (float, H <= 32, sm_80+): lstm_optimizer_mma.cuh ----------------
+constexpr int kMmaThreads = 256;
+
+template <int HB>
+__global__ void __launch_bounds__(kMmaThreads)
+forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  lstm_mma_stage<HB>(sm, P.W, P.s.H, P.s.n_in, threadIdx.x, blockDim.x);
+  __syncthreads();
+  const int warps = blockDim.x / 32;
+  const int64_t step = LstmMmaShape<HB>::kCoords;
+  const float b_out = P.W.b_out[0];
+  for (int64_t base = (int64_t(blockIdx.x) * warps + threadIdx.x / 32) * step; base < L.N;
+       base += int64_t(gridDim.x) * warps * step)  // warp-uniform: the mma needs all 32 lanes
+    lstm_mma_forward_warp<HB>(sm, P.s, b_out, static_cast<const float*>(L.grad),
+                              static_cast<const float*>(L.state), static_cast<float*>(L.update),
+                              static_cast<float*>(L.new_state), L.N, base);
 }
 
 // ---- fallback kernels: weights from global memory --------------------------------------------
@@ -227,8 +249,41 @@ int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
   return ws_rows_bytes(L) + num_chunks(L.N) * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
 }
 
+// The tensor-core forward when it applies: float, H <= 32, a GPU of compute capability 8.0+,
+// and PYMETA_LSTM_MMA not set to 0 (the benchmarks time both paths). -1: not applicable.
+static int forward_mma(const LstmOptLaunch& L, cudaStream_t stream) {
+  if (L.dtype != DType::Float32 || L.H > 32) return -1;
+  const char* env = std::getenv("PYMETA_LSTM_MMA");
+  if (env && env[0] == '0') return -1;
+  int dev = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (!err) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err) return static_cast<int>(err);
+  if (major < 8) return -1;
+  auto launch = [&](auto hb) {
+    constexpr int HB = decltype(hb)::value;
+    const Params<float> P = params_of<float>(L);
+    const int64_t per_block = int64_t(kMmaThreads / 32) * LstmMmaShape<HB>::kCoords;
+    SmemLaunch s{};
+    int e = plan_smem(forward_mma_kernel<HB>, kMmaThreads,
+                      sizeof(float) * LstmMmaShape<HB>::kTotal, (L.N + per_block - 1) / per_block,
+                      &s);
+    if (e) return e;
+    if (s.blocks == 0) return -1;
+    forward_mma_kernel<HB><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+    return static_cast<int>(cudaGetLastError());
+  };
+  if (L.H <= 8) return launch(std::integral_constant<int, 8>{});
+  if (L.H <= 16) return launch(std::integral_constant<int, 16>{});
+  if (L.H <= 20) return launch(std::integral_constant<int, 20>{});
+  if (L.H <= 24) return launch(std::integral_constant<int, 24>{});
+  return launch(std::integral_constant<int, 32>{});
+}
+
 int lstm_opt_forward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
   if (L.N == 0) return 0;
+  const int mma = forward_mma(L, stream);
+  if (mma >= 0) return mma;
   return dispatch(L, [&](auto tag, auto hp) {
     using T = decltype(tag);
     constexpr int HP = decltype(hp)::value;

@@ -1,0 +1,194 @@
+"""The goals table of the fused LSTM optimizer step (issue 3) on a CUDA GPU, in one run:
+
+  forward (no_grad, float32, log_sign, H = 20) at N = 10k, 1M, 10M:
+    native (tensor-core path), native CUDA-core path (PYMETA_LSTM_MMA=0), the eager nn.LSTMCell
+    reference (state kept in LSTMCell's own [N, H] layout, no transposes), torch.compile of it,
+    torch.optim.Adam(fused=DEV == "cuda") for scale; and the native step replayed from a CUDA graph
+    (device time without Python's per-call cost). Roofline: bytes moved (32 H + 8 per
+    coordinate) over the copy bandwidth measured in the same run.
+  a 20-step unroll, forward + backward to the optimizer's weights, at N = 200k: native vs the
+    eager LSTMCell reference, time and peak memory (what meta-training pays per truncation).
+
+Times are CUDA-event medians of `repeats` runs of `reps` back-to-back calls after warm-up.
+Usage: python bench/lstm_gpu_goals.py [--H 20] [--no-compile]
+"""
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+
+import pymeta
+
+P, OUT_SCALE = 10.0, 0.1
+DEV = "cuda"  # --dry-run: "cpu" with tiny sizes, to check this script without a GPU
+SIZES = (10_000, 1_000_000, 10_000_000)
+
+
+def timed(fn, reps=20, repeats=5, warmup=3):
+    for _ in range(warmup):
+        fn()
+    if DEV == "cpu":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / reps
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    return statistics.median(times)
+
+
+def preprocess(grad):
+    big = grad.abs() >= math.exp(-P)
+    safe = torch.where(big, grad.abs(), torch.ones_like(grad))
+    return torch.stack([torch.where(big, safe.log() / P, torch.full_like(grad, -1.0)),
+                        torch.where(big, grad.sign(), grad * math.exp(P))], dim=1)
+
+
+def cell_step(net, grad, st):
+    """The eager reference: nn.LSTMCell x 2 + nn.Linear, state as LSTMCell keeps it ([N, H])."""
+    h1, c1 = net.cell1(preprocess(grad), (st[0], st[1]))
+    h2, c2 = net.cell2(h1, (st[2], st[3]))
+    return net.out(h2).squeeze(1) * OUT_SCALE, (h1, c1, h2, c2)
+
+
+def native_step(net, grad, state):
+    return torch.ops.pymeta.lstm_optimizer_step(grad, state, *net.weights(), "log_sign", P,
+                                                OUT_SCALE)
+
+
+def graph_time(fn, reps=20):
+    if DEV == "cpu":
+        return float("nan")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return timed(g.replay, reps)
+
+
+def copy_bandwidth():
+    x = torch.empty(1 << (28 if DEV == "cuda" else 20), device=DEV)
+    y = torch.empty_like(x)
+    ms = timed(lambda: y.copy_(x), reps=10)
+    return 2 * x.numel() * 4 / (ms * 1e-3)  # bytes/s
+
+
+def forward_table(H, compile_ref):
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'cuda-core':>9} | {'eager':>8} "
+            f"{'compile':>8} {'adam':>7} | {'x eager':>7} {'x cmp':>6} {'x core':>6} | "
+            f"{'roofline':>8} | {'err':>7}")
+    print(f"forward, H={H}, float32, log_sign, ms per call")
+    print(head)
+    print("-" * len(head))
+    cmp_fn = torch.compile(cell_step, dynamic=False) if compile_ref else None
+    for N in SIZES:
+        torch.manual_seed(0)
+        net = pymeta.LSTMOptimizerNet(H).to(DEV)
+        grad = torch.randn(N, device=DEV) * 1e-3
+        state = torch.randn(4, H, N, device=DEV) * 0.1
+        st = tuple(s.t().contiguous() for s in state)
+        reps = 20 if N < 10_000_000 else 5
+        with torch.no_grad():
+            nat = timed(lambda: native_step(net, grad, state), reps)
+            gr = graph_time(lambda: native_step(net, grad, state), reps)
+            os.environ["PYMETA_LSTM_MMA"] = "0"
+            core = timed(lambda: native_step(net, grad, state), reps)
+            u_core = native_step(net, grad, state)[0]
+            del os.environ["PYMETA_LSTM_MMA"]
+            eager = timed(lambda: cell_step(net, grad, st), reps)
+            u_ref = cell_step(net, grad, st)[0]
+            err = (native_step(net, grad, state)[0] - u_ref).abs().max().item()
+            err_core = (u_core - u_ref).abs().max().item()
+            cmp = timed(lambda: cmp_fn(net, grad, st), reps) if cmp_fn else float("nan")
+        prm = torch.zeros(N, device=DEV, requires_grad=True)
+        prm.grad = grad.clone()
+        adam = torch.optim.Adam([prm], lr=1e-3, fused=DEV == "cuda")
+        ad = timed(adam.step, reps)
+        floor = (32 * H + 8) * N / bw * 1e3
+        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {core:>9.4f} | {eager:>8.4f} {cmp:>8.4f} "
+              f"{ad:>7.4f} | {eager / nat:>7.1f} {cmp / nat:>6.1f} {core / nat:>6.1f} | "
+              f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e})",
+              flush=True)
+        del net, grad, state, st, prm, adam
+        torch.cuda.empty_cache()
+
+
+def unroll_table(H, N=200_000, T=20):
+    torch.manual_seed(0)
+    net = pymeta.LSTMOptimizerNet(H).to(DEV)
+    a = torch.rand(N, device=DEV) + 0.5
+    b = torch.randn(N, device=DEV)
+    theta0 = torch.randn(N, device=DEV)
+    weights = list(net.parameters())
+
+    def run(native):
+        theta = theta0.clone()
+        state = net.init_state(N, device=DEV) if native else \
+            tuple(torch.zeros(N, H, device=DEV) for _ in range(4))
+        loss = 0.0
+        for _ in range(T):
+            g = (a * (theta - b)).detach()  # second derivatives of the optimizee dropped
+            if native:
+                u, state = net(g, state)
+            else:
+                u, state = cell_step(net, g, state)
+            theta = theta + u
+            loss = loss + 0.5 * (a * (theta - b) ** 2).sum()
+        return torch.autograd.grad(loss, weights)
+
+    out = {}
+    for name, native in (("native", True), ("eager", False)):
+        with pymeta.use_backend("native" if native else "reference"):
+            grads = run(native)
+            ms = timed(lambda: run(native), reps=3, repeats=3, warmup=1)
+            peak = float("nan")
+            if DEV == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                run(native)
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out[name] = (ms, peak, grads)
+    err = max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+              for x, y in zip(out["native"][2], out["eager"][2]))
+    print(f"\n{T}-step unroll, forward + backward to the optimizer's weights, N={N}, H={H}:")
+    print(f"  native {out['native'][0]:.3f} ms, peak {out['native'][1]:.0f} MiB | eager LSTMCell "
+          f"{out['eager'][0]:.3f} ms, peak {out['eager'][1]:.0f} MiB | x {out['eager'][0] / out['native'][0]:.2f}, "
+          f"memory {out['native'][1] / out['eager'][1]:.2f} of eager | meta-grad rel err {err:.1e}",
+          flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--H", type=int, default=20)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
+    args = ap.parse_args()
+    global DEV, SIZES
+    if args.dry_run:
+        DEV, SIZES = "cpu", (1000, 3000)
+    print(torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch", torch.__version__)
+    forward_table(args.H, not args.no_compile)
+    unroll_table(args.H, N=200_000 if DEV == "cuda" else 2000)
+
+
+if __name__ == "__main__":
+    main()

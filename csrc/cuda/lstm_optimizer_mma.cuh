@@ -1,0 +1,310 @@
+// The tensor-core forward of lstm_optimizer_step (float32, H <= 32, sm_80+): per warp, the
+// gate pre-activations of 16 coordinates are matrix products on mma.sync m16n8k8 TF32 tiles,
+//   Z1[16, 4H] = h1_prev[16, H] W_hh1^T            (+ b1 + x W_ih1^T, in fp32 on CUDA cores)
+//   Z2[16, 4H] = h1_new[16, H] W_ih2^T + h2_prev[16, H] W_hh2^T      (+ b2)
+// and the cells, the head and the stores stay in fp32 with the header's math (lstm_cell).
+//
+// Accuracy: "3xTF32". Every fp32 operand is split into hi (its top 10 mantissa bits, a TF32
+// value) and lo = x - hi (exact), and a*b is computed as lo_a hi_b + hi_a lo_b + hi_a hi_b
+// with fp32 accumulation: relative error ~2^-20 per product, where one TF32 product would
+// be ~2^-10 (3e-4 absolute on the gates at H = 20, over the tests' fp32 tolerance).
+//
+// Layout tricks that keep every value in the thread that needs it (no shuffles, no shared
+// memory round trips between the products and the cells):
+// * Gate columns are permuted so that the 4 gates of one unit land in one thread: n-tile
+//   2p + s, column 2t + e holds gate q = 2s + e of unit u = 4p + t. With the accumulator
+//   layout of m16n8 (thread (g, t) holds rows g, g + 8 and columns 2t, 2t + 1), thread
+//   (g, t) owns units 4p + t, p < NP, of coordinates g and g + 8: i, f, g, o all in hand.
+// * The A operand of m16k8 (thread holds rows g, g + 8, columns t, t + 4 of a k-tile) then
+//   asks for exactly those units too: k-tile kk, column t is unit 8 kk + t = 4 (2 kk) + t
+//   and column t + 4 is unit 4 (2 kk + 1) + t. So a cell's h output is the next product's
+//   A operand as it stands ("A slot" p = the thread's p-th unit).
+// * NaN in one coordinate stays in its row of every product (rows are coordinates), so it
+//   never reaches other coordinates; padding units (u >= H) are zeros and never stored.
+//
+// The weights are staged once per block into shared memory, already split and in fragment
+// order: per (matrix, k-tile, n-tile, lane) one float4 {b0 hi, b1 hi, b0 lo, b1 lo}: one
+// 16-byte load feeds three mma per m-tile.
+//
+// The code is written once for the GPU and for the host emulation in tests/cuda_emu (which
+// runs 32 host threads as one warp and provides the mma and the shuffle).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "lstm_optimizer_thread.cuh"
+#include "pymeta/lstm_optimizer.h"
+
+namespace pymeta {
+
+#if defined(__CUDACC__)
+#define PYMETA_WARP __device__ __forceinline__
+PYMETA_WARP int warp_lane() { return threadIdx.x & 31; }
+PYMETA_WARP float warp_shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+// D += A B on one m16n8k8 tile: A 16 x 8 (row), B 8 x 8 (col), TF32 in, fp32 accumulate.
+PYMETA_WARP void warp_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // the host side never launches the mma kernel below sm_80
+#endif
+}
+#else
+#define PYMETA_WARP inline
+// Provided by the host emulator (tests/cuda_emu/lstm_mma_emu.cpp).
+int warp_lane();
+float warp_shfl_xor(float v, int mask);
+void warp_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+#endif
+
+PYMETA_HD uint32_t f32_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+#endif
+}
+PYMETA_HD float bits_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+#endif
+}
+// The TF32 "hi" part: the top 10 mantissa bits (truncation keeps NaN a NaN and Inf an Inf;
+// x - hi is then exact in fp32).
+PYMETA_HD float tf32_hi(float x) { return bits_f32(f32_bits(x) & 0xffffe000u); }
+
+// Compile-time shape of the tensor-core path for hidden sizes up to HB (8, 16, 20, 24, 32).
+template <int HB>
+struct LstmMmaShape {
+  static constexpr int KT = (HB + 7) / 8;       // k-tiles of an H-long input
+  static constexpr int NP = HB / 4;             // unit slots per thread (4 units per n-tile pair)
+  static constexpr int NT = 2 * NP;             // n-tiles of the 4H gate columns
+  static constexpr int MT = HB <= 24 ? 2 : 1;   // m-tiles (16 coordinates) per warp step
+  static constexpr int kFrag = KT * NT * 32 * 4;  // floats per staged matrix
+  static constexpr int kConst = 20;               // floats per (slot, t): b1, b2, wx0, wx1, wout
+  static constexpr int kTotal = 3 * kFrag + NP * 4 * kConst;  // floats of shared memory
+  static constexpr int kCoords = 16 * MT;         // coordinates per warp step
+};
+
+// Thread `tid` of `nthreads` writes its share of the staged weights (the caller syncs).
+// Matrices 0, 1, 2: w_hh1, w_ih2, w_hh2. Then per (slot p, t), unit u = 4p + t, gates q:
+// b1[q] = b_ih1 + b_hh1, b2[q], wx0[q] = w_ih1[qH + u, 0], wx1[q] (0 if n_in = 1), wout.
+template <int HB>
+PYMETA_HD void lstm_mma_stage(float* sm, const LstmOptWeights<float>& W, int H, int n_in,
+                              int tid, int nthreads) {
+  using S = LstmMmaShape<HB>;
+  constexpr int per = S::KT * S::NT * 32;
+  for (int e = tid; e < 3 * per; e += nthreads) {
+    const int m = e / per, r = e - m * per;
+    const int lane = r & 31, tile = r >> 5;
+    const int kk = tile / S::NT, nt = tile - kk * S::NT;
+    const int g = lane >> 2, t = lane & 3;
+    const int u = 4 * (nt >> 1) + (g >> 1), q = 2 * (nt & 1) + (g & 1);
+    const float* w = m == 0 ? W.w_hh1 : (m == 1 ? W.w_ih2 : W.w_hh2);
+    float v[2];
+    for (int i = 0; i < 2; ++i) {
+      const int k = 8 * kk + t + 4 * i;
+      v[i] = (u < H && k < H) ? w[(q * H + u) * H + k] : 0.0f;
+    }
+    float* o = sm + m * S::kFrag + 4 * r;
+    o[0] = tf32_hi(v[0]);
+    o[1] = tf32_hi(v[1]);
+    o[2] = v[0] - o[0];
+    o[3] = v[1] - o[1];
+  }
+  for (int e = tid; e < S::NP * 4; e += nthreads) {
+    const int u = e;  // e = 4p + t
+    float* o = sm + 3 * S::kFrag + e * S::kConst;
+    for (int q = 0; q < 4; ++q) {
+      const bool v = u < H;
+      const int r = q * H + u;
+      o[q] = v ? W.b_ih1[r] + W.b_hh1[r] : 0.0f;
+      o[4 + q] = v ? W.b_ih2[r] + W.b_hh2[r] : 0.0f;
+      o[8 + q] = v ? W.w_ih1[r * n_in] : 0.0f;
+      o[12 + q] = v && n_in > 1 ? W.w_ih1[r * n_in + 1] : 0.0f;
+    }
+    o[16] = u < H ? W.w_out[u] : 0.0f;
+    o[17] = o[18] = o[19] = 0.0f;
+  }
+}
+
+// acc[mt][nt] += A[mt] B for KT k-tiles: A from the thread's unit slots a[mt][row half][slot],
+// B = one staged matrix. 3xTF32 (see the top of the file).
+template <int HB>
+PYMETA_WARP void lstm_mma_product(
+    float (&acc)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4],
+    const float (&a)[LstmMmaShape<HB>::MT][2][2 * LstmMmaShape<HB>::KT], const float* frag,
+    int lane) {
+  using S = LstmMmaShape<HB>;
+  PYMETA_UNROLL
+  for (int kk = 0; kk < S::KT; ++kk) {
+    uint32_t ahi[S::MT][4], alo[S::MT][4];
+    PYMETA_UNROLL
+    for (int mt = 0; mt < S::MT; ++mt) {
+      const float v[4] = {a[mt][0][2 * kk], a[mt][1][2 * kk], a[mt][0][2 * kk + 1],
+                          a[mt][1][2 * kk + 1]};
+      PYMETA_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const float hi = tf32_hi(v[i]);
+        ahi[mt][i] = f32_bits(hi);
+        alo[mt][i] = f32_bits(v[i] - hi);
+      }
+    }
+    PYMETA_UNROLL
+    for (int nt = 0; nt < S::NT; ++nt) {
+      float b[4];
+      lstm_load4(frag + ((kk * S::NT + nt) * 32 + lane) * 4, b);
+      const uint32_t bhi[2] = {f32_bits(b[0]), f32_bits(b[1])};
+      const uint32_t blo[2] = {f32_bits(b[2]), f32_bits(b[3])};
+      PYMETA_UNROLL
+      for (int mt = 0; mt < S::MT; ++mt) {
+        warp_mma_tf32(acc[mt][nt], alo[mt], bhi);  // small terms first
+        warp_mma_tf32(acc[mt][nt], ahi[mt], blo);
+        warp_mma_tf32(acc[mt][nt], ahi[mt], bhi);
+      }
+    }
+  }
+}
+
+// One warp step: coordinates base .. base + 16 MT - 1 (those >= N are computed on a copy of
+// coordinate N - 1 and not stored). All 32 lanes must call it together.
+template <int HB>
+PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<float>& s,
+                                       float b_out, const float* grad, const float* state,
+                                       float* update, float* new_state, int64_t N,
+                                       int64_t base) {
+  using S = LstmMmaShape<HB>;
+  constexpr int MT = S::MT, NP = S::NP, NT = S::NT, KS = 2 * S::KT;
+  const int H = s.H;
+  const int lane = warp_lane(), g = lane >> 2, t = lane & 3;
+  const float* cst = sm + 3 * S::kFrag;
+
+  int64_t nl[MT][2];  // the coordinate each row loads from
+  bool ok[MT][2];     // ... and whether it is stored
+  float x[MT][2][2];
+  PYMETA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    PYMETA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = base + 16 * mt + g + 8 * h;
+      ok[mt][h] = n < N;
+      nl[mt][h] = n < N ? n : N - 1;
+      lstm_preprocess(grad[nl[mt][h]], s, x[mt][h]);
+    }
+  }
+  auto load_slots = [&](float (&a)[MT][2][KS], int row0) {
+    PYMETA_UNROLL
+    for (int p = 0; p < KS; ++p) {
+      const int u = 4 * p + t;
+      PYMETA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        PYMETA_UNROLL
+        for (int h = 0; h < 2; ++h)
+          a[mt][h][p] = u < H ? state[int64_t(row0 + u) * N + nl[mt][h]] : 0.0f;
+      }
+    }
+  };
+
+  // ---- layer 1: acc = b1 + x W_ih1^T (fp32), then += h1_prev W_hh1^T (tensor cores)
+  float acc[MT][NT][4];
+  PYMETA_UNROLL
+  for (int p = 0; p < NP; ++p) {
+    float c4[4][4];
+    PYMETA_UNROLL
+    for (int j = 0; j < 4; ++j) lstm_load4(cst + (4 * p + t) * S::kConst + 4 * j, c4[j]);
+    PYMETA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) {
+      PYMETA_UNROLL
+      for (int i = 0; i < 8; ++i) {  // n-tile 2p + (i >> 2), accumulator i & 3
+        const int q = 2 * (i >> 2) + (i & 1), h = (i >> 1) & 1;
+        float z = c4[0][q];
+        z = z + c4[2][q] * x[mt][h][0];
+        z = z + c4[3][q] * x[mt][h][1];
+        acc[mt][2 * p + (i >> 2)][i & 3] = z;
+      }
+    }
+  }
+  float a[MT][2][KS];
+  load_slots(a, 0);  // h1_prev
+  lstm_mma_product<HB>(acc, a, sm, lane);
+
+  // cells of layer 1; their h (zero past H) is the A operand of layer 2
+  auto cells = [&](int row_h, int row_c, float (&hout)[MT][2][KS]) {
+    PYMETA_UNROLL
+    for (int p = 0; p < KS; ++p) {
+      const int u = 4 * p + t;
+      PYMETA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        PYMETA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          if (p >= NP) {
+            hout[mt][h][p] = 0.0f;
+            continue;
+          }
+          const float z[4] = {acc[mt][2 * p][2 * h], acc[mt][2 * p][2 * h + 1],
+                              acc[mt][2 * p + 1][2 * h], acc[mt][2 * p + 1][2 * h + 1]};
+          const float cp = u < H ? state[int64_t(row_c + u) * N + nl[mt][h]] : 0.0f;
+          float c, hh;
+          lstm_cell(z, cp, c, hh);
+          if (u < H && ok[mt][h]) {
+            const int64_t n = nl[mt][h];
+            new_state[int64_t(row_h + u) * N + n] = hh;
+            new_state[int64_t(row_c + u) * N + n] = c;
+          }
+          hout[mt][h][p] = u < H ? hh : 0.0f;
+        }
+      }
+    }
+  };
+  float h1[MT][2][KS];
+  cells(0, H, h1);
+
+  // ---- layer 2: acc = b2 + h1_new W_ih2^T + h2_prev W_hh2^T
+  PYMETA_UNROLL
+  for (int p = 0; p < NP; ++p) {
+    float b2[4];
+    lstm_load4(cst + (4 * p + t) * S::kConst + 4, b2);
+    PYMETA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) {
+      PYMETA_UNROLL
+      for (int i = 0; i < 8; ++i) acc[mt][2 * p + (i >> 2)][i & 3] = b2[2 * (i >> 2) + (i & 1)];
+    }
+  }
+  lstm_mma_product<HB>(acc, h1, sm + S::kFrag, lane);
+  load_slots(a, 2 * H);  // h2_prev
+  lstm_mma_product<HB>(acc, a, sm + 2 * S::kFrag, lane);
+  float h2[MT][2][KS];
+  cells(2 * H, 3 * H, h2);
+
+  // ---- head: this thread's units, then the sum over the 4 threads of a row (fixed order)
+  PYMETA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    float o[2] = {0.0f, 0.0f};
+    PYMETA_UNROLL
+    for (int p = 0; p < NP; ++p) {
+      const float wo = cst[(4 * p + t) * S::kConst + 16];
+      PYMETA_UNROLL
+      for (int h = 0; h < 2; ++h) o[h] = o[h] + wo * h2[mt][h][p];
+    }
+    PYMETA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      o[h] = o[h] + warp_shfl_xor(o[h], 1);
+      o[h] = o[h] + warp_shfl_xor(o[h], 2);
+    }
+    // thread t = 0 stores row g, t = 1 row g + 8
+    const float mine = t == 0 ? o[0] : o[1];  // no runtime array index: keeps o in registers
+    const bool store = t == 0 ? ok[mt][0] : (t == 1 && ok[mt][1]);
+    if (store) update[t == 0 ? nl[mt][0] : nl[mt][1]] = (mine + b_out) * s.out_scale;
+  }
+}
+
+}  // namespace pymeta

@@ -1,0 +1,162 @@
+// Host emulation of the tensor-core forward of lstm_optimizer_step
+// (csrc/cuda/lstm_optimizer_mma.cuh): 32 host threads run the kernel's warp code as one warp,
+// with the warp collectives (mma.sync m16n8k8 TF32, shfl.xor) emulated from the PTX fragment
+// layouts; the results are compared with the header's per-coordinate math. No GPU needed.
+// Built and run by tests/test_cuda_emu.py; exit status 0 = all equal.
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "lstm_optimizer_mma.cuh"
+
+using namespace pymeta;
+
+namespace {
+thread_local int tl_lane = 0;
+struct Warp {
+  std::barrier<> bar{32};
+  uint32_t a[32][4], b[32][2];
+  float sh[32];
+};
+Warp* warp = nullptr;
+int failures = 0;
+}  // namespace
+
+namespace pymeta {
+int warp_lane() { return tl_lane; }
+
+float warp_shfl_xor(float v, int mask) {
+  warp->sh[tl_lane] = v;
+  warp->bar.arrive_and_wait();
+  const float r = warp->sh[tl_lane ^ mask];
+  warp->bar.arrive_and_wait();
+  return r;
+}
+
+// The PTX ISA fragment layouts of mma.m16n8k8 .tf32 (g = lane / 4, t = lane % 4):
+// A (16 x 8): a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4);
+// B (8 x 8):  b0 (k = t, n = g), b1 (k = t + 4, n = g);
+// C, D (16 x 8): c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1).
+// The tensor cores read only the TF32 bits of each operand (the low 13 bits are ignored).
+void warp_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int l = tl_lane;
+  for (int i = 0; i < 4; ++i) warp->a[l][i] = a[i] & 0xffffe000u;
+  for (int i = 0; i < 2; ++i) warp->b[l][i] = b[i] & 0xffffe000u;
+  warp->bar.arrive_and_wait();
+  const int g = l >> 2, t = l & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = (i >> 1) * 8 + g, col = 2 * t + (i & 1);
+    double acc = d[i];
+    for (int k = 0; k < 8; ++k) {
+      const float av = bits_f32(warp->a[(row & 7) * 4 + (k & 3)][(row >> 3) + 2 * (k >> 2)]);
+      const float bv = bits_f32(warp->b[col * 4 + (k & 3)][k >> 2]);
+      acc += double(av) * double(bv);
+    }
+    d[i] = float(acc);
+  }
+  warp->bar.arrive_and_wait();
+}
+}  // namespace pymeta
+
+static void expect_close(const char* what, const std::vector<float>& a, const std::vector<float>& b,
+                         double rtol, double atol, int H, int n_in) {
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double x = a[i], y = b[i];
+    if (std::isnan(x) && std::isnan(y)) continue;
+    if (!(std::fabs(x - y) <= atol + rtol * std::fabs(y))) {
+      if (failures < 20)
+        std::printf("FAIL %s (H %d, n_in %d) at %zu: %.9g vs %.9g\n", what, H, n_in, i, x, y);
+      ++failures;
+      return;
+    }
+  }
+}
+
+template <int HB>
+static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
+  using S = LstmMmaShape<HB>;
+  std::normal_distribution<double> nd(0.0, 1.0);
+  auto rnd = [&](size_t n, double scale) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = static_cast<float>(nd(rng) * scale);
+    return v;
+  };
+  const double ws_ = 1.0 / std::sqrt(double(H));
+  std::vector<float> w[10] = {rnd(4 * H * n_in, ws_), rnd(4 * H * H, ws_), rnd(4 * H, ws_),
+                              rnd(4 * H, ws_),        rnd(4 * H * H, ws_), rnd(4 * H * H, ws_),
+                              rnd(4 * H, ws_),        rnd(4 * H, ws_),     rnd(H, ws_),
+                              rnd(1, ws_)};
+  const LstmOptWeights<float> W{w[0].data(), w[1].data(), w[2].data(), w[3].data(),
+                                w[4].data(), w[5].data(), w[6].data(), w[7].data(),
+                                w[8].data(), w[9].data()};
+  LstmOptScalars<float> s;
+  s.H = H;
+  s.n_in = n_in;
+  s.preproc = n_in == 2 ? int(LstmPreproc::LogSign) : int(LstmPreproc::None);
+  const double p = 10.0;
+  s.inv_p = float(1.0 / p);
+  s.exp_p = float(std::exp(p));
+  s.threshold = float(std::exp(-p));
+  s.out_scale = 0.1f;
+  std::vector<float> grad = rnd(N, 1e-3), state = rnd(4 * H * N, 0.5);
+  for (int64_t n = 0; n < N; n += 7) grad[n] *= 1e4f;  // both branches of log_sign
+  grad[0] = 0;
+  grad[N / 2] = NAN;  // stays in its coordinate
+
+  // staging, with canaries past the end
+  std::vector<float> sm(S::kTotal + 64, 12345.0f);
+  const int nthreads = 96;
+  for (int t = 0; t < nthreads; ++t) lstm_mma_stage<HB>(sm.data(), W, H, n_in, t, nthreads);
+  for (int e = S::kTotal; e < S::kTotal + 64; ++e)
+    if (sm[e] != 12345.0f) { std::printf("FAIL staging wrote past the end\n"); ++failures; break; }
+
+  std::vector<float> u_ref(N), ns_ref(4 * H * N);
+  for (int64_t n = 0; n < N; ++n)
+    lstm_opt_forward_coord<kLstmOptMaxHidden, float, float>(W, s, grad.data(), state.data(),
+                                                           u_ref.data(), ns_ref.data(),
+                                                           Col{N, n, 1});
+  // persistent one-warp blocks, grid of 3, as forward_mma_kernel with 32 threads per block
+  std::vector<float> u(N, -777.0f), ns(4 * H * N, -777.0f);
+  const int grid = 3;
+  Warp wp;
+  warp = &wp;
+  for (int bx = 0; bx < grid; ++bx) {
+    std::vector<std::thread> lanes;
+    for (int l = 0; l < 32; ++l)
+      lanes.emplace_back([&, l] {
+        tl_lane = l;
+        for (int64_t base = int64_t(bx) * S::kCoords; base < N; base += int64_t(grid) * S::kCoords)
+          lstm_mma_forward_warp<HB>(sm.data(), s, W.b_out[0], grad.data(), state.data(), u.data(),
+                                    ns.data(), N, base);
+      });
+    for (auto& th : lanes) th.join();
+  }
+  expect_close("update", u, u_ref, 1e-4, 1e-5, H, n_in);
+  expect_close("new_state", ns, ns_ref, 1e-4, 1e-5, H, n_in);
+  for (int64_t n = 0; n < N; ++n) {  // NaN only where the reference has it
+    if (std::isnan(u[n]) != std::isnan(u_ref[n])) {
+      std::printf("FAIL NaN placement (H %d) at %lld\n", H, (long long)n);
+      ++failures;
+      break;
+    }
+  }
+}
+
+int main() {
+  std::mt19937 rng(4321);
+  for (int n_in = 1; n_in <= 2; ++n_in) {
+    run<8>(1, n_in, 40, rng);
+    run<8>(8, n_in, 77, rng);
+    run<16>(13, n_in, 50, rng);
+    run<20>(20, n_in, 150, rng);
+    run<20>(17, n_in, 33, rng);
+    run<24>(23, n_in, 70, rng);
+    run<32>(32, n_in, 101, rng);
+    run<32>(29, n_in, 64, rng);
+  }
+  std::printf(failures ? "lstm_mma_emu: %d FAILURES\n" : "lstm_mma_emu: all equal\n", failures);
+  return failures ? 1 : 0;
+}
