@@ -99,10 +99,8 @@ backward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_const
 }
 
 // ---- tensor-core forward (float, H <= 32, sm_80+): lstm_optimizer_mma.cuh ----------------
-constexpr int kMmaThreads = 256;
-
 template <int HB>
-__global__ void __launch_bounds__(kMmaThreads)
+__global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
 forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sm = reinterpret_cast<float*>(smem_raw);
@@ -263,9 +261,10 @@ static int forward_mma(const LstmOptLaunch& L, cudaStream_t stream) {
   auto launch = [&](auto hb) {
     constexpr int HB = decltype(hb)::value;
     const Params<float> P = params_of<float>(L);
-    const int64_t per_block = int64_t(kMmaThreads / 32) * LstmMmaShape<HB>::kCoords;
+    constexpr int threads = LstmMmaShape<HB>::kThreads;
+    const int64_t per_block = int64_t(threads / 32) * LstmMmaShape<HB>::kCoords;
     SmemLaunch s{};
-    int e = plan_smem(forward_mma_kernel<HB>, kMmaThreads,
+    int e = plan_smem(forward_mma_kernel<HB>, threads,
                       sizeof(float) * LstmMmaShape<HB>::kTotal, (L.N + per_block - 1) / per_block,
                       &s);
     if (e) return e;

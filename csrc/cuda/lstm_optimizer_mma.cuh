@@ -88,11 +88,20 @@ struct LstmMmaShape {
   static constexpr int KT = (HB + 7) / 8;       // k-tiles of an H-long input
   static constexpr int NP = HB / 4;             // unit slots per thread (4 units per n-tile pair)
   static constexpr int NT = 2 * NP;             // n-tiles of the 4H gate columns
-  static constexpr int MT = HB <= 24 ? 2 : 1;   // m-tiles (16 coordinates) per warp step
+  // m-tiles (16 coordinates) per warp step. 1: fewer registers (<= 128, two 256-thread
+  // blocks per SM) beat reusing each staged B fragment for two m-tiles (measured, H200: the
+  // first version with 2 m-tiles at H <= 24 ran at 190 registers, one block per SM, and was
+  // latency-bound at 18% of the copy bandwidth).
+  static constexpr int MT = 1;
   static constexpr int kFrag = KT * NT * 32 * 4;  // floats per staged matrix
   static constexpr int kConst = 20;               // floats per (slot, t): b1, b2, wx0, wx1, wout
   static constexpr int kTotal = 3 * kFrag + NP * 4 * kConst;  // floats of shared memory
   static constexpr int kCoords = 16 * MT;         // coordinates per warp step
+  // Threads per block and blocks per SM (the kernel's launch bounds): <= 128 registers per
+  // thread, two blocks of 8 warps; at H = 32 (64 accumulators per thread) 170 registers,
+  // one block of 12 warps (128 would spill ~300 bytes per thread).
+  static constexpr int kThreads = HB <= 24 ? 256 : 384;
+  static constexpr int kMinBlocks = HB <= 24 ? 2 : 1;
 };
 
 // Thread `tid` of `nthreads` writes its share of the staged weights (the caller syncs).
@@ -103,23 +112,36 @@ PYMETA_HD void lstm_mma_stage(float* sm, const LstmOptWeights<float>& W, int H, 
                               int tid, int nthreads) {
   using S = LstmMmaShape<HB>;
   constexpr int per = S::KT * S::NT * 32;
-  for (int e = tid; e < 3 * per; e += nthreads) {
-    const int m = e / per, r = e - m * per;
-    const int lane = r & 31, tile = r >> 5;
-    const int kk = tile / S::NT, nt = tile - kk * S::NT;
-    const int g = lane >> 2, t = lane & 3;
-    const int u = 4 * (nt >> 1) + (g >> 1), q = 2 * (nt & 1) + (g & 1);
-    const float* w = m == 0 ? W.w_hh1 : (m == 1 ? W.w_ih2 : W.w_hh2);
-    float v[2];
-    for (int i = 0; i < 2; ++i) {
-      const int k = 8 * kk + t + 4 * i;
-      v[i] = (u < H && k < H) ? w[(q * H + u) * H + k] : 0.0f;
+  constexpr int kBatch = 8;  // entries whose loads are in flight together (the staging is
+                             // latency-bound at small N: one L2 round trip per batch)
+  for (int e0 = tid; e0 < 3 * per; e0 += kBatch * nthreads) {
+    float v[kBatch][2];
+    PYMETA_UNROLL
+    for (int j = 0; j < kBatch; ++j) {
+      const int e = e0 + j * nthreads;
+      const int m = e / per, r = e - m * per;
+      const int lane = r & 31, tile = r >> 5;
+      const int kk = tile / S::NT, nt = tile - kk * S::NT;
+      const int g = lane >> 2, t = lane & 3;
+      const int u = 4 * (nt >> 1) + (g >> 1), q = 2 * (nt & 1) + (g & 1);
+      const float* w = m == 0 ? W.w_hh1 : (m == 1 ? W.w_ih2 : W.w_hh2);
+      PYMETA_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        const int k = 8 * kk + t + 4 * i;
+        v[j][i] = (e < 3 * per && u < H && k < H) ? w[(q * H + u) * H + k] : 0.0f;
+      }
     }
-    float* o = sm + m * S::kFrag + 4 * r;
-    o[0] = tf32_hi(v[0]);
-    o[1] = tf32_hi(v[1]);
-    o[2] = v[0] - o[0];
-    o[3] = v[1] - o[1];
+    PYMETA_UNROLL
+    for (int j = 0; j < kBatch; ++j) {
+      const int e = e0 + j * nthreads;
+      if (e >= 3 * per) break;
+      const int m = e / per, r = e - m * per;
+      float* o = sm + m * S::kFrag + 4 * r;
+      o[0] = tf32_hi(v[j][0]);
+      o[1] = tf32_hi(v[j][1]);
+      o[2] = v[j][0] - o[0];
+      o[3] = v[j][1] - o[1];
+    }
   }
   for (int e = tid; e < S::NP * 4; e += nthreads) {
     const int u = e;  // e = 4p + t
@@ -201,7 +223,9 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
       lstm_preprocess(grad[nl[mt][h]], s, x[mt][h]);
     }
   }
-  auto load_slots = [&](float (&a)[MT][2][KS], int row0) {
+  // Every state value of the step is loaded here, before any product: the loads of the whole
+  // step are in flight together (the kernel is bound by memory latency otherwise).
+  auto load_slots = [&](float (&a)[MT][2][KS], int row0, int slots) {
     PYMETA_UNROLL
     for (int p = 0; p < KS; ++p) {
       const int u = 4 * p + t;
@@ -209,10 +233,15 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
       for (int mt = 0; mt < MT; ++mt) {
         PYMETA_UNROLL
         for (int h = 0; h < 2; ++h)
-          a[mt][h][p] = u < H ? state[int64_t(row0 + u) * N + nl[mt][h]] : 0.0f;
+          a[mt][h][p] = p < slots && u < H ? state[int64_t(row0 + u) * N + nl[mt][h]] : 0.0f;
       }
     }
   };
+  float a1[MT][2][KS], c1[MT][2][KS], a2[MT][2][KS], c2[MT][2][KS];
+  load_slots(a1, 0, KS);      // h1_prev
+  load_slots(c1, H, NP);      // c1_prev
+  load_slots(a2, 2 * H, KS);  // h2_prev
+  load_slots(c2, 3 * H, NP);  // c2_prev
 
   // ---- layer 1: acc = b1 + x W_ih1^T (fp32), then += h1_prev W_hh1^T (tensor cores)
   float acc[MT][NT][4];
@@ -233,12 +262,11 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
       }
     }
   }
-  float a[MT][2][KS];
-  load_slots(a, 0);  // h1_prev
-  lstm_mma_product<HB>(acc, a, sm, lane);
+  lstm_mma_product<HB>(acc, a1, sm, lane);
 
   // cells of layer 1; their h (zero past H) is the A operand of layer 2
-  auto cells = [&](int row_h, int row_c, float (&hout)[MT][2][KS]) {
+  auto cells = [&](int row_h, int row_c, const float (&cprev)[MT][2][KS],
+                   float (&hout)[MT][2][KS]) {
     PYMETA_UNROLL
     for (int p = 0; p < KS; ++p) {
       const int u = 4 * p + t;
@@ -252,9 +280,8 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
           }
           const float z[4] = {acc[mt][2 * p][2 * h], acc[mt][2 * p][2 * h + 1],
                               acc[mt][2 * p + 1][2 * h], acc[mt][2 * p + 1][2 * h + 1]};
-          const float cp = u < H ? state[int64_t(row_c + u) * N + nl[mt][h]] : 0.0f;
           float c, hh;
-          lstm_cell(z, cp, c, hh);
+          lstm_cell(z, cprev[mt][h][p], c, hh);
           if (u < H && ok[mt][h]) {
             const int64_t n = nl[mt][h];
             new_state[int64_t(row_h + u) * N + n] = hh;
@@ -266,7 +293,7 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
     }
   };
   float h1[MT][2][KS];
-  cells(0, H, h1);
+  cells(0, H, c1, h1);
 
   // ---- layer 2: acc = b2 + h1_new W_ih2^T + h2_prev W_hh2^T
   PYMETA_UNROLL
@@ -280,10 +307,9 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
     }
   }
   lstm_mma_product<HB>(acc, h1, sm + S::kFrag, lane);
-  load_slots(a, 2 * H);  // h2_prev
-  lstm_mma_product<HB>(acc, a, sm + 2 * S::kFrag, lane);
+  lstm_mma_product<HB>(acc, a2, sm + 2 * S::kFrag, lane);
   float h2[MT][2][KS];
-  cells(2 * H, 3 * H, h2);
+  cells(2 * H, 3 * H, c2, h2);
 
   // ---- head: this thread's units, then the sum over the 4 threads of a row (fixed order)
   PYMETA_UNROLL

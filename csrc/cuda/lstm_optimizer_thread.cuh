@@ -49,13 +49,27 @@ PYMETA_HD void lstm_stage_weights(T* sw, const LstmOptWeights<T>& W, int H, int 
                                   int nthreads) {
   const LstmSmemLayout lo = lstm_smem_layout(H, HP);
   const int rows = 4 * H, m = rows * HP;
-  for (int e = tid; e < m; e += nthreads) {
-    const int r = e / HP, k = e - r * HP;
-    const bool v = k < H;
-    const int src = r * H + k;
-    sw[lo.w1h + e] = v ? W.w_hh1[src] : T(0);
-    sw[lo.w2i + e] = v ? W.w_ih2[src] : T(0);
-    sw[lo.w2h + e] = v ? W.w_hh2[src] : T(0);
+  constexpr int kBatch = 4;  // 12 loads in flight per thread: staging is latency-bound
+  for (int e0 = tid; e0 < m; e0 += kBatch * nthreads) {
+    T v[kBatch][3];
+    PYMETA_UNROLL
+    for (int j = 0; j < kBatch; ++j) {
+      const int e = e0 + j * nthreads;
+      const int r = e / HP, k = e - r * HP;
+      const bool ok = e < m && k < H;
+      const int src = r * H + k;
+      v[j][0] = ok ? W.w_hh1[src] : T(0);
+      v[j][1] = ok ? W.w_ih2[src] : T(0);
+      v[j][2] = ok ? W.w_hh2[src] : T(0);
+    }
+    PYMETA_UNROLL
+    for (int j = 0; j < kBatch; ++j) {
+      const int e = e0 + j * nthreads;
+      if (e >= m) break;
+      sw[lo.w1h + e] = v[j][0];
+      sw[lo.w2i + e] = v[j][1];
+      sw[lo.w2h + e] = v[j][2];
+    }
   }
   for (int r = tid; r < rows; r += nthreads) {
     sw[lo.b1 + r] = W.b_ih1[r] + W.b_hh1[r];
