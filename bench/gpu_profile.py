@@ -1,7 +1,7 @@
 """Where the device time goes (torch.profiler, CUDA kernels by total time), for the next
 levers: the lstm_optimizer_step backward op (N = 1M, H = 20 and 32) and one eager pymeta.MAML
 second-order meta-iteration on the issue's workload (Conv4-64, 32 tasks, 5 steps).
-Usage: python bench/gpu_profile.py [rows]"""
+Usage: python bench/gpu_profile.py [rows] [lstm]   ("lstm": the LSTM op only)"""
 import os
 import sys
 
@@ -38,5 +38,6 @@ for H in (20, 32):
     show(f"lstm backward op H={H} N={N}", lambda: torch.ops.pymeta.lstm_optimizer_step_backward(
         du, ds, grad, state, *w, "log_sign", 10.0, 0.1))
 
-maml, run, data = build_maml("pymeta", GPU_CONV4, False, "cuda")
-show("pymeta.MAML second order, eager", lambda: meta_iteration(maml, run, data), reps=1)
+if "lstm" not in sys.argv[2:]:
+    maml, run, data = build_maml("pymeta", GPU_CONV4, False, "cuda")
+    show("pymeta.MAML second order, eager", lambda: meta_iteration(maml, run, data), reps=1)

@@ -131,6 +131,29 @@ def forward_table(H, compile_ref):
         torch.cuda.empty_cache()
 
 
+def backward_table(H):
+    """The backward op alone (per-coordinate pass + weight-gradient blocks + the ordered sum):
+    the tensor-core pass with 8 or 12 warps per block vs the CUDA-core pass."""
+    print(f"\nbackward op, H={H}, ms per call: tensor cores (8 warps) | (12 warps) | CUDA cores")
+    for N in SIZES[:2] + (200_000,):
+        torch.manual_seed(0)
+        net = pymeta.LSTMOptimizerNet(H).to(DEV)
+        w = [x.detach() for x in net.weights()]
+        grad = torch.randn(N, device=DEV) * 1e-3
+        state = torch.randn(4, H, N, device=DEV) * 0.1
+        du, ds = torch.randn(N, device=DEV), torch.randn(4, H, N, device=DEV)
+        op = lambda: torch.ops.pymeta.lstm_optimizer_step_backward(  # noqa: E731
+            du, ds, grad, state, *w, "log_sign", P, OUT_SCALE)
+        res = []
+        for env in ({}, {"PYMETA_LSTM_BWD_WARPS": "12"}, {"PYMETA_LSTM_MMA": "0"}):
+            os.environ.update(env)
+            res.append(timed(op))
+            for k in env:
+                del os.environ[k]
+        print(f"  N={N:>9}: {res[0]:.4f} | {res[1]:.4f} | {res[2]:.4f}  (x {res[2] / min(res[:2]):.2f})",
+              flush=True)
+
+
 def unroll_table(H, N=200_000, T=20):
     torch.manual_seed(0)
     net = pymeta.LSTMOptimizerNet(H).to(DEV)
@@ -155,7 +178,9 @@ def unroll_table(H, N=200_000, T=20):
         return torch.autograd.grad(loss, weights)
 
     out = {}
-    for name, native in (("native", True), ("eager", False)):
+    for name, native in (("native", True), ("cuda-core", True), ("eager", False)):
+        if name == "cuda-core":
+            os.environ["PYMETA_LSTM_MMA"] = "0"
         with pymeta.use_backend("native" if native else "reference"):
             grads = run(native)
             ms = timed(lambda: run(native), reps=3, repeats=3, warmup=1)
@@ -167,6 +192,7 @@ def unroll_table(H, N=200_000, T=20):
                 run(native)
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         out[name] = (ms, peak, grads)
+        os.environ.pop("PYMETA_LSTM_MMA", None)
     err = max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
               for x, y in zip(out["native"][2], out["eager"][2]))
     print(f"\n{T}-step unroll, forward + backward to the optimizer's weights, N={N}, H={H}:")
@@ -174,6 +200,7 @@ def unroll_table(H, N=200_000, T=20):
           f"{out['eager'][0]:.3f} ms, peak {out['eager'][1]:.0f} MiB | x {out['eager'][0] / out['native'][0]:.2f}, "
           f"memory {out['native'][1] / out['eager'][1]:.2f} of eager | meta-grad rel err {err:.1e}",
           flush=True)
+    print(f"  (native with the CUDA-core kernels: {out['cuda-core'][0]:.3f} ms)")
 
 
 def main():
@@ -187,6 +214,7 @@ def main():
         DEV, SIZES = "cpu", (1000, 3000)
     print(torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch", torch.__version__)
     forward_table(args.H, not args.no_compile)
+    backward_table(args.H)
     unroll_table(args.H, N=200_000 if DEV == "cuda" else 2000)
 
 

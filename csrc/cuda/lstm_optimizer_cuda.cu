@@ -116,6 +116,27 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
                               static_cast<float*>(L.new_state), L.N, base);
 }
 
+// W warps per block, one block per SM: W = 8 lets ptxas use 255 registers (few spills),
+// W = 12 caps it at 168 (more warps, more spills); PYMETA_LSTM_BWD_WARPS picks (benchmarks).
+template <int HB, int W>
+__global__ void __launch_bounds__(32 * W, 1)
+backward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  lstm_mma_stage<HB>(sm, P.W, P.s.H, P.s.n_in, threadIdx.x, blockDim.x);
+  lstm_mma_stage_transposed<HB>(sm, P.W, P.s.H, threadIdx.x, blockDim.x);
+  __syncthreads();
+  const int warps = blockDim.x / 32;
+  const int64_t step = LstmMmaShape<HB>::kCoords;
+  for (int64_t base = (int64_t(blockIdx.x) * warps + threadIdx.x / 32) * step; base < L.N;
+       base += int64_t(gridDim.x) * warps * step)  // warp-uniform
+    lstm_mma_backward_warp<HB>(
+        sm, P.s, static_cast<const float*>(L.grad), static_cast<const float*>(L.state),
+        static_cast<const float*>(L.d_update), static_cast<const float*>(L.d_new_state),
+        static_cast<float*>(L.d_grad), static_cast<float*>(L.d_state),
+        static_cast<float*>(L.workspace), L.N, base);
+}
+
 // ---- fallback kernels: weights from global memory --------------------------------------------
 template <typename T, int HMAX>
 __global__ void __launch_bounds__(kThreads)
@@ -247,9 +268,10 @@ int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
   return ws_rows_bytes(L) + num_chunks(L.N) * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
 }
 
-// The tensor-core forward when it applies: float, H <= 32, a GPU of compute capability 8.0+,
-// and PYMETA_LSTM_MMA not set to 0 (the benchmarks time both paths). -1: not applicable.
-static int forward_mma(const LstmOptLaunch& L, cudaStream_t stream) {
+// The tensor-core kernels (lstm_optimizer_mma.cuh) when they apply: float, H <= 32, a GPU of
+// compute capability 8.0+, and PYMETA_LSTM_MMA not set to 0 (the benchmarks time both
+// paths). Returns -1 when not applicable (the caller takes the CUDA-core kernels).
+static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward) {
   if (L.dtype != DType::Float32 || L.H > 32) return -1;
   const char* env = std::getenv("PYMETA_LSTM_MMA");
   if (env && env[0] == '0') return -1;
@@ -260,16 +282,26 @@ static int forward_mma(const LstmOptLaunch& L, cudaStream_t stream) {
   if (major < 8) return -1;
   auto launch = [&](auto hb) {
     constexpr int HB = decltype(hb)::value;
+    using S = LstmMmaShape<HB>;
     const Params<float> P = params_of<float>(L);
-    constexpr int threads = LstmMmaShape<HB>::kThreads;
-    const int64_t per_block = int64_t(threads / 32) * LstmMmaShape<HB>::kCoords;
+    const char* bw = std::getenv("PYMETA_LSTM_BWD_WARPS");
+    const bool wide = bw && bw[0] == '1' && bw[1] == '2';
+    const int threads = backward ? (wide ? 384 : 256) : S::kThreads;
+    const int64_t per_block = int64_t(threads / 32) * S::kCoords;
+    const int64_t tiles = (L.N + per_block - 1) / per_block;
     SmemLaunch s{};
-    int e = plan_smem(forward_mma_kernel<HB>, threads,
-                      sizeof(float) * LstmMmaShape<HB>::kTotal, (L.N + per_block - 1) / per_block,
-                      &s);
+    const size_t bytes = sizeof(float) * (backward ? S::kTotalBwd : S::kTotal);
+    int e = !backward ? plan_smem(forward_mma_kernel<HB>, threads, bytes, tiles, &s)
+            : wide    ? plan_smem(backward_mma_kernel<HB, 12>, threads, bytes, tiles, &s)
+                      : plan_smem(backward_mma_kernel<HB, 8>, threads, bytes, tiles, &s);
     if (e) return e;
     if (s.blocks == 0) return -1;
-    forward_mma_kernel<HB><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+    if (!backward)
+      forward_mma_kernel<HB><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+    else if (wide)
+      backward_mma_kernel<HB, 12><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+    else
+      backward_mma_kernel<HB, 8><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
     return static_cast<int>(cudaGetLastError());
   };
   if (L.H <= 8) return launch(std::integral_constant<int, 8>{});
@@ -281,7 +313,7 @@ static int forward_mma(const LstmOptLaunch& L, cudaStream_t stream) {
 
 int lstm_opt_forward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
   if (L.N == 0) return 0;
-  const int mma = forward_mma(L, stream);
+  const int mma = mma_launch(L, stream, false);
   if (mma >= 0) return mma;
   return dispatch(L, [&](auto tag, auto hp) {
     using T = decltype(tag);
@@ -316,19 +348,24 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
     const Params<T> P = params_of<T>(L);
     constexpr int threads = smem_threads<HP>();
     const int64_t tiles = (L.N + threads - 1) / threads;
-    SmemLaunch s{};
-    int err = 0;
-    // double at HP = 64 needs 402 KB of shared memory: no GPU has it
-    if constexpr (!(std::is_same<T, double>::value && HP > 32)) {
-      err = plan_smem(backward_smem_kernel<T, HP>, threads, smem_bytes<T, HP>(L), tiles, &s);
-      if (err) return err;
-    }
-    if (s.blocks > 0) {
-      if constexpr (!(std::is_same<T, double>::value && HP > 32))
-        backward_smem_kernel<T, HP><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
-    } else {
-      const unsigned blocks = static_cast<unsigned>((L.N + kThreads - 1) / kThreads);
-      backward_kernel<T, 64><<<blocks, kThreads, 0, stream>>>(L, P);
+    // The per-coordinate pass: the tensor-core kernel when it applies, else the CUDA-core
+    // shared-memory kernel, else (double at HP = 64 needs 402 KB of shared memory: no GPU
+    // has it) the fallback.
+    int err = mma_launch(L, stream, true);
+    if (err > 0) return err;
+    if (err < 0) {
+      err = 0;
+      SmemLaunch s{};
+      if constexpr (!(std::is_same<T, double>::value && HP > 32)) {
+        err = plan_smem(backward_smem_kernel<T, HP>, threads, smem_bytes<T, HP>(L), tiles, &s);
+        if (err) return err;
+        if (s.blocks > 0)
+          backward_smem_kernel<T, HP><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+      }
+      if (s.blocks == 0) {
+        const unsigned blocks = static_cast<unsigned>((L.N + kThreads - 1) / kThreads);
+        backward_kernel<T, 64><<<blocks, kThreads, 0, stream>>>(L, P);
+      }
     }
     err = static_cast<int>(cudaGetLastError());
     if (err) return err;

@@ -96,6 +96,7 @@ struct LstmMmaShape {
   static constexpr int kFrag = KT * NT * 32 * 4;  // floats per staged matrix
   static constexpr int kConst = 20;               // floats per (slot, t): b1, b2, wx0, wx1, wout
   static constexpr int kTotal = 3 * kFrag + NP * 4 * kConst;  // floats of shared memory
+  static constexpr int kTotalBwd = kTotal + 3 * kFrag;  // + the transposed fragments
   static constexpr int kCoords = 16 * MT;         // coordinates per warp step
   // Threads per block and blocks per SM (the kernel's launch bounds): <= 128 registers per
   // thread, two blocks of 8 warps; at H = 32 (64 accumulators per thread) 170 registers,
@@ -159,6 +160,88 @@ PYMETA_HD void lstm_mma_stage(float* sm, const LstmOptWeights<float>& W, int H, 
   }
 }
 
+// The backward's products dh[16, H] = dz[16, 4H] W[4H, H] take dz straight from the
+// accumulators: k-tile nt of dz is n-tile nt of z, with k position t <-> column 2t and
+// t + 4 <-> column 2t + 1 (so a0, a1, a2, a3 = c0, c2, c1, c3), i.e. k position j of k-tile
+// 2p + s is gate 2s + (j >= 4) of unit 4p + j % 4. Output n-tile m, column n is unit
+// 4 (2m + n % 2) + n / 2: the result lands in the thread's unit slots 2m and 2m + 1.
+// Staged after the forward's fragments: per (matrix, k-tile, n-tile, lane) {b0, b1} hi, lo.
+template <int HB>
+PYMETA_HD void lstm_mma_stage_transposed(float* sm, const LstmOptWeights<float>& W, int H,
+                                         int tid, int nthreads) {
+  using S = LstmMmaShape<HB>;
+  constexpr int per = S::NT * S::KT * 32;
+  constexpr int kBatch = 8;
+  float* base = sm + S::kTotal;
+  for (int e0 = tid; e0 < 3 * per; e0 += kBatch * nthreads) {
+    float v[kBatch][2];
+    PYMETA_UNROLL
+    for (int j = 0; j < kBatch; ++j) {
+      const int e = e0 + j * nthreads;
+      const int m = e / per, r = e - m * per;
+      const int lane = r & 31, tile = r >> 5;
+      const int kt = tile / S::KT, mo = tile - kt * S::KT;  // k-tile (gate cols), n-tile (units)
+      const int g = lane >> 2, t = lane & 3;
+      const int u = 4 * (kt >> 1) + t;                      // the gate row's unit
+      const int col = 4 * (2 * mo + (g & 1)) + (g >> 1);    // the input unit (output column)
+      const float* w = m == 0 ? W.w_hh1 : (m == 1 ? W.w_ih2 : W.w_hh2);
+      PYMETA_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        const int q = 2 * (kt & 1) + i;
+        v[j][i] = (e < 3 * per && u < H && col < H) ? w[(q * H + u) * H + col] : 0.0f;
+      }
+    }
+    PYMETA_UNROLL
+    for (int j = 0; j < kBatch; ++j) {
+      const int e = e0 + j * nthreads;
+      if (e >= 3 * per) break;
+      const int m = e / per, r = e - m * per;
+      float* o = base + m * S::kFrag + 4 * r;
+      o[0] = tf32_hi(v[j][0]);
+      o[1] = tf32_hi(v[j][1]);
+      o[2] = v[j][0] - o[0];
+      o[3] = v[j][1] - o[1];
+    }
+  }
+}
+
+// out[mt][m] += dz[mt] W: dz in accumulator layout (NT n-tiles), W one staged transposed
+// matrix, out in accumulator layout over KT n-tiles (= the thread's unit slots, see above).
+template <int HB>
+PYMETA_WARP void lstm_mma_product_t(
+    float (&out)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::KT][4],
+    const float (&dz)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4], const float* frag,
+    int lane) {
+  using S = LstmMmaShape<HB>;
+  PYMETA_UNROLL
+  for (int kt = 0; kt < S::NT; ++kt) {
+    uint32_t ahi[S::MT][4], alo[S::MT][4];
+    PYMETA_UNROLL
+    for (int mt = 0; mt < S::MT; ++mt) {
+      const float v[4] = {dz[mt][kt][0], dz[mt][kt][2], dz[mt][kt][1], dz[mt][kt][3]};
+      PYMETA_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const float hi = tf32_hi(v[i]);
+        ahi[mt][i] = f32_bits(hi);
+        alo[mt][i] = f32_bits(v[i] - hi);
+      }
+    }
+    PYMETA_UNROLL
+    for (int mo = 0; mo < S::KT; ++mo) {
+      float b[4];
+      lstm_load4(frag + ((kt * S::KT + mo) * 32 + lane) * 4, b);
+      const uint32_t bhi[2] = {f32_bits(b[0]), f32_bits(b[1])};
+      const uint32_t blo[2] = {f32_bits(b[2]), f32_bits(b[3])};
+      PYMETA_UNROLL
+      for (int mt = 0; mt < S::MT; ++mt) {
+        warp_mma_tf32(out[mt][mo], alo[mt], bhi);
+        warp_mma_tf32(out[mt][mo], ahi[mt], blo);
+        warp_mma_tf32(out[mt][mo], ahi[mt], bhi);
+      }
+    }
+  }
+}
+
 // acc[mt][nt] += A[mt] B for KT k-tiles: A from the thread's unit slots a[mt][row half][slot],
 // B = one staged matrix. 3xTF32 (see the top of the file).
 template <int HB>
@@ -197,30 +280,47 @@ PYMETA_WARP void lstm_mma_product(
   }
 }
 
-// One warp step: coordinates base .. base + 16 MT - 1 (those >= N are computed on a copy of
-// coordinate N - 1 and not stored). All 32 lanes must call it together.
+// The forward of one warp step, coordinates base .. base + 16 MT - 1 (those >= N are
+// computed on a copy of coordinate N - 1 and never stored). All 32 lanes call it together.
+// kBwd = false (the forward): h and c of both layers go to out = new_state.
+// kBwd = true (the backward's recompute): out = the workspace gets z1 (in the dz1 rows) and
+// the rows the weight gradients need (x, h1, h2; lstm_opt_rows); z2 is kept for the caller.
+// z1 and z2 may be the same array (z1 is dead once layer 1's cells ran).
 template <int HB>
-PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<float>& s,
-                                       float b_out, const float* grad, const float* state,
-                                       float* update, float* new_state, int64_t N,
-                                       int64_t base) {
+struct LstmMmaRegs {  // a warp step's per-thread values (unit slots p, row halves h)
   using S = LstmMmaShape<HB>;
-  constexpr int MT = S::MT, NP = S::NP, NT = S::NT, KS = 2 * S::KT;
+  int64_t nl[S::MT][2];  // the coordinate each row loads from
+  bool ok[S::MT][2];     // ... and whether it is stored
+  float x[S::MT][2][2];  // preprocessed grad
+  float c1[S::MT][2][2 * S::KT], c2[S::MT][2][2 * S::KT];  // c_prev of both layers
+  float h1[S::MT][2][2 * S::KT], h2[S::MT][2][2 * S::KT];  // h of both layers (new)
+};
+
+template <int HB, bool kBwd>
+PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<float>& s,
+                                       const float* grad, const float* state, float* out,
+                                       int64_t N, int64_t base, LstmMmaRegs<HB>& r,
+                                       float (&z1)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4],
+                                       float (&z2)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4]) {
+  using S = LstmMmaShape<HB>;
+  constexpr int MT = S::MT, NP = S::NP, KS = 2 * S::KT;
   const int H = s.H;
   const int lane = warp_lane(), g = lane >> 2, t = lane & 3;
   const float* cst = sm + 3 * S::kFrag;
+  const LstmOptRows R = lstm_opt_rows(H, s.n_in);
 
-  int64_t nl[MT][2];  // the coordinate each row loads from
-  bool ok[MT][2];     // ... and whether it is stored
-  float x[MT][2][2];
   PYMETA_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
     PYMETA_UNROLL
     for (int h = 0; h < 2; ++h) {
       const int64_t n = base + 16 * mt + g + 8 * h;
-      ok[mt][h] = n < N;
-      nl[mt][h] = n < N ? n : N - 1;
-      lstm_preprocess(grad[nl[mt][h]], s, x[mt][h]);
+      r.ok[mt][h] = n < N;
+      r.nl[mt][h] = n < N ? n : N - 1;
+      lstm_preprocess(grad[r.nl[mt][h]], s, r.x[mt][h]);
+      if (kBwd && t == h && r.ok[mt][h]) {  // threads 0 and 1 store rows g and g + 8
+        out[int64_t(R.x) * N + n] = r.x[mt][h][0];
+        if (s.n_in > 1) out[int64_t(R.x + 1) * N + n] = r.x[mt][h][1];
+      }
     }
   }
   // Every state value of the step is loaded here, before any product: the loads of the whole
@@ -233,18 +333,17 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
       for (int mt = 0; mt < MT; ++mt) {
         PYMETA_UNROLL
         for (int h = 0; h < 2; ++h)
-          a[mt][h][p] = p < slots && u < H ? state[int64_t(row0 + u) * N + nl[mt][h]] : 0.0f;
+          a[mt][h][p] = p < slots && u < H ? state[int64_t(row0 + u) * N + r.nl[mt][h]] : 0.0f;
       }
     }
   };
-  float a1[MT][2][KS], c1[MT][2][KS], a2[MT][2][KS], c2[MT][2][KS];
-  load_slots(a1, 0, KS);      // h1_prev
-  load_slots(c1, H, NP);      // c1_prev
-  load_slots(a2, 2 * H, KS);  // h2_prev
-  load_slots(c2, 3 * H, NP);  // c2_prev
+  float a1[MT][2][KS], a2[MT][2][KS];
+  load_slots(a1, 0, KS);        // h1_prev
+  load_slots(r.c1, H, NP);      // c1_prev
+  load_slots(a2, 2 * H, KS);    // h2_prev
+  load_slots(r.c2, 3 * H, NP);  // c2_prev
 
-  // ---- layer 1: acc = b1 + x W_ih1^T (fp32), then += h1_prev W_hh1^T (tensor cores)
-  float acc[MT][NT][4];
+  // ---- layer 1: z1 = b1 + x W_ih1^T (fp32), then += h1_prev W_hh1^T (tensor cores)
   PYMETA_UNROLL
   for (int p = 0; p < NP; ++p) {
     float c4[4][4];
@@ -256,17 +355,34 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
       for (int i = 0; i < 8; ++i) {  // n-tile 2p + (i >> 2), accumulator i & 3
         const int q = 2 * (i >> 2) + (i & 1), h = (i >> 1) & 1;
         float z = c4[0][q];
-        z = z + c4[2][q] * x[mt][h][0];
-        z = z + c4[3][q] * x[mt][h][1];
-        acc[mt][2 * p + (i >> 2)][i & 3] = z;
+        z = z + c4[2][q] * r.x[mt][h][0];
+        z = z + c4[3][q] * r.x[mt][h][1];
+        z1[mt][2 * p + (i >> 2)][i & 3] = z;
       }
     }
   }
-  lstm_mma_product<HB>(acc, a1, sm, lane);
+  lstm_mma_product<HB>(z1, a1, sm, lane);
+  if (kBwd) {  // z1 parks in its workspace rows (dz1 overwrites it): frees 4 NP registers
+    PYMETA_UNROLL
+    for (int p = 0; p < NP; ++p) {
+      PYMETA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        PYMETA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          if (4 * p + t < H && r.ok[mt][h]) {
+            PYMETA_UNROLL
+            for (int q = 0; q < 4; ++q)
+              out[int64_t(R.dz1 + q * H + 4 * p + t) * N + r.nl[mt][h]] =
+                  z1[mt][2 * p + (q >> 1)][2 * h + (q & 1)];
+          }
+        }
+      }
+    }
+  }
 
-  // cells of layer 1; their h (zero past H) is the A operand of layer 2
-  auto cells = [&](int row_h, int row_c, const float (&cprev)[MT][2][KS],
-                   float (&hout)[MT][2][KS]) {
+  // the cells of one layer; their h (zero past H) is the next product's A operand
+  auto cells = [&](const float (&z)[MT][S::NT][4], int row_h, int row_c, int ws_row,
+                   const float (&cprev)[MT][2][KS], float (&hout)[MT][2][KS]) {
     PYMETA_UNROLL
     for (int p = 0; p < KS; ++p) {
       const int u = 4 * p + t;
@@ -278,24 +394,27 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
             hout[mt][h][p] = 0.0f;
             continue;
           }
-          const float z[4] = {acc[mt][2 * p][2 * h], acc[mt][2 * p][2 * h + 1],
-                              acc[mt][2 * p + 1][2 * h], acc[mt][2 * p + 1][2 * h + 1]};
+          const float zq[4] = {z[mt][2 * p][2 * h], z[mt][2 * p][2 * h + 1],
+                               z[mt][2 * p + 1][2 * h], z[mt][2 * p + 1][2 * h + 1]};
           float c, hh;
-          lstm_cell(z, cprev[mt][h][p], c, hh);
-          if (u < H && ok[mt][h]) {
-            const int64_t n = nl[mt][h];
-            new_state[int64_t(row_h + u) * N + n] = hh;
-            new_state[int64_t(row_c + u) * N + n] = c;
+          lstm_cell(zq, cprev[mt][h][p], c, hh);
+          if (u < H && r.ok[mt][h]) {
+            const int64_t n = r.nl[mt][h];
+            if (kBwd) {
+              out[int64_t(ws_row + u) * N + n] = hh;
+            } else {
+              out[int64_t(row_h + u) * N + n] = hh;
+              out[int64_t(row_c + u) * N + n] = c;
+            }
           }
           hout[mt][h][p] = u < H ? hh : 0.0f;
         }
       }
     }
   };
-  float h1[MT][2][KS];
-  cells(0, H, c1, h1);
+  cells(z1, 0, H, R.h1, r.c1, r.h1);
 
-  // ---- layer 2: acc = b2 + h1_new W_ih2^T + h2_prev W_hh2^T
+  // ---- layer 2: z2 = b2 + h1_new W_ih2^T + h2_prev W_hh2^T
   PYMETA_UNROLL
   for (int p = 0; p < NP; ++p) {
     float b2[4];
@@ -303,15 +422,35 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
     PYMETA_UNROLL
     for (int mt = 0; mt < MT; ++mt) {
       PYMETA_UNROLL
-      for (int i = 0; i < 8; ++i) acc[mt][2 * p + (i >> 2)][i & 3] = b2[2 * (i >> 2) + (i & 1)];
+      for (int i = 0; i < 8; ++i) z2[mt][2 * p + (i >> 2)][i & 3] = b2[2 * (i >> 2) + (i & 1)];
     }
   }
-  lstm_mma_product<HB>(acc, h1, sm + S::kFrag, lane);
-  lstm_mma_product<HB>(acc, a2, sm + 2 * S::kFrag, lane);
-  float h2[MT][2][KS];
-  cells(2 * H, 3 * H, c2, h2);
+  lstm_mma_product<HB>(z2, r.h1, sm + S::kFrag, lane);
+  lstm_mma_product<HB>(z2, a2, sm + 2 * S::kFrag, lane);
+  cells(z2, 2 * H, 3 * H, R.h2, r.c2, r.h2);
+}
 
-  // ---- head: this thread's units, then the sum over the 4 threads of a row (fixed order)
+// The sum over the 4 threads of a row (fixed order: bitwise the same on every run).
+PYMETA_WARP float lstm_mma_row_sum(float v) {
+  v = v + warp_shfl_xor(v, 1);
+  return v + warp_shfl_xor(v, 2);
+}
+
+// The forward step of one warp (see lstm_mma_forward_core).
+template <int HB>
+PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<float>& s,
+                                       float b_out, const float* grad, const float* state,
+                                       float* update, float* new_state, int64_t N,
+                                       int64_t base) {
+  using S = LstmMmaShape<HB>;
+  constexpr int MT = S::MT, NP = S::NP;
+  const int t = warp_lane() & 3;
+  const float* cst = sm + 3 * S::kFrag;
+  LstmMmaRegs<HB> r;
+  float z[MT][S::NT][4];  // z1, then z2: the forward needs one at a time
+  lstm_mma_forward_core<HB, false>(sm, s, grad, state, new_state, N, base, r, z, z);
+
+  // the head: this thread's units, then the row sum
   PYMETA_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
     float o[2] = {0.0f, 0.0f};
@@ -319,17 +458,177 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
     for (int p = 0; p < NP; ++p) {
       const float wo = cst[(4 * p + t) * S::kConst + 16];
       PYMETA_UNROLL
-      for (int h = 0; h < 2; ++h) o[h] = o[h] + wo * h2[mt][h][p];
+      for (int h = 0; h < 2; ++h) o[h] = o[h] + wo * r.h2[mt][h][p];
+    }
+    PYMETA_UNROLL
+    for (int h = 0; h < 2; ++h) o[h] = lstm_mma_row_sum(o[h]);
+    // thread t = 0 stores row g, t = 1 row g + 8 (no runtime array index: o stays in registers)
+    const float mine = t == 0 ? o[0] : o[1];
+    const bool store = t == 0 ? r.ok[mt][0] : (t == 1 && r.ok[mt][1]);
+    if (store) update[t == 0 ? r.nl[mt][0] : r.nl[mt][1]] = (mine + b_out) * s.out_scale;
+  }
+}
+
+// The backward of one warp step: recompute (lstm_mma_forward_core), then backpropagate
+// through the head, layer 2 and layer 1. Writes d_grad, d_state and the workspace rows of
+// lstm_opt_backward_coord (the weight gradients are summed from them by the wgrad kernel).
+// The products dh = dz W run on the tensor cores too (lstm_mma_product_t).
+template <int HB>
+PYMETA_WARP void lstm_mma_backward_warp(const float* sm, const LstmOptScalars<float>& s,
+                                        const float* grad, const float* state,
+                                        const float* d_update, const float* d_new_state,
+                                        float* d_grad, float* d_state, float* ws, int64_t N,
+                                        int64_t base) {
+  using S = LstmMmaShape<HB>;
+  constexpr int MT = S::MT, NP = S::NP, KT = S::KT, NT = S::NT;
+  const int H = s.H;
+  const int lane = warp_lane(), t = lane & 3;
+  const float* cst = sm + 3 * S::kFrag;
+  const float* tfrag = sm + S::kTotal;  // transposed fragments: w_hh1, w_ih2, w_hh2
+  const LstmOptRows R = lstm_opt_rows(H, s.n_in);
+  LstmMmaRegs<HB> r;
+  float z2[MT][NT][4];  // z1 is in the workspace (see lstm_mma_forward_core)
+  lstm_mma_forward_core<HB, true>(sm, s, grad, state, ws, N, base, r, z2, z2);
+  auto at = [N](int row, int64_t n) { return int64_t(row) * N + n; };
+
+  // ---- head and layer 2; z2 becomes dz2 in place
+  float du[MT][2];
+  PYMETA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    PYMETA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      du[mt][h] = d_update[r.nl[mt][h]] * s.out_scale;
+      if (t == h && r.ok[mt][h]) ws[at(R.du, r.nl[mt][h])] = du[mt][h];
+    }
+  }
+  float dh1[MT][KT][4], dh2p[MT][KT][4];  // accumulator layout: slot 2m + (i & 1), half i >> 1
+  PYMETA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    PYMETA_UNROLL
+    for (int m = 0; m < KT; ++m) {
+      PYMETA_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const int p = 2 * m + (i & 1), h = i >> 1, u = 4 * p + t;
+        dh1[mt][m][i] = u < H ? d_new_state[at(u, r.nl[mt][h])] : 0.0f;  // d h1 (new), direct
+        dh2p[mt][m][i] = 0.0f;
+      }
+    }
+  }
+  PYMETA_UNROLL
+  for (int p = 0; p < NP; ++p) {
+    const int u = 4 * p + t;
+    const float wo = cst[(4 * p + t) * S::kConst + 16];
+    PYMETA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) {
+      PYMETA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int64_t n = r.nl[mt][h];
+        const bool v = u < H;
+        const float dh = du[mt][h] * wo + (v ? d_new_state[at(2 * H + u, n)] : 0.0f);
+        const float dc_in = v ? d_new_state[at(3 * H + u, n)] : 0.0f;
+        const float zq[4] = {z2[mt][2 * p][2 * h], z2[mt][2 * p][2 * h + 1],
+                             z2[mt][2 * p + 1][2 * h], z2[mt][2 * p + 1][2 * h + 1]};
+        float dz[4], dc_prev;
+        lstm_cell_backward(zq, r.c2[mt][h][p], dh, dc_in, dz, dc_prev);
+        if (!v) dz[0] = dz[1] = dz[2] = dz[3] = 0.0f;
+        if (v && r.ok[mt][h]) {
+          d_state[at(3 * H + u, n)] = dc_prev;
+          PYMETA_UNROLL
+          for (int q = 0; q < 4; ++q) ws[at(R.dz2 + q * H + u, n)] = dz[q];
+        }
+        z2[mt][2 * p][2 * h] = dz[0];
+        z2[mt][2 * p][2 * h + 1] = dz[1];
+        z2[mt][2 * p + 1][2 * h] = dz[2];
+        z2[mt][2 * p + 1][2 * h + 1] = dz[3];
+      }
+    }
+  }
+  lstm_mma_product_t<HB>(dh1, z2, tfrag + S::kFrag, lane);       // += dz2 W_ih2
+  lstm_mma_product_t<HB>(dh2p, z2, tfrag + 2 * S::kFrag, lane);  // = dz2 W_hh2
+
+  // ---- layer 1: z1 back from the workspace; dz1 goes to z2's registers (dz2 is used up)
+  float (&z1)[MT][NT][4] = z2;
+  float dx[MT][2][2];
+  PYMETA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    PYMETA_UNROLL
+    for (int h = 0; h < 2; ++h) dx[mt][h][0] = dx[mt][h][1] = 0.0f;
+  }
+  PYMETA_UNROLL
+  for (int p = 0; p < NP; ++p) {
+    const int u = 4 * p + t;
+    float wx[2][4];
+    lstm_load4(cst + (4 * p + t) * S::kConst + 8, wx[0]);
+    lstm_load4(cst + (4 * p + t) * S::kConst + 12, wx[1]);
+    PYMETA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) {
+      PYMETA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int64_t n = r.nl[mt][h];
+        const bool v = u < H;
+        const float dh = dh1[mt][p >> 1][2 * h + (p & 1)];
+        const float dc_in = v ? d_new_state[at(H + u, n)] : 0.0f;
+        float zq[4];
+        PYMETA_UNROLL
+        for (int q = 0; q < 4; ++q) zq[q] = v ? ws[at(R.dz1 + q * H + u, n)] : 0.0f;
+        float dz[4], dc_prev;
+        lstm_cell_backward(zq, r.c1[mt][h][p], dh, dc_in, dz, dc_prev);
+        if (!v) dz[0] = dz[1] = dz[2] = dz[3] = 0.0f;
+        if (v && r.ok[mt][h]) {
+          d_state[at(H + u, n)] = dc_prev;
+          PYMETA_UNROLL
+          for (int q = 0; q < 4; ++q) ws[at(R.dz1 + q * H + u, n)] = dz[q];
+        }
+        PYMETA_UNROLL
+        for (int q = 0; q < 4; ++q) {
+          dx[mt][h][0] = dx[mt][h][0] + wx[0][q] * dz[q];
+          dx[mt][h][1] = dx[mt][h][1] + wx[1][q] * dz[q];
+        }
+        z1[mt][2 * p][2 * h] = dz[0];
+        z1[mt][2 * p][2 * h + 1] = dz[1];
+        z1[mt][2 * p + 1][2 * h] = dz[2];
+        z1[mt][2 * p + 1][2 * h + 1] = dz[3];
+      }
+    }
+  }
+  float dh1p[MT][KT][4];
+  PYMETA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    PYMETA_UNROLL
+    for (int m = 0; m < KT; ++m) {
+      PYMETA_UNROLL
+      for (int i = 0; i < 4; ++i) dh1p[mt][m][i] = 0.0f;
+    }
+  }
+  lstm_mma_product_t<HB>(dh1p, z1, tfrag, lane);  // = dz1 W_hh1
+
+  // ---- stores: d h1_prev, d h2_prev, d grad
+  PYMETA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    PYMETA_UNROLL
+    for (int m = 0; m < KT; ++m) {
+      PYMETA_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const int p = 2 * m + (i & 1), h = i >> 1, u = 4 * p + t;
+        if (u < H && r.ok[mt][h]) {
+          d_state[at(u, r.nl[mt][h])] = dh1p[mt][m][i];
+          d_state[at(2 * H + u, r.nl[mt][h])] = dh2p[mt][m][i];
+        }
+      }
     }
     PYMETA_UNROLL
     for (int h = 0; h < 2; ++h) {
-      o[h] = o[h] + warp_shfl_xor(o[h], 1);
-      o[h] = o[h] + warp_shfl_xor(o[h], 2);
+      dx[mt][h][0] = lstm_mma_row_sum(dx[mt][h][0]);
+      dx[mt][h][1] = lstm_mma_row_sum(dx[mt][h][1]);
     }
-    // thread t = 0 stores row g, t = 1 row g + 8
-    const float mine = t == 0 ? o[0] : o[1];  // no runtime array index: keeps o in registers
-    const bool store = t == 0 ? ok[mt][0] : (t == 1 && ok[mt][1]);
-    if (store) update[t == 0 ? nl[mt][0] : nl[mt][1]] = (mine + b_out) * s.out_scale;
+    // thread t = 0 stores row g, t = 1 row g + 8 (selects, not runtime array indices)
+    const float dxm[2] = {t == 0 ? dx[mt][0][0] : dx[mt][1][0],
+                          t == 0 ? dx[mt][0][1] : dx[mt][1][1]};
+    const bool store = t == 0 ? r.ok[mt][0] : (t == 1 && r.ok[mt][1]);
+    if (store) {
+      const int64_t n = t == 0 ? r.nl[mt][0] : r.nl[mt][1];
+      d_grad[n] = lstm_preprocess_backward(grad[n], s, dxm);
+    }
   }
 }
 

@@ -1,8 +1,9 @@
-// Host emulation of the tensor-core forward of lstm_optimizer_step
+// Host emulation of the tensor-core forward and backward of lstm_optimizer_step
 // (csrc/cuda/lstm_optimizer_mma.cuh): 32 host threads run the kernel's warp code as one warp,
 // with the warp collectives (mma.sync m16n8k8 TF32, shfl.xor) emulated from the PTX fragment
 // layouts; the results are compared with the header's per-coordinate math. No GPU needed.
 // Built and run by tests/test_cuda_emu.py; exit status 0 = all equal.
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdio>
@@ -106,11 +107,12 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
   grad[0] = 0;
   grad[N / 2] = NAN;  // stays in its coordinate
 
-  // staging, with canaries past the end
-  std::vector<float> sm(S::kTotal + 64, 12345.0f);
+  // staging (forward and transposed fragments), with canaries past the end
+  std::vector<float> sm(S::kTotalBwd + 64, 12345.0f);
   const int nthreads = 96;
   for (int t = 0; t < nthreads; ++t) lstm_mma_stage<HB>(sm.data(), W, H, n_in, t, nthreads);
-  for (int e = S::kTotal; e < S::kTotal + 64; ++e)
+  for (int t = 0; t < nthreads; ++t) lstm_mma_stage_transposed<HB>(sm.data(), W, H, t, nthreads);
+  for (int e = S::kTotalBwd; e < S::kTotalBwd + 64; ++e)
     if (sm[e] != 12345.0f) { std::printf("FAIL staging wrote past the end\n"); ++failures; break; }
 
   std::vector<float> u_ref(N), ns_ref(4 * H * N);
@@ -143,6 +145,37 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
       break;
     }
   }
+
+  // backward: the header's per-coordinate math vs the warp code, as backward_mma_kernel runs it
+  std::vector<float> du = rnd(N, 1.0), dns = rnd(4 * H * N, 1.0);
+  const LstmOptRows R = lstm_opt_rows(H, n_in);
+  const int64_t rows = int64_t(R.total) * N;
+  std::vector<float> dg_ref(N), ds_ref(4 * H * N), ws_ref(rows);
+  for (int64_t n = 0; n < N; ++n) {
+    const Col col{N, n, 1};
+    lstm_opt_backward_coord<kLstmOptMaxHidden, float, float>(
+        W, s, grad.data(), state.data(), du.data(), dns.data(), dg_ref.data(), ds_ref.data(),
+        ws_ref.data(), col, col);
+  }
+  std::vector<float> dg(N, -777.0f), ds(4 * H * N, -777.0f), ws(rows, -777.0f);
+  for (int bx = 0; bx < grid; ++bx) {
+    std::vector<std::thread> lanes;
+    for (int l = 0; l < 32; ++l)
+      lanes.emplace_back([&, l] {
+        tl_lane = l;
+        for (int64_t base = int64_t(bx) * S::kCoords; base < N; base += int64_t(grid) * S::kCoords)
+          lstm_mma_backward_warp<HB>(sm.data(), s, grad.data(), state.data(), du.data(),
+                                     dns.data(), dg.data(), ds.data(), ws.data(), N, base);
+      });
+    for (auto& th : lanes) th.join();
+  }
+  // d_grad = e^p dx[1] on the small-grad branch: a sum with cancellation times 22026, so it
+  // is compared relative to its largest value (as tests/test_ops_lstm_optimizer.py does)
+  double dg_max = 0;
+  for (float v : dg_ref) if (std::isfinite(v)) dg_max = std::max(dg_max, double(std::fabs(v)));
+  expect_close("d_grad", dg, dg_ref, 1e-4, 1e-5 * dg_max, H, n_in);
+  expect_close("d_state", ds, ds_ref, 1e-4, 1e-5, H, n_in);
+  expect_close("workspace rows", ws, ws_ref, 1e-4, 1e-5, H, n_in);
 }
 
 int main() {
