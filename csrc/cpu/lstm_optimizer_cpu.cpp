@@ -274,6 +274,40 @@ inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   }
 }
 
+// The backward's per-coordinate part over one block, LN coordinates at a time. Its 12H + 3
+// rows (state, d_new_state, d_state: 4H each; grad, d_update, d_grad) are N elements apart,
+// too many streams for the hardware prefetchers: each group of lanes prefetches its share of
+// the rows of the next block (to L2).
+template <int HMAX, typename T, int LN>
+inline void backward_groups(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s,
+                            const T* grad, const T* state, const T* d_update,
+                            const T* d_new_state, T* d_grad, T* d_state, T* ws, int64_t ws_stride,
+                            int64_t N, int64_t n0, int64_t cnt) {
+  constexpr int kLine = 64 / sizeof(T);
+  const int64_t r4 = 4 * int64_t(s.H), rows = 3 * r4 + 3;
+  const int64_t m = n0 + cnt, mcnt = std::min<int64_t>(cnt, N - m);
+  const int64_t groups = (cnt + LN - 1) / LN;
+  int64_t r = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t n = n0 + g * LN;
+    for (const int64_t r1 = mcnt > 0 ? rows * (g + 1) / groups : 0; r < r1; ++r) {
+      const T* p = r < r4 ? state + r * N
+                   : r < 2 * r4 ? d_new_state + (r - r4) * N
+                   : r < 3 * r4 ? d_state + (r - 2 * r4) * N
+                   : r == 3 * r4 ? grad : r == 3 * r4 + 1 ? d_update : d_grad;
+      const bool write = (r >= 2 * r4 && r < 3 * r4) || r == 3 * r4 + 2;
+      for (int64_t l = 0; l < mcnt; l += kLine) {
+        if (write) __builtin_prefetch(p + m + l, 1, 2);
+        else __builtin_prefetch(p + m + l, 0, 2);
+      }
+    }
+    const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));
+    const Col col{N, n, c}, wc{ws_stride, n - n0, c};
+    lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update, d_new_state,
+                                                   d_grad, d_state, ws, col, wc);
+  }
+}
+
 // Wide-lane instances (AVX-512: 64 bytes, AVX2: 32 bytes) of the shared code, inside
 // functions compiled for that target (flatten: the whole call tree is inlined, so it is
 // compiled for the target too). NV: lane vectors per tile, as many as the registers hold.
@@ -289,13 +323,8 @@ inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
       const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,  \
       const T* d_update, const T* d_new_state, T* d_grad, T* d_state, T* ws,                  \
       int64_t ws_stride, int64_t N, int64_t n0, int64_t cnt) {                                \
-    constexpr int LN = VB / sizeof(T);                                                        \
-    for (int64_t n = n0; n < n0 + cnt; n += LN) {                                             \
-      const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));                    \
-      const Col col{N, n, c}, wc{ws_stride, n - n0, c};                                       \
-      lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update,             \
-                                                     d_new_state, d_grad, d_state, ws, col, wc); \
-    }                                                                                         \
+    backward_groups<HMAX, T, VB / sizeof(T)>(W, s, grad, state, d_update, d_new_state, d_grad, \
+                                             d_state, ws, ws_stride, N, n0, cnt);             \
   }
 #ifdef PYMETA_WGRAD_X86
 #pragma GCC push_options
@@ -378,12 +407,8 @@ void backward(const LstmOptLaunch& L) {
                                      d_state, ws.data(), BC, N, n0, cnt);
       } else
 #endif
-      for (int64_t n = n0; n < n0 + cnt; n += LN) {
-        const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));
-        const Col col{N, n, c}, wc{BC, n - n0, c};
-        lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update, d_new_state,
-                                                       d_grad, d_state, ws.data(), col, wc);
-      }
+        backward_groups<HMAX, T, LN>(W, s, grad, state, d_update, d_new_state, d_grad, d_state,
+                                     ws.data(), BC, N, n0, cnt);
       // This block's share of C_q = A_q B_q^T (see lstm_opt_pairs).
       T* out = partial + b * P.off[3];
       auto wrow = [&](int r) -> const T* { return ws.data() + int64_t(r) * BC; };
