@@ -12,6 +12,7 @@ The machine's other jobs make single calls noisy: compare medians of one run, no
 Run from the repository root with PYTHONPATH=. (a script outside the tree imports the
 installed pymeta._C otherwise):
   PYTHONPATH=. python bench/lstm_cpu_timing.py [--N 100000] [--threads 1 2] [--no-compile]
+      [--no-backward] [--keep-freed]
 """
 import argparse
 import statistics
@@ -20,6 +21,7 @@ import time
 import torch
 
 import pymeta
+from pymeta.benchmark import keep_freed_cpu_memory
 from pymeta.workloads import lstm_native, lstm_optimizer_inputs, lstm_reference
 
 
@@ -42,7 +44,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--keep-freed", action="store_true",
+                    help="glibc keeps freed memory (outputs do not fault in fresh pages each call)")
     args = ap.parse_args()
+    if args.keep_freed:
+        print("keep_freed_cpu_memory:", keep_freed_cpu_memory())
     print(f"pymeta {pymeta.__file__}; torch {torch.__version__}; float32 log_sign H={args.H}")
 
     impls = [("native", lstm_native), ("eager", lstm_reference)]
