@@ -261,13 +261,11 @@ inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
       std::memcpy(update + n, &out[rows * CW], cnt * sizeof(T));
       continue;
     }
-    if (c + 1 < c1 && n + 2 * CW <= N) {  // the next chunk: to L2, outputs for writing
+    // The next chunk's inputs, to L2 (prefetching the outputs too measured no better).
+    if (c + 1 < c1 && n + 2 * CW <= N) {
       const int64_t m = n + CW;
       for (int64_t r = 0; r < rows; ++r)
-        for (int l = 0; l < CW; l += kLine) {
-          __builtin_prefetch(state + r * N + m + l, 0, 2);
-          __builtin_prefetch(new_state + r * N + m + l, 1, 2);
-        }
+        for (int l = 0; l < CW; l += kLine) __builtin_prefetch(state + r * N + m + l, 0, 2);
       for (int l = 0; l < CW; l += kLine) __builtin_prefetch(grad + m + l, 0, 2);
     }
     forward_chunk<T, LN, NV>(W, s, grad + n, state + n, update + n, new_state + n, N);
