@@ -1,8 +1,9 @@
-// CPU kernels of lstm_optimizer_step: at::parallel_for over groups of L consecutive
-// coordinates, each group running the shared per-coordinate math of
-// pymeta/lstm_optimizer.h on Lanes<T, L> (SIMD across coordinates): L fills a 64-byte
-// (AVX-512) or 32-byte (AVX2) register where the CPU has one (functions compiled for that
-// target, chosen once per process), a 16-byte one otherwise.
+// CPU kernels of lstm_optimizer_step: at::parallel_for over consecutive coordinates, running
+// the shared math of pymeta/lstm_optimizer.h on Lanes<T, L> (SIMD across coordinates): L fills
+// a 64-byte (AVX-512) or 32-byte (AVX2) register where the CPU has one (functions compiled for
+// that target, chosen once per process), a 16-byte one otherwise. The forward works in chunks
+// of a few lane vectors, its gate products as register-tiled matrix products fused with the
+// header's cell math; the backward runs lstm_opt_backward_coord one lane vector at a time.
 // The backward works in fixed blocks of kLstmOptCpuBlock coordinates: each block keeps its
 // workspace rows in a small local buffer (cache-resident), computes its weight-gradient
 // partial sums as register-tiled matrix products into the shared workspace, and a final pass
