@@ -1,8 +1,9 @@
-// CPU kernels of lstm_optimizer_step: at::parallel_for over groups of L consecutive
-// coordinates, each group running the shared per-coordinate math of
-// pymeta/lstm_optimizer.h on Lanes<T, L> (SIMD across coordinates): L fills a 64-byte
-// (AVX-512) or 32-byte (AVX2) register where the CPU has one (functions compiled for that
-// target, chosen once per process), a 16-byte one otherwise.
+// CPU kernels of lstm_optimizer_step: at::parallel_for over consecutive coordinates, running
+// the shared math of pymeta/lstm_optimizer.h on Lanes<T, L> (SIMD across coordinates): L fills
+// a 64-byte (AVX-512) or 32-byte (AVX2) register where the CPU has one (functions compiled for
+// that target, chosen once per process), a 16-byte one otherwise. The forward works in chunks
+// of a few lane vectors, its gate products as register-tiled matrix products fused with the
+// header's cell math; the backward runs lstm_opt_backward_coord one lane vector at a time.
 // The backward works in fixed blocks of kLstmOptCpuBlock coordinates: each block keeps its
 // workspace rows in a small local buffer (cache-resident), computes its weight-gradient
 // partial sums as register-tiled matrix products into the shared workspace, and a final pass
@@ -160,79 +161,206 @@ void wgrad_products(WgradIsa isa, const T* at, int64_t lda, int cnt, const T* co
 }
 
 
-// ---- the per-coordinate math on wide lanes (AVX-512: 64 bytes, AVX2: 32 bytes) -------------
-// The header's per-coordinate code, instantiated on Lanes<T, VB / sizeof(T)> inside functions
-// compiled for that target (flatten: the whole call tree is inlined, so it is compiled for the
-// target too). The same operations per lane as the 16-byte path.
-#define PYMETA_COORD_KERNELS(SUFFIX, VB)                                                        \
+// ---- the forward: column chunks, register tiles over the shared cell math --------------------
+// The gate pre-activations of CW = LN * NV consecutive coordinates are small matrix products,
+// Z[4H, CW] = W_hh1 h1[:, chunk] + b + W_ih1 x (layer 1), W_ih2 h1' + W_hh2 h2 + b (layer 2),
+// whose input rows are contiguous runs of the feature-major state. A register tile holds the
+// 4 gates of one unit times NV lane vectors (16 accumulators on AVX-512): each weight is
+// broadcast once per NV vectors, and the 4 NV independent sums hide the FMA latency. The tile
+// then goes straight through the header's cell math (lstm_cell on Lanes) and is stored to
+// new_state. Every entry is summed in the order of lstm_opt_forward_coord (bias, x, then k =
+// 0 .. H-1), so a coordinate's result depends neither on the chunking nor on the thread count.
+// Rows of one chunk sit N elements apart, 4H input and 4H output rows: too many streams for the
+// hardware prefetchers, so the loop prefetches the next chunk's lines itself.
+template <typename T, int LN, int NV>
+inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad,
+                          const T* state, T* update, T* new_state, int64_t ld) {
+  using V = Lanes<T, LN>;
+  const int H = s.H, n_in = s.n_in;
+  auto load = [&](const T* p, int64_t row, int v) {
+    V r;
+    std::memcpy(&r.v, p + row * ld + v * LN, sizeof(r.v));
+    return r;
+  };
+  auto store = [&](T* p, int64_t row, int v, const V& x) {
+    std::memcpy(p + row * ld + v * LN, &x.v, sizeof(x.v));
+  };
+  // z[q][v] += sum_k w_q[k] in[k][v] for the 4 gate rows w_q = w + (q H + j) H, k = 0 .. H-1.
+  auto gate_tile = [&](V (&z)[4][NV], const T* w, int j, const T* in) {
+    const T* w0 = w + int64_t(j) * H;
+    const int64_t gate = int64_t(H) * H;
+    for (int k = 0; k < H; ++k) {
+      V a[NV];
+      for (int v = 0; v < NV; ++v) a[v] = load(in, k, v);
+      for (int q = 0; q < 4; ++q) {
+        const T wq = w0[q * gate + k];
+        for (int v = 0; v < NV; ++v) z[q][v] = z[q][v] + wq * a[v];
+      }
+    }
+  };
+  // The cell of unit j (rows j, H + j of the layer's h, c in state / new_state at row0).
+  auto cell = [&](V (&z)[4][NV], int64_t row0, int j, V* out) {
+    for (int v = 0; v < NV; ++v) {
+      const V zv[4] = {z[0][v], z[1][v], z[2][v], z[3][v]};
+      V c, h;
+      lstm_cell(zv, load(state, row0 + H + j, v), c, h);
+      store(new_state, row0 + j, v, h);
+      store(new_state, row0 + H + j, v, c);
+      if (out) out[v] = out[v] + W.w_out[j] * h;
+    }
+  };
+
+  V x[NV][2];
+  for (int v = 0; v < NV; ++v) lstm_preprocess(load(grad, 0, v), s, x[v]);
+  for (int j = 0; j < H; ++j) {
+    V z[4][NV];
+    for (int q = 0; q < 4; ++q) {
+      const int r = q * H + j;
+      const T b = W.b_ih1[r] + W.b_hh1[r];
+      for (int v = 0; v < NV; ++v) {
+        V acc = V(b);
+        for (int i = 0; i < 2; ++i)
+          if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[v][i];
+        z[q][v] = acc;
+      }
+    }
+    gate_tile(z, W.w_hh1, j, state);
+    cell(z, 0, j, nullptr);
+  }
+  V out[NV];
+  for (int v = 0; v < NV; ++v) out[v] = V(W.b_out[0]);
+  for (int j = 0; j < H; ++j) {
+    V z[4][NV];
+    for (int q = 0; q < 4; ++q)
+      for (int v = 0; v < NV; ++v) z[q][v] = V(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
+    gate_tile(z, W.w_ih2, j, new_state);                        // h1 (new)
+    gate_tile(z, W.w_hh2, j, state + int64_t(2) * H * ld);      // h2
+    cell(z, 2 * H, j, out);
+  }
+  for (int v = 0; v < NV; ++v) store(update, 0, v, out[v] * s.out_scale);
+}
+
+// Chunks c0 .. c1 - 1 of the forward. A chunk that runs past N goes through zero-padded local
+// copies (zero grads and states are harmless inputs; their results are dropped).
+template <typename T, int LN, int NV>
+inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad,
+                           const T* state, T* update, T* new_state, int64_t N, int64_t c0,
+                           int64_t c1) {
+  constexpr int CW = LN * NV;
+  constexpr int kLine = 64 / sizeof(T);
+  const int64_t rows = 4 * int64_t(s.H);
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t n = c * CW;
+    if (n + CW > N) {
+      std::vector<T> in((rows + 1) * CW, T(0)), out((rows + 1) * CW);
+      const int64_t cnt = N - n;
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(&in[r * CW], state + r * N + n, cnt * sizeof(T));
+      std::memcpy(&in[rows * CW], grad + n, cnt * sizeof(T));
+      forward_chunk<T, LN, NV>(W, s, &in[rows * CW], in.data(), &out[rows * CW], out.data(), CW);
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(new_state + r * N + n, &out[r * CW], cnt * sizeof(T));
+      std::memcpy(update + n, &out[rows * CW], cnt * sizeof(T));
+      continue;
+    }
+    // The next chunk's inputs, to L2 (prefetching the outputs too measured no better).
+    if (c + 1 < c1 && n + 2 * CW <= N) {
+      const int64_t m = n + CW;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int l = 0; l < CW; l += kLine) __builtin_prefetch(state + r * N + m + l, 0, 2);
+      for (int l = 0; l < CW; l += kLine) __builtin_prefetch(grad + m + l, 0, 2);
+    }
+    forward_chunk<T, LN, NV>(W, s, grad + n, state + n, update + n, new_state + n, N);
+  }
+}
+
+// The backward's per-coordinate part over one block, LN coordinates at a time. Its 12H + 3
+// rows (state, d_new_state, d_state: 4H each; grad, d_update, d_grad) are N elements apart,
+// too many streams for the hardware prefetchers: each group of lanes prefetches its share of
+// the rows of the next block (to L2).
+template <int HMAX, typename T, int LN>
+inline void backward_groups(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s,
+                            const T* grad, const T* state, const T* d_update,
+                            const T* d_new_state, T* d_grad, T* d_state, T* ws, int64_t ws_stride,
+                            int64_t N, int64_t n0, int64_t cnt) {
+  constexpr int kLine = 64 / sizeof(T);
+  const int64_t r4 = 4 * int64_t(s.H), rows = 3 * r4 + 3;
+  const int64_t m = n0 + cnt, mcnt = std::min<int64_t>(cnt, N - m);
+  const int64_t groups = (cnt + LN - 1) / LN;
+  int64_t r = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t n = n0 + g * LN;
+    for (const int64_t r1 = mcnt > 0 ? rows * (g + 1) / groups : 0; r < r1; ++r) {
+      const T* p = r < r4 ? state + r * N
+                   : r < 2 * r4 ? d_new_state + (r - r4) * N
+                   : r < 3 * r4 ? d_state + (r - 2 * r4) * N
+                   : r == 3 * r4 ? grad : r == 3 * r4 + 1 ? d_update : d_grad;
+      const bool write = (r >= 2 * r4 && r < 3 * r4) || r == 3 * r4 + 2;
+      for (int64_t l = 0; l < mcnt; l += kLine) {
+        if (write) __builtin_prefetch(p + m + l, 1, 2);
+        else __builtin_prefetch(p + m + l, 0, 2);
+      }
+    }
+    const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));
+    const Col col{N, n, c}, wc{ws_stride, n - n0, c};
+    lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update, d_new_state,
+                                                   d_grad, d_state, ws, col, wc);
+  }
+}
+
+// Wide-lane instances (AVX-512: 64 bytes, AVX2: 32 bytes) of the shared code, inside
+// functions compiled for that target (flatten: the whole call tree is inlined, so it is
+// compiled for the target too). NV: lane vectors per tile, as many as the registers hold.
+#define PYMETA_COORD_KERNELS(SUFFIX, VB, NVF)                                                   \
   template <typename T, int HMAX>                                                             \
-  __attribute__((flatten)) void forward_groups_##SUFFIX(                                      \
+  __attribute__((flatten)) void forward_chunks_##SUFFIX(                                      \
       const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,  \
-      T* update, T* new_state, int64_t N, int64_t n0, int64_t n1) {                           \
-    constexpr int LN = VB / sizeof(T);                                                        \
-    for (int64_t n = n0; n < n1; n += LN) {                                                   \
-      const Col col{N, n, static_cast<int>(std::min<int64_t>(LN, n1 - n))};                  \
-      lstm_opt_forward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, update, new_state, col); \
-    }                                                                                         \
+      T* update, T* new_state, int64_t N, int64_t c0, int64_t c1) {                           \
+    forward_chunks<T, VB / sizeof(T), NVF>(W, s, grad, state, update, new_state, N, c0, c1);  \
   }                                                                                           \
   template <typename T, int HMAX>                                                             \
   __attribute__((flatten)) void backward_block_##SUFFIX(                                      \
       const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,  \
       const T* d_update, const T* d_new_state, T* d_grad, T* d_state, T* ws,                  \
       int64_t ws_stride, int64_t N, int64_t n0, int64_t cnt) {                                \
-    constexpr int LN = VB / sizeof(T);                                                        \
-    for (int64_t n = n0; n < n0 + cnt; n += LN) {                                             \
-      const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));                    \
-      const Col col{N, n, c}, wc{ws_stride, n - n0, c};                                       \
-      lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update,             \
-                                                     d_new_state, d_grad, d_state, ws, col, wc); \
-    }                                                                                         \
+    backward_groups<HMAX, T, VB / sizeof(T)>(W, s, grad, state, d_update, d_new_state, d_grad, \
+                                             d_state, ws, ws_stride, N, n0, cnt);             \
   }
 #ifdef PYMETA_WGRAD_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
-PYMETA_COORD_KERNELS(avx512, 64)
+PYMETA_COORD_KERNELS(avx512, 64, 4)
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-PYMETA_COORD_KERNELS(avx2, 32)
+PYMETA_COORD_KERNELS(avx2, 32, 2)
 #pragma GCC pop_options
 #endif
 #undef PYMETA_COORD_KERNELS
 
 template <typename T, int HMAX>
 void forward(const LstmOptLaunch& L) {
-  constexpr int LN = LaneCount<T>::value;
   const auto W = weights_of<T>(L.w);
   const auto s = scalars_of<T>(L);
-  const int64_t groups = (L.N + LN - 1) / LN;
   const auto* grad = static_cast<const T*>(L.grad);
   const auto* state = static_cast<const T*>(L.state);
   auto* update = static_cast<T*>(L.update);
   auto* new_state = static_cast<T*>(L.new_state);
-  // A group costs ~ 20 H^2 flops per coordinate; aim for ~ 100k flops per task.
-  const int64_t grain = std::max<int64_t>(1, 4096 / (int64_t(L.H) * L.H * LN + 1));
+  const WgradIsa isa = wgrad_isa();
+  // Chunk width in coordinates: the path's lanes times its tile's vectors.
+  const int64_t CW = isa == WgradIsa::Avx512 ? 4 * 64 / sizeof(T)
+                     : isa == WgradIsa::Avx2 ? 2 * 32 / sizeof(T)
+                                             : 2 * LaneCount<T>::value;
+  const int64_t chunks = (L.N + CW - 1) / CW;
+  // A chunk costs ~ 24 H^2 CW flops; aim for ~ 1M flops per task.
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / (24 * int64_t(L.H) * L.H * CW + 1));
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
 #ifdef PYMETA_WGRAD_X86
-  if (wgrad_isa() != WgradIsa::Base) {
-    // Tasks of whole wide-lane groups, the same grain in coordinates.
-    const bool z = wgrad_isa() == WgradIsa::Avx512;
-    const int64_t WN = (z ? 64 : 32) / sizeof(T);
-    const int64_t wgroups = (L.N + WN - 1) / WN;
-    const int64_t wgrain = std::max<int64_t>(1, grain * LN / WN);
-    at::parallel_for(0, wgroups, wgrain, [&](int64_t g0, int64_t g1) {
-      const int64_t n1 = std::min<int64_t>(L.N, g1 * WN);
-      if (z) forward_groups_avx512<T, HMAX>(W, s, grad, state, update, new_state, L.N, g0 * WN, n1);
-      else forward_groups_avx2<T, HMAX>(W, s, grad, state, update, new_state, L.N, g0 * WN, n1);
-    });
-    return;
-  }
+    if (isa == WgradIsa::Avx512)
+      return forward_chunks_avx512<T, HMAX>(W, s, grad, state, update, new_state, L.N, c0, c1);
+    if (isa == WgradIsa::Avx2)
+      return forward_chunks_avx2<T, HMAX>(W, s, grad, state, update, new_state, L.N, c0, c1);
 #endif
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t n = g * LN;
-      const Col col{L.N, n, static_cast<int>(std::min<int64_t>(LN, L.N - n))};
-      lstm_opt_forward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, update, new_state, col);
-    }
+    forward_chunks<T, LaneCount<T>::value, 2>(W, s, grad, state, update, new_state, L.N, c0, c1);
   });
 }
 
@@ -278,12 +406,8 @@ void backward(const LstmOptLaunch& L) {
                                      d_state, ws.data(), BC, N, n0, cnt);
       } else
 #endif
-      for (int64_t n = n0; n < n0 + cnt; n += LN) {
-        const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));
-        const Col col{N, n, c}, wc{BC, n - n0, c};
-        lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update, d_new_state,
-                                                       d_grad, d_state, ws.data(), col, wc);
-      }
+        backward_groups<HMAX, T, LN>(W, s, grad, state, d_update, d_new_state, d_grad, d_state,
+                                     ws.data(), BC, N, n0, cnt);
       // This block's share of C_q = A_q B_q^T (see lstm_opt_pairs).
       T* out = partial + b * P.off[3];
       auto wrow = [&](int r) -> const T* { return ws.data() + int64_t(r) * BC; };

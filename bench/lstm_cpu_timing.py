@@ -1,0 +1,87 @@
+"""CPU timing of lstm_optimizer_step, float32, log_sign preprocessing (H = 20 by default): the
+native op against the PyTorch reference, eager and under torch.compile (inductor,
+dynamic=False, warmed up), at 1 and 2 threads.
+
+Columns (wall-clock ms per call; the median of `--repeats` calls after warm-up):
+  fwd       forward under no_grad
+  fwd+bwd   forward with autograd, then torch.autograd.grad(update.sum() + new_state.sum(),
+            [state, *weights]): what a meta-training step pays
+  x cmp     torch.compile(reference) time / native time
+The machine's other jobs make single calls noisy: compare medians of one run, not across runs.
+
+Run from the repository root with PYTHONPATH=. (a script outside the tree imports the
+installed pymeta._C otherwise):
+  PYTHONPATH=. python bench/lstm_cpu_timing.py [--N 100000] [--threads 1 2] [--no-compile]
+      [--no-backward] [--keep-freed]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import pymeta
+from pymeta.benchmark import keep_freed_cpu_memory
+from pymeta.workloads import lstm_native, lstm_optimizer_inputs, lstm_reference
+
+
+def median_ms(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--N", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--H", type=int, default=20)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--keep-freed", action="store_true",
+                    help="glibc keeps freed memory (outputs do not fault in fresh pages each call)")
+    args = ap.parse_args()
+    if args.keep_freed:
+        print("keep_freed_cpu_memory:", keep_freed_cpu_memory())
+    print(f"pymeta {pymeta.__file__}; torch {torch.__version__}; float32 log_sign H={args.H}")
+
+    impls = [("native", lstm_native), ("eager", lstm_reference)]
+    if not args.no_compile:
+        impls.append(("compile", torch.compile(lstm_reference, dynamic=False)))
+    for n in args.N:
+        grad_, state, weights = lstm_optimizer_inputs(n, args.H)
+        state_g = state.clone().requires_grad_()
+
+        def fwd(f):
+            with torch.no_grad():
+                return f(grad_, state, *weights)
+
+        def fwd_bwd(f):
+            update, new_state = f(grad_, state_g, *weights)
+            return torch.autograd.grad(update.sum() + new_state.sum(), [state_g, *weights])
+
+        err = (fwd(lstm_native)[0] - fwd(lstm_reference)[0]).abs().max().item()
+        for t in args.threads:
+            torch.set_num_threads(t)
+            res = {}
+            for name, f in impls:
+                res[name, "fwd"] = median_ms(lambda: fwd(f), args.repeats)
+                if not args.no_backward:
+                    res[name, "fwd+bwd"] = median_ms(lambda: fwd_bwd(f), max(3, args.repeats // 2))
+            for kind in ("fwd",) if args.no_backward else ("fwd", "fwd+bwd"):
+                line = f"N={n:>7} threads={t} {kind:>7}: " + "  ".join(
+                    f"{name} {res[name, kind]:8.2f}" for name, _ in impls)
+                if ("compile", kind) in res:
+                    line += f"  | compile/native {res['compile', kind] / res['native', kind]:5.2f}x"
+                print(line, flush=True)
+        print(f"N={n}: max |update native - reference| = {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()
