@@ -116,10 +116,14 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
                               static_cast<float*>(L.new_state), L.N, base);
 }
 
-// W warps per block, one block per SM: W = 8 lets ptxas use 255 registers (few spills),
-// W = 12 caps it at 168 (more warps, more spills); PYMETA_LSTM_BWD_WARPS picks (benchmarks).
-template <int HB, int W>
-__global__ void __launch_bounds__(32 * W, 1)
+// Opt-in (PYMETA_LSTM_MMA_BWD=1): measured slower than the CUDA-core pass at N >= 200k on an
+// H200 (2026-11-26: 1.98 vs 1.64 ms at N = 1M, H = 20): at 255 registers only 8 warps fit per
+// SM and the step's loads are not in flight together (bench/NOTES_lstm.md). Kept, tested and
+// emulated as the base of a pipelined version.
+constexpr int kMmaBwdThreads = 256;
+
+template <int HB>
+__global__ void __launch_bounds__(kMmaBwdThreads, 1)
 backward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sm = reinterpret_cast<float*>(smem_raw);
@@ -269,12 +273,13 @@ int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
 }
 
 // The tensor-core kernels (lstm_optimizer_mma.cuh) when they apply: float, H <= 32, a GPU of
-// compute capability 8.0+, and PYMETA_LSTM_MMA not set to 0 (the benchmarks time both
-// paths). Returns -1 when not applicable (the caller takes the CUDA-core kernels).
+// compute capability 8.0+; the forward unless PYMETA_LSTM_MMA=0, the backward only with
+// PYMETA_LSTM_MMA_BWD=1 (see backward_mma_kernel). Returns -1 when not applicable (the caller
+// takes the CUDA-core kernels).
 static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward) {
   if (L.dtype != DType::Float32 || L.H > 32) return -1;
-  const char* env = std::getenv("PYMETA_LSTM_MMA");
-  if (env && env[0] == '0') return -1;
+  const char* env = std::getenv(backward ? "PYMETA_LSTM_MMA_BWD" : "PYMETA_LSTM_MMA");
+  if (backward ? !(env && env[0] == '1') : (env && env[0] == '0')) return -1;
   int dev = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (!err) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
@@ -284,24 +289,19 @@ static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward
     constexpr int HB = decltype(hb)::value;
     using S = LstmMmaShape<HB>;
     const Params<float> P = params_of<float>(L);
-    const char* bw = std::getenv("PYMETA_LSTM_BWD_WARPS");
-    const bool wide = bw && bw[0] == '1' && bw[1] == '2';
-    const int threads = backward ? (wide ? 384 : 256) : S::kThreads;
+    const int threads = backward ? kMmaBwdThreads : S::kThreads;
     const int64_t per_block = int64_t(threads / 32) * S::kCoords;
     const int64_t tiles = (L.N + per_block - 1) / per_block;
     SmemLaunch s{};
     const size_t bytes = sizeof(float) * (backward ? S::kTotalBwd : S::kTotal);
-    int e = !backward ? plan_smem(forward_mma_kernel<HB>, threads, bytes, tiles, &s)
-            : wide    ? plan_smem(backward_mma_kernel<HB, 12>, threads, bytes, tiles, &s)
-                      : plan_smem(backward_mma_kernel<HB, 8>, threads, bytes, tiles, &s);
+    int e = backward ? plan_smem(backward_mma_kernel<HB>, threads, bytes, tiles, &s)
+                     : plan_smem(forward_mma_kernel<HB>, threads, bytes, tiles, &s);
     if (e) return e;
     if (s.blocks == 0) return -1;
-    if (!backward)
-      forward_mma_kernel<HB><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
-    else if (wide)
-      backward_mma_kernel<HB, 12><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+    if (backward)
+      backward_mma_kernel<HB><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
     else
-      backward_mma_kernel<HB, 8><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+      forward_mma_kernel<HB><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
     return static_cast<int>(cudaGetLastError());
   };
   if (L.H <= 8) return launch(std::integral_constant<int, 8>{});
@@ -348,7 +348,7 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
     const Params<T> P = params_of<T>(L);
     constexpr int threads = smem_threads<HP>();
     const int64_t tiles = (L.N + threads - 1) / threads;
-    // The per-coordinate pass: the tensor-core kernel when it applies, else the CUDA-core
+    // The per-coordinate pass: the tensor-core kernel when asked for, else the CUDA-core
     // shared-memory kernel, else (double at HP = 64 needs 402 KB of shared memory: no GPU
     // has it) the fallback.
     int err = mma_launch(L, stream, true);
