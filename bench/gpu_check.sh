@@ -80,7 +80,7 @@ echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$
 echo "lstm/maml timing: ${extra_s}s"
 cat "$OUT/lstm_goals.log" | tail -14
 cat "$OUT/lstm_timing.log" | tail -8
-grep -E "err vs loop|maml conv4|graph vs eager|capture failed" "$OUT/maml.log" 2>/dev/null
+grep -E "err vs loop|maml conv4|graph vs eager|capture|peak memory" "$OUT/maml.log" 2>/dev/null
 echo "bench:      rc=$bench_rc ${bench_s}s"
 sed -n '/^$/,$p' "$OUT/bench.log"
 [ $tests_rc -eq 0 ] && [ $san_rc -eq 0 ] && [ $bench_rc -eq 0 ]

@@ -38,16 +38,40 @@ for order in ("second", "first"):
         for impl, b in built.items():
             sync(); t = time.perf_counter(); meta_iteration(*b); sync()
             ts[impl].append(time.perf_counter() - t)
-    # pymeta with the whole meta-gradient captured in a CUDA graph (MAML.capture)
+    # peak memory of one meta-iteration (pymeta vs torch.func vmap)
+    if dev.startswith("cuda"):
+        peak = {}
+        for impl in ("pymeta", "torch_func"):
+            sync(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+            meta_iteration(*built[impl]); sync()
+            peak[impl] = "%.0f MiB" % ((torch.cuda.max_memory_allocated() - base) / 2**20)
+        print("peak memory", order, "order:", peak)
+    # pymeta eager through the generic vmap path (PYMETA_MAML_VMAP=1) instead of
+    # Conv4.forward_tasks, and both paths captured in a CUDA graph (MAML.capture)
+    os.environ["PYMETA_MAML_VMAP"] = "1"
+    meta_iteration(*built["pymeta"]); sync()
+    ts["pymeta_vmap_path"] = []
+    for _ in range(5):
+        sync(); t = time.perf_counter(); meta_iteration(*built["pymeta"]); sync()
+        ts["pymeta_vmap_path"].append(time.perf_counter() - t)
     maml, _, data = built["pymeta"]
-    try:
+
+    def time_capture(key):
         step = maml.capture(F.cross_entropy, *data)
         for _ in range(2): step(*data)
         sync()
-        ts["pymeta+cuda_graph"] = []
+        ts[key] = []
         for _ in range(5):
             sync(); t = time.perf_counter(); step(*data); sync()
-            ts["pymeta+cuda_graph"].append(time.perf_counter() - t)
+            ts[key].append(time.perf_counter() - t)
+
+    try:
+        time_capture("pymeta_vmap_path+cuda_graph")
+    except Exception as e:
+        print("capture (vmap path) failed:", type(e).__name__, str(e)[:300])
+    del os.environ["PYMETA_MAML_VMAP"]
+    try:
+        time_capture("pymeta+cuda_graph")
         want = [p.grad.clone() for p in maml.parameters()]
         for p in maml.parameters(): p.grad = None
         maml.meta_loss(*data, F.cross_entropy).backward()

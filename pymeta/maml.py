@@ -14,6 +14,7 @@ independently per task, and follow the wrapped module's train/eval mode.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -21,9 +22,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pymeta import ops
+from pymeta import models, ops
 
 __all__ = ["MAML", "CapturedMetaStep"]
+
+_TASK_BATCHED = (models.Conv4, models.MLP)  # models with forward_tasks (see _forward_tasks)
 
 LR_MODES = ("scalar", "per_layer_step", "per_param")
 
@@ -163,8 +166,16 @@ class MAML(nn.Module):
     def _forward_tasks(self, shared: Dict[str, Tensor], adapted: Sequence[Tensor], x: Tensor,
                        per_task: Callable[[Tensor, Tensor], Tensor], *extra: Tensor) -> Tensor:
         """vmap over tasks of ``per_task(model_output, *extra_t)``; adapted are [T, ...],
-        shared are broadcast (in_dims None), x and extra are [T, ...]."""
+        shared are broadcast (in_dims None), x and extra are [T, ...].
+
+        pymeta.models.Conv4 and MLP (exactly those classes, not subclasses) run all tasks in
+        their own ``forward_tasks`` (grouped convs, batched matmuls, contiguous layouts)
+        instead of vmap over the model: same results, fewer and larger kernels
+        (PYMETA_MAML_VMAP=1 forces the vmap path, for comparisons)."""
         names, module, bn_none = self.adapted_names, self.module, self._bn_none
+        if type(module) in _TASK_BATCHED and os.environ.get("PYMETA_MAML_VMAP") != "1":
+            out = module.forward_tasks({**shared, **dict(zip(names, adapted))}, x)
+            return vmap(per_task, in_dims=0)(out, *extra) if extra else per_task(out)
 
         def task(adapted_t, x_t, *extra_t):
             out = functional_call(module, {**shared, **dict(zip(names, adapted_t)), **bn_none}, (x_t,))

@@ -5,8 +5,10 @@ Both models name their last layer ``head``, so ANIL is ``pymeta.MAML(model, adap
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Dict, Sequence, Union
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["Conv4", "MLP"]
@@ -28,6 +30,23 @@ def _activation(act: Activation) -> Callable[[], nn.Module]:
         raise TypeError(f"pymeta.models: activation must be a name or a module class, "
                         f"not {type(act).__name__}")
     return act
+
+
+def _per_task(params: Dict[str, Tensor], name: str, like: Tensor, T: int) -> Tensor:
+    """params[name] as [T, *like.shape]: per-task tensors as they are, a shared one (shaped
+    like the module's own parameter) broadcast over the tasks (a view)."""
+    p = params[name]
+    if p.dim() == like.dim():
+        return p.expand(T, *p.shape)
+    if p.dim() != like.dim() + 1 or p.shape[0] != T or p.shape[1:] != like.shape:
+        raise ValueError(f"pymeta.models: parameter {name} has shape {list(p.shape)}; expected "
+                         f"{list(like.shape)} (shared) or {[T] + list(like.shape)} (per task)")
+    return p
+
+
+def _linear_tasks(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Per-task linear layer: h [T, B, I], w [T, O, I], b [T, O] -> [T, B, O] (one bmm)."""
+    return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
 
 
 class Conv4(nn.Module):
@@ -71,6 +90,49 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).flatten(1))
 
+    def forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
+        """T tasks at once, each with its own parameters (what ``pymeta.MAML`` runs instead of
+        ``vmap`` over tasks): ``x [T, B, C, H, W]`` -> logits ``[T, B, n_way]``.
+
+        ``params`` maps every parameter name to ``[T, *shape]`` (per task) or ``[*shape]``
+        (shared by all tasks). BatchNorm normalizes with each task's batch statistics and
+        never touches the running statistics (the MAML setting).
+
+        The activations stay in one contiguous ``[B, T * channels, H, W]`` layout: every conv
+        is one grouped conv (groups = T), every BatchNorm one plain batch norm over T x
+        channels (per-task, per-channel statistics), ReLU and max-pool run on it unchanged,
+        and the head is one batched matmul; ``vmap`` instead moves the task dimension in
+        and out around each op (permuted copies, strided elementwise kernels).
+        """
+        T, B = x.shape[:2]
+        h = x.transpose(0, 1).reshape(B, T * x.shape[2], *x.shape[3:])
+        feats = self.features
+        for i in range(0, len(feats), 4):
+            conv, bn = feats[i], feats[i + 1]
+            w = _per_task(params, f"features.{i}.weight", conv.weight, T)
+            b = _per_task(params, f"features.{i}.bias", conv.bias, T)
+            if conv.in_channels == 1:
+                # one input channel per task: a grouped conv would be a depthwise conv (slow
+                # kernels on CPU and GPU); as 3x3 patches times [T, out, 9] it is one batched
+                # matmul (and so are its backward and double backward)
+                side = h.shape[-2:]
+                cols = F.unfold(h.reshape(B * T, 1, *side), conv.kernel_size, padding=conv.padding)
+                h = torch.matmul(w.reshape(T, w.shape[1], -1), cols.view(B, T, cols.shape[1], -1))
+                h = (h + b.unsqueeze(-1)).view(B, -1, *side)
+            else:
+                h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), padding=conv.padding,
+                             groups=T)
+            g = _per_task(params, f"features.{i + 1}.weight", bn.weight, T)
+            be = _per_task(params, f"features.{i + 1}.bias", bn.bias, T)
+            h = F.batch_norm(h, None, None, g.reshape(-1), be.reshape(-1), training=True,
+                             eps=bn.eps)
+            # relu(max_pool(h)) == max_pool(relu(h)), values and gradients (ReLU is monotonic;
+            # a window of negatives gets zero gradient either way), on 1/4 of the elements
+            h = F.relu(F.max_pool2d(h, 2))
+        h = h.reshape(B, T, -1).transpose(0, 1)  # [T, B, hidden * side^2], per task as flatten(1)
+        return _linear_tasks(h, _per_task(params, "head.weight", self.head.weight, T),
+                             _per_task(params, "head.bias", self.head.bias, T))
+
 
 class MLP(nn.Module):
     """A fully connected net: ``Linear -> act`` per hidden layer, then a linear ``head``.
@@ -99,3 +161,17 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
+
+    def forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
+        """T tasks at once (see ``Conv4.forward_tasks``): ``x [T, B, in_features]`` ->
+        ``[T, B, out_features]``; every layer is one batched matmul."""
+        T = x.shape[0]
+        h = x
+        for name, m in self.body.named_children():
+            if isinstance(m, nn.Linear):
+                h = _linear_tasks(h, _per_task(params, f"body.{name}.weight", m.weight, T),
+                                  _per_task(params, f"body.{name}.bias", m.bias, T))
+            else:  # the activation, on [T * B, features] rows as each task's [B, features]
+                h = m(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], -1)
+        return _linear_tasks(h, _per_task(params, "head.weight", self.head.weight, T),
+                             _per_task(params, "head.bias", self.head.bias, T))

@@ -43,3 +43,86 @@ def test_models_under_maml_mini_imagenet_shape():
     ys = torch.arange(5).expand(2, -1)
     adapted = maml.adapt(xs, ys, F.cross_entropy)
     assert maml.predict(adapted, xq).shape == (2, 10, 5)
+
+
+def _per_task_loop(model, params, x):
+    """Reference for forward_tasks: each task through the module's own forward, with its own
+    parameters and BatchNorm on batch statistics (running statistics unused)."""
+    T = x.shape[0]
+    bn_none = {f"{n}.{b}": None for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+               for b in ("running_mean", "running_var", "num_batches_tracked")}
+    outs = []
+    for t in range(T):
+        p_t = {n: (p[t] if p.dim() > dict(model.named_parameters())[n].dim() else p)
+               for n, p in params.items()}
+        outs.append(torch.func.functional_call(model, {**p_t, **bn_none}, (x[t],)))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_conv4_forward_tasks_matches_per_task_forward(channels, size):
+    """Per-task and shared parameters mixed (ANIL-like), values and first and second
+    derivatives, float64; channels = 1 takes the patches-times-weights first layer."""
+    torch.manual_seed(0)
+    model = Conv4(channels, hidden=6, n_way=4, image_size=size).double().eval()
+    T = 3
+    params = {}
+    for i, (n, p) in enumerate(model.named_parameters()):
+        per_task = i % 3 != 1
+        v = (p.detach().expand(T, *p.shape) + 0.1 * torch.randn(T, *p.shape, dtype=p.dtype)
+             if per_task else p.detach().clone())
+        params[n] = v.requires_grad_()
+    x = torch.randn(T, 5, channels, size, size, dtype=torch.float64)
+    got, want = model.forward_tasks(params, x), _per_task_loop(model, params, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    names = list(params)
+    g1 = torch.autograd.grad(got.square().sum(), [params[n] for n in names], create_graph=True)
+    w1 = torch.autograd.grad(want.square().sum(), [params[n] for n in names], create_graph=True)
+    g2 = torch.autograd.grad(sum(a.square().sum() for a in g1), [params[n] for n in names])
+    w2 = torch.autograd.grad(sum(b.square().sum() for b in w1), [params[n] for n in names])
+    # Tolerances relative to each order's largest entry: the conv biases feed BatchNorm, so
+    # their true derivatives are 0 and both sides hold rounding noise there.
+    for got_d, want_d in ((g1, w1), (g2, w2)):
+        scale = max(b.abs().max().item() for b in want_d)
+        for n, a, b in zip(names, got_d, want_d):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13 * scale, msg=n)
+
+
+def test_mlp_forward_tasks_matches_per_task_forward():
+    torch.manual_seed(0)
+    model = MLP(3, (7, 5), 2, activation="tanh").double()
+    T = 4
+    params = {n: (p.detach().expand(T, *p.shape) + 0.1 * torch.randn(T, *p.shape, dtype=p.dtype))
+              for n, p in model.named_parameters()}
+    params["body.2.bias"] = model.body[2].bias.detach()  # one shared
+    x = torch.randn(T, 6, 3, dtype=torch.float64)
+    torch.testing.assert_close(model.forward_tasks(params, x), _per_task_loop(model, params, x),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_forward_tasks_bad_parameter_shape_is_named():
+    model = Conv4(1, hidden=4, n_way=2, image_size=16)
+    params = {n: p.detach().expand(2, *p.shape) for n, p in model.named_parameters()}
+    params["features.4.weight"] = params["features.4.weight"][:, :2]
+    with pytest.raises(ValueError, match="features.4.weight has shape"):
+        model.forward_tasks(params, torch.randn(2, 3, 1, 16, 16))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_fast_path_equals_vmap_path(first_order, monkeypatch):
+    """pymeta.MAML on Conv4 / MLP runs forward_tasks; PYMETA_MAML_VMAP=1 runs vmap over the
+    module: the same meta-gradients (float64)."""
+    torch.manual_seed(0)
+    model = Conv4(1, hidden=4, n_way=3, image_size=16).double()
+    data = (torch.randn(2, 3, 1, 16, 16, dtype=torch.float64), torch.randint(0, 3, (2, 3)),
+            torch.randn(2, 4, 1, 16, 16, dtype=torch.float64), torch.randint(0, 3, (2, 4)))
+    grads = []
+    for vmap_path in ("0", "1"):
+        monkeypatch.setenv("PYMETA_MAML_VMAP", vmap_path)
+        maml = pymeta.MAML(model, inner_lr=0.3, inner_steps=2, first_order=first_order,
+                           lr_mode="per_layer_step")
+        maml.meta_loss(*data, F.cross_entropy).backward()
+        grads.append([p.grad.clone() for p in maml.parameters()])
+        model.zero_grad()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
