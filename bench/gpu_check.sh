@@ -54,7 +54,7 @@ t0=$SECONDS
 timeout 150 $PY bench/lstm_gpu_goals.py > "$OUT/lstm_goals.log" 2>&1
 timeout 90 $PY bench/lstm_gpu_timing.py --H 20 32 64 > "$OUT/lstm_timing.log" 2>&1
 if [ "${PYMETA_SKIP_MAML:-0}" != 1 ]; then  # PYMETA_SKIP_MAML=1: when only the LSTM changed
-  timeout 90 $PY bench/gpu_check_maml.py cuda > "$OUT/maml.log" 2>&1
+  timeout 120 $PY bench/gpu_check_maml.py cuda > "$OUT/maml.log" 2>&1
 fi
 extra_s=$((SECONDS - t0))
 if [ "${PYMETA_PROFILE:-1}" = 1 ]; then  # kernel-time breakdowns, for the next levers
