@@ -6,7 +6,7 @@ sys.path[:0] = [os.path.dirname(HERE)]  # this checkout's pymeta (its workloads 
 import torch, torch.nn.functional as F
 import pymeta
 from pymeta.workloads import CPU_CONV4, GPU_CONV4, meta_iteration, build_maml as build
-IMPLS = ["pymeta", "torch_func", "loop"]
+IMPLS = ["pymeta", "torch_func"] + ([] if "noloop" in sys.argv[2:] else ["loop"])
 print(pymeta.info())
 dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
 sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)

@@ -111,10 +111,12 @@ class Conv4(nn.Module):
             conv, bn = feats[i], feats[i + 1]
             w = _per_task(params, f"features.{i}.weight", conv.weight, T)
             b = _per_task(params, f"features.{i}.bias", conv.bias, T)
-            if conv.in_channels == 1:
-                # one input channel per task: a grouped conv would be a depthwise conv (slow
-                # kernels on CPU and GPU); as 3x3 patches times [T, out, 9] it is one batched
-                # matmul (and so are its backward and double backward)
+            if conv.in_channels == 1 and h.device.type == "cpu":
+                # one input channel per task: on the CPU a grouped conv would be a slow
+                # depthwise conv; as 3x3 patches times [T, out, 9] it is one batched matmul
+                # (and so are its backward and double backward). Not on the GPU: F.unfold
+                # launches one im2col kernel per image there (3200 launches, 10.8 ms of a
+                # second-order meta-iteration on an H200).
                 side = h.shape[-2:]
                 cols = F.unfold(h.reshape(B * T, 1, *side), conv.kernel_size, padding=conv.padding)
                 h = torch.matmul(w.reshape(T, w.shape[1], -1), cols.view(B, T, cols.shape[1], -1))
