@@ -205,20 +205,19 @@ PYMETA_HD void lstm_mma_stage_transposed(float* sm, const LstmOptWeights<float>&
   }
 }
 
-// out[mt][m] += dz[mt] W: dz in accumulator layout (NT n-tiles), W one staged transposed
-// matrix, out in accumulator layout over KT n-tiles (= the thread's unit slots, see above).
-template <int HB>
-PYMETA_WARP void lstm_mma_product_t(
-    float (&out)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::KT][4],
-    const float (&dz)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4], const float* frag,
-    int lane) {
-  using S = LstmMmaShape<HB>;
+// acc[mt][n] += A[mt] B over K k-tiles and N n-tiles of one staged matrix (fragment order),
+// 3xTF32 (see the top of the file). a_of(mt, kk, v) gives the thread's 4 A values of k-tile kk
+// (a0: row g, a1: row g + 8, a2 and a3 the same rows 4 columns on).
+template <int MT, int K, int N, typename AOf>
+PYMETA_WARP void lstm_mma_tiles(float (&acc)[MT][N][4], const AOf& a_of, const float* frag,
+                                int lane) {
   PYMETA_UNROLL
-  for (int kt = 0; kt < S::NT; ++kt) {
-    uint32_t ahi[S::MT][4], alo[S::MT][4];
+  for (int kk = 0; kk < K; ++kk) {
+    uint32_t ahi[MT][4], alo[MT][4];
     PYMETA_UNROLL
-    for (int mt = 0; mt < S::MT; ++mt) {
-      const float v[4] = {dz[mt][kt][0], dz[mt][kt][2], dz[mt][kt][1], dz[mt][kt][3]};
+    for (int mt = 0; mt < MT; ++mt) {
+      float v[4];
+      a_of(mt, kk, v);
       PYMETA_UNROLL
       for (int i = 0; i < 4; ++i) {
         const float hi = tf32_hi(v[i]);
@@ -227,57 +226,54 @@ PYMETA_WARP void lstm_mma_product_t(
       }
     }
     PYMETA_UNROLL
-    for (int mo = 0; mo < S::KT; ++mo) {
+    for (int n = 0; n < N; ++n) {
       float b[4];
-      lstm_load4(frag + ((kt * S::KT + mo) * 32 + lane) * 4, b);
+      lstm_load4(frag + ((kk * N + n) * 32 + lane) * 4, b);
       const uint32_t bhi[2] = {f32_bits(b[0]), f32_bits(b[1])};
       const uint32_t blo[2] = {f32_bits(b[2]), f32_bits(b[3])};
       PYMETA_UNROLL
-      for (int mt = 0; mt < S::MT; ++mt) {
-        warp_mma_tf32(out[mt][mo], alo[mt], bhi);
-        warp_mma_tf32(out[mt][mo], ahi[mt], blo);
-        warp_mma_tf32(out[mt][mo], ahi[mt], bhi);
+      for (int mt = 0; mt < MT; ++mt) {
+        warp_mma_tf32(acc[mt][n], alo[mt], bhi);  // small terms first
+        warp_mma_tf32(acc[mt][n], ahi[mt], blo);
+        warp_mma_tf32(acc[mt][n], ahi[mt], bhi);
       }
     }
   }
 }
 
-// acc[mt][nt] += A[mt] B for KT k-tiles: A from the thread's unit slots a[mt][row half][slot],
-// B = one staged matrix. 3xTF32 (see the top of the file).
+// acc[mt][nt] += A[mt] W^T (the forward's gate products): A from the thread's unit slots
+// a[mt][row half][slot], W one staged matrix.
 template <int HB>
 PYMETA_WARP void lstm_mma_product(
     float (&acc)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4],
     const float (&a)[LstmMmaShape<HB>::MT][2][2 * LstmMmaShape<HB>::KT], const float* frag,
     int lane) {
   using S = LstmMmaShape<HB>;
-  PYMETA_UNROLL
-  for (int kk = 0; kk < S::KT; ++kk) {
-    uint32_t ahi[S::MT][4], alo[S::MT][4];
-    PYMETA_UNROLL
-    for (int mt = 0; mt < S::MT; ++mt) {
-      const float v[4] = {a[mt][0][2 * kk], a[mt][1][2 * kk], a[mt][0][2 * kk + 1],
-                          a[mt][1][2 * kk + 1]};
-      PYMETA_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const float hi = tf32_hi(v[i]);
-        ahi[mt][i] = f32_bits(hi);
-        alo[mt][i] = f32_bits(v[i] - hi);
-      }
-    }
-    PYMETA_UNROLL
-    for (int nt = 0; nt < S::NT; ++nt) {
-      float b[4];
-      lstm_load4(frag + ((kk * S::NT + nt) * 32 + lane) * 4, b);
-      const uint32_t bhi[2] = {f32_bits(b[0]), f32_bits(b[1])};
-      const uint32_t blo[2] = {f32_bits(b[2]), f32_bits(b[3])};
-      PYMETA_UNROLL
-      for (int mt = 0; mt < S::MT; ++mt) {
-        warp_mma_tf32(acc[mt][nt], alo[mt], bhi);  // small terms first
-        warp_mma_tf32(acc[mt][nt], ahi[mt], blo);
-        warp_mma_tf32(acc[mt][nt], ahi[mt], bhi);
-      }
-    }
-  }
+  auto a_of = [&](int mt, int kk, float (&v)[4]) {
+    v[0] = a[mt][0][2 * kk];
+    v[1] = a[mt][1][2 * kk];
+    v[2] = a[mt][0][2 * kk + 1];
+    v[3] = a[mt][1][2 * kk + 1];
+  };
+  lstm_mma_tiles<S::MT, S::KT, S::NT>(acc, a_of, frag, lane);
+}
+
+// out[mt][m] += dz[mt] W (the backward's dh products): dz in accumulator layout (NT n-tiles),
+// W one staged transposed matrix, out in accumulator layout over KT n-tiles (= the thread's
+// unit slots, see lstm_mma_stage_transposed).
+template <int HB>
+PYMETA_WARP void lstm_mma_product_t(
+    float (&out)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::KT][4],
+    const float (&dz)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4], const float* frag,
+    int lane) {
+  using S = LstmMmaShape<HB>;
+  auto a_of = [&](int mt, int kt, float (&v)[4]) {
+    v[0] = dz[mt][kt][0];
+    v[1] = dz[mt][kt][2];
+    v[2] = dz[mt][kt][1];
+    v[3] = dz[mt][kt][3];
+  };
+  lstm_mma_tiles<S::MT, S::NT, S::KT>(out, a_of, frag, lane);
 }
 
 // The forward of one warp step, coordinates base .. base + 16 MT - 1 (those >= N are
