@@ -120,22 +120,27 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
     lstm_opt_forward_coord<kLstmOptMaxHidden, float, float>(W, s, grad.data(), state.data(),
                                                            u_ref.data(), ns_ref.data(),
                                                            Col{N, n, 1});
-  // persistent one-warp blocks, grid of 3, as forward_mma_kernel with 32 threads per block
+  // persistent one-warp blocks, grid of 3, as the kernels run with 32 threads per block
+  auto run_grid = [&](auto&& warp_step) {
+    const int grid = 3;
+    Warp wp;
+    warp = &wp;
+    for (int bx = 0; bx < grid; ++bx) {
+      std::vector<std::thread> lanes;
+      for (int l = 0; l < 32; ++l)
+        lanes.emplace_back([&, l, bx] {
+          tl_lane = l;
+          for (int64_t base = int64_t(bx) * S::kCoords; base < N; base += int64_t(grid) * S::kCoords)
+            warp_step(base);
+        });
+      for (auto& th : lanes) th.join();
+    }
+  };
   std::vector<float> u(N, -777.0f), ns(4 * H * N, -777.0f);
-  const int grid = 3;
-  Warp wp;
-  warp = &wp;
-  for (int bx = 0; bx < grid; ++bx) {
-    std::vector<std::thread> lanes;
-    for (int l = 0; l < 32; ++l)
-      lanes.emplace_back([&, l] {
-        tl_lane = l;
-        for (int64_t base = int64_t(bx) * S::kCoords; base < N; base += int64_t(grid) * S::kCoords)
-          lstm_mma_forward_warp<HB>(sm.data(), s, W.b_out[0], grad.data(), state.data(), u.data(),
-                                    ns.data(), N, base);
-      });
-    for (auto& th : lanes) th.join();
-  }
+  run_grid([&](int64_t base) {
+    lstm_mma_forward_warp<HB>(sm.data(), s, W.b_out[0], grad.data(), state.data(), u.data(),
+                              ns.data(), N, base);
+  });
   expect_close("update", u, u_ref, 1e-4, 1e-5, H, n_in);
   expect_close("new_state", ns, ns_ref, 1e-4, 1e-5, H, n_in);
   for (int64_t n = 0; n < N; ++n) {  // NaN only where the reference has it
@@ -158,17 +163,10 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
         ws_ref.data(), col, col);
   }
   std::vector<float> dg(N, -777.0f), ds(4 * H * N, -777.0f), ws(rows, -777.0f);
-  for (int bx = 0; bx < grid; ++bx) {
-    std::vector<std::thread> lanes;
-    for (int l = 0; l < 32; ++l)
-      lanes.emplace_back([&, l] {
-        tl_lane = l;
-        for (int64_t base = int64_t(bx) * S::kCoords; base < N; base += int64_t(grid) * S::kCoords)
-          lstm_mma_backward_warp<HB>(sm.data(), s, grad.data(), state.data(), du.data(),
-                                     dns.data(), dg.data(), ds.data(), ws.data(), N, base);
-      });
-    for (auto& th : lanes) th.join();
-  }
+  run_grid([&](int64_t base) {
+    lstm_mma_backward_warp<HB>(sm.data(), s, grad.data(), state.data(), du.data(), dns.data(),
+                               dg.data(), ds.data(), ws.data(), N, base);
+  });
   // d_grad = e^p dx[1] on the small-grad branch: a sum with cancellation times 22026, so it
   // is compared relative to its largest value (as tests/test_ops_lstm_optimizer.py does)
   double dg_max = 0;
