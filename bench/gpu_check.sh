@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh            # logs and bench.json go to $OUT (or /tmp/pymeta-gpu)
 #   PYMETA_SKIP_BENCH=1 bash bench/gpu_check.sh   # without the inner_update table (~30 s less)
 #   PYMETA_SKIP_MAML=1 ...     # without the MAML timings and profile (~50 s less)
+#   PYMETA_NCU=1 ...           # + Nsight Compute sections of the LSTM kernels (not yet run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pymeta-gpu}
@@ -57,6 +58,13 @@ if [ "${PYMETA_SKIP_MAML:-0}" != 1 ]; then  # PYMETA_SKIP_MAML=1: when only the 
   timeout 120 $PY bench/gpu_check_maml.py cuda > "$OUT/maml.log" 2>&1
 fi
 extra_s=$((SECONDS - t0))
+if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons
+  timeout 120 ncu -k regex:"forward_mma_kernel|backward_smem_kernel|wgrad_kernel" -c 3 \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    --section MemoryWorkloadAnalysis $PY bench/lstm_ncu.py > "$OUT/ncu.log" 2>&1
+  grep -E "^  [a-z_]+kernel|Duration|Throughput|Achieved Occupancy|Registers|Stall|stall" \
+    "$OUT/ncu.log" | head -60
+fi
 if [ "${PYMETA_PROFILE:-1}" = 1 ]; then  # kernel-time breakdowns, for the next levers
   timeout 60 $PY bench/gpu_profile.py 12 ${PYMETA_SKIP_MAML:+lstm} > "$OUT/profile.log" 2>&1
 fi
