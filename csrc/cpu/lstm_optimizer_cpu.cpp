@@ -174,6 +174,27 @@ inline void store_lanes(T* p, int64_t ld, int64_t row, int v, const Lanes<T, LN>
   std::memcpy(p + row * ld + v * LN, &x.v, sizeof(x.v));
 }
 
+// The gate pre-activations of unit j before the products: layer 1 bias + w_ih1 x, layer 2 bias.
+template <typename T, int LN, int NV>
+inline void gate_init1(Lanes<T, LN> (&z)[4][NV], const LstmOptWeights<T>& W, int H, int n_in,
+                       int j, const Lanes<T, LN> (&x)[NV][2]) {
+  for (int q = 0; q < 4; ++q) {
+    const int r = q * H + j;
+    const T b = W.b_ih1[r] + W.b_hh1[r];
+    for (int v = 0; v < NV; ++v) {
+      Lanes<T, LN> acc = Lanes<T, LN>(b);
+      for (int i = 0; i < 2; ++i)
+        if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[v][i];
+      z[q][v] = acc;
+    }
+  }
+}
+template <typename T, int LN, int NV>
+inline void gate_init2(Lanes<T, LN> (&z)[4][NV], const LstmOptWeights<T>& W, int H, int j) {
+  for (int q = 0; q < 4; ++q)
+    for (int v = 0; v < NV; ++v) z[q][v] = Lanes<T, LN>(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
+}
+
 // z[q][v] += sum_k w_q[k] in[k][v] for the 4 gate rows w_q = w + (q H + j) H, k = 0 .. H-1
 // (input rows ld elements apart): the order of lstm_gate_dots.
 template <typename T, int LN, int NV>
@@ -260,16 +281,7 @@ inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s
   for (int v = 0; v < NV; ++v) lstm_preprocess(load(grad, 0, v), s, x[v]);
   for (int j = 0; j < H; ++j) {
     V z[4][NV];
-    for (int q = 0; q < 4; ++q) {
-      const int r = q * H + j;
-      const T b = W.b_ih1[r] + W.b_hh1[r];
-      for (int v = 0; v < NV; ++v) {
-        V acc = V(b);
-        for (int i = 0; i < 2; ++i)
-          if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[v][i];
-        z[q][v] = acc;
-      }
-    }
+    gate_init1(z, W, H, n_in, j, x);
     gate_tile(z, W.w_hh1, H, j, state, ld);
     cell(z, 0, j, nullptr);
   }
@@ -277,8 +289,7 @@ inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s
   for (int v = 0; v < NV; ++v) out[v] = V(W.b_out[0]);
   for (int j = 0; j < H; ++j) {
     V z[4][NV];
-    for (int q = 0; q < 4; ++q)
-      for (int v = 0; v < NV; ++v) z[q][v] = V(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
+    gate_init2(z, W, H, j);
     gate_tile(z, W.w_ih2, H, j, new_state, ld);                  // h1 (new)
     gate_tile(z, W.w_hh2, H, j, state + int64_t(2) * H * ld, ld);  // h2
     cell(z, 2 * H, j, out);
@@ -347,16 +358,7 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   // forward, layer 1
   for (int j = 0; j < H; ++j) {
     V z[4][NV];
-    for (int q = 0; q < 4; ++q) {
-      const int r = q * H + j;
-      const T b = W.b_ih1[r] + W.b_hh1[r];
-      for (int v = 0; v < NV; ++v) {
-        V acc = V(b);
-        for (int i = 0; i < 2; ++i)
-          if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[v][i];
-        z[q][v] = acc;
-      }
-    }
+    gate_init1(z, W, H, n_in, j, x);
     gate_tile(z, W.w_hh1, H, j, state, ld);
     for (int v = 0; v < NV; ++v) {
       const V zv[4] = {z[0][v], z[1][v], z[2][v], z[3][v]};
@@ -369,8 +371,7 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   // forward, layer 2
   for (int j = 0; j < H; ++j) {
     V z[4][NV];
-    for (int q = 0; q < 4; ++q)
-      for (int v = 0; v < NV; ++v) z[q][v] = V(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
+    gate_init2(z, W, H, j);
     gate_tile(z, W.w_ih2, H, j, ws + int64_t(R.h1) * wld, wld);
     gate_tile(z, W.w_hh2, H, j, state + int64_t(2) * H * ld, ld);
     for (int v = 0; v < NV; ++v) {
