@@ -3,7 +3,8 @@
 // a 64-byte (AVX-512) or 32-byte (AVX2) register where the CPU has one (functions compiled for
 // that target, chosen once per process), a 16-byte one otherwise. The forward works in chunks
 // of a few lane vectors, its gate products as register-tiled matrix products fused with the
-// header's cell math; the backward runs lstm_opt_backward_coord one lane vector at a time.
+// header's cell math; the backward likewise (recompute, then dh = W^T dz as tiled products
+// around the header's lstm_cell_backward).
 // The backward works in fixed blocks of kLstmOptCpuBlock coordinates: each block keeps its
 // workspace rows in a small local buffer (cache-resident), computes its weight-gradient
 // partial sums as register-tiled matrix products into the shared workspace, and a final pass
@@ -161,6 +162,91 @@ void wgrad_products(WgradIsa isa, const T* at, int64_t lda, int cnt, const T* co
 }
 
 
+// One lane vector of row `row` (rows ld elements apart), lane vector v of the chunk.
+template <typename T, int LN>
+inline Lanes<T, LN> load_lanes(const T* p, int64_t ld, int64_t row, int v) {
+  Lanes<T, LN> r;
+  std::memcpy(&r.v, p + row * ld + v * LN, sizeof(r.v));
+  return r;
+}
+template <typename T, int LN>
+inline void store_lanes(T* p, int64_t ld, int64_t row, int v, const Lanes<T, LN>& x) {
+  std::memcpy(p + row * ld + v * LN, &x.v, sizeof(x.v));
+}
+
+// The gate pre-activations of unit j before the products: layer 1 bias + w_ih1 x, layer 2 bias.
+template <typename T, int LN, int NV>
+inline void gate_init1(Lanes<T, LN> (&z)[4][NV], const LstmOptWeights<T>& W, int H, int n_in,
+                       int j, const Lanes<T, LN> (&x)[NV][2]) {
+  for (int q = 0; q < 4; ++q) {
+    const int r = q * H + j;
+    const T b = W.b_ih1[r] + W.b_hh1[r];
+    for (int v = 0; v < NV; ++v) {
+      Lanes<T, LN> acc = Lanes<T, LN>(b);
+      for (int i = 0; i < 2; ++i)
+        if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[v][i];
+      z[q][v] = acc;
+    }
+  }
+}
+template <typename T, int LN, int NV>
+inline void gate_init2(Lanes<T, LN> (&z)[4][NV], const LstmOptWeights<T>& W, int H, int j) {
+  for (int q = 0; q < 4; ++q)
+    for (int v = 0; v < NV; ++v) z[q][v] = Lanes<T, LN>(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
+}
+
+// z[q][v] += sum_k w_q[k] in[k][v] for the 4 gate rows w_q = w + (q H + j) H, k = 0 .. H-1
+// (input rows ld elements apart): the order of lstm_gate_dots.
+template <typename T, int LN, int NV>
+inline void gate_tile(Lanes<T, LN> (&z)[4][NV], const T* w, int H, int j, const T* in,
+                      int64_t ld) {
+  const T* w0 = w + int64_t(j) * H;
+  const int64_t gate = int64_t(H) * H;
+  for (int k = 0; k < H; ++k) {
+    Lanes<T, LN> a[NV];
+    for (int v = 0; v < NV; ++v) a[v] = load_lanes<T, LN>(in, ld, k, v);
+    for (int q = 0; q < 4; ++q) {
+      const T wq = w0[q * gate + k];
+      for (int v = 0; v < NV; ++v) z[q][v] = z[q][v] + wq * a[v];
+    }
+  }
+}
+
+// The backward's products dh = W^T dz over a chunk: out[k][:] = init[k][:] (0 without init)
+// + sum_r w[r H + k] dz[r][:], r = q H + j in the order j = 0 .. H-1, q = 0 .. 3 (that of
+// lstm_opt_backward_coord). A register tile holds KT outputs times NV lane vectors; each dz
+// row (cache-resident workspace) is loaded once per tile, each weight broadcast once per NV.
+template <typename T, int LN, int NV, int KT>
+inline void dh_tile(const T* w, int H, int k0, const T* dz, int64_t ldz, const T* init,
+                    int64_t ldi, T* out, int64_t ldo) {
+  using V = Lanes<T, LN>;
+  V acc[KT][NV];
+  for (int t = 0; t < KT; ++t)
+    for (int v = 0; v < NV; ++v)
+      acc[t][v] = init ? load_lanes<T, LN>(init, ldi, k0 + t, v) : V(T(0));
+  for (int j = 0; j < H; ++j)
+    for (int q = 0; q < 4; ++q) {
+      const int64_t r = int64_t(q) * H + j;
+      V d[NV];
+      for (int v = 0; v < NV; ++v) d[v] = load_lanes<T, LN>(dz, ldz, r, v);
+      const T* wr = w + r * H + k0;
+      for (int t = 0; t < KT; ++t) {
+        const T wt = wr[t];
+        for (int v = 0; v < NV; ++v) acc[t][v] = acc[t][v] + wt * d[v];
+      }
+    }
+  for (int t = 0; t < KT; ++t)
+    for (int v = 0; v < NV; ++v) store_lanes<T, LN>(out, ldo, k0 + t, v, acc[t][v]);
+}
+template <typename T, int LN, int NV>
+inline void dh_products(const T* w, int H, const T* dz, int64_t ldz, const T* init, int64_t ldi,
+                        T* out, int64_t ldo) {
+  constexpr int KT = 4;
+  int k0 = 0;
+  for (; k0 + KT <= H; k0 += KT) dh_tile<T, LN, NV, KT>(w, H, k0, dz, ldz, init, ldi, out, ldo);
+  for (; k0 < H; ++k0) dh_tile<T, LN, NV, 1>(w, H, k0, dz, ldz, init, ldi, out, ldo);
+}
+
 // ---- the forward: column chunks, register tiles over the shared cell math --------------------
 // The gate pre-activations of CW = LN * NV consecutive coordinates are small matrix products,
 // Z[4H, CW] = W_hh1 h1[:, chunk] + b + W_ih1 x (layer 1), W_ih2 h1' + W_hh2 h2 + b (layer 2),
@@ -177,27 +263,8 @@ inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s
                           const T* state, T* update, T* new_state, int64_t ld) {
   using V = Lanes<T, LN>;
   const int H = s.H, n_in = s.n_in;
-  auto load = [&](const T* p, int64_t row, int v) {
-    V r;
-    std::memcpy(&r.v, p + row * ld + v * LN, sizeof(r.v));
-    return r;
-  };
-  auto store = [&](T* p, int64_t row, int v, const V& x) {
-    std::memcpy(p + row * ld + v * LN, &x.v, sizeof(x.v));
-  };
-  // z[q][v] += sum_k w_q[k] in[k][v] for the 4 gate rows w_q = w + (q H + j) H, k = 0 .. H-1.
-  auto gate_tile = [&](V (&z)[4][NV], const T* w, int j, const T* in) {
-    const T* w0 = w + int64_t(j) * H;
-    const int64_t gate = int64_t(H) * H;
-    for (int k = 0; k < H; ++k) {
-      V a[NV];
-      for (int v = 0; v < NV; ++v) a[v] = load(in, k, v);
-      for (int q = 0; q < 4; ++q) {
-        const T wq = w0[q * gate + k];
-        for (int v = 0; v < NV; ++v) z[q][v] = z[q][v] + wq * a[v];
-      }
-    }
-  };
+  auto load = [&](const T* p, int64_t row, int v) { return load_lanes<T, LN>(p, ld, row, v); };
+  auto store = [&](T* p, int64_t row, int v, const V& x) { store_lanes<T, LN>(p, ld, row, v, x); };
   // The cell of unit j (rows j, H + j of the layer's h, c in state / new_state at row0).
   auto cell = [&](V (&z)[4][NV], int64_t row0, int j, V* out) {
     for (int v = 0; v < NV; ++v) {
@@ -214,27 +281,17 @@ inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s
   for (int v = 0; v < NV; ++v) lstm_preprocess(load(grad, 0, v), s, x[v]);
   for (int j = 0; j < H; ++j) {
     V z[4][NV];
-    for (int q = 0; q < 4; ++q) {
-      const int r = q * H + j;
-      const T b = W.b_ih1[r] + W.b_hh1[r];
-      for (int v = 0; v < NV; ++v) {
-        V acc = V(b);
-        for (int i = 0; i < 2; ++i)
-          if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[v][i];
-        z[q][v] = acc;
-      }
-    }
-    gate_tile(z, W.w_hh1, j, state);
+    gate_init1(z, W, H, n_in, j, x);
+    gate_tile(z, W.w_hh1, H, j, state, ld);
     cell(z, 0, j, nullptr);
   }
   V out[NV];
   for (int v = 0; v < NV; ++v) out[v] = V(W.b_out[0]);
   for (int j = 0; j < H; ++j) {
     V z[4][NV];
-    for (int q = 0; q < 4; ++q)
-      for (int v = 0; v < NV; ++v) z[q][v] = V(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
-    gate_tile(z, W.w_ih2, j, new_state);                        // h1 (new)
-    gate_tile(z, W.w_hh2, j, state + int64_t(2) * H * ld);      // h2
+    gate_init2(z, W, H, j);
+    gate_tile(z, W.w_ih2, H, j, new_state, ld);                  // h1 (new)
+    gate_tile(z, W.w_hh2, H, j, state + int64_t(2) * H * ld, ld);  // h2
     cell(z, 2 * H, j, out);
   }
   for (int v = 0; v < NV; ++v) store(update, 0, v, out[v] * s.out_scale);
@@ -273,35 +330,139 @@ inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   }
 }
 
-// The backward's per-coordinate part over one block, LN coordinates at a time. Its 12H + 3
-// rows (state, d_new_state, d_state: 4H each; grad, d_update, d_grad) are N elements apart,
-// too many streams for the hardware prefetchers: each group of lanes prefetches its share of
-// the rows of the next block (to L2).
-template <int HMAX, typename T, int LN>
-inline void backward_groups(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s,
-                            const T* grad, const T* state, const T* d_update,
-                            const T* d_new_state, T* d_grad, T* d_state, T* ws, int64_t ws_stride,
-                            int64_t N, int64_t n0, int64_t cnt) {
-  constexpr int kLine = 64 / sizeof(T);
-  const int64_t r4 = 4 * int64_t(s.H), rows = 3 * r4 + 3;
-  const int64_t m = n0 + cnt, mcnt = std::min<int64_t>(cnt, N - m);
-  const int64_t groups = (cnt + LN - 1) / LN;
-  int64_t r = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t n = n0 + g * LN;
-    for (const int64_t r1 = mcnt > 0 ? rows * (g + 1) / groups : 0; r < r1; ++r) {
-      const T* p = r < r4 ? state + r * N
-                   : r < 2 * r4 ? d_new_state + (r - r4) * N
-                   : r < 3 * r4 ? d_state + (r - 2 * r4) * N
-                   : r == 3 * r4 ? grad : r == 3 * r4 + 1 ? d_update : d_grad;
-      const bool write = (r >= 2 * r4 && r < 3 * r4) || r == 3 * r4 + 2;
-      for (int64_t l = 0; l < mcnt; l += kLine) {
-        if (write) __builtin_prefetch(p + m + l, 1, 2);
-        else __builtin_prefetch(p + m + l, 0, 2);
+// The backward's per-coordinate part over one chunk of CW = LN * NV coordinates (columns of
+// the inputs ld apart, of the block's workspace rows wld apart): the recomputed forward as the
+// forward's gate tiles (pre-activations, x, h1, h2 to the workspace), then per layer the
+// header's lstm_cell_backward over the chunk (dz to the workspace) followed by the products
+// dh = W^T dz as register tiles (dh_products). Every sum runs in the order of
+// lstm_opt_backward_coord, so results depend neither on the chunking nor on the thread count.
+template <typename T, int LN, int NV>
+inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad,
+                           const T* state, const T* d_update, const T* d_new_state, T* d_grad,
+                           T* d_state, T* ws, int64_t ld, int64_t wld) {
+  using V = Lanes<T, LN>;
+  constexpr int CW = LN * NV;
+  const int H = s.H, n_in = s.n_in;
+  const LstmOptRows R = lstm_opt_rows(H, n_in);
+  auto load = [&](const T* p, int64_t row, int v) { return load_lanes<T, LN>(p, ld, row, v); };
+  auto store = [&](T* p, int64_t row, int v, const V& x) { store_lanes<T, LN>(p, ld, row, v, x); };
+  auto wload = [&](int64_t row, int v) { return load_lanes<T, LN>(ws, wld, row, v); };
+  auto wstore = [&](int64_t row, int v, const V& x) { store_lanes<T, LN>(ws, wld, row, v, x); };
+
+  V g[NV], x[NV][2];
+  for (int v = 0; v < NV; ++v) {
+    g[v] = load(grad, 0, v);
+    lstm_preprocess(g[v], s, x[v]);
+    for (int i = 0; i < n_in; ++i) wstore(R.x + i, v, x[v][i]);
+  }
+  // forward, layer 1
+  for (int j = 0; j < H; ++j) {
+    V z[4][NV];
+    gate_init1(z, W, H, n_in, j, x);
+    gate_tile(z, W.w_hh1, H, j, state, ld);
+    for (int v = 0; v < NV; ++v) {
+      const V zv[4] = {z[0][v], z[1][v], z[2][v], z[3][v]};
+      for (int q = 0; q < 4; ++q) wstore(R.dz1 + q * H + j, v, zv[q]);
+      V c, h;
+      lstm_cell(zv, load(state, H + j, v), c, h);
+      wstore(R.h1 + j, v, h);
+    }
+  }
+  // forward, layer 2
+  for (int j = 0; j < H; ++j) {
+    V z[4][NV];
+    gate_init2(z, W, H, j);
+    gate_tile(z, W.w_ih2, H, j, ws + int64_t(R.h1) * wld, wld);
+    gate_tile(z, W.w_hh2, H, j, state + int64_t(2) * H * ld, ld);
+    for (int v = 0; v < NV; ++v) {
+      const V zv[4] = {z[0][v], z[1][v], z[2][v], z[3][v]};
+      for (int q = 0; q < 4; ++q) wstore(R.dz2 + q * H + j, v, zv[q]);
+      V c, h;
+      lstm_cell(zv, load(state, 3 * H + j, v), c, h);
+      wstore(R.h2 + j, v, h);
+    }
+  }
+
+  // backward, head and layer 2
+  V du[NV];
+  for (int v = 0; v < NV; ++v) {
+    du[v] = load(d_update, 0, v) * s.out_scale;
+    wstore(R.du, v, du[v]);
+  }
+  for (int j = 0; j < H; ++j)
+    for (int v = 0; v < NV; ++v) {
+      V z[4], dz[4], dc_prev;
+      for (int q = 0; q < 4; ++q) z[q] = wload(R.dz2 + q * H + j, v);
+      const V dh = du[v] * W.w_out[j] + load(d_new_state, 2 * H + j, v);
+      lstm_cell_backward(z, load(state, 3 * H + j, v), dh, load(d_new_state, 3 * H + j, v), dz,
+                         dc_prev);
+      store(d_state, 3 * H + j, v, dc_prev);
+      for (int q = 0; q < 4; ++q) wstore(R.dz2 + q * H + j, v, dz[q]);
+    }
+  // d h1(new) = d_new_state h1 rows + W_ih2^T dz2 (local), d h2_prev = W_hh2^T dz2
+  T dh1[kLstmOptMaxHidden * CW];
+  const T* dz2 = ws + int64_t(R.dz2) * wld;
+  dh_products<T, LN, NV>(W.w_ih2, H, dz2, wld, d_new_state, ld, dh1, CW);
+  dh_products<T, LN, NV>(W.w_hh2, H, dz2, wld, nullptr, 0, d_state + int64_t(2) * H * ld, ld);
+
+  // backward, layer 1
+  V dx[NV][2];
+  for (int v = 0; v < NV; ++v) dx[v][0] = dx[v][1] = V(T(0));
+  for (int j = 0; j < H; ++j)
+    for (int v = 0; v < NV; ++v) {
+      V z[4], dz[4], dc_prev;
+      for (int q = 0; q < 4; ++q) z[q] = wload(R.dz1 + q * H + j, v);
+      lstm_cell_backward(z, load(state, H + j, v), load_lanes<T, LN>(dh1, CW, j, v),
+                         load(d_new_state, H + j, v), dz, dc_prev);
+      store(d_state, H + j, v, dc_prev);
+      for (int q = 0; q < 4; ++q) {
+        const int r = q * H + j;
+        wstore(r + R.dz1, v, dz[q]);
+        for (int i = 0; i < 2; ++i)
+          if (i < n_in) dx[v][i] = dx[v][i] + W.w_ih1[r * n_in + i] * dz[q];
       }
     }
-    const int c = static_cast<int>(std::min<int64_t>(LN, n0 + cnt - n));
-    const Col col{N, n, c}, wc{ws_stride, n - n0, c};
+  // d h1_prev = W_hh1^T dz1
+  dh_products<T, LN, NV>(W.w_hh1, H, ws + int64_t(R.dz1) * wld, wld, nullptr, 0, d_state, ld);
+  for (int v = 0; v < NV; ++v) store(d_grad, 0, v, lstm_preprocess_backward(g[v], s, dx[v]));
+}
+
+// The backward's per-coordinate part over one block: chunks of CW coordinates, the block's
+// last cnt % CW coordinates (only where N ends inside the block) through
+// lstm_opt_backward_coord, LN at a time. The 12H + 3 rows a chunk touches (state, d_new_state,
+// d_state: 4H each; grad, d_update, d_grad) are N elements apart, too many streams for the
+// hardware prefetchers: each chunk prefetches the next chunk's lines (to L2).
+template <int HMAX, typename T, int LN, int NV>
+inline void backward_block(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s,
+                           const T* grad, const T* state, const T* d_update,
+                           const T* d_new_state, T* d_grad, T* d_state, T* ws, int64_t ws_stride,
+                           int64_t N, int64_t n0, int64_t cnt) {
+  constexpr int CW = LN * NV;
+  constexpr int kLine = 64 / sizeof(T);
+  const int64_t r4 = 4 * int64_t(s.H), rows = 3 * r4 + 3;
+  int64_t off = 0;
+  for (; off + CW <= cnt; off += CW) {
+    const int64_t n = n0 + off, m = n + CW;
+    if (m + CW <= N) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* p = r < r4 ? state + r * N
+                     : r < 2 * r4 ? d_new_state + (r - r4) * N
+                     : r < 3 * r4 ? d_state + (r - 2 * r4) * N
+                     : r == 3 * r4 ? grad : r == 3 * r4 + 1 ? d_update : d_grad;
+        const bool write = (r >= 2 * r4 && r < 3 * r4) || r == 3 * r4 + 2;
+        for (int l = 0; l < CW; l += kLine) {
+          if (write) __builtin_prefetch(p + m + l, 1, 2);
+          else __builtin_prefetch(p + m + l, 0, 2);
+        }
+      }
+    }
+    backward_chunk<T, LN, NV>(W, s, grad + n, state + n, d_update + n, d_new_state + n,
+                              d_grad + n, d_state + n, ws + off, N, ws_stride);
+  }
+  for (; off < cnt; off += LN) {
+    const int64_t n = n0 + off;
+    const int c = static_cast<int>(std::min<int64_t>(LN, cnt - off));
+    const Col col{N, n, c}, wc{ws_stride, off, c};
     lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update, d_new_state,
                                                    d_grad, d_state, ws, col, wc);
   }
@@ -322,8 +483,8 @@ inline void backward_groups(const LstmOptWeights<T>& W, const LstmOptScalars<T>&
       const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,  \
       const T* d_update, const T* d_new_state, T* d_grad, T* d_state, T* ws,                  \
       int64_t ws_stride, int64_t N, int64_t n0, int64_t cnt) {                                \
-    backward_groups<HMAX, T, VB / sizeof(T)>(W, s, grad, state, d_update, d_new_state, d_grad, \
-                                             d_state, ws, ws_stride, N, n0, cnt);             \
+    backward_block<HMAX, T, VB / sizeof(T), NVF>(W, s, grad, state, d_update, d_new_state,     \
+                                                 d_grad, d_state, ws, ws_stride, N, n0, cnt); \
   }
 #ifdef PYMETA_WGRAD_X86
 #pragma GCC push_options
@@ -406,8 +567,8 @@ void backward(const LstmOptLaunch& L) {
                                      d_state, ws.data(), BC, N, n0, cnt);
       } else
 #endif
-        backward_groups<HMAX, T, LN>(W, s, grad, state, d_update, d_new_state, d_grad, d_state,
-                                     ws.data(), BC, N, n0, cnt);
+        backward_block<HMAX, T, LN, 2>(W, s, grad, state, d_update, d_new_state, d_grad,
+                                       d_state, ws.data(), BC, N, n0, cnt);
       // This block's share of C_q = A_q B_q^T (see lstm_opt_pairs).
       T* out = partial + b * P.off[3];
       auto wrow = [&](int r) -> const T* { return ws.data() + int64_t(r) * BC; };
