@@ -1,4 +1,7 @@
-"""Shared by the pytest-benchmark suites."""
+"""Shared by the pytest-benchmark suites and the GPU timing scripts."""
+import statistics
+import time
+
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -14,3 +17,26 @@ def timed(fn, device):
         torch.cuda.synchronize()
         return out
     return run
+
+
+def ms_per_call(fn, reps=20, repeats=5, warmup=3, device="cuda"):
+    """Milliseconds per call of fn: the median over `repeats` runs of `reps` back-to-back calls
+    after `warmup` calls (CUDA events on the GPU, wall clock elsewhere: one run)."""
+    for _ in range(warmup):
+        fn()
+    if device != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / reps
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    return statistics.median(times)

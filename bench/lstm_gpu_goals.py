@@ -15,12 +15,12 @@ Usage: python bench/lstm_gpu_goals.py [--H 20] [--no-compile]
 import argparse
 import math
 import os
-import statistics
-import time
 
 import torch
+from benchutil import ms_per_call
 
 import pymeta
+from pymeta.benchmark import cuda_graph
 
 P, OUT_SCALE = 10.0, 0.1
 DEV = "cuda"  # --dry-run: "cpu" with tiny sizes, to check this script without a GPU
@@ -28,24 +28,7 @@ SIZES = (10_000, 1_000_000, 10_000_000)
 
 
 def timed(fn, reps=20, repeats=5, warmup=3):
-    for _ in range(warmup):
-        fn()
-    if DEV == "cpu":
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / reps
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / reps)
-    return statistics.median(times)
+    return ms_per_call(fn, reps, repeats, warmup, DEV)
 
 
 def preprocess(grad):
@@ -68,18 +51,9 @@ def native_step(net, grad, state):
 
 
 def graph_time(fn, reps=20):
-    if DEV == "cpu":
-        return float("nan")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return timed(g.replay, reps)
+    """fn replayed from a CUDA graph (pymeta.benchmark.cuda_graph), ms per replay."""
+    replay = cuda_graph(fn) if DEV == "cuda" else None
+    return timed(replay, reps) if replay is not None else float("nan")
 
 
 def copy_bandwidth():

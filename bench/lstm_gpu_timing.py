@@ -16,9 +16,9 @@ Usage: python bench/lstm_gpu_timing.py [--compile] [--reps 20] [--repeats 5] [--
        [--N 100000 1000000]
 """
 import argparse
-import statistics
 
 import torch
+from benchutil import ms_per_call
 
 import pymeta
 from pymeta import reference
@@ -27,20 +27,7 @@ P, OUT_SCALE, PRE = 10.0, 0.1, "log_sign"
 
 
 def timed(fn, reps, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
+    return ms_per_call(fn, reps, repeats, warmup)
 
 
 def main():

@@ -152,16 +152,23 @@ def plot(panels: list, path: str) -> None:
 
 # ---- stages ----------------------------------------------------------------------------------
 
-def stage_pretrain(args) -> None:
-    cfg = dict(QUAD_TRAIN)
+def _meta_train_fresh(args, family, base_cfg: dict, checkpoint: str, quick_iterations: int):
+    """A fresh LSTMOptimizerNet(20) (init seed 0) meta-trained on family with base_cfg (--quick:
+    quick_iterations iterations of horizon 20), resuming from args.work/checkpoint.
+    Returns (net, history, seconds of this call, the config used)."""
+    cfg = dict(base_cfg)
     if args.quick:
-        cfg.update(iterations=3, horizon=20)
+        cfg.update(iterations=quick_iterations, horizon=20)
     torch.manual_seed(0)
     net = LSTMOptimizerNet(20)
     t = time.perf_counter()
-    hist = meta_train(net, QuadraticFamily(10), checkpoint=os.path.join(args.work, "quad_ck.pt"),
+    hist = meta_train(net, family, checkpoint=os.path.join(args.work, checkpoint),
                       progress=not args.no_progress, **cfg)
-    secs = time.perf_counter() - t
+    return net, hist, time.perf_counter() - t, cfg
+
+
+def stage_pretrain(args) -> None:
+    net, hist, secs, cfg = _meta_train_fresh(args, QuadraticFamily(10), QUAD_TRAIN, "quad_ck.pt", 3)
     info = {"trained_on": f"random 10-d quadratics ||W theta - y||^2 (QuadraticFamily(10)); "
                           f"meta_train({', '.join(f'{k}={v}' for k, v in cfg.items())}), "
                           f"init torch.manual_seed(0)",
@@ -191,15 +198,7 @@ def stage_quadratic(args) -> None:
 
 
 def stage_digits(args) -> None:
-    cfg = dict(DIGITS_TRAIN)
-    if args.quick:
-        cfg.update(iterations=2, horizon=20)
-    torch.manual_seed(0)
-    net = LSTMOptimizerNet(20)
-    t = time.perf_counter()
-    hist = meta_train(net, DigitsMLPFamily(), checkpoint=os.path.join(args.work, "digits_ck.pt"),
-                      progress=not args.no_progress, **cfg)
-    secs = time.perf_counter() - t
+    net, hist, secs, cfg = _meta_train_fresh(args, DigitsMLPFamily(), DIGITS_TRAIN, "digits_ck.pt", 2)
     net.save(os.path.join(args.work, "lstm_optimizer_digits.pt"),
              trained_on=f"DigitsMLPFamily() (64-20 sigmoid-10, batch 128); meta_train({cfg})")
     n = DIGITS_EVAL_PROBLEMS if not args.quick else 4

@@ -55,13 +55,20 @@ constexpr int smem_threads() { return HP >= 64 ? 256 : 128; }
 template <typename T, int HP>
 constexpr int fwd_coords() { return 1; }
 
+// The block's weights, staged into dynamic shared memory (lstm_optimizer_thread.cuh layout).
 template <typename T, int HP>
-__global__ void __launch_bounds__(smem_threads<HP>())
-forward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<T> P) {
+__device__ __forceinline__ T* staged_weights(const Params<T>& P) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sw = reinterpret_cast<T*>(smem_raw);
   lstm_stage_weights<HP>(sw, P.W, P.s.H, P.s.n_in, threadIdx.x, blockDim.x);
   __syncthreads();
+  return sw;
+}
+
+template <typename T, int HP>
+__global__ void __launch_bounds__(smem_threads<HP>())
+forward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<T> P) {
+  T* sw = staged_weights<T, HP>(P);
   constexpr int C = fwd_coords<T, HP>();
   const int64_t N = L.N;
   const int64_t tile = int64_t(blockDim.x) * C;
@@ -84,10 +91,7 @@ forward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_consta
 template <typename T, int HP>
 __global__ void __launch_bounds__(smem_threads<HP>())
 backward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<T> P) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sw = reinterpret_cast<T*>(smem_raw);
-  lstm_stage_weights<HP>(sw, P.W, P.s.H, P.s.n_in, threadIdx.x, blockDim.x);
-  __syncthreads();
+  T* sw = staged_weights<T, HP>(P);
   const int64_t N = L.N;
   for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
        n += int64_t(gridDim.x) * blockDim.x) {

@@ -232,6 +232,19 @@ PYMETA_HD void lstm_smem_forward_thread(const T* sw, const LstmOptScalars<T>& s,
     if (valid[c]) update[n[c]] = out[c] * s.out_scale;
 }
 
+// The backward's recompute of unit j of one layer: the gate pre-activations z go to workspace
+// rows z_row + qH + j, the cell's h to row h_row + j; cp moves on to the next unit's c_prev.
+template <typename T>
+PYMETA_HD void lstm_recompute_unit(const T (&z)[4], T& cp, const T& cp_next, T* ws, int64_t N,
+                                   int64_t n, int z_row, int h_row, int H, int j) {
+  PYMETA_UNROLL
+  for (int q = 0; q < 4; ++q) ws[int64_t(z_row + q * H + j) * N + n] = z[q];
+  T c, h;
+  lstm_cell(z, cp, c, h);
+  ws[int64_t(h_row + j) * N + n] = h;
+  cp = cp_next;
+}
+
 // ---- backward: one coordinate n < N. Same work, order and workspace rows as
 // lstm_opt_backward_coord (pymeta/lstm_optimizer.h), with the weights from shared memory.
 template <int HP, typename T>
@@ -267,12 +280,7 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
       z[0][q] = acc;
     }
     lstm_smem_gate_dots<HP, 1>(z, sw + lo.w1h + j * HP, gs, a2);
-    PYMETA_UNROLL
-    for (int q = 0; q < 4; ++q) ws[at(R.dz1 + q * H + j)] = z[0][q];
-    T c, h;
-    lstm_cell(z[0], cp, c, h);
-    ws[at(R.h1 + j)] = h;
-    cp = cp_next;
+    lstm_recompute_unit(z[0], cp, cp_next, ws, N, n, R.dz1, R.h1, H, j);
   }
   // forward, layer 2
   PYMETA_UNROLL
@@ -288,12 +296,7 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
     for (int q = 0; q < 4; ++q) z[0][q] = sw[lo.b2 + q * H + j];
     lstm_smem_gate_dots<HP, 1>(z, sw + lo.w2i + j * HP, gs, a1);
     lstm_smem_gate_dots<HP, 1>(z, sw + lo.w2h + j * HP, gs, a2);
-    PYMETA_UNROLL
-    for (int q = 0; q < 4; ++q) ws[at(R.dz2 + q * H + j)] = z[0][q];
-    T c, h;
-    lstm_cell(z[0], cp, c, h);
-    ws[at(R.h2 + j)] = h;
-    cp = cp_next;
+    lstm_recompute_unit(z[0], cp, cp_next, ws, N, n, R.dz2, R.h2, H, j);
   }
 
   // backward, head and layer 2: a1 accumulates d h1(new), a2 d h2_prev

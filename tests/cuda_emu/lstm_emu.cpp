@@ -12,6 +12,7 @@
 #include <random>
 #include <vector>
 
+#include "emu_inputs.h"
 #include "lstm_optimizer_thread.cuh"
 
 using namespace pymeta;
@@ -35,19 +36,9 @@ static void expect_close(const char* what, const std::vector<T>& a, const std::v
 
 template <typename T, int HP, int C>
 static void run(int H, int n_in, int64_t N, int block, std::mt19937& rng) {
-  std::normal_distribution<double> nd(0.0, 1.0);
-  auto rnd = [&](size_t n, double scale) {
-    std::vector<T> v(n);
-    for (auto& x : v) x = static_cast<T>(nd(rng) * scale);
-    return v;
-  };
-  const double ws_ = 1.0 / std::sqrt(double(H));
-  std::vector<T> w[10] = {rnd(4 * H * n_in, ws_), rnd(4 * H * H, ws_), rnd(4 * H, ws_),
-                          rnd(4 * H, ws_),        rnd(4 * H * H, ws_), rnd(4 * H * H, ws_),
-                          rnd(4 * H, ws_),        rnd(4 * H, ws_),     rnd(H, ws_),
-                          rnd(1, ws_)};
-  const LstmOptWeights<T> W{w[0].data(), w[1].data(), w[2].data(), w[3].data(), w[4].data(),
-                            w[5].data(), w[6].data(), w[7].data(), w[8].data(), w[9].data()};
+  auto rnd = [&](size_t n, double scale) { return emu_random<T>(n, scale, rng); };
+  const EmuWeights<T> weights(H, n_in, rng);
+  const LstmOptWeights<T> W = weights.view();
   LstmOptScalars<T> s;
   s.H = H;
   s.n_in = n_in;

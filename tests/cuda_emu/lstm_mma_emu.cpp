@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "emu_inputs.h"
 #include "lstm_optimizer_mma.cuh"
 
 using namespace pymeta;
@@ -79,20 +80,9 @@ static void expect_close(const char* what, const std::vector<float>& a, const st
 template <int HB>
 static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
   using S = LstmMmaShape<HB>;
-  std::normal_distribution<double> nd(0.0, 1.0);
-  auto rnd = [&](size_t n, double scale) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = static_cast<float>(nd(rng) * scale);
-    return v;
-  };
-  const double ws_ = 1.0 / std::sqrt(double(H));
-  std::vector<float> w[10] = {rnd(4 * H * n_in, ws_), rnd(4 * H * H, ws_), rnd(4 * H, ws_),
-                              rnd(4 * H, ws_),        rnd(4 * H * H, ws_), rnd(4 * H * H, ws_),
-                              rnd(4 * H, ws_),        rnd(4 * H, ws_),     rnd(H, ws_),
-                              rnd(1, ws_)};
-  const LstmOptWeights<float> W{w[0].data(), w[1].data(), w[2].data(), w[3].data(),
-                                w[4].data(), w[5].data(), w[6].data(), w[7].data(),
-                                w[8].data(), w[9].data()};
+  auto rnd = [&](size_t n, double scale) { return emu_random<float>(n, scale, rng); };
+  const EmuWeights<float> weights(H, n_in, rng);
+  const LstmOptWeights<float> W = weights.view();
   LstmOptScalars<float> s;
   s.H = H;
   s.n_in = n_in;

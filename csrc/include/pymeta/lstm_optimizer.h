@@ -374,6 +374,33 @@ PYMETA_HD void lstm_gate_dots(V z[4], const T* w, int H, int j, const V* in) {
   }
 }
 
+// z[q] = b_ih2 + b_hh2 + w_ih2 h1 + w_hh2 h2 for the 4 gates of layer-2 unit j (the forward
+// and the backward's recompute).
+template <int HMAX, typename V, typename T>
+PYMETA_HD void lstm_layer2_gates(const LstmOptWeights<T>& W, int H, int j, const V (&h1)[HMAX],
+                                 const V (&h2)[HMAX], V z[4]) {
+  PYMETA_UNROLL
+  for (int q = 0; q < 4; ++q) z[q] = V(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
+  lstm_gate_dots<HMAX>(z, W.w_ih2, H, j, h1);
+  lstm_gate_dots<HMAX>(z, W.w_hh2, H, j, h2);
+}
+
+// z[q] = b_ih1 + b_hh1 + w_ih1 x for the 4 gates of layer-1 unit j (before the recurrent
+// products), in the order the forward and the backward's recompute both use.
+template <typename V, typename T>
+PYMETA_HD void lstm_layer1_input(const LstmOptWeights<T>& W, int H, int n_in, int j,
+                                 const V x[2], V z[4]) {
+  PYMETA_UNROLL
+  for (int q = 0; q < 4; ++q) {
+    const int r = q * H + j;
+    V acc = V(W.b_ih1[r] + W.b_hh1[r]);
+    PYMETA_UNROLL
+    for (int i = 0; i < 2; ++i)
+      if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[i];
+    z[q] = acc;
+  }
+}
+
 // ---- one coordinate (or one group of lanes): forward ----------------------------------------
 // HMAX >= H bounds the unrolled loops over hidden units, so that the per-coordinate arrays
 // are indexed by compile-time constants only (registers on the GPU).
@@ -391,15 +418,7 @@ PYMETA_HD void lstm_opt_forward_coord(const LstmOptWeights<T>& W, const LstmOptS
     rec[k] = A::ld(state, k, col);  // h1
   for (int j = 0; j < H; ++j) {
     V z[4];
-    PYMETA_UNROLL
-    for (int q = 0; q < 4; ++q) {
-      const int r = q * H + j;
-      V acc = V(W.b_ih1[r] + W.b_hh1[r]);
-      PYMETA_UNROLL
-      for (int i = 0; i < 2; ++i)
-        if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[i];
-      z[q] = acc;
-    }
+    lstm_layer1_input<V>(W, H, n_in, j, x, z);
     lstm_gate_dots<HMAX>(z, W.w_hh1, H, j, rec);
     V c, h;
     lstm_cell(z, A::ld(state, H + j, col), c, h);
@@ -414,10 +433,7 @@ PYMETA_HD void lstm_opt_forward_coord(const LstmOptWeights<T>& W, const LstmOptS
   V out = V(W.b_out[0]);
   for (int j = 0; j < H; ++j) {
     V z[4];
-    PYMETA_UNROLL
-    for (int q = 0; q < 4; ++q) z[q] = V(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
-    lstm_gate_dots<HMAX>(z, W.w_ih2, H, j, in);
-    lstm_gate_dots<HMAX>(z, W.w_hh2, H, j, rec);
+    lstm_layer2_gates<HMAX>(W, H, j, in, rec, z);
     V c, h;
     lstm_cell(z, A::ld(state, 3 * H + j, col), c, h);
     A::st(new_state, 2 * H + j, col, h);
@@ -452,15 +468,7 @@ PYMETA_HD void lstm_opt_backward_coord(const LstmOptWeights<T>& W, const LstmOpt
     a2[k] = A::ld(state, k, col);
   for (int j = 0; j < H; ++j) {
     V z[4];
-    PYMETA_UNROLL
-    for (int q = 0; q < 4; ++q) {
-      const int r = q * H + j;
-      V acc = V(W.b_ih1[r] + W.b_hh1[r]);
-      PYMETA_UNROLL
-      for (int i = 0; i < 2; ++i)
-        if (i < n_in) acc = acc + W.w_ih1[r * n_in + i] * x[i];
-      z[q] = acc;
-    }
+    lstm_layer1_input<V>(W, H, n_in, j, x, z);
     lstm_gate_dots<HMAX>(z, W.w_hh1, H, j, a2);
     PYMETA_UNROLL
     for (int q = 0; q < 4; ++q) A::st(ws, R.dz1 + q * H + j, wc, z[q]);
@@ -475,10 +483,7 @@ PYMETA_HD void lstm_opt_backward_coord(const LstmOptWeights<T>& W, const LstmOpt
   }
   for (int j = 0; j < H; ++j) {
     V z[4];
-    PYMETA_UNROLL
-    for (int q = 0; q < 4; ++q) z[q] = V(W.b_ih2[q * H + j] + W.b_hh2[q * H + j]);
-    lstm_gate_dots<HMAX>(z, W.w_ih2, H, j, a1);
-    lstm_gate_dots<HMAX>(z, W.w_hh2, H, j, a2);
+    lstm_layer2_gates<HMAX>(W, H, j, a1, a2, z);
     PYMETA_UNROLL
     for (int q = 0; q < 4; ++q) A::st(ws, R.dz2 + q * H + j, wc, z[q]);
     V c, h;
