@@ -22,6 +22,9 @@ TORCH_LIBRARY(pymeta, m) {
   // Its backward: recomputes the step from the inputs, returns the gradients of (grad,
   // state, the 10 weights). Weight gradients are summed over coordinates in a fixed order.
   m.def("lstm_optimizer_step_backward(Tensor grad_update, Tensor grad_new_state, Tensor grad, Tensor state, Tensor w_ih1, Tensor w_hh1, Tensor b_ih1, Tensor b_hh1, Tensor w_ih2, Tensor w_hh2, Tensor b_ih2, Tensor b_hh2, Tensor w_out, Tensor b_out, str preprocessing, float p, float out_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The 2x2, stride-2 max-pool of Conv-4 (CPU kernel only), see pymeta/max_pool2x2.h.
+  // x: [N, C, H, W] contiguous -> (out [N, C, H/2, W/2], indices int64, as max_pool2d's).
+  m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
 }
 
 #ifndef PYMETA_CUDA_ARCHS

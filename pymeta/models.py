@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pymeta import ops
+
 __all__ = ["Conv4", "MLP"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
@@ -42,6 +44,27 @@ def _per_task(params: Dict[str, Tensor], name: str, like: Tensor, T: int) -> Ten
         raise ValueError(f"pymeta.models: parameter {name} has shape {list(p.shape)}; expected "
                          f"{list(like.shape)} (shared) or {[T] + list(like.shape)} (per task)")
     return p
+
+
+def _patches(x: Tensor, kernel: tuple, padding: tuple) -> Tensor:
+    """The stride-1 conv patches of one-channel images, as F.unfold: x [N, H, W] ->
+    [N, kh * kw, Ho * Wo]. One strided view of the padded images and one copy (F.unfold's
+    CPU im2col took 5x as long at Conv-4 sizes)."""
+    (kh, kw), (ph, pw) = kernel, padding
+    xp = F.pad(x, (pw, pw, ph, ph))
+    N, Hp, Wp = xp.shape
+    Ho, Wo = Hp - kh + 1, Wp - kw + 1
+    view = xp.as_strided((N, kh, kw, Ho, Wo), (Hp * Wp, Wp, 1, Wp, 1))
+    return view.reshape(N, kh * kw, Ho * Wo)
+
+
+def _max_pool2(h: Tensor) -> Tensor:
+    """2x2 max-pool: pymeta.ops.max_pool2x2 where its CPU kernel applies (about 10x torch's
+    NCHW max-pool there), else F.max_pool2d; the same values and gradients either way."""
+    if (h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64) and h.dim() == 4
+            and h.shape[-1] >= 2 and h.shape[-2] >= 2 and h.is_contiguous()):
+        return ops.max_pool2x2(h)[0]
+    return F.max_pool2d(h, 2)
 
 
 def _linear_tasks(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -100,9 +123,10 @@ class Conv4(nn.Module):
 
         The activations stay in one contiguous ``[B, T * channels, H, W]`` layout: every conv
         is one grouped conv (groups = T), every BatchNorm one plain batch norm over T x
-        channels (per-task, per-channel statistics), ReLU and max-pool run on it unchanged,
-        and the head is one batched matmul; ``vmap`` instead moves the task dimension in
-        and out around each op (permuted copies, strided elementwise kernels).
+        channels (per-task, per-channel statistics), ReLU and max-pool run on it unchanged
+        (on the CPU the max-pool is pymeta.ops.max_pool2x2), and the head is one batched
+        matmul; ``vmap`` instead moves the task dimension in and out around each op (permuted
+        copies, strided elementwise kernels).
         """
         T, B = x.shape[:2]
         h = x.transpose(0, 1).reshape(B, T * x.shape[2], *x.shape[3:])
@@ -111,14 +135,14 @@ class Conv4(nn.Module):
             conv, bn = feats[i], feats[i + 1]
             w = _per_task(params, f"features.{i}.weight", conv.weight, T)
             b = _per_task(params, f"features.{i}.bias", conv.bias, T)
-            if conv.in_channels == 1 and h.device.type == "cpu":
+            if conv.in_channels == 1 and h.device.type == "cpu" and conv.stride == (1, 1):
                 # one input channel per task: on the CPU a grouped conv would be a slow
                 # depthwise conv; as 3x3 patches times [T, out, 9] it is one batched matmul
                 # (and so are its backward and double backward). Not on the GPU: F.unfold
                 # launches one im2col kernel per image there (3200 launches, 10.8 ms of a
                 # second-order meta-iteration on an H200).
                 side = h.shape[-2:]
-                cols = F.unfold(h.reshape(B * T, 1, *side), conv.kernel_size, padding=conv.padding)
+                cols = _patches(h.reshape(B * T, *side), conv.kernel_size, conv.padding)
                 h = torch.matmul(w.reshape(T, w.shape[1], -1), cols.view(B, T, cols.shape[1], -1))
                 h = (h + b.unsqueeze(-1)).view(B, -1, *side)
             else:
@@ -130,7 +154,7 @@ class Conv4(nn.Module):
                              eps=bn.eps)
             # relu(max_pool(h)) == max_pool(relu(h)), values and gradients (ReLU is monotonic;
             # a window of negatives gets zero gradient either way), on 1/4 of the elements
-            h = F.relu(F.max_pool2d(h, 2))
+            h = F.relu(_max_pool2(h))
         h = h.reshape(B, T, -1).transpose(0, 1)  # [T, B, hidden * side^2], per task as flatten(1)
         return _linear_tasks(h, _per_task(params, "head.weight", self.head.weight, T),
                              _per_task(params, "head.bias", self.head.bias, T))

@@ -219,3 +219,23 @@ def lstm_optimizer_step_backward(grad_update: Tensor, grad_new_state: Tensor, gr
         grads = torch.autograd.grad((update, new_state), leaves, (grad_update, grad_new_state),
                                     allow_unused=True)
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))
+
+
+def check_max_pool2x2_args(op: str, x: Tensor) -> None:
+    """The argument checks of max_pool2x2 (the native front's messages)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: x must be float32 or float64, not {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be [N, C, H, W]; got {x.dim()} dimensions")
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"{op}: x must be at least 2x2 in H and W; got {x.shape[2]}x{x.shape[3]}")
+    if not x.is_contiguous():
+        raise ValueError(f"{op}: x must be contiguous (NCHW); call .contiguous() first")
+
+
+def max_pool2x2(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The 2x2, stride-2 max-pool with indices (see pymeta.ops.max_pool2x2):
+    x [N, C, H, W] -> (out, indices) [N, C, H // 2, W // 2]. Differentiable."""
+    check_max_pool2x2_args("pymeta.max_pool2x2", x)
+    return torch.nn.functional.max_pool2d(x, 2, return_indices=True)
+

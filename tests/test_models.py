@@ -88,6 +88,36 @@ def test_conv4_forward_tasks_matches_per_task_forward(channels, size):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13 * scale, msg=n)
 
 
+def test_conv4_forward_tasks_with_ties_matches_per_task_forward():
+    """Images with flat background (as Omniglot's): conv outputs, hence BatchNorm outputs, tie
+    inside many pooling windows, and the gradient goes where nn.MaxPool2d sends it. (Tied
+    positions see equal patches, so only the input's gradient tells the tie rules apart.)"""
+    torch.manual_seed(3)
+    model = Conv4(1, hidden=4, n_way=3, image_size=16).double()
+    T = 2
+    params = {n: (p.detach().expand(T, *p.shape) + 0.1 * torch.randn(T, *p.shape, dtype=p.dtype))
+              .requires_grad_() for n, p in model.named_parameters()}
+    x = torch.zeros(T, 4, 1, 16, 16, dtype=torch.float64)
+    x[..., 5:9, 6:10] = torch.rand(T, 4, 1, 4, 4, dtype=torch.float64)
+    x.requires_grad_()
+    got, want = model.forward_tasks(params, x), _per_task_loop(model, params, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    names = list(params) + ["x"]
+    leaves = [params[n] for n in names[:-1]] + [x]
+    ga = torch.autograd.grad(got.square().sum(), leaves)
+    gb = torch.autograd.grad(want.square().sum(), leaves)
+    for n, a, b in zip(names, ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("kernel,padding", [((3, 3), (1, 1)), ((3, 3), (0, 0)), ((5, 3), (2, 1))])
+def test_patches_equal_unfold(kernel, padding):
+    from pymeta.models import _patches
+    x = torch.randn(6, 11, 9)
+    want = F.unfold(x.unsqueeze(1), kernel, padding=padding)
+    assert torch.equal(_patches(x, kernel, padding), want)
+
+
 def test_mlp_forward_tasks_matches_per_task_forward():
     torch.manual_seed(0)
     model = MLP(3, (7, 5), 2, activation="tanh").double()
