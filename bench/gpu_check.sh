@@ -7,6 +7,7 @@
 #   PYMETA_SKIP_BENCH=1 bash bench/gpu_check.sh   # without the inner_update table (~30 s less)
 #   PYMETA_SKIP_MAML=1 ...     # without the MAML timings and profile (~50 s less)
 #   PYMETA_NCU=1 ...           # + Nsight Compute sections of the LSTM kernels (not yet run)
+#   PYMETA_MAML_MEMORY=1 ...   # + MAML peak memory vs inner steps, with checkpoint_steps (~1.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pymeta-gpu}
@@ -56,6 +57,11 @@ timeout 150 $PY bench/lstm_gpu_goals.py > "$OUT/lstm_goals.log" 2>&1
 timeout 90 $PY bench/lstm_gpu_timing.py --H 20 32 64 > "$OUT/lstm_timing.log" 2>&1
 if [ "${PYMETA_SKIP_MAML:-0}" != 1 ]; then  # PYMETA_SKIP_MAML=1: when only the LSTM changed
   timeout 120 $PY bench/gpu_check_maml.py cuda > "$OUT/maml.log" 2>&1
+fi
+if [ "${PYMETA_MAML_MEMORY:-0}" = 1 ]; then
+  timeout 150 $PY bench/maml_memory.py --device cuda --steps 1 3 5 --first-order-steps 5 \
+    > "$OUT/maml_memory.log" 2>&1
+  tail -12 "$OUT/maml_memory.log"
 fi
 extra_s=$((SECONDS - t0))
 if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons

@@ -79,5 +79,13 @@ for order in ("second", "first"):
                                                        for a, p in zip(want, maml.parameters())))
     except Exception as e:  # report, don't hide the rest of the check
         print("capture failed:", type(e).__name__, str(e)[:300])
+    # a lever not yet measured: cuDNN autotuning (the capture's warm-up runs pick the
+    # fastest algorithm for each grouped conv shape)
+    torch.backends.cudnn.benchmark = True
+    try:
+        time_capture("pymeta+cuda_graph+cudnn_benchmark")
+    except Exception as e:
+        print("capture (cudnn.benchmark) failed:", type(e).__name__, str(e)[:300])
+    torch.backends.cudnn.benchmark = False
     print("maml conv4-64 T=32 steps=5", order, "order:",
           {k: "%.1f ms" % (statistics.median(v) * 1e3) for k, v in ts.items()}, flush=True)

@@ -55,6 +55,12 @@ class MAML(nn.Module):
             (or module names, meaning all of that module's parameters), or a predicate
             ``f(name, param) -> bool``. The others stay shared by all tasks (ANIL: adapt only
             the head).
+        checkpoint_steps: second order only: keep just each inner step's inputs (the
+            adapted parameters) and rerun the step in the backward to rebuild its graph.
+            The graph of the inner loop otherwise grows by one support forward and
+            backward per step; this trades that memory for one more support forward and
+            backward per step (measured in bench/RESULTS.md). Same meta-gradients. No
+            effect for first order or without grad (no inner graph is kept there).
 
     Learnable rates are parameters of this module, so ``torch.optim.Adam(maml.parameters())``
     meta-trains model and rates together. Names in ``adapted_names`` and in the dicts below
@@ -62,7 +68,8 @@ class MAML(nn.Module):
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.4, inner_steps: int = 1,
-                 first_order: bool = False, lr_mode: str = "scalar", adapt: AdaptSpec = None):
+                 first_order: bool = False, lr_mode: str = "scalar", adapt: AdaptSpec = None,
+                 checkpoint_steps: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"pymeta.MAML: model must be an nn.Module, not {type(model).__name__}")
@@ -74,6 +81,7 @@ class MAML(nn.Module):
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
         self.first_order = bool(first_order)
+        self.checkpoint_steps = bool(checkpoint_steps)
         self.lr_mode = lr_mode
         self.adapted_names: List[str] = self._select(model, adapt)
         params = dict(model.named_parameters())
@@ -202,29 +210,42 @@ class MAML(nn.Module):
 
     # ---- the inner loop ------------------------------------------------------------------
 
+    def _inner_step(self, step: int, shared: Dict[str, Tensor], x_support: Tensor,
+                    y_support: Tensor, loss_fn: LossFn, grad_on: bool, create_graph: bool,
+                    *current: Tensor) -> tuple:
+        """One inner step of every task: the support losses, their gradients, inner_update."""
+        T = x_support.shape[0]
+        with torch.enable_grad():
+            if step == 0:
+                # Per-task gradients w.r.t. the shared meta-params: differentiate through an
+                # expanded view (no copy), so each task's gradient lands in its own slice.
+                handles = [(p if grad_on and p.requires_grad else p.detach().requires_grad_())
+                           .expand(T, *p.shape) for p in current]
+            else:
+                handles = [p if grad_on and p.requires_grad else p.detach().requires_grad_()
+                           for p in current]
+            losses = self._task_losses(shared, handles, x_support, y_support, loss_fn, "y_support")
+            grads = torch.autograd.grad(losses.sum(), handles, create_graph=create_graph,
+                                        allow_unused=True, materialize_grads=True)
+        # Step 0 passes the shared meta-params (S_i): inner_update broadcasts them.
+        return tuple(ops.inner_update(list(current), list(grads), self._lr(step)))
+
     def _inner_loop(self, shared: Dict[str, Tensor], current: List[Tensor], x_support: Tensor,
                     y_support: Tensor, loss_fn: LossFn,
                     after_step: Optional[Callable[[int, List[Tensor]], None]] = None) -> List[Tensor]:
         """Runs ``inner_steps`` steps from the meta-params ``current``; returns the adapted
         list of ``[T, ...]``, calling ``after_step(step, adapted)`` after each step."""
-        T = x_support.shape[0]
         grad_on = torch.is_grad_enabled()
         create_graph = grad_on and not self.first_order
         for step in range(self.inner_steps):
-            with torch.enable_grad():
-                if step == 0:
-                    # Per-task gradients w.r.t. the shared meta-params: differentiate through an
-                    # expanded view (no copy), so each task's gradient lands in its own slice.
-                    handles = [(p if grad_on and p.requires_grad else p.detach().requires_grad_())
-                               .expand(T, *p.shape) for p in current]
-                else:
-                    handles = [p if grad_on and p.requires_grad else p.detach().requires_grad_()
-                               for p in current]
-                losses = self._task_losses(shared, handles, x_support, y_support, loss_fn, "y_support")
-                grads = torch.autograd.grad(losses.sum(), handles, create_graph=create_graph,
-                                            allow_unused=True, materialize_grads=True)
-            # Step 0 passes the shared meta-params (S_i): inner_update broadcasts them.
-            current = ops.inner_update(current, list(grads), self._lr(step))
+            args = (step, shared, x_support, y_support, loss_fn, grad_on, create_graph, *current)
+            if create_graph and self.checkpoint_steps:
+                # keep only the step's inputs; the backward reruns the step to rebuild its
+                # graph (the same RNG draws, so dropout masks match)
+                current = list(torch.utils.checkpoint.checkpoint(self._inner_step, *args,
+                                                                 use_reentrant=False))
+            else:
+                current = list(self._inner_step(*args))
             if after_step is not None:
                 after_step(step, current)
         return current
@@ -340,7 +361,8 @@ class MAML(nn.Module):
     def extra_repr(self) -> str:
         return (f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, "
                 f"first_order={self.first_order}, lr_mode={self.lr_mode!r}, "
-                f"adapted={len(self.adapted_names)} tensors")
+                f"adapted={len(self.adapted_names)} tensors"
+                + (", checkpoint_steps=True" if self.checkpoint_steps else ""))
 
 
 class CapturedMetaStep:
@@ -349,6 +371,10 @@ class CapturedMetaStep:
     def __init__(self, maml: MAML, loss_fn: LossFn, batch: Sequence[Tensor],
                  step_weights=None, warmup: int = 3):
         names = ("x_support", "y_support", "x_query", "y_query")
+        if maml.checkpoint_steps and not maml.first_order:
+            # its recompute stashes and restores the RNG state, which a capture forbids
+            raise ValueError("pymeta.MAML.capture: checkpoint_steps=True is not supported in "
+                             "a CUDA graph; capture a MAML built with checkpoint_steps=False")
         maml._check_tasks(**dict(zip(names, batch)))
         params = [p for p in maml.parameters() if p.requires_grad]
         for name, t in zip(names, batch):

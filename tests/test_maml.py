@@ -1,6 +1,8 @@
 """pymeta.MAML against a plain per-task Python loop (the oracle), on both backends."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,6 +236,107 @@ def test_adapt_and_predict_values(backend):
         for n in p:
             torch.testing.assert_close(adapted[n][t], p[n], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(out[t], conv4_forward(p, xq[t]), rtol=1e-10, atol=1e-12)
+
+
+# ---- checkpointed inner steps --------------------------------------------------------------
+
+@pytest.mark.parametrize("lr_mode", ["scalar", "per_layer_step", "per_param"])
+def test_checkpoint_steps_conv4_matches_oracle(backend, lr_mode):
+    gen = torch.Generator().manual_seed(21)
+    maml = pymeta.MAML(make_conv4(torch.float64), inner_lr=0.1, inner_steps=3, lr_mode=lr_mode,
+                       checkpoint_steps=True)
+    perturb_rates(maml, gen)
+    data = image_tasks(2, 3, 1, 2, 16, torch.float64, gen)
+    assert_grads_match(maml, conv4_forward, *data, F.cross_entropy)
+    assert_grads_match(maml, conv4_forward, *data, F.cross_entropy, step_weights=[0.2, 0.3, 0.5])
+
+
+def test_checkpoint_steps_mlp_and_anil_match_oracle(backend):
+    gen = torch.Generator().manual_seed(22)
+    maml = pymeta.MAML(make_mlp(torch.float64), inner_lr=0.05, inner_steps=4,
+                       lr_mode="per_param", checkpoint_steps=True)
+    perturb_rates(maml, gen)
+    assert_grads_match(maml, mlp_forward, *sinusoid_tasks(3, 5, 4, torch.float64, gen), F.mse_loss)
+    anil = pymeta.MAML(make_conv4(torch.float64), inner_lr=0.1, inner_steps=2, adapt=["head"],
+                       checkpoint_steps=True)
+    assert_grads_match(anil, conv4_forward, *image_tasks(2, 3, 1, 2, 16, torch.float64, gen),
+                       F.cross_entropy)
+
+
+def test_checkpoint_steps_replays_dropout_masks(backend):
+    """A module without forward_tasks (the vmap path) with dropout: the backward's rerun of each
+    step draws the same masks, so the meta-gradient equals the one without checkpointing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1)).double()
+    gen = torch.Generator().manual_seed(23)
+    data = sinusoid_tasks(3, 6, 5, torch.float64, gen)
+    data = (data[0].expand(-1, -1, 3).contiguous(), data[1], data[2].expand(-1, -1, 3).contiguous(), data[3])
+    grads = []
+    for ckpt in (False, True):
+        maml = pymeta.MAML(model, inner_lr=0.1, inner_steps=3, checkpoint_steps=ckpt)
+        torch.manual_seed(5)
+        grads.append(torch.autograd.grad(maml.meta_loss(*data, F.mse_loss), list(model.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def _saved_bytes_outside_checkpoints(maml, data, loss_fn):
+    """Bytes of the tensors the graph holds for the backward once the meta-loss is computed
+    (each storage once), outside checkpointed regions (a region keeps its inputs only)."""
+    saved = []
+
+    def pack(t):
+        saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = maml.meta_loss(*data, loss_fn)
+    alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+             for t in (r() for r in saved) if t is not None}
+    loss.backward()
+    return sum(alive.values())
+
+
+def test_checkpoint_steps_keeps_no_inner_activations(backend):
+    """Second order: with checkpointing, the inner steps' activations are not kept, and the
+    kept bytes no longer grow with the number of steps; first order keeps none anyway."""
+    gen = torch.Generator().manual_seed(24)
+    data = image_tasks(2, 3, 2, 1, 16, torch.float64, gen)  # support larger than query
+    kept = {}
+    for steps in (2, 4):
+        for ckpt in (False, True):
+            maml = pymeta.MAML(make_conv4(torch.float64), inner_lr=0.1, inner_steps=steps,
+                               checkpoint_steps=ckpt)
+            kept[steps, ckpt] = _saved_bytes_outside_checkpoints(maml, data, F.cross_entropy)
+    assert kept[4, False] > 1.5 * kept[2, False]  # grows with steps
+    assert kept[4, True] < 0.5 * kept[4, False]
+    assert kept[4, True] < 1.2 * kept[2, True]
+    fo = {ckpt: _saved_bytes_outside_checkpoints(
+        pymeta.MAML(make_conv4(torch.float64), inner_lr=0.1, inner_steps=4, first_order=True,
+                    checkpoint_steps=ckpt), data, F.cross_entropy) for ckpt in (False, True)}
+    assert fo[True] == fo[False]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_checkpoint_steps_cuda_matches_plain():
+    gen = torch.Generator().manual_seed(25)
+    data = [t.cuda() for t in image_tasks(3, 3, 1, 2, 16, torch.float64, gen)]
+    grads = []
+    for ckpt in (False, True):
+        maml = pymeta.MAML(make_conv4(torch.float64).cuda(), inner_lr=0.1, inner_steps=3,
+                           lr_mode="per_layer_step", checkpoint_steps=ckpt)
+        grads.append(torch.autograd.grad(maml.meta_loss(*data, F.cross_entropy),
+                                         list(maml.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_capture_refuses_checkpoint_steps():
+    maml = pymeta.MAML(make_conv4(torch.float32), inner_lr=0.4, inner_steps=2, checkpoint_steps=True)
+    xs, ys, xq, yq = image_tasks(2, 5, 1, 2, 16, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="checkpoint_steps=True is not supported in a CUDA graph"):
+        maml.capture(F.cross_entropy, xs, ys, xq, yq)
 
 
 # ---- evaluation mode, BatchNorm, dropout -----------------------------------------------
