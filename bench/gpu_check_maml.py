@@ -87,5 +87,19 @@ for order in ("second", "first"):
     except Exception as e:
         print("capture (cudnn.benchmark) failed:", type(e).__name__, str(e)[:300])
     torch.backends.cudnn.benchmark = False
+    # another lever not yet measured: channels-last activations (cuDNN's tensor-core convs
+    # work in NHWC; conv, BatchNorm, max-pool and ReLU keep the format once the first conv's
+    # input has it), through a stand-in for models.F whose conv2d converts its input
+    import types
+    import pymeta.models as models_mod
+    plain_F = models_mod.F
+    shim = types.SimpleNamespace(**{k: getattr(plain_F, k) for k in dir(plain_F) if not k.startswith("__")})
+    shim.conv2d = lambda x, *a, **k: plain_F.conv2d(x.contiguous(memory_format=torch.channels_last), *a, **k)
+    models_mod.F = shim
+    try:
+        time_capture("pymeta+cuda_graph+channels_last")
+    except Exception as e:
+        print("capture (channels_last) failed:", type(e).__name__, str(e)[:300])
+    models_mod.F = plain_F
     print("maml conv4-64 T=32 steps=5", order, "order:",
           {k: "%.1f ms" % (statistics.median(v) * 1e3) for k, v in ts.items()}, flush=True)

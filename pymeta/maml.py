@@ -59,8 +59,9 @@ class MAML(nn.Module):
             adapted parameters) and rerun the step in the backward to rebuild its graph.
             The graph of the inner loop otherwise grows by one support forward and
             backward per step; this trades that memory for one more support forward and
-            backward per step (measured in bench/RESULTS.md). Same meta-gradients. No
-            effect for first order or without grad (no inner graph is kept there).
+            backward per step (measured in bench/RESULTS.md). Same meta-gradients (dropout
+            masks are replayed). No effect for first order or without grad (no inner graph
+            is kept there).
 
     Learnable rates are parameters of this module, so ``torch.optim.Adam(maml.parameters())``
     meta-trains model and rates together. Names in ``adapted_names`` and in the dicts below
@@ -212,7 +213,7 @@ class MAML(nn.Module):
 
     def _inner_step(self, step: int, shared: Dict[str, Tensor], x_support: Tensor,
                     y_support: Tensor, loss_fn: LossFn, grad_on: bool, create_graph: bool,
-                    *current: Tensor) -> tuple:
+                    current: Sequence[Tensor], lr) -> List[Tensor]:
         """One inner step of every task: the support losses, their gradients, inner_update."""
         T = x_support.shape[0]
         with torch.enable_grad():
@@ -228,7 +229,7 @@ class MAML(nn.Module):
             grads = torch.autograd.grad(losses.sum(), handles, create_graph=create_graph,
                                         allow_unused=True, materialize_grads=True)
         # Step 0 passes the shared meta-params (S_i): inner_update broadcasts them.
-        return tuple(ops.inner_update(list(current), list(grads), self._lr(step)))
+        return ops.inner_update(list(current), list(grads), lr)
 
     def _inner_loop(self, shared: Dict[str, Tensor], current: List[Tensor], x_support: Tensor,
                     y_support: Tensor, loss_fn: LossFn,
@@ -238,14 +239,13 @@ class MAML(nn.Module):
         grad_on = torch.is_grad_enabled()
         create_graph = grad_on and not self.first_order
         for step in range(self.inner_steps):
-            args = (step, shared, x_support, y_support, loss_fn, grad_on, create_graph, *current)
+            lr = self._lr(step)
             if create_graph and self.checkpoint_steps:
-                # keep only the step's inputs; the backward reruns the step to rebuild its
-                # graph (the same RNG draws, so dropout masks match)
-                current = list(torch.utils.checkpoint.checkpoint(self._inner_step, *args,
-                                                                 use_reentrant=False))
+                current = _recomputed_step(self, step, shared, x_support, y_support, loss_fn,
+                                           current, lr)
             else:
-                current = list(self._inner_step(*args))
+                current = self._inner_step(step, shared, x_support, y_support, loss_fn, grad_on,
+                                           create_graph, current, lr)
             if after_step is not None:
                 after_step(step, current)
         return current
@@ -363,6 +363,65 @@ class MAML(nn.Module):
                 f"first_order={self.first_order}, lr_mode={self.lr_mode!r}, "
                 f"adapted={len(self.adapted_names)} tensors"
                 + (", checkpoint_steps=True" if self.checkpoint_steps else ""))
+
+
+def _recomputed_step(maml: MAML, step: int, shared: Dict[str, Tensor], x_support: Tensor,
+                     y_support: Tensor, loss_fn: LossFn, current: List[Tensor], lr) -> List[Tensor]:
+    """A second-order inner step whose graph is not kept (``MAML(checkpoint_steps=True)``).
+
+    The forward runs the step as first order does (no create_graph; nothing kept but the
+    inputs); the backward reruns it with create_graph, under the forward's RNG state, and
+    takes the vector-Jacobian product. So the extra cost is one support forward and backward
+    per step. (torch.utils.checkpoint would rerun the support forward once more inside the
+    forward pass: the step's own autograd.grad needs the saved tensors it has dropped.)"""
+    names = list(shared)
+    lr_list = list(lr) if isinstance(lr, (list, tuple)) else None
+    n_cur, n_sh = len(current), len(names)
+
+    def run(tensors: Sequence[Tensor], create_graph: bool) -> List[Tensor]:
+        cur, sh = tensors[:n_cur], dict(zip(names, tensors[n_cur:n_cur + n_sh]))
+        rates = list(tensors[n_cur + n_sh:]) if lr_list is not None else lr
+        return maml._inner_step(step, sh, x_support, y_support, loss_fn, True, create_graph,
+                                cur, rates)
+
+    inputs = [*current, *(shared[n] for n in names), *(lr_list or [])]
+    return list(_RecomputedStep.apply(run, *inputs))
+
+
+class _RecomputedStep(torch.autograd.Function):
+    """``apply(run, *inputs)``: outputs of ``run(inputs, create_graph=False)``; the backward
+    reruns ``run(inputs, create_graph=True)`` under the forward's RNG state."""
+
+    @staticmethod
+    def forward(ctx, run, *inputs):
+        ctx.run = run
+        ctx.devices = sorted({t.device.index if t.device.index is not None
+                              else torch.cuda.current_device() for t in inputs if t.is_cuda})
+        ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices])
+        ctx.save_for_backward(*inputs)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+            return tuple(o.detach() for o in run(leaves, False))
+
+    @staticmethod
+    def backward(ctx, *d_outs):
+        higher = torch.is_grad_enabled()  # the outer backward's create_graph
+        # with create_graph, the gradients must stay connected to the inputs' own history
+        # (third order): the saved inputs themselves; else detached copies
+        leaves = (list(ctx.saved_tensors) if higher else
+                  [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors])
+        want = [x for x in leaves if x.requires_grad]
+        with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
+            torch.set_rng_state(ctx.rng[0])
+            for d, state in zip(ctx.devices, ctx.rng[1]):
+                torch.cuda.set_rng_state(state, d)
+            pairs = [(o, d) for o, d in zip(ctx.run(leaves, True), d_outs)
+                     if d is not None and o.requires_grad]
+            grads = (torch.autograd.grad([o for o, _ in pairs], want, [d for _, d in pairs],
+                                         allow_unused=True, create_graph=higher)
+                     if pairs and want else [None] * len(want))
+        it = iter(grads)
+        return (None, *(next(it) if x.requires_grad else None for x in leaves))
 
 
 class CapturedMetaStep:

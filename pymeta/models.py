@@ -49,9 +49,12 @@ def _per_task(params: Dict[str, Tensor], name: str, like: Tensor, T: int) -> Ten
 def _patches(x: Tensor, kernel: tuple, padding: tuple) -> Tensor:
     """The stride-1 conv patches of one-channel images, as F.unfold: x [N, H, W] ->
     [N, kh * kw, Ho * Wo]. One strided view of the padded images and one copy (F.unfold's
-    CPU im2col took 5x as long at Conv-4 sizes)."""
+    CPU im2col took 5x as long at Conv-4 sizes). Images that need a gradient take F.unfold
+    (the strided view's backward is the slow one there)."""
     (kh, kw), (ph, pw) = kernel, padding
-    xp = F.pad(x, (pw, pw, ph, ph))
+    if x.requires_grad:
+        return F.unfold(x.unsqueeze(1), kernel, padding=padding)
+    xp = F.pad(x, (pw, pw, ph, ph)).contiguous()  # F.pad keeps x's strides when it copies
     N, Hp, Wp = xp.shape
     Ho, Wo = Hp - kh + 1, Wp - kw + 1
     view = xp.as_strided((N, kh, kw, Ho, Wo), (Hp * Wp, Wp, 1, Wp, 1))
@@ -62,7 +65,7 @@ def _max_pool2(h: Tensor) -> Tensor:
     """2x2 max-pool: pymeta.ops.max_pool2x2 where its CPU kernel applies (about 10x torch's
     NCHW max-pool there), else F.max_pool2d; the same values and gradients either way."""
     if (h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64) and h.dim() == 4
-            and h.shape[-1] >= 2 and h.shape[-2] >= 2 and h.is_contiguous()):
+            and h.shape[-1] >= 2 and h.shape[-2] >= 2 and h.numel() > 0 and h.is_contiguous()):
         return ops.max_pool2x2(h)[0]
     return F.max_pool2d(h, 2)
 

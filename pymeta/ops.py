@@ -2,7 +2,8 @@
 (for ``torch.compile`` and meta tensors) and autograd formulas.
 
 Each front picks the native kernel or the pure-PyTorch reference per call (see
-``pymeta.set_backend``). Argument checks live in the native op's C++ front and in the
+``pymeta.set_backend``). Forward-mode AD (``torch.func.jvp`` / ``jacfwd``, dual tensors) and
+``torch.func.grad`` run the reference on every backend: the native ops have no formulas there. Argument checks live in the native op's C++ front and in the
 reference, with the same messages; this file checks only Python types.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from pymeta import _backend, reference
@@ -38,6 +40,20 @@ def _split_lr(lr: LR, count: int) -> tuple[list[Tensor] | None, float]:
 
 def _is_vmapped(x: Tensor) -> bool:
     return torch._C._functorch.is_batchedtensor(x)
+
+
+def _needs_reference(tensors) -> bool:
+    """Whether a transform the native ops have no formula for sees these tensors: forward-mode
+    AD (dual tensors of torch.autograd.forward_ad; torch.func.jvp / jacfwd) or torch.func.grad.
+    The native ops would drop the tangents there (zeros, silently) or fail, so the fronts run
+    the reference, whose PyTorch ops carry them. Both checks cost nothing when no transform is
+    active. (vmap is not one of them: BatchedTensors go on to the native ops' vmap rules.)"""
+    if fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        return True
+    if torch._C._functorch.maybe_current_level() is not None:
+        return any(torch._C._functorch.is_functorch_wrapped_tensor(t) and not _is_vmapped(t)
+                   for t in tensors)
+    return False
 
 
 def _tensor_list(xs, name: str) -> list[Tensor]:
@@ -81,6 +97,8 @@ def inner_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LR) -> l
                          else "pymeta.inner_update: grads is an empty list")
     lr_tensors, lr_scalar = _split_lr(lr, len(grads))
     if lr_tensors is not None and any(_is_vmapped(x) for x in lr_tensors):
+        return reference.inner_update(params, grads, lr_tensors, lr_scalar)
+    if _needs_reference(params + grads + (lr_tensors or [])):
         return reference.inner_update(params, grads, lr_tensors, lr_scalar)
     if _backend.use_native("inner_update", grads[0].device):
         return torch.ops.pymeta.inner_update(params, grads, lr_tensors, lr_scalar)
@@ -256,7 +274,8 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
     if not isinstance(preprocessing, str):
         raise TypeError(f"pymeta.lstm_optimizer_step: preprocessing must be a str, "
                         f"not {type(preprocessing).__name__}")
-    if _backend.use_native("lstm_optimizer_step", grad.device):
+    if _backend.use_native("lstm_optimizer_step", grad.device) and not _needs_reference(
+            (grad, state) + weights):
         return torch.ops.pymeta.lstm_optimizer_step(grad, state, *weights, preprocessing,
                                                     float(p), float(out_scale))
     return reference.lstm_optimizer_step(grad, state, *weights, preprocessing, float(p),
@@ -343,7 +362,8 @@ def max_pool2x2(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"pymeta.max_pool2x2: x is a {type(x).__name__}, not a Tensor")
-    if x.device.type == "cpu" and _backend.use_native("max_pool2x2", x.device):
+    if (x.device.type == "cpu" and _backend.use_native("max_pool2x2", x.device)
+            and not _needs_reference((x,))):
         return torch.ops.pymeta.max_pool2x2(x)
     return reference.max_pool2x2(x)
 

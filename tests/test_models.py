@@ -116,6 +116,8 @@ def test_patches_equal_unfold(kernel, padding):
     x = torch.randn(6, 11, 9)
     want = F.unfold(x.unsqueeze(1), kernel, padding=padding)
     assert torch.equal(_patches(x, kernel, padding), want)
+    xt = torch.randn(6, 9, 11).transpose(1, 2)  # not contiguous
+    assert torch.equal(_patches(xt, kernel, padding), F.unfold(xt.unsqueeze(1), kernel, padding=padding))
 
 
 def test_mlp_forward_tasks_matches_per_task_forward():

@@ -234,6 +234,23 @@ def test_second_order_maml_meta_gradient(device, lr_kind):
 
 
 @needs_native
+def test_forward_mode_ad_runs_the_reference(device):
+    """No native forward-mode formula: jvp and dual tensors get the reference's tangents
+    (dout = dparam - lr * dgrad - dlr * grad), never silently zero."""
+    g = torch.Generator().manual_seed(5)
+    p, gr = (torch.randn(3, 4, generator=g, dtype=torch.float64).to(device),
+             torch.randn(2, 3, 4, generator=g, dtype=torch.float64).to(device))
+    lr = torch.rand(3, 4, generator=g, dtype=torch.float64).to(device)
+    tp, tg, tl = (torch.randn_like(p), torch.randn_like(gr), torch.randn_like(lr))
+    _, tan = torch.func.jvp(lambda a, b, c: ops.inner_update([a], [b], [c])[0], (p, gr, lr), (tp, tg, tl))
+    assert_close(tan, tp - lr * tg - tl * gr, rtol=1e-12, atol=1e-12)
+    with torch.autograd.forward_ad.dual_level():
+        out = ops.inner_update([torch.autograd.forward_ad.make_dual(p, tp)], [gr], 0.3)[0]
+        assert_close(torch.autograd.forward_ad.unpack_dual(out).tangent, tp.expand(2, 3, 4),
+                     rtol=0, atol=0)
+
+
+@needs_native
 def test_backward_is_deterministic(device):
     params, grads, lr = make_case(device, torch.float32, 16, "per_tensor", 4,
                                   shapes=[(3000,), (40, 70), (5,)])

@@ -188,6 +188,25 @@ def test_backward_op_matches_reference_backward():
 
 
 @native_only
+def test_forward_mode_ad_runs_the_reference():
+    """No native forward-mode formula: jvp and torch.func.grad get the reference's results."""
+    grad, state, *weights = _small_inputs(H=5, N=5)
+    t = torch.randn_like(state)
+
+    def f(s, ws):
+        return ops.lstm_optimizer_step(grad, s, *ws, "log_sign", 10.0, 0.3)[0]
+
+    with pymeta.use_backend("reference"):
+        _, want = torch.func.jvp(lambda s: f(s, weights), (state,), (t,))
+        want_g = torch.func.grad(lambda w0: f(state, [w0, *weights[1:]]).sum())(weights[0])
+    _, got = torch.func.jvp(lambda s: f(s, weights), (state,), (t,))
+    got_g = torch.func.grad(lambda w0: f(state, [w0, *weights[1:]]).sum())(weights[0])
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_g, want_g, rtol=0, atol=0)
+
+
+@native_only
 def test_torch_compile_fullgraph():
     net = make_net(6, dtype=torch.float32)
     grad = make_grad(40, torch.float32)

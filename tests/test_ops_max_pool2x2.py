@@ -50,7 +50,11 @@ def test_ties_nan_and_infinities_follow_max_pool2d(dtype):
     flat[pick[80:120]] = float("-inf")
     x[0, 0, :2, :2] = float("-inf")
     x[0, 1, :2, :2] = float("nan")
+    x[1, 0, :2, :2] = torch.tensor([[-0.0, 0.0], [0.0, -0.0]])  # +-0 tie: the first wins
+    x[1, 1, :2, :2] = torch.tensor([[0.0, -0.0], [-0.0, 0.0]])
     _check_equal_to_max_pool2d(x)
+    out, _ = ops.max_pool2x2(x)
+    assert torch.signbit(out[1, 0, 0, 0]) and not torch.signbit(out[1, 1, 0, 0])
 
 
 @native_only
@@ -128,12 +132,15 @@ def test_bad_input_names_x(backend, make, exc, msg):
         ops.max_pool2x2([1.0])
 
 
-def test_reference_backend_is_max_pool2d():
-    x = torch.randn(2, 3, 6, 6)
+def test_backend_switch_routes_the_call():
+    """"reference" runs F.max_pool2d (aten's autograd node), the others the native op."""
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
     with pymeta.use_backend("reference"):
-        out, idx = ops.max_pool2x2(x)
-    want, want_idx = F.max_pool2d(x, 2, return_indices=True)
-    assert torch.equal(out, want) and torch.equal(idx, want_idx)
+        out, _ = ops.max_pool2x2(x)
+    assert type(out.grad_fn).__name__ == "MaxPool2DWithIndicesBackward0"
+    if _backend.NATIVE:
+        out, _ = ops.max_pool2x2(x)
+        assert "pymeta_max_pool2x2" in type(out.grad_fn).__name__
 
 
 @pytest.mark.cuda
@@ -146,3 +153,19 @@ def test_cuda_runs_max_pool2d():
             out, idx = ops.max_pool2x2(x)
         want, want_idx = F.max_pool2d(x, 2, return_indices=True)
         assert torch.equal(out, want) and torch.equal(idx, want_idx)
+
+
+def test_forward_mode_ad_and_func_grad_match_max_pool2d():
+    """The native op has no forward-mode formula: jvp, dual tensors and torch.func.grad run
+    the reference, so tangents are max_pool2d's, not silently zero."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    t = torch.randn_like(x)
+    _, want = torch.func.jvp(lambda a: F.max_pool2d(a, 2), (x,), (t,))
+    _, got = torch.func.jvp(lambda a: ops.max_pool2x2(a)[0], (x,), (t,))
+    assert torch.equal(got, want) and want.abs().sum() > 0
+    with torch.autograd.forward_ad.dual_level():
+        out = ops.max_pool2x2(torch.autograd.forward_ad.make_dual(x, t))[0]
+        assert torch.equal(torch.autograd.forward_ad.unpack_dual(out).tangent, want)
+    g = torch.func.grad(lambda a: ops.max_pool2x2(a)[0].square().sum())(x)
+    assert torch.equal(g, torch.func.grad(lambda a: F.max_pool2d(a, 2).square().sum())(x))
