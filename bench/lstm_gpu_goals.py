@@ -7,7 +7,8 @@
     (device time without Python's per-call cost). Roofline: bytes moved (32 H + 8 per
     coordinate) over the copy bandwidth measured in the same run.
   a 20-step unroll, forward + backward to the optimizer's weights, at N = 200k: native vs the
-    eager LSTMCell reference, time and peak memory (what meta-training pays per truncation).
+    eager LSTMCell reference, time and peak memory (what meta-training pays per truncation),
+    and the native unroll replayed from a CUDA graph (its device time).
 
 Times are CUDA-event medians of `repeats` runs of `reps` back-to-back calls after warm-up.
 Usage: python bench/lstm_gpu_goals.py [--H 20] [--no-compile]
@@ -174,6 +175,15 @@ def unroll_table(H, N=200_000, T=20):
           f"memory {out['native'][1] / out['eager'][1]:.2f} of eager | meta-grad rel err {err:.1e}",
           flush=True)
     print(f"  (native with the CUDA-core kernels: {out['cuda-core'][0]:.3f} ms)")
+    if DEV == "cuda":  # the unroll's device time: its host work (autograd, launches) removed
+        with pymeta.use_backend("native"):
+            replay = cuda_graph(lambda: run(True))
+            if replay is None:
+                print("  native unroll in a CUDA graph: capture failed")
+            else:
+                ms = timed(replay, reps=3, repeats=3, warmup=1)
+                print(f"  native unroll replayed from a CUDA graph: {ms:.3f} ms "
+                      f"(x {out['eager'][0] / ms:.2f} eager)", flush=True)
 
 
 def main():
