@@ -406,10 +406,12 @@ class _RecomputedStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *d_outs):
         higher = torch.is_grad_enabled()  # the outer backward's create_graph
-        # with create_graph, the gradients must stay connected to the inputs' own history
-        # (third order): the saved inputs themselves; else detached copies
-        leaves = (list(ctx.saved_tensors) if higher else
-                  [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors])
+        # With create_graph the gradients must stay connected to the inputs' own history
+        # (third order): fresh aliases of the saved inputs, so that the nested autograd.grad
+        # stops at them (it would otherwise run on into the earlier steps, which the outer
+        # backward also does: counted twice). Else detached copies.
+        leaves = ([t.view_as(t) if t.requires_grad else t for t in ctx.saved_tensors] if higher
+                  else [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors])
         want = [x for x in leaves if x.requires_grad]
         with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
             torch.set_rng_state(ctx.rng[0])

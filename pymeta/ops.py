@@ -42,18 +42,22 @@ def _is_vmapped(x: Tensor) -> bool:
     return torch._C._functorch.is_batchedtensor(x)
 
 
-def _needs_reference(tensors) -> bool:
+def _needs_reference(tensors, vmap_rule: bool = False) -> bool:
     """Whether a transform the native ops have no formula for sees these tensors: forward-mode
-    AD (dual tensors of torch.autograd.forward_ad; torch.func.jvp / jacfwd) or torch.func.grad.
-    The native ops would drop the tangents there (zeros, silently) or fail, so the fronts run
-    the reference, whose PyTorch ops carry them. Both checks cost nothing when no transform is
-    active. (vmap is not one of them: BatchedTensors go on to the native ops' vmap rules.)"""
-    if fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        return True
+    AD (dual tensors of torch.autograd.forward_ad; torch.func.jvp / jacfwd) or torch.func.grad,
+    and, for an op without a vmap rule (``vmap_rule=False``), vmap too (torch's per-sample
+    fallback would run the native op under the transforms below it). The native ops would
+    drop the tangents there (zeros, silently) or fail, so the fronts run the reference, whose
+    PyTorch ops compose with every transform. inner_update's vmap rule calls the front again,
+    one level down, so the check repeats under each vmap. Both checks cost nothing when no
+    transform is active."""
     if torch._C._functorch.maybe_current_level() is not None:
-        return any(torch._C._functorch.is_functorch_wrapped_tensor(t) and not _is_vmapped(t)
-                   for t in tensors)
-    return False
+        wrapped = [t for t in tensors if torch._C._functorch.is_functorch_wrapped_tensor(t)]
+        if wrapped and (not vmap_rule or not all(_is_vmapped(t) for t in wrapped)):
+            return True
+    # (unpack_dual has no batching rule: a BatchedTensor is seen again inside the vmap rule)
+    return fwAD._current_level >= 0 and any(
+        not _is_vmapped(t) and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _tensor_list(xs, name: str) -> list[Tensor]:
@@ -98,7 +102,7 @@ def inner_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LR) -> l
     lr_tensors, lr_scalar = _split_lr(lr, len(grads))
     if lr_tensors is not None and any(_is_vmapped(x) for x in lr_tensors):
         return reference.inner_update(params, grads, lr_tensors, lr_scalar)
-    if _needs_reference(params + grads + (lr_tensors or [])):
+    if _needs_reference(params + grads + (lr_tensors or []), vmap_rule=True):
         return reference.inner_update(params, grads, lr_tensors, lr_scalar)
     if _backend.use_native("inner_update", grads[0].device):
         return torch.ops.pymeta.inner_update(params, grads, lr_tensors, lr_scalar)
@@ -230,7 +234,8 @@ if _backend.NATIVE:
                 ps.append(p.movedim(pd, 0).unsqueeze(1).expand(B, T, *S).reshape(B * T, *S))
             else:
                 ps.append(first(p, pd).reshape(B * T, *S))
-        outs = torch.ops.pymeta.inner_update(ps, gs, lr_tensors, lr_scalar)
+        # through the front, so that a transform below this vmap (jvp, grad) is checked again
+        outs = inner_update(ps, gs, lr_tensors if lr_tensors is not None else lr_scalar)
         return [o.view(B, T, *S) for o, (T, S) in zip(outs, task_shapes)], [0] * n
 
     torch.library.register_vmap("pymeta::inner_update", _inner_update_vmap)

@@ -280,18 +280,23 @@ def test_checkpoint_steps_replays_dropout_masks(backend):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_checkpoint_steps_differentiable_meta_gradient(backend):
+@pytest.mark.parametrize("lr_mode,adapt,steps", [("per_layer_step", None, 2), ("per_param", None, 3),
+                                                 ("scalar", ["head"], 2), ("per_layer_step", ["head"], 3)])
+def test_checkpoint_steps_differentiable_meta_gradient(backend, lr_mode, adapt, steps):
     """create_graph through the meta-gradient (e.g. a gradient penalty on it): the rerun step's
-    backward is itself differentiable, and matches the plain graph's."""
+    backward is itself differentiable, and both orders match the plain graph's, also where
+    later steps and shared tensors (ANIL's body, Meta-SGD's rates) reach back to earlier ones."""
     gen = torch.Generator().manual_seed(26)
     data = sinusoid_tasks(2, 4, 3, torch.float64, gen)
     results = []
     for ckpt in (False, True):
-        maml = pymeta.MAML(make_mlp(torch.float64), inner_lr=0.05, inner_steps=2,
-                           lr_mode="per_layer_step", checkpoint_steps=ckpt)
+        maml = pymeta.MAML(make_mlp(torch.float64), inner_lr=0.05, inner_steps=steps,
+                           lr_mode=lr_mode, adapt=adapt, checkpoint_steps=ckpt)
+        perturb_rates(maml, torch.Generator().manual_seed(27))
         params = list(maml.parameters())
         g = torch.autograd.grad(maml.meta_loss(*data, F.mse_loss), params, create_graph=True)
-        results.append(torch.autograd.grad(sum(x.square().sum() for x in g), params))
+        results.append([x.detach() for x in g]
+                       + list(torch.autograd.grad(sum(x.square().sum() for x in g), params)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert any(x.abs().sum() > 0 for x in results[0])

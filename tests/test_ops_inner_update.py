@@ -251,6 +251,29 @@ def test_forward_mode_ad_runs_the_reference(device):
 
 
 @needs_native
+def test_transforms_nested_with_vmap():
+    """vmap inside a forward-AD level, jvp over vmap and vmap over jvp: the vmap rule goes
+    back through the front, so the transform below it is seen and the tangents are right."""
+    g = torch.Generator().manual_seed(6)
+    p = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    G = torch.randn(5, 4, 2, 3, generator=g, dtype=torch.float64)
+    tG = torch.randn(5, 4, 2, 3, generator=g, dtype=torch.float64)
+
+    def step(q):
+        return ops.inner_update([p], [q], 0.1)[0]
+
+    with torch.autograd.forward_ad.dual_level():
+        assert_close(torch.func.vmap(step)(G), p - 0.1 * G, rtol=0, atol=0)
+        dual = torch.autograd.forward_ad.make_dual(p, torch.ones_like(p))
+        out = torch.func.vmap(lambda q: ops.inner_update([dual], [q], 0.1)[0])(G)
+        assert_close(torch.autograd.forward_ad.unpack_dual(out).tangent, torch.ones_like(G))
+    _, tan = torch.func.jvp(torch.func.vmap(step), (G,), (tG,))
+    assert_close(tan, -0.1 * tG, rtol=1e-12, atol=1e-12)
+    tan = torch.func.vmap(lambda q, t: torch.func.jvp(step, (q,), (t,))[1])(G, tG)
+    assert_close(tan, -0.1 * tG, rtol=1e-12, atol=1e-12)
+
+
+@needs_native
 def test_backward_is_deterministic(device):
     params, grads, lr = make_case(device, torch.float32, 16, "per_tensor", 4,
                                   shapes=[(3000,), (40, 70), (5,)])

@@ -169,3 +169,17 @@ def test_forward_mode_ad_and_func_grad_match_max_pool2d():
         assert torch.equal(torch.autograd.forward_ad.unpack_dual(out).tangent, want)
     g = torch.func.grad(lambda a: ops.max_pool2x2(a)[0].square().sum())(x)
     assert torch.equal(g, torch.func.grad(lambda a: F.max_pool2d(a, 2).square().sum())(x))
+
+
+def test_transforms_nested_with_vmap():
+    """No vmap rule: under vmap (alone or with jvp / grad) the front runs the reference, so
+    every transform composes and nothing is dropped."""
+    torch.manual_seed(5)
+    x = torch.randn(3, 2, 2, 6, 6, dtype=torch.float64)
+    t = torch.randn_like(x)
+    ours = torch.func.vmap(lambda z: ops.max_pool2x2(z)[0])
+    torch_s = torch.func.vmap(lambda z: F.max_pool2d(z, 2))
+    assert torch.equal(ours(x), torch_s(x))
+    assert torch.equal(torch.func.jvp(ours, (x,), (t,))[1], torch.func.jvp(torch_s, (x,), (t,))[1])
+    assert torch.equal(torch.func.grad(lambda z: ours(z).square().sum())(x),
+                       torch.func.grad(lambda z: torch_s(z).square().sum())(x))
