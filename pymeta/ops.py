@@ -150,8 +150,11 @@ if _backend.NATIVE:
         need_p = _needs(ctx.needs_input_grad[0])
         need_g = _needs(ctx.needs_input_grad[1])
         need_lr = ctx.has_lr and ctx.keep_grads and _needs(ctx.needs_input_grad[2])
-        dps, dgs, dls = torch.ops.pymeta.inner_update_backward(
-            grad_outs, grads, lrs, ctx.lr_scalar, ctx.shared, need_p, need_g, need_lr)
+        # tangents that arrive with the incoming gradients (forward-over-reverse with dual
+        # grad_outputs) need the reference's PyTorch ops, as in the forward
+        bwd = (reference.inner_update_backward if _needs_reference(grad_outs)
+               else torch.ops.pymeta.inner_update_backward)
+        dps, dgs, dls = bwd(grad_outs, grads, lrs, ctx.lr_scalar, ctx.shared, need_p, need_g, need_lr)
         none = [None] * ctx.count
         dparams = none
         if need_p:  # a per-task param's gradient is dout itself
@@ -315,8 +318,9 @@ if _backend.NATIVE:
             d_update = grad.new_zeros(grad.shape)
         if d_new_state is None:
             d_new_state = state.new_zeros(state.shape)
-        outs = torch.ops.pymeta.lstm_optimizer_step_backward(
-            d_update, d_new_state, grad, state, *weights, *ctx.cfg)
+        bwd = (reference.lstm_optimizer_step_backward if _needs_reference((d_update, d_new_state))
+               else torch.ops.pymeta.lstm_optimizer_step_backward)  # as in inner_update's
+        outs = bwd(d_update, d_new_state, grad, state, *weights, *ctx.cfg)
         return (*(g if need else None for g, need in zip(outs, ctx.needs_input_grad)),
                 None, None, None)
 

@@ -251,6 +251,21 @@ def test_forward_mode_ad_runs_the_reference(device):
 
 
 @needs_native
+def test_tangents_of_incoming_gradients_reach_the_backward():
+    """Forward-over-reverse where only the incoming gradient is dual: the backward runs the
+    reference's ops, so its tangent comes out (dparam = sum over tasks of dout)."""
+    g = torch.Generator().manual_seed(7)
+    p = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    gr = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    v, tv = (torch.randn(4, 2, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    out = ops.inner_update([p], [gr], 0.3)[0]
+    with torch.autograd.forward_ad.dual_level():
+        (dp,) = torch.autograd.grad(out, p, torch.autograd.forward_ad.make_dual(v, tv))
+        assert_close(torch.autograd.forward_ad.unpack_dual(dp).tangent, tv.sum(0),
+                     rtol=1e-12, atol=1e-12)
+
+
+@needs_native
 def test_transforms_nested_with_vmap():
     """vmap inside a forward-AD level, jvp over vmap and vmap over jvp: the vmap rule goes
     back through the front, so the transform below it is seen and the tangents are right."""

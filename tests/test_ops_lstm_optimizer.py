@@ -207,6 +207,24 @@ def test_forward_mode_ad_runs_the_reference():
 
 
 @native_only
+def test_tangents_of_incoming_gradients_reach_the_backward():
+    """Forward-over-reverse with a dual incoming gradient: the same tangent as the reference."""
+    grad, state, *weights = _small_inputs(H=4, N=5)
+    weights = [w.requires_grad_() for w in weights]
+    tangents = []
+    for backend in ("native", "reference"):
+        with pymeta.use_backend(backend):
+            update, _ = ops.lstm_optimizer_step(grad, state, *weights, "log_sign", 10.0, 0.3)
+            with torch.autograd.forward_ad.dual_level():
+                v = torch.autograd.forward_ad.make_dual(torch.ones(5, dtype=torch.float64),
+                                                        torch.arange(5, dtype=torch.float64))
+                (dw,) = torch.autograd.grad(update, weights[0], v)
+                tangents.append(torch.autograd.forward_ad.unpack_dual(dw).tangent)
+    assert tangents[1] is not None and tangents[1].abs().sum() > 0
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)
+
+
+@native_only
 def test_torch_compile_fullgraph():
     net = make_net(6, dtype=torch.float32)
     grad = make_grad(40, torch.float32)
