@@ -56,10 +56,10 @@ t0=$SECONDS
 timeout 150 $PY bench/lstm_gpu_goals.py > "$OUT/lstm_goals.log" 2>&1
 timeout 90 $PY bench/lstm_gpu_timing.py --H 20 32 64 > "$OUT/lstm_timing.log" 2>&1
 if [ "${PYMETA_SKIP_MAML:-0}" != 1 ]; then  # PYMETA_SKIP_MAML=1: when only the LSTM changed
-  timeout 120 $PY bench/gpu_check_maml.py cuda > "$OUT/maml.log" 2>&1
+  timeout 150 $PY bench/gpu_check_maml.py cuda noloop > "$OUT/maml.log" 2>&1
 fi
 if [ "${PYMETA_MAML_MEMORY:-0}" = 1 ]; then
-  timeout 150 $PY bench/maml_memory.py --device cuda --steps 1 3 5 --first-order-steps 5 \
+  timeout 150 $PY bench/maml_memory.py --device cuda --steps 1 5 --first-order-steps 5 \
     > "$OUT/maml_memory.log" 2>&1
   tail -12 "$OUT/maml_memory.log"
 fi
@@ -67,12 +67,13 @@ extra_s=$((SECONDS - t0))
 if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons
   timeout 120 ncu -k regex:"forward_mma_kernel|backward_smem_kernel|wgrad_kernel" -c 3 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
-    --section MemoryWorkloadAnalysis $PY bench/lstm_ncu.py > "$OUT/ncu.log" 2>&1
-  grep -E "^  [a-z_]+kernel|Duration|Throughput|Achieved Occupancy|Registers|Stall|stall" \
-    "$OUT/ncu.log" | head -60
+    --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
+    $PY bench/lstm_ncu.py > "$OUT/ncu.log" 2>&1
+  grep -E "^  [a-z_]+kernel|Duration|Throughput|Achieved Occupancy|Registers|Issue Slots|Eligible" \
+    "$OUT/ncu.log" | head -40
 fi
 if [ "${PYMETA_PROFILE:-1}" = 1 ]; then  # kernel-time breakdowns, for the next levers
-  timeout 60 $PY bench/gpu_profile.py 12 ${PYMETA_SKIP_MAML:+lstm} > "$OUT/profile.log" 2>&1
+  timeout 90 $PY bench/gpu_profile.py 20 ${PYMETA_SKIP_MAML:+lstm} > "$OUT/profile.log" 2>&1
 fi
 
 t0=$SECONDS
@@ -94,7 +95,9 @@ echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$
 echo "lstm/maml timing: ${extra_s}s"
 cat "$OUT/lstm_goals.log" | tail -14
 cat "$OUT/lstm_timing.log" | tail -8
-grep -E "err vs loop|maml conv4|graph vs eager|capture|peak memory" "$OUT/maml.log" 2>/dev/null
+grep -E "err vs loop|maml conv4|graph vs eager|capture|peak memory|vs float64" "$OUT/maml.log" 2>/dev/null
 echo "bench:      rc=$bench_rc ${bench_s}s"
 sed -n '/^$/,$p' "$OUT/bench.log"
+# the logs as one file (the device tool brings back at most 8 files from $OUT)
+(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./* && find . -maxdepth 1 -type f ! -name logs.tgz -delete)
 [ $tests_rc -eq 0 ] && [ $san_rc -eq 0 ] && [ $bench_rc -eq 0 ]

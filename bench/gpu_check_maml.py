@@ -6,6 +6,7 @@ sys.path[:0] = [os.path.dirname(HERE)]  # this checkout's pymeta (its workloads 
 import torch, torch.nn.functional as F
 import pymeta
 from pymeta.workloads import CPU_CONV4, GPU_CONV4, meta_iteration, build_maml as build
+from variants import maml_variant
 IMPLS = ["pymeta", "torch_func"] + ([] if "noloop" in sys.argv[2:] else ["loop"])
 print(pymeta.info())
 dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
@@ -79,27 +80,51 @@ for order in ("second", "first"):
                                                        for a, p in zip(want, maml.parameters())))
     except Exception as e:  # report, don't hide the rest of the check
         print("capture failed:", type(e).__name__, str(e)[:300])
-    # a lever not yet measured: cuDNN autotuning (the capture's warm-up runs pick the
-    # fastest algorithm for each grouped conv shape)
-    torch.backends.cudnn.benchmark = True
+    # the capture above against variants (bench/variants.py): the defaults before
+    # models._GroupedConv and GPU patches, each alone, channels-last, cuDNN autotuning
+    for combo in (["plain_conv", "no_patches"], ["plain_conv"], ["no_patches"], ["channels_last"],
+                  ["cudnn_benchmark"]):
+        key = "pymeta+cuda_graph+" + "+".join(combo)
+        try:
+            with maml_variant(*combo):
+                time_capture(key)
+            # relative to the whole meta-gradient's norm (the conv biases' own gradients are
+            # rounding noise: BatchNorm removes them)
+            diff = sum(((a - p.grad) ** 2).sum() for a, p in zip(want, maml.parameters())) ** 0.5
+            print(f"{key} vs eager grads, rel err:",
+                  (diff / sum((a ** 2).sum() for a in want) ** 0.5).item())
+        except Exception as e:
+            print(f"capture ({key}) failed:", type(e).__name__, str(e)[:300])
+    # eager with the previous defaults (F.conv2d's derivatives, the first layer a grouped conv)
+    with maml_variant("plain_conv", "no_patches"):
+        meta_iteration(*built["pymeta"]); sync()
+        ts["pymeta+plain_conv+no_patches"] = []
+        for _ in range(5):
+            sync(); t = time.perf_counter(); meta_iteration(*built["pymeta"]); sync()
+            ts["pymeta+plain_conv+no_patches"].append(time.perf_counter() - t)
+    # How far float32 meta-gradients are from float64 ones on this workload (inner lr 0.4, 5
+    # steps, BatchNorm: the variants above differ from each other by 20-35%, run 1-2 of
+    # 2026-11-26): the default (TF32 convs), without TF32, and the previous defaults.
     try:
-        time_capture("pymeta+cuda_graph+cudnn_benchmark")
+        import copy
+        m64 = copy.deepcopy(maml).double()
+        d64 = [d.double() if d.is_floating_point() else d for d in data]
+        g64 = torch.autograd.grad(m64.meta_loss(*d64, F.cross_entropy), list(m64.parameters()))
+        del m64
+
+        def rel64(variant=(), tf32=True):
+            torch.backends.cudnn.allow_tf32 = tf32
+            with maml_variant(*variant):
+                g = torch.autograd.grad(maml.meta_loss(*data, F.cross_entropy), list(maml.parameters()))
+            torch.backends.cudnn.allow_tf32 = True
+            num = sum(((a.double() - b) ** 2).sum() for a, b in zip(g, g64)) ** 0.5
+            return "%.2e" % (num / sum((b ** 2).sum() for b in g64) ** 0.5).item()
+
+        print(order, "order, float32 meta-gradient vs float64, rel err:",
+              {"default (TF32 convs)": rel64(), "no TF32": rel64(tf32=False),
+               "plain_conv+no_patches (TF32)": rel64(("plain_conv", "no_patches")),
+               "plain_conv+no_patches, no TF32": rel64(("plain_conv", "no_patches"), False)})
     except Exception as e:
-        print("capture (cudnn.benchmark) failed:", type(e).__name__, str(e)[:300])
-    torch.backends.cudnn.benchmark = False
-    # another lever not yet measured: channels-last activations (cuDNN's tensor-core convs
-    # work in NHWC; conv, BatchNorm, max-pool and ReLU keep the format once the first conv's
-    # input has it), through a stand-in for models.F whose conv2d converts its input
-    import types
-    import pymeta.models as models_mod
-    plain_F = models_mod.F
-    shim = types.SimpleNamespace(**{k: getattr(plain_F, k) for k in dir(plain_F) if not k.startswith("__")})
-    shim.conv2d = lambda x, *a, **k: plain_F.conv2d(x.contiguous(memory_format=torch.channels_last), *a, **k)
-    models_mod.F = shim
-    try:
-        time_capture("pymeta+cuda_graph+channels_last")
-    except Exception as e:
-        print("capture (channels_last) failed:", type(e).__name__, str(e)[:300])
-    models_mod.F = plain_F
+        print("float64 comparison failed:", type(e).__name__, str(e)[:300])
     print("maml conv4-64 T=32 steps=5", order, "order:",
           {k: "%.1f ms" % (statistics.median(v) * 1e3) for k, v in ts.items()}, flush=True)

@@ -46,6 +46,139 @@ def _per_task(params: Dict[str, Tensor], name: str, like: Tensor, T: int) -> Ten
     return p
 
 
+# ---- grouped convolution whose derivatives of every order stay grouped ---------------------
+# torch's double backward of a grouped conv computes one term (the weight gradient from the
+# gradient of the input gradient) with one convolution per group: 32 tasks = 32 launches per
+# inner step and layer (15 ms of a 55 ms second-order meta-iteration on an H100, 2026-11-26).
+# A conv is bilinear in (input, weight), so its input gradient and weight gradient are
+# bilinear too, and the derivatives of all three are again these three maps (stride 1,
+# dilation 1, same padding): each is one grouped aten call.
+#   conv:  y  = conv(x, w)          dy -> (dgrad(dy, w), wgrad(dy, x))
+#   dgrad: dx = conv^T(dy, w)       ddx -> (conv(ddx, w), wgrad(dy, ddx))
+#   wgrad: dw = corr(dy, x)         ddw -> (conv(x, ddw), dgrad(dy, ddw))
+
+
+class _Geom:
+    """The non-tensor arguments of the three maps, as one opaque value (a tuple would be
+    flattened by torch.func's generated vmap rules, which then miscount the tangents)."""
+    __slots__ = ("padding", "groups", "x_shape", "w_shape")
+
+    def __init__(self, padding, groups, x_shape, w_shape):
+        self.padding, self.groups = tuple(padding), int(groups)
+        self.x_shape, self.w_shape = list(x_shape), list(w_shape)
+
+
+def _conv(x: Tensor, w: Tensor, geom: _Geom, b=None) -> Tensor:
+    return _GroupedConv.apply(x, w, b, geom)
+
+
+def _add(a, b):
+    return b if a is None else (a if b is None else a + b)
+
+
+class _GroupedConv(torch.autograd.Function):
+    """conv2d(x [B, g*Ci, H, W], w [g*Co, Ci, kh, kw], b [g*Co] or None, padding, groups=g),
+    stride 1."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w, b, geom):
+        return F.conv2d(x, w, b, 1, geom.padding, 1, geom.groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _, ctx.geom = inputs
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)  # jvp reads them too
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if not torch.is_grad_enabled():  # a plain backward (first order): one aten call, as
+            # F.conv2d's own backward (the Functions below only matter for a graph of it)
+            g = ctx.geom
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                dy, x, w, [w.shape[0]] if need[2] else None, [1, 1], list(g.padding), [1, 1],
+                False, [0, 0], g.groups, list(need[:3]))
+            return gx, gw, gb, None
+        return (_ConvInputGrad.apply(dy, w, ctx.geom) if need[0] else None,
+                _ConvWeightGrad.apply(dy, x, ctx.geom) if need[1] else None,
+                dy.sum((0, 2, 3)) if need[2] else None, None)
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, _):
+        x, w = ctx.saved_tensors
+        out = _add(None if tx is None else _conv(tx, w, ctx.geom),
+                   None if tw is None else _conv(x, tw, ctx.geom))
+        return _add(out, None if tb is None else tb.view(1, -1, 1, 1))
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """The input gradient of _GroupedConv: dy [B, g*Co, H', W'], w -> dx [geom.x_shape]."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dy, w, geom):
+        return torch.nn.grad.conv2d_input(geom.x_shape, w, dy, 1, geom.padding, 1, geom.groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, w, ctx.geom = inputs
+        ctx.save_for_backward(dy, w)
+        ctx.save_for_forward(dy, w)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        dy, w = ctx.saved_tensors
+        return (_conv(ddx, w, ctx.geom) if ctx.needs_input_grad[0] else None,
+                _ConvWeightGrad.apply(dy, ddx, ctx.geom) if ctx.needs_input_grad[1] else None,
+                None)
+
+    @staticmethod
+    def jvp(ctx, tdy, tw, _):
+        dy, w = ctx.saved_tensors
+        return _add(None if tdy is None else _ConvInputGrad.apply(tdy, w, ctx.geom),
+                    None if tw is None else _ConvInputGrad.apply(dy, tw, ctx.geom))
+
+
+class _ConvWeightGrad(torch.autograd.Function):
+    """The weight gradient of _GroupedConv: dy [B, g*Co, H', W'], x -> dw [geom.w_shape]."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dy, x, geom):
+        return torch.nn.grad.conv2d_weight(x, geom.w_shape, dy, 1, geom.padding, 1, geom.groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, x, ctx.geom = inputs
+        ctx.save_for_backward(dy, x)
+        ctx.save_for_forward(dy, x)
+
+    @staticmethod
+    def backward(ctx, ddw):
+        dy, x = ctx.saved_tensors
+        return (_conv(x, ddw, ctx.geom) if ctx.needs_input_grad[0] else None,
+                _ConvInputGrad.apply(dy, ddw, ctx.geom) if ctx.needs_input_grad[1] else None,
+                None)
+
+    @staticmethod
+    def jvp(ctx, tdy, tx, _):
+        dy, x = ctx.saved_tensors
+        return _add(None if tdy is None else _ConvWeightGrad.apply(tdy, x, ctx.geom),
+                    None if tx is None else _ConvWeightGrad.apply(dy, tx, ctx.geom))
+
+
+# Where Conv4.forward_tasks takes _GroupedConv for its grouped convs (elsewhere F.conv2d's own
+# derivatives). Not on the CPU: there it measured 4-5% slower (CPU config, 8 tasks; the
+# per-group double backward costs little with mkldnn at that size).
+_GROUPED_CONV_DEVICES = ("cuda",)
+
+# Where a one-channel first layer runs as patches x weights (see Conv4.forward_tasks).
+_PATCHES_DEVICES = ("cpu", "cuda")
+
+
 def _patches(x: Tensor, kernel: tuple, padding: tuple) -> Tensor:
     """The stride-1 conv patches of one-channel images, as F.unfold: x [N, H, W] ->
     [N, kh * kw, Ho * Wo]. One strided view of the padded images and one copy (F.unfold's
@@ -138,19 +271,26 @@ class Conv4(nn.Module):
             conv, bn = feats[i], feats[i + 1]
             w = _per_task(params, f"features.{i}.weight", conv.weight, T)
             b = _per_task(params, f"features.{i}.bias", conv.bias, T)
-            if conv.in_channels == 1 and h.device.type == "cpu" and conv.stride == (1, 1):
-                # one input channel per task: on the CPU a grouped conv would be a slow
-                # depthwise conv; as 3x3 patches times [T, out, 9] it is one batched matmul
-                # (and so are its backward and double backward). Not on the GPU: F.unfold
-                # launches one im2col kernel per image there (3200 launches, 10.8 ms of a
-                # second-order meta-iteration on an H200).
+            if (conv.in_channels == 1 and h.device.type in _PATCHES_DEVICES
+                    and conv.stride == (1, 1)):
+                # one input channel per task: a grouped conv would be a slow depthwise conv
+                # (CPU; on an H100 4.9 ms of a second-order meta-iteration); as 3x3 patches
+                # times [T, out, 9] it is one batched matmul (and so are its backward and
+                # double backward). The patches are one strided copy (F.unfold, which
+                # launches one im2col kernel per image on the GPU, only for images that
+                # need a gradient).
                 side = h.shape[-2:]
                 cols = _patches(h.reshape(B * T, *side), conv.kernel_size, conv.padding)
                 h = torch.matmul(w.reshape(T, w.shape[1], -1), cols.view(B, T, cols.shape[1], -1))
                 h = (h + b.unsqueeze(-1)).view(B, -1, *side)
             else:
-                h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), padding=conv.padding,
-                             groups=T)
+                w = w.reshape(-1, *w.shape[2:])
+                if (h.device.type in _GROUPED_CONV_DEVICES and T > 1 and conv.stride == (1, 1)
+                        and conv.dilation == (1, 1)):
+                    geom = _Geom(conv.padding, T, h.shape, w.shape)
+                    h = _conv(h, w, geom, b.reshape(-1))
+                else:
+                    h = F.conv2d(h, w, b.reshape(-1), padding=conv.padding, groups=T)
             g = _per_task(params, f"features.{i + 1}.weight", bn.weight, T)
             be = _per_task(params, f"features.{i + 1}.bias", bn.bias, T)
             h = F.batch_norm(h, None, None, g.reshape(-1), be.reshape(-1), training=True,

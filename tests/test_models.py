@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pymeta
+from pymeta import models
 from pymeta.models import MLP, Conv4
+from testutil import DEVICES, device_param
 
 
 @pytest.mark.parametrize("channels,size,hidden,flat", [(1, 28, 64, 64), (3, 84, 32, 32 * 25), (1, 16, 8, 8)])
@@ -60,19 +62,38 @@ def _per_task_loop(model, params, x):
 
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
-def test_conv4_forward_tasks_matches_per_task_forward(channels, size):
+@pytest.mark.parametrize("conv_path", ["default", "grouped_conv_fn", "grouped_conv_fn_no_patches"])
+def test_conv4_forward_tasks_matches_per_task_forward(channels, size, conv_path, monkeypatch):
     """Per-task and shared parameters mixed (ANIL-like), values and first and second
-    derivatives, float64; channels = 1 takes the patches-times-weights first layer."""
+    derivatives, float64; channels = 1 takes the patches-times-weights first layer (unless
+    switched off); "grouped_conv_fn": the convs take models._GroupedConv as on the GPU."""
+    if conv_path != "default":
+        monkeypatch.setattr(models, "_GROUPED_CONV_DEVICES", ("cpu",))
+    if conv_path == "grouped_conv_fn_no_patches":
+        monkeypatch.setattr(models, "_PATCHES_DEVICES", ())
+    _check_forward_tasks(channels, size, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_conv4_forward_tasks_matches_per_task_forward_cuda(channels, size):
+    """The GPU path (models._GroupedConv, patches x weights for one channel) on the GPU."""
+    _check_forward_tasks(channels, size, "cuda")
+
+
+def _check_forward_tasks(channels, size, device):
     torch.manual_seed(0)
-    model = Conv4(channels, hidden=6, n_way=4, image_size=size).double().eval()
+    model = Conv4(channels, hidden=6, n_way=4, image_size=size).double().eval().to(device)
     T = 3
     params = {}
     for i, (n, p) in enumerate(model.named_parameters()):
         per_task = i % 3 != 1
-        v = (p.detach().expand(T, *p.shape) + 0.1 * torch.randn(T, *p.shape, dtype=p.dtype)
+        v = (p.detach().expand(T, *p.shape)
+             + 0.1 * torch.randn(T, *p.shape, dtype=p.dtype).to(device)
              if per_task else p.detach().clone())
         params[n] = v.requires_grad_()
-    x = torch.randn(T, 5, channels, size, size, dtype=torch.float64)
+    x = torch.randn(T, 5, channels, size, size, dtype=torch.float64).to(device)
     got, want = model.forward_tasks(params, x), _per_task_loop(model, params, x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     names = list(params)
@@ -158,3 +179,78 @@ def test_maml_fast_path_equals_vmap_path(first_order, monkeypatch):
         model.zero_grad()
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _grouped(x, w, b, groups, padding):
+    return models._conv(x, w, models._Geom(padding, groups, x.shape, w.shape), b)
+
+
+@pytest.mark.parametrize("device", [device_param(d) for d in DEVICES])
+@pytest.mark.parametrize("padding", [(1, 1), (0, 2)])
+def test_grouped_conv_derivatives_match_conv2d(padding, device):
+    """models._GroupedConv (the grouped conv whose double backward stays one grouped call)
+    against F.conv2d: values, gradcheck and gradgradcheck, and third derivatives through a
+    nonlinear chain, float64."""
+    torch.manual_seed(0)
+    g = 3
+    opts = dict(dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(2, g * 2, 5, 6, **opts)
+    w = torch.randn(g * 4, 2, 3, 3, **opts)
+    b = torch.randn(g * 4, **opts)
+
+    def ref(x, w, b):
+        return F.conv2d(x, w, b, 1, padding, 1, g)
+
+    def new(x, w, b):
+        return _grouped(x, w, b, g, padding)
+
+    torch.testing.assert_close(new(x, w, b), ref(x, w, b), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(new, (x, w, b))
+    # (the bias enters linearly: its second derivatives are not in the graph at all)
+    assert torch.autograd.gradgradcheck(lambda x, w: new(x, w, b), (x, w))
+
+    def third(f):
+        y = f(x, w, b)
+        d1 = torch.autograd.grad(y.sin().sum(), (x, w, b), create_graph=True)
+        s = d1[0].sin().sum() + d1[1].square().sum() + d1[2].exp().sum()
+        d2 = torch.autograd.grad(s, (x, w, b), create_graph=True)
+        t = d2[0].square().sum() + d2[1].cos().sum() + d2[2].square().sum()
+        return torch.autograd.grad(t, (x, w, b))
+
+    for a, c in zip(third(new), third(ref)):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+def test_grouped_conv_under_torch_func():
+    """jvp (tangents in every input), forward-over-reverse, hessians (jacfwd over jacrev) and
+    vmap: the same as F.conv2d's."""
+    torch.manual_seed(1)
+    g = 2
+    x = torch.randn(2, g * 2, 4, 4, dtype=torch.float64)
+    w = torch.randn(g * 3, 2, 3, 3, dtype=torch.float64)
+    b = torch.randn(g * 3, dtype=torch.float64)
+    tx, tw, tb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+
+    def ref(x, w, b):
+        return F.conv2d(x, w, b, 1, (1, 1), 1, g)
+
+    def new(x, w, b):
+        return _grouped(x, w, b, g, (1, 1))
+
+    for f_new, f_ref in [(new, ref)]:
+        a = torch.func.jvp(f_new, (x, w, b), (tx, tw, tb))
+        c = torch.func.jvp(f_ref, (x, w, b), (tx, tw, tb))
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+    def loss(f):
+        return lambda x, w, b: f(x, w, b).pow(3).sum().sin()
+
+    a = torch.func.jvp(torch.func.grad(loss(new), argnums=(0, 1)), (x, w, b), (tx, tw, tb))[1]
+    c = torch.func.jvp(torch.func.grad(loss(ref), argnums=(0, 1)), (x, w, b), (tx, tw, tb))[1]
+    torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+    a = torch.func.hessian(lambda w: loss(new)(x, w, b))(w)
+    c = torch.func.hessian(lambda w: loss(ref)(x, w, b))(w)
+    torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+    xs = torch.randn(3, *x.shape, dtype=torch.float64)
+    torch.testing.assert_close(torch.vmap(lambda v: new(v, w, b))(xs),
+                               ref(xs.flatten(0, 1), w, b).view(3, 2, -1, 4, 4))
