@@ -202,6 +202,13 @@ class MAML(nn.Module):
             return loss
         return self._forward_tasks(shared, adapted, x, per_task, y)
 
+    def _query_losses(self, shared, adapted, x_query, y_query, loss_fn: LossFn) -> Tensor:
+        # The meta-gradient's backward through the query forward is usually not differentiated
+        # again: plain F.conv2d there (a gradient of the meta-gradient is still right, through
+        # torch's own double backward)
+        with models._double_backward(False):
+            return self._task_losses(shared, adapted, x_query, y_query, loss_fn, "y_query")
+
     def _split_params(self):
         params = dict(self.module.named_parameters())
         adapted = [params.pop(n) for n in self.adapted_names]
@@ -225,7 +232,10 @@ class MAML(nn.Module):
             else:
                 handles = [p if grad_on and p.requires_grad else p.detach().requires_grad_()
                            for p in current]
-            losses = self._task_losses(shared, handles, x_support, y_support, loss_fn, "y_support")
+            # models._GroupedConv only where this forward's backward gets differentiated
+            with models._double_backward(create_graph):
+                losses = self._task_losses(shared, handles, x_support, y_support, loss_fn,
+                                           "y_support")
             grads = torch.autograd.grad(losses.sum(), handles, create_graph=create_graph,
                                         allow_unused=True, materialize_grads=True)
         # Step 0 passes the shared meta-params (S_i): inner_update broadcasts them.
@@ -322,14 +332,14 @@ class MAML(nn.Module):
         shared, meta = self._split_params()
         if step_weights is None:
             adapted = self._inner_loop(shared, meta, x_support, y_support, loss_fn)
-            return self._task_losses(shared, adapted, x_query, y_query, loss_fn, "y_query").mean()
+            return self._query_losses(shared, adapted, x_query, y_query, loss_fn).mean()
         if len(step_weights) != self.inner_steps:
             raise ValueError(f"pymeta.MAML: step_weights has {len(step_weights)} weights but "
                              f"inner_steps is {self.inner_steps}; give one weight per inner step")
         terms: List[Tensor] = []
 
         def after_step(step: int, adapted: List[Tensor]) -> None:
-            q = self._task_losses(shared, adapted, x_query, y_query, loss_fn, "y_query")
+            q = self._query_losses(shared, adapted, x_query, y_query, loss_fn)
             terms.append(step_weights[step] * q.mean())
 
         self._inner_loop(shared, meta, x_support, y_support, loss_fn, after_step)

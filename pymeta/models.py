@@ -5,6 +5,8 @@ Both models name their last layer ``head``, so ANIL is ``pymeta.MAML(model, adap
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Callable, Dict, Sequence, Union
 
 import torch
@@ -170,6 +172,23 @@ class _ConvWeightGrad(torch.autograd.Function):
                     None if tx is None else _ConvWeightGrad.apply(dy, tx, ctx.geom))
 
 
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def _double_backward(flag: bool):
+    """Within the block, forward_tasks takes _GroupedConv only if flag: whether the caller
+    will differentiate the forward's backward (pymeta.MAML: the support forward of a
+    second-order inner step). Outside any block it does (a direct caller may). Either way the
+    values and derivatives are the same; F.conv2d costs less host time per call."""
+    before = getattr(_STATE, "double_backward", True)
+    _STATE.double_backward = flag
+    try:
+        yield
+    finally:
+        _STATE.double_backward = before
+
+
 # Where Conv4.forward_tasks takes _GroupedConv for its grouped convs (elsewhere F.conv2d's own
 # derivatives). Not on the CPU: there it measured 4-5% slower (CPU config, 8 tasks; the
 # per-group double backward costs little with mkldnn at that size).
@@ -286,7 +305,7 @@ class Conv4(nn.Module):
             else:
                 w = w.reshape(-1, *w.shape[2:])
                 if (h.device.type in _GROUPED_CONV_DEVICES and T > 1 and conv.stride == (1, 1)
-                        and conv.dilation == (1, 1)):
+                        and conv.dilation == (1, 1) and getattr(_STATE, "double_backward", True)):
                     geom = _Geom(conv.padding, T, h.shape, w.shape)
                     h = _conv(h, w, geom, b.reshape(-1))
                 else:

@@ -526,3 +526,30 @@ def test_capture_replays_equal_eager(lr_mode, first_order):
     params[0].grad = None
     with pytest.raises(RuntimeError, match="don't reset .grad"):
         step(*batches[1])
+
+
+def test_grouped_conv_fn_only_where_double_backward(monkeypatch):
+    """models._GroupedConv runs only in the support forwards of second-order inner steps (their
+    backward is differentiated); first order and the query forward take F.conv2d. Same
+    meta-gradients either way (float64)."""
+    from pymeta import models
+    gen = torch.Generator().manual_seed(31)
+    data = image_tasks(3, 3, 1, 2, 16, torch.float64, gen)
+    calls = []
+    real = models._GroupedConv.apply
+    monkeypatch.setattr(models._GroupedConv, "apply", lambda *a: calls.append(1) or real(*a))
+    # second order: 2 steps x conv layers 2-4 = 6 support forwards, and the meta-gradient's
+    # backward through each one's input and weight gradients runs 2 more (18); the 3 query
+    # convs would add 3 forwards + their backward; first order: none
+    for first_order, want_calls in ((False, 6 * 3), (True, 0)):
+        grads = {}
+        for devices in ((), ("cpu",)):
+            monkeypatch.setattr(models, "_GROUPED_CONV_DEVICES", devices)
+            calls.clear()
+            maml = pymeta.MAML(make_conv4(torch.float64), inner_lr=0.1, inner_steps=2,
+                               first_order=first_order)
+            grads[devices] = torch.autograd.grad(maml.meta_loss(*data, F.cross_entropy),
+                                                 list(maml.parameters()))
+            assert len(calls) == (want_calls if devices else 0)
+        for a, b in zip(grads[()], grads[("cpu",)]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
