@@ -116,6 +116,20 @@ class _GroupedConv(torch.autograd.Function):
         return _add(out, None if tb is None else tb.view(1, -1, 1, 1))
 
 
+def _save_operands(ctx, inputs, output):
+    """setup_context of the two gradient maps: operands (a, b) kept for backward and jvp."""
+    a, b, ctx.geom = inputs
+    ctx.save_for_backward(a, b)
+    ctx.save_for_forward(a, b)
+
+
+def _bilinear_jvp(fn, ctx, ta, tb):
+    """The tangent of a bilinear fn(a, b, geom): fn(ta, b) + fn(a, tb)."""
+    a, b = ctx.saved_tensors
+    return _add(None if ta is None else fn(ta, b, ctx.geom),
+                None if tb is None else fn(a, tb, ctx.geom))
+
+
 class _ConvInputGrad(torch.autograd.Function):
     """The input gradient of _GroupedConv: dy [B, g*Co, H', W'], w -> dx [geom.x_shape]."""
     generate_vmap_rule = True
@@ -124,24 +138,18 @@ class _ConvInputGrad(torch.autograd.Function):
     def forward(dy, w, geom):
         return torch.nn.grad.conv2d_input(geom.x_shape, w, dy, 1, geom.padding, 1, geom.groups)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        dy, w, ctx.geom = inputs
-        ctx.save_for_backward(dy, w)
-        ctx.save_for_forward(dy, w)
+    setup_context = staticmethod(_save_operands)
 
     @staticmethod
-    def backward(ctx, ddx):
+    def backward(ctx, ddx):  # d/d dy = conv(ddx, w); d/dw = wgrad(dy, ddx)
         dy, w = ctx.saved_tensors
-        return (_conv(ddx, w, ctx.geom) if ctx.needs_input_grad[0] else None,
-                _ConvWeightGrad.apply(dy, ddx, ctx.geom) if ctx.needs_input_grad[1] else None,
-                None)
+        need = ctx.needs_input_grad
+        return (_conv(ddx, w, ctx.geom) if need[0] else None,
+                _ConvWeightGrad.apply(dy, ddx, ctx.geom) if need[1] else None, None)
 
     @staticmethod
     def jvp(ctx, tdy, tw, _):
-        dy, w = ctx.saved_tensors
-        return _add(None if tdy is None else _ConvInputGrad.apply(tdy, w, ctx.geom),
-                    None if tw is None else _ConvInputGrad.apply(dy, tw, ctx.geom))
+        return _bilinear_jvp(_ConvInputGrad.apply, ctx, tdy, tw)
 
 
 class _ConvWeightGrad(torch.autograd.Function):
@@ -152,24 +160,18 @@ class _ConvWeightGrad(torch.autograd.Function):
     def forward(dy, x, geom):
         return torch.nn.grad.conv2d_weight(x, geom.w_shape, dy, 1, geom.padding, 1, geom.groups)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        dy, x, ctx.geom = inputs
-        ctx.save_for_backward(dy, x)
-        ctx.save_for_forward(dy, x)
+    setup_context = staticmethod(_save_operands)
 
     @staticmethod
-    def backward(ctx, ddw):
+    def backward(ctx, ddw):  # d/d dy = conv(x, ddw); d/dx = dgrad(dy, ddw)
         dy, x = ctx.saved_tensors
-        return (_conv(x, ddw, ctx.geom) if ctx.needs_input_grad[0] else None,
-                _ConvInputGrad.apply(dy, ddw, ctx.geom) if ctx.needs_input_grad[1] else None,
-                None)
+        need = ctx.needs_input_grad
+        return (_conv(x, ddw, ctx.geom) if need[0] else None,
+                _ConvInputGrad.apply(dy, ddw, ctx.geom) if need[1] else None, None)
 
     @staticmethod
     def jvp(ctx, tdy, tx, _):
-        dy, x = ctx.saved_tensors
-        return _add(None if tdy is None else _ConvWeightGrad.apply(tdy, x, ctx.geom),
-                    None if tx is None else _ConvWeightGrad.apply(dy, tx, ctx.geom))
+        return _bilinear_jvp(_ConvWeightGrad.apply, ctx, tdy, tx)
 
 
 _STATE = threading.local()
