@@ -7,12 +7,14 @@ Columns (wall-clock ms per call; the median of `--repeats` calls after warm-up):
   fwd+bwd   forward with autograd, then torch.autograd.grad(update.sum() + new_state.sum(),
             [state, *weights]): what a meta-training step pays
   x cmp     torch.compile(reference) time / native time
+With --bf16, "native-bf16" is the native op on a bfloat16 copy of the state (bfloat16
+storage, float32 math: converted in chunks, see csrc/lstm_optimizer.cpp).
 The machine's other jobs make single calls noisy: compare medians of one run, not across runs.
 
 Run from the repository root with PYTHONPATH=. (a script outside the tree imports the
 installed pymeta._C otherwise):
   PYTHONPATH=. python bench/lstm_cpu_timing.py [--N 100000] [--threads 1 2] [--no-compile]
-      [--no-backward] [--keep-freed]
+      [--no-backward] [--keep-freed] [--bf16]
 """
 import argparse
 import statistics
@@ -46,25 +48,33 @@ def main():
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--keep-freed", action="store_true",
                     help="glibc keeps freed memory (outputs do not fault in fresh pages each call)")
+    ap.add_argument("--bf16", action="store_true", help="also time the native op on a bf16 state")
     args = ap.parse_args()
     if args.keep_freed:
         print("keep_freed_cpu_memory:", keep_freed_cpu_memory())
     print(f"pymeta {pymeta.__file__}; torch {torch.__version__}; float32 log_sign H={args.H}")
 
     impls = [("native", lstm_native), ("eager", lstm_reference)]
+    bf16 = {}  # this N's bfloat16 copies of the state
+
+    def native_bf16(g, s, *w):  # the same call on the bf16 copy of s
+        return lstm_native(g, bf16["state_g" if s.requires_grad else "state"], *w)
+    if args.bf16:
+        impls.insert(1, ("native-bf16", native_bf16))
     if not args.no_compile:
         impls.append(("compile", torch.compile(lstm_reference, dynamic=False)))
     for n in args.N:
         grad_, state, weights = lstm_optimizer_inputs(n, args.H)
         state_g = state.clone().requires_grad_()
-
+        bf16["state"], bf16["state_g"] = state.bfloat16(), state.bfloat16().requires_grad_()
         def fwd(f):
             with torch.no_grad():
                 return f(grad_, state, *weights)
 
         def fwd_bwd(f):
             update, new_state = f(grad_, state_g, *weights)
-            return torch.autograd.grad(update.sum() + new_state.sum(), [state_g, *weights])
+            used = bf16["state_g"] if f is native_bf16 else state_g
+            return torch.autograd.grad(update.sum() + new_state.sum(), [used, *weights])
 
         err = (fwd(lstm_native)[0] - fwd(lstm_reference)[0]).abs().max().item()
         for t in args.threads:

@@ -1,7 +1,8 @@
 """The goals table of the fused LSTM optimizer step (issue 3) on a CUDA GPU, in one run:
 
   forward (no_grad, float32, log_sign, H = 20) at N = 10k, 1M, 10M:
-    native (tensor-core path), native CUDA-core path (PYMETA_LSTM_MMA=0), the eager nn.LSTMCell
+    native (tensor-core path), native CUDA-core path (PYMETA_LSTM_MMA=0), native on a bfloat16
+    state ("bf16": float32 kernels on chunks converted on the fly), the eager nn.LSTMCell
     reference (state kept in LSTMCell's own [N, H] layout, no transposes), torch.compile of it,
     torch.optim.Adam(fused=DEV == "cuda") for scale; and the native step replayed from a CUDA graph
     (device time without Python's per-call cost). Roofline: bytes moved (32 H + 8 per
@@ -67,7 +68,7 @@ def copy_bandwidth():
 def forward_table(H, compile_ref):
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'cuda-core':>9} | {'eager':>8} "
+    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'cuda-core':>9} {'bf16':>8} | {'eager':>8} "
             f"{'compile':>8} {'adam':>7} | {'x eager':>7} {'x cmp':>6} {'x core':>6} | "
             f"{'roofline':>8} | {'err':>7}")
     print(f"forward, H={H}, float32, log_sign, ms per call")
@@ -88,6 +89,11 @@ def forward_table(H, compile_ref):
             core = timed(lambda: native_step(net, grad, state), reps)
             u_core = native_step(net, grad, state)[0]
             del os.environ["PYMETA_LSTM_MMA"]
+            state16 = state.bfloat16()
+            b16 = timed(lambda: native_step(net, grad, state16), reps)
+            err16 = (native_step(net, grad, state16)[0]
+                     - native_step(net, grad, state16.float())[0]).abs().max().item()
+            del state16
             eager = timed(lambda: cell_step(net, grad, st), reps)
             u_ref = cell_step(net, grad, st)[0]
             err = (native_step(net, grad, state)[0] - u_ref).abs().max().item()
@@ -98,9 +104,9 @@ def forward_table(H, compile_ref):
         adam = torch.optim.Adam([prm], lr=1e-3, fused=DEV == "cuda")
         ad = timed(adam.step, reps)
         floor = (32 * H + 8) * N / bw * 1e3
-        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {core:>9.4f} | {eager:>8.4f} {cmp:>8.4f} "
+        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {core:>9.4f} {b16:>8.4f} | {eager:>8.4f} {cmp:>8.4f} "
               f"{ad:>7.4f} | {eager / nat:>7.1f} {cmp / nat:>6.1f} {core / nat:>6.1f} | "
-              f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e})",
+              f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e}, bf16 vs upcast {err16:.0e})",
               flush=True)
         del net, grad, state, st, prm, adam
         torch.cuda.empty_cache()
@@ -136,9 +142,9 @@ def unroll_table(H, N=200_000, T=20):
     theta0 = torch.randn(N, device=DEV)
     weights = list(net.parameters())
 
-    def run(native):
+    def run(native, state_dtype=None):
         theta = theta0.clone()
-        state = net.init_state(N, device=DEV) if native else \
+        state = net.init_state(N, device=DEV, dtype=state_dtype) if native else \
             tuple(torch.zeros(N, H, device=DEV) for _ in range(4))
         loss = 0.0
         for _ in range(T):
@@ -152,18 +158,19 @@ def unroll_table(H, N=200_000, T=20):
         return torch.autograd.grad(loss, weights)
 
     out = {}
-    for name, native in (("native", True), ("cuda-core", True), ("eager", False)):
+    for name, native in (("native", True), ("cuda-core", True), ("bf16", True), ("eager", False)):
         if name == "cuda-core":
             os.environ["PYMETA_LSTM_MMA"] = "0"
+        sd = torch.bfloat16 if name == "bf16" else None
         with pymeta.use_backend("native" if native else "reference"):
-            grads = run(native)
-            ms = timed(lambda: run(native), reps=3, repeats=3, warmup=1)
+            grads = run(native, sd)
+            ms = timed(lambda: run(native, sd), reps=3, repeats=3, warmup=1)
             peak = float("nan")
             if DEV == "cuda":
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                run(native)
+                run(native, sd)
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         out[name] = (ms, peak, grads)
         os.environ.pop("PYMETA_LSTM_MMA", None)
@@ -174,7 +181,8 @@ def unroll_table(H, N=200_000, T=20):
           f"{out['eager'][0]:.3f} ms, peak {out['eager'][1]:.0f} MiB | x {out['eager'][0] / out['native'][0]:.2f}, "
           f"memory {out['native'][1] / out['eager'][1]:.2f} of eager | meta-grad rel err {err:.1e}",
           flush=True)
-    print(f"  (native with the CUDA-core kernels: {out['cuda-core'][0]:.3f} ms)")
+    print(f"  (native with the CUDA-core kernels: {out['cuda-core'][0]:.3f} ms; bf16 state "
+          f"{out['bf16'][0]:.3f} ms, peak {out['bf16'][1]:.0f} MiB)")
     if DEV == "cuda":  # the unroll's device time: its host work (autograd, launches) removed
         with pymeta.use_backend("native"):
             replay = cuda_graph(lambda: run(True))

@@ -25,18 +25,10 @@ import time
 IMPLS = ("pymeta", "pymeta+checkpoint", "torch_func")
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def child(impl: str, steps: int, first_order: bool, device: str, config: str, what: str) -> dict:
     import torch
 
-    from pymeta.benchmark import keep_freed_cpu_memory
+    from pymeta.benchmark import keep_freed_cpu_memory, reset_resident_peak, resident_bytes
     from pymeta.workloads import CPU_CONV4, GPU_CONV4, build_maml, meta_iteration
 
     cfg = {**(GPU_CONV4 if config == "gpu" else CPU_CONV4), "inner_steps": steps}
@@ -55,12 +47,11 @@ def child(impl: str, steps: int, first_order: bool, device: str, config: str, wh
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current resident size
-            before = _rss_kib("VmRSS") * 1024
+            reset_resident_peak()
+            before = resident_bytes("VmRSS")
         meta_iteration(module, run, data)
         sync()
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes("VmHWM")
         out["peak_mib"] = (peak - before) / 2**20
     if what in ("time", "both"):
         if device == "cpu":

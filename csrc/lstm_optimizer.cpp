@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -75,7 +77,14 @@ Dims check_args(const char* op, const Tensor& grad, const Tensor& state,
     TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " is on ", t.device(),
                       " but grad is on ", device, "; all tensors of one call share a device");
   };
-  same(state, "state");
+  // The state may also be stored in bfloat16 when the math is float32 (state_dtype_ok).
+  TORCH_CHECK_TYPE(state.scalar_type() == dtype ||
+                       (state.scalar_type() == at::kBFloat16 && dtype == at::kFloat),
+                   op, ": state has dtype ", state.scalar_type(), " but grad has ", dtype,
+                   "; state shares grad's dtype, or is bfloat16 with float32 grad "
+                   "(bfloat16 storage, float32 math)");
+  TORCH_CHECK_VALUE(state.device() == device, op, ": state is on ", state.device(),
+                    " but grad is on ", device, "; all tensors of one call share a device");
   TORCH_CHECK_VALUE(state.dim() == 3 && state.size(0) == 4 && state.size(2) == d.N, op,
                     ": state has shape ", shape_str(state.sizes()),
                     "; expected [4, H, N] with N = ", d.N, " (h1, c1, h2, c2, feature-major)");
@@ -128,6 +137,48 @@ std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& w) {
   return out;
 }
 
+// ---- bfloat16 state storage -------------------------------------------------------------------
+// A bfloat16 state (float32 grad and weights) keeps the kernels float32: the columns of the
+// state are converted in chunks of bf16_chunk(N) coordinates into a float32 scratch buffer,
+// the kernels run on the chunk, and new_state / d_state are rounded back (nearest even). So
+// the results are exactly the float32 op's on state.float(), rounded, and the extra memory of
+// a call is two scratch chunks rather than a float32 copy of the whole state.
+// PYMETA_LSTM_BF16_CHUNK overrides the chunk length (tests use it to cross chunk borders).
+int64_t bf16_chunk(const Tensor& grad) {
+  if (const char* env = std::getenv("PYMETA_LSTM_BF16_CHUNK")) {
+    const long long v = std::atoll(env);
+    if (v > 0) return v;
+  }
+  // CPU: 16k coordinates = 5 MB of float32 state at H = 20 (stays in cache between the
+  // conversion and the kernel); CUDA: 512k (fewer launches, 164 MB of scratch at H = 20).
+  return grad.is_cpu() ? (int64_t(1) << 14) : (int64_t(1) << 19);
+}
+
+// A contiguous [4, H, n] float32 view of the first 4 H n elements of a flat scratch buffer.
+Tensor scratch_view(const Tensor& buf, int64_t H, int64_t n) {
+  return buf.narrow(0, 0, 4 * H * n).view({4, H, n});
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+// The kernels on one contiguous call of d.N coordinates: grad, state, update, new_state all of
+// grad's dtype (update and new_state may be slices of larger outputs).
+void run_forward(const Dims& d, const Tensor& grad, const Tensor& state,
+                 const std::vector<Tensor>& w, double p, double out_scale, const Tensor& update,
+                 const Tensor& new_state) {
+  if (d.N == 0) return;
+  LstmOptLaunch L = make_launch(d, grad, state, w, p, out_scale);
+  L.update = update.data_ptr();
+  L.new_state = new_state.data_ptr();
+  if (grad.is_cpu()) {
+    lstm_opt_forward_cpu(L);
+  } else {
+#ifdef PYMETA_WITH_CUDA
+    C10_CUDA_CHECK(static_cast<cudaError_t>(lstm_opt_forward_cuda(
+        L, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream())));
+#endif
+  }
+}
+
 std::tuple<Tensor, Tensor> lstm_optimizer_step(
     const Tensor& grad_in, const Tensor& state, const Tensor& w_ih1, const Tensor& w_hh1,
     const Tensor& b_ih1, const Tensor& b_hh1, const Tensor& w_ih2, const Tensor& w_hh2,
@@ -140,66 +191,46 @@ std::tuple<Tensor, Tensor> lstm_optimizer_step(
   const Tensor grad = grad_in.contiguous();
   const auto w = contiguous_weights(w_in);
   Tensor update = at::empty({d.N}, grad.options());
-  Tensor new_state = at::empty({4, d.H, d.N}, grad.options());
-  if (d.N == 0) return {update, new_state};
-  LstmOptLaunch L = make_launch(d, grad, state, w, p, out_scale);
-  L.update = update.data_ptr();
-  L.new_state = new_state.data_ptr();
-  if (grad.is_cpu()) {
-    lstm_opt_forward_cpu(L);
-  } else {
-#ifdef PYMETA_WITH_CUDA
-    C10_CUDA_CHECK(static_cast<cudaError_t>(lstm_opt_forward_cuda(
-        L, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream())));
-#endif
+  Tensor new_state = at::empty({4, d.H, d.N}, state.options());
+  if (state.scalar_type() == grad.scalar_type()) {
+    run_forward(d, grad, state, w, p, out_scale, update, new_state);
+    return {update, new_state};
+  }
+  const int64_t C = std::min(bf16_chunk(grad), d.N);
+  const Tensor s_buf = at::empty({4 * d.H * C}, grad.options());
+  const Tensor n_buf = at::empty({4 * d.H * C}, grad.options());
+  for (int64_t c0 = 0; c0 < d.N; c0 += C) {
+    Dims dc = d;
+    dc.N = std::min(C, d.N - c0);
+    const Tensor s = scratch_view(s_buf, d.H, dc.N), ns = scratch_view(n_buf, d.H, dc.N);
+    s.copy_(state.narrow(2, c0, dc.N));
+    run_forward(dc, grad.narrow(0, c0, dc.N), s, w, p, out_scale, update.narrow(0, c0, dc.N), ns);
+    new_state.narrow(2, c0, dc.N).copy_(ns);
   }
   return {update, new_state};
 }
 
+// ---- backward ---------------------------------------------------------------------------------
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                   Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-BackwardResult lstm_optimizer_step_backward(
-    const Tensor& grad_update_in, const Tensor& grad_new_state_in, const Tensor& grad_in,
-    const Tensor& state, const Tensor& w_ih1, const Tensor& w_hh1, const Tensor& b_ih1,
-    const Tensor& b_hh1, const Tensor& w_ih2, const Tensor& w_hh2, const Tensor& b_ih2,
-    const Tensor& b_hh2, const Tensor& w_out, const Tensor& b_out,
-    c10::string_view preprocessing, double p, double out_scale) {
-  const char* op = "pymeta.lstm_optimizer_step_backward";
-  const std::vector<Tensor> w_in{w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, w_out, b_out};
-  const Dims d = check_args(op, grad_in, state, w_in, std::string(preprocessing), p);
-  auto same = [&](const Tensor& t, const char* name, at::IntArrayRef shape) {
-    TORCH_CHECK_TYPE(t.scalar_type() == grad_in.scalar_type(), op, ": ", name, " has dtype ",
-                     t.scalar_type(), " but grad has ", grad_in.scalar_type(),
-                     "; all tensors of one call share a dtype");
-    TORCH_CHECK_VALUE(t.device() == grad_in.device(), op, ": ", name, " is on ", t.device(),
-                      " but grad is on ", grad_in.device(),
-                      "; all tensors of one call share a device");
-    TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " has shape ", shape_str(t.sizes()),
-                      "; expected ", shape_str(shape));
-  };
-  same(grad_update_in, "grad_update", {d.N});
-  same(grad_new_state_in, "grad_new_state", {4, d.H, d.N});
-  PYMETA_DEVICE_GUARD(grad_in);
-  const Tensor grad = grad_in.contiguous();
-  const Tensor grad_update = grad_update_in.contiguous();
-  const Tensor grad_new_state = grad_new_state_in.contiguous();
-  const auto w = contiguous_weights(w_in);
-
-  Tensor d_grad = at::empty({d.N}, grad.options());
-  Tensor d_state = at::empty({4, d.H, d.N}, grad.options());
-  std::vector<Tensor> dw(10);
-  for (int i = 0; i < 10; ++i) dw[i] = at::empty(w[i].sizes(), grad.options());
-
+// The kernels on one contiguous call (all tensors of grad's dtype; d_grad and d_state may be
+// slices of larger outputs). Writes the weight gradients of these d.N coordinates into dw.
+void run_backward(const Dims& d, const Tensor& grad, const Tensor& state,
+                  const std::vector<Tensor>& w, double p, double out_scale,
+                  const Tensor& grad_update, const Tensor& grad_new_state, const Tensor& d_grad,
+                  const Tensor& d_state, const std::vector<Tensor>& dw) {
+  if (d.N == 0) {
+    for (const auto& t : dw) t.zero_();
+    return;
+  }
   LstmOptLaunch L = make_launch(d, grad, state, w, p, out_scale);
   L.d_update = grad_update.data_ptr();
   L.d_new_state = grad_new_state.data_ptr();
   L.d_grad = d_grad.data_ptr();
   L.d_state = d_state.data_ptr();
   for (int i = 0; i < 10; ++i) L.d_w[i] = dw[i].data_ptr();
-  if (d.N == 0) {
-    for (auto& t : dw) t.zero_();
-  } else if (grad.is_cpu()) {
+  if (grad.is_cpu()) {
     Tensor ws = at::empty({lstm_opt_workspace_bytes_cpu(L)}, grad.options().dtype(at::kByte));
     L.workspace = ws.data_ptr();
     lstm_opt_backward_cpu(L);
@@ -210,6 +241,67 @@ BackwardResult lstm_optimizer_step_backward(
     C10_CUDA_CHECK(static_cast<cudaError_t>(lstm_opt_backward_cuda(
         L, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream())));
 #endif
+  }
+}
+
+BackwardResult lstm_optimizer_step_backward(
+    const Tensor& grad_update_in, const Tensor& grad_new_state_in, const Tensor& grad_in,
+    const Tensor& state, const Tensor& w_ih1, const Tensor& w_hh1, const Tensor& b_ih1,
+    const Tensor& b_hh1, const Tensor& w_ih2, const Tensor& w_hh2, const Tensor& b_ih2,
+    const Tensor& b_hh2, const Tensor& w_out, const Tensor& b_out,
+    c10::string_view preprocessing, double p, double out_scale) {
+  const char* op = "pymeta.lstm_optimizer_step_backward";
+  const std::vector<Tensor> w_in{w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, w_out, b_out};
+  const Dims d = check_args(op, grad_in, state, w_in, std::string(preprocessing), p);
+  auto same = [&](const Tensor& t, const char* name, const Tensor& like, const char* like_name,
+                  at::IntArrayRef shape) {
+    TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ",
+                     t.scalar_type(), " but ", like_name, " has ", like.scalar_type(),
+                     "; the gradient of an output has that output's dtype");
+    TORCH_CHECK_VALUE(t.device() == grad_in.device(), op, ": ", name, " is on ", t.device(),
+                      " but grad is on ", grad_in.device(),
+                      "; all tensors of one call share a device");
+    TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " has shape ", shape_str(t.sizes()),
+                      "; expected ", shape_str(shape));
+  };
+  same(grad_update_in, "grad_update", grad_in, "grad", {d.N});
+  same(grad_new_state_in, "grad_new_state", state, "state", {4, d.H, d.N});
+  PYMETA_DEVICE_GUARD(grad_in);
+  const Tensor grad = grad_in.contiguous();
+  const Tensor grad_update = grad_update_in.contiguous();
+  const Tensor grad_new_state = grad_new_state_in.contiguous();
+  const auto w = contiguous_weights(w_in);
+
+  Tensor d_grad = at::empty({d.N}, grad.options());
+  Tensor d_state = at::empty({4, d.H, d.N}, state.options());
+  std::vector<Tensor> dw(10);
+  for (int i = 0; i < 10; ++i) dw[i] = at::empty(w[i].sizes(), grad.options());
+  if (state.scalar_type() == grad.scalar_type() || d.N == 0) {
+    run_backward(d, grad, state, w, p, out_scale, grad_update, grad_new_state, d_grad, d_state,
+                 dw);
+  } else {
+    // bfloat16 state: float32 chunks (see bf16_chunk); the weight gradients of the chunks are
+    // added in chunk order, so the result does not depend on threads or timing.
+    const int64_t C = std::min(bf16_chunk(grad), d.N);
+    const Tensor s_buf = at::empty({4 * d.H * C}, grad.options());
+    const Tensor g_buf = at::empty({4 * d.H * C}, grad.options());
+    const Tensor o_buf = at::empty({4 * d.H * C}, grad.options());
+    std::vector<Tensor> dw_chunk(10);
+    for (int i = 0; i < 10; ++i) dw_chunk[i] = at::empty(w[i].sizes(), grad.options());
+    for (int64_t c0 = 0; c0 < d.N; c0 += C) {
+      Dims dc = d;
+      dc.N = std::min(C, d.N - c0);
+      const Tensor s = scratch_view(s_buf, d.H, dc.N), gns = scratch_view(g_buf, d.H, dc.N),
+                   ds = scratch_view(o_buf, d.H, dc.N);
+      s.copy_(state.narrow(2, c0, dc.N));
+      gns.copy_(grad_new_state.narrow(2, c0, dc.N));
+      run_backward(dc, grad.narrow(0, c0, dc.N), s, w, p, out_scale,
+                   grad_update.narrow(0, c0, dc.N), gns, d_grad.narrow(0, c0, dc.N), ds,
+                   c0 == 0 ? dw : dw_chunk);
+      d_state.narrow(2, c0, dc.N).copy_(ds);
+      if (c0 > 0)
+        for (int i = 0; i < 10; ++i) dw[i].add_(dw_chunk[i]);
+    }
   }
   return {d_grad, d_state, dw[0], dw[1], dw[2], dw[3], dw[4], dw[5], dw[6], dw[7], dw[8], dw[9]};
 }

@@ -11,6 +11,22 @@ import torch
 from pymeta.workloads import Workload
 
 
+def resident_bytes(field: str = "VmRSS") -> int:
+    """A memory figure of this process from /proc/self/status: "VmRSS" (resident now) or
+    "VmHWM" (the resident high-water mark, see reset_resident_peak). Linux only."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_resident_peak() -> None:
+    """Sets VmHWM to the current resident size (Linux: /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def keep_freed_cpu_memory() -> bool:
     """Asks glibc's malloc to keep freed memory instead of returning it to the OS.
 

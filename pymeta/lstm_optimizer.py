@@ -161,6 +161,12 @@ class LSTMOptimizer(torch.optim.Optimizer):
             flow into it from ``step``); it runs on each parameter's device and dtype.
         lr: a per-group factor on the net's update (1.0: the update as meta-trained), so
             learning-rate schedulers work as usual.
+        state_dtype: the storage dtype of the recurrent state: None (each parameter's dtype)
+            or ``torch.bfloat16`` for float32 parameters. The state is 4 H values per
+            parameter coordinate (80 at H = 20: 320 bytes in float32, 20x Adam's), so
+            bfloat16 halves the optimizer's memory; the math stays float32 and only the
+            stored state is rounded (see ``pymeta.ops.lstm_optimizer_step``). Parameters of
+            other dtypes keep their own dtype for the state.
 
     ``step()`` concatenates the flat gradients of all parameters that share a device and
     dtype into one ``[N]`` vector and runs ONE fused ``pymeta.ops.lstm_optimizer_step`` for
@@ -175,7 +181,11 @@ class LSTMOptimizer(torch.optim.Optimizer):
     ``save(path)`` / ``load(path)`` do both with atomic writes and safe loads.
     """
 
-    def __init__(self, params, net: Optional[LSTMOptimizerNet] = None, lr: float = 1.0):
+    def __init__(self, params, net: Optional[LSTMOptimizerNet] = None, lr: float = 1.0,
+                 state_dtype: Optional[torch.dtype] = None):
+        if state_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"pymeta.LSTMOptimizer: state_dtype must be None (the parameters' "
+                             f"dtype) or torch.bfloat16, not {state_dtype!r}")
         if net is None:
             net = LSTMOptimizerNet.pretrained()
         if not isinstance(net, LSTMOptimizerNet):
@@ -185,6 +195,7 @@ class LSTMOptimizer(torch.optim.Optimizer):
             raise ValueError(f"pymeta.LSTMOptimizer: invalid lr {lr!r} (a float >= 0)")
         super().__init__(params, {"lr": float(lr)})
         self.net = net
+        self.state_dtype = state_dtype
         # (device, dtype) -> (joint state [4, H, N] of the last step, per-param views of it),
         # so that a step over the same parameters as the last one skips re-concatenating.
         self._joint: Dict[Tuple[torch.device, torch.dtype], Tuple[Tensor, List[Tensor]]] = {}
@@ -217,14 +228,21 @@ class LSTMOptimizer(torch.optim.Optimizer):
             self._step_bucket(device, dtype, items)
         return loss
 
+    def _storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The state's dtype for parameters of `dtype` (bfloat16 only for float32)."""
+        if self.state_dtype is torch.bfloat16 and dtype == torch.float32:
+            return torch.bfloat16
+        return dtype
+
     def _step_bucket(self, device, dtype, items: List[Tuple[Tensor, dict]]) -> None:
         net = self.net
         H = net.hidden_size
+        sdtype = self._storage_dtype(dtype)
         states = []
         for p, _ in items:
             st = self.state[p]
             if "lstm_state" not in st:
-                st["lstm_state"] = torch.zeros(4, H, p.numel(), device=device, dtype=dtype)
+                st["lstm_state"] = torch.zeros(4, H, p.numel(), device=device, dtype=sdtype)
                 st["step"] = 0
             s = st["lstm_state"]
             if s.shape != (4, H, p.numel()):
@@ -237,9 +255,9 @@ class LSTMOptimizer(torch.optim.Optimizer):
                 a is b for a, b in zip(states, cached[1])):
             joint = cached[0]  # the last step's output, over the same parameters
         elif len(states) == 1:
-            joint = states[0].to(device, dtype).contiguous()
+            joint = states[0].to(device, sdtype).contiguous()
         else:
-            joint = torch.cat([s.to(device, dtype) for s in states], 2)
+            joint = torch.cat([s.to(device, sdtype) for s in states], 2)
         grads = [p.grad.reshape(-1).to(dtype) for p, _ in items]
         flat = grads[0] if len(grads) == 1 else torch.cat(grads)
         weights = [w.detach().to(device, dtype) for w in net.weights()]
@@ -306,6 +324,11 @@ class LSTMOptimizer(torch.optim.Optimizer):
                                      f"hidden size {H}")
         rest = {k: v for k, v in state_dict.items() if k != "net"}
         super().load_state_dict(rest)  # checks the groups, casts to each param's device/dtype
+        for group in self.param_groups:  # ... and back to the storage dtype (state_dtype)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and isinstance(st.get("lstm_state"), Tensor):
+                    st["lstm_state"] = st["lstm_state"].to(self._storage_dtype(p.dtype))
         if saved_net is not None:
             self.net._load_checked(saved_net["state_dict"], "the optimizer state_dict")
         self._joint.clear()

@@ -259,6 +259,10 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
         grad: ``[N]``, the flat gradient (float32 or float64).
         state: ``[4, H, N]``, contiguous: (h1, c1, h2, c2), feature-major, so that for one
             feature the N coordinates are contiguous (coalesced GPU access). 1 <= H <= 64.
+            grad's dtype, or bfloat16 with a float32 grad: bfloat16 storage (half the memory
+            of the state, 40 H bytes per coordinate less), float32 math; new_state is then the
+            float32 result rounded to bfloat16 (nearest even), and the gradient w.r.t. state
+            is bfloat16 too.
         w_ih1 ``[4H, n_in]``, w_hh1 ``[4H, H]``, b_ih1, b_hh1 ``[4H]``: layer 1, as
             ``nn.LSTMCell(n_in, H)``; w_ih2, w_hh2 ``[4H, H]``, b_ih2, b_hh2 ``[4H]``: layer 2,
             as ``nn.LSTMCell(H, H)``; w_out ``[1, H]``, b_out ``[1]``: ``nn.Linear(H, 1)``.
@@ -268,7 +272,8 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
         out_scale: the factor of the head's output.
 
     Returns:
-        ``(update [N], new_state [4, H, N])``, new tensors.
+        ``(update [N], new_state [4, H, N])``, new tensors (update of grad's dtype, new_state
+        of state's).
 
     Differentiable w.r.t. every tensor (truncated BPTT through many steps). The backward
     recomputes the step from its inputs (the saved memory of a step is its inputs), and sums
@@ -297,14 +302,14 @@ if _backend.NATIVE:
         weights, (preprocessing, p, _) = args[:10], args[10:]
         N, H, _ = reference.check_lstm_optimizer_args(
             "pymeta.lstm_optimizer_step", grad, state, weights, preprocessing, p)
-        return grad.new_empty([N]), grad.new_empty([4, H, N])
+        return grad.new_empty([N]), state.new_empty([4, H, N])
 
     @torch.library.register_fake("pymeta::lstm_optimizer_step_backward")
     def _lstm_optimizer_step_backward_fake(grad_update, grad_new_state, grad, state, *args):
         weights, (preprocessing, p, _) = args[:10], args[10:]
         N, H, _ = reference.check_lstm_optimizer_args(
             "pymeta.lstm_optimizer_step_backward", grad, state, weights, preprocessing, p)
-        return (grad.new_empty([N]), grad.new_empty([4, H, N]),
+        return (grad.new_empty([N]), state.new_empty([4, H, N]),
                 *(w.new_empty(w.shape) for w in weights))
 
     def _lstm_setup(ctx, inputs, output):

@@ -143,7 +143,12 @@ def check_lstm_optimizer_args(op: str, grad: Tensor, state: Tensor, weights: Seq
     def same(t: Tensor, name: str) -> None:
         _check_same(op, t, name, grad.dtype, "grad", grad.device, "grad")
 
-    same(state, "state")
+    if not (state.dtype == grad.dtype
+            or (state.dtype == torch.bfloat16 and grad.dtype == torch.float32)):
+        raise TypeError(f"{op}: state has dtype {state.dtype} but grad has {grad.dtype}; state "
+                        f"shares grad's dtype, or is bfloat16 with float32 grad (bfloat16 "
+                        f"storage, float32 math)")
+    _check_same(op, state, "state", state.dtype, "grad", grad.device, "grad")
     if state.dim() != 3 or state.shape[0] != 4 or state.shape[2] != N:
         raise ValueError(f"{op}: state has shape {_shape(state)}; expected [4, H, N] with N = {N} "
                          f"(h1, c1, h2, c2, feature-major)")
@@ -188,15 +193,16 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
                         w_out: Tensor, b_out: Tensor, preprocessing: str, p: float,
                         out_scale: float) -> tuple[Tensor, Tensor]:
     """One coordinatewise LSTM optimizer step (see pymeta.ops.lstm_optimizer_step).
-    grad [N], state [4, H, N] -> (update [N], new_state [4, H, N]). Differentiable."""
+    grad [N], state [4, H, N] -> (update [N], new_state [4, H, N] of state's dtype).
+    Differentiable. A bfloat16 state is computed in float32 and new_state rounded back."""
     weights = (w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, w_out, b_out)
     check_lstm_optimizer_args("pymeta.lstm_optimizer_step", grad, state, weights, preprocessing, p)
     x = lstm_preprocess(grad, preprocessing, p)
-    h1, c1, h2, c2 = (s.t() for s in state.unbind(0))  # [N, H] each
+    h1, c1, h2, c2 = (s.t() for s in state.to(grad.dtype).unbind(0))  # [N, H] each
     h1, c1 = _lstm_cell(x, h1, c1, w_ih1, w_hh1, b_ih1, b_hh1)
     h2, c2 = _lstm_cell(h1, h2, c2, w_ih2, w_hh2, b_ih2, b_hh2)
     update = (h2 @ w_out.t() + b_out).squeeze(1) * out_scale
-    new_state = torch.stack([h1.t(), c1.t(), h2.t(), c2.t()]).contiguous()
+    new_state = torch.stack([h1.t(), c1.t(), h2.t(), c2.t()]).to(state.dtype).contiguous()
     return update, new_state
 
 
@@ -207,9 +213,13 @@ def lstm_optimizer_step_backward(grad_update: Tensor, grad_new_state: Tensor, gr
     weights, (preprocessing, p, out_scale) = args[:10], args[10:]
     op = "pymeta.lstm_optimizer_step_backward"
     N, H, _ = check_lstm_optimizer_args(op, grad, state, weights, preprocessing, p)
-    for name, t, shape in (("grad_update", grad_update, [N]),
-                           ("grad_new_state", grad_new_state, [4, H, N])):
-        _check_same(op, t, name, grad.dtype, "grad", grad.device, "grad")
+    for name, t, like, like_name, shape in (
+            ("grad_update", grad_update, grad, "grad", [N]),
+            ("grad_new_state", grad_new_state, state, "state", [4, H, N])):
+        if t.dtype != like.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {like_name} has {like.dtype}; "
+                            f"the gradient of an output has that output's dtype")
+        _check_same(op, t, name, t.dtype, "grad", grad.device, "grad")
         if list(t.shape) != shape:
             raise ValueError(f"{op}: {name} has shape {_shape(t)}; expected "
                              f"[{', '.join(map(str, shape))}]")

@@ -61,7 +61,8 @@ def test_forward_matches_modules(backend):
     torch.testing.assert_close(new_state, torch.stack([h1.t(), c1.t(), h2.t(), c2.t()]))
 
 
-def _unroll_meta_grads(net, device, dtype, steps=20, n=60, seed=0, detach_grads=True):
+def _unroll_meta_grads(net, device, dtype, steps=20, n=60, seed=0, detach_grads=True,
+                       state_dtype=None):
     """Summed losses of a quadratic optimizee f(theta) = |A theta - y|^2 over a
     `steps`-step unroll; returns the gradients w.r.t. the net's parameters and theta0."""
     gen = torch.Generator().manual_seed(seed)
@@ -69,7 +70,7 @@ def _unroll_meta_grads(net, device, dtype, steps=20, n=60, seed=0, detach_grads=
     y = torch.randn(30, generator=gen, dtype=torch.float64).to(device, dtype)
     theta0 = torch.randn(n, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
     theta = theta0
-    state = net.init_state(n, device=device, dtype=dtype)
+    state = net.init_state(n, device=device, dtype=state_dtype or dtype)
     total = 0.0
     for _ in range(steps):
         loss = ((A @ theta - y) ** 2).sum()
@@ -100,6 +101,28 @@ def test_20_step_unroll_meta_gradient_matches_reference(device, dtype, H):
         scale = b.abs().max().clamp_min(1e-3)
         torch.testing.assert_close(a / scale, b / scale, rtol=rtol, atol=atol)
     assert any(g.abs().sum() > 0 for g in grads_n[:-1])
+
+
+@native_only
+@pytest.mark.parametrize("device", DEVICES)
+def test_unroll_with_bf16_state(device):
+    """bfloat16 state storage through a 20-step unroll: native and reference agree (both
+    round the same float32 state; a rare 1-ulp rounding difference is all they may differ by),
+    and the meta-gradient stays near the float32-state one."""
+    torch.manual_seed(0)
+    net = pymeta.LSTMOptimizerNet(20, out_scale=0.1).to(device)
+    runs = {}
+    for backend, sd in (("native", torch.bfloat16), ("reference", torch.bfloat16),
+                        ("native", None)):
+        with pymeta.use_backend(backend):
+            runs[backend, sd] = _unroll_meta_grads(net, device, torch.float32, state_dtype=sd)
+    (ln, gn), (lr_, gr), (l32, g32) = runs.values()
+    torch.testing.assert_close(ln, lr_, rtol=1e-3, atol=0)
+    for a, b, c in zip(gn, gr, g32):
+        scale = c.abs().max().clamp_min(1e-3)
+        torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=2e-3)
+        torch.testing.assert_close(a / scale, c / scale, rtol=0, atol=5e-2)
+    assert any(g.abs().sum() > 0 for g in gn[:-1])
 
 
 @native_only
@@ -303,6 +326,45 @@ def test_optimizer_state_dict_roundtrip_and_bitwise_resume(tmp_path):
         assert torch.equal(p, q)
     for p, q in zip(model3.parameters(), model.parameters()):
         assert torch.equal(opt3.state[p]["lstm_state"], opt.state[q]["lstm_state"])
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+def test_optimizer_bf16_state(backend, tmp_path):
+    """state_dtype=torch.bfloat16: float32 parameters keep a bfloat16 state (others their own
+    dtype), the run stays near the float32-state run, and a saved run resumes bitwise."""
+    batches = _batches(6)
+    with pymeta.use_backend(backend):
+        m32, m16 = _model(), _model()
+        o32 = LSTMOptimizer(m32.parameters(), net=_small_net())
+        o16 = LSTMOptimizer(m16.parameters(), net=_small_net(), state_dtype=torch.bfloat16)
+        l32, l16 = _train(m32, o32, batches), _train(m16, o16, batches)
+        assert all(o16.state[p]["lstm_state"].dtype == torch.bfloat16 for p in m16.parameters())
+        assert l16 != l32  # the state is rounded ...
+        assert l16 == pytest.approx(l32, rel=1e-2)  # ... by 2^-9 relative
+        for p, q in zip(m16.parameters(), m32.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
+
+        # save after 3 batches, resume in a fresh bf16 optimizer: bitwise the straight run
+        ma = _model()
+        oa = LSTMOptimizer(ma.parameters(), net=_small_net(), state_dtype=torch.bfloat16)
+        first = _train(ma, oa, batches[:3])
+        oa.save(tmp_path / "opt.pt")
+        mb = _model()
+        mb.load_state_dict(ma.state_dict())
+        ob = LSTMOptimizer(mb.parameters(), net=_small_net(seed=4), state_dtype=torch.bfloat16)
+        ob.load(tmp_path / "opt.pt")
+        assert all(ob.state[p]["lstm_state"].dtype == torch.bfloat16 for p in mb.parameters())
+        assert first + _train(mb, ob, batches[3:]) == l16
+
+        # float64 parameters keep a float64 state
+        a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4, dtype=torch.float64))
+        o = LSTMOptimizer([a, b], net=_small_net(), state_dtype=torch.bfloat16)
+        a.grad, b.grad = torch.randn(3), torch.randn(4, dtype=torch.float64)
+        o.step()
+        assert o.state[a]["lstm_state"].dtype == torch.bfloat16
+        assert o.state[b]["lstm_state"].dtype == torch.float64
+    with pytest.raises(ValueError, match="state_dtype"):
+        LSTMOptimizer(m32.parameters(), net=_small_net(), state_dtype=torch.float16)
 
 
 def test_optimizer_load_state_dict_checks():

@@ -325,12 +325,18 @@ def test_device_mismatch_is_named(device, backend):
 
 @native_only
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_backward_bitwise_deterministic(device, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, "bf16_state"])
+def test_backward_bitwise_deterministic(device, dtype, monkeypatch):
     H, N = 20, 5000
-    inputs = [t.to(device=device, dtype=dtype) for t in _valid(H, N).values()]
-    du = torch.randn(N, dtype=dtype, device=device)
-    ds = torch.randn(4, H, N, dtype=dtype, device=device)
+    if dtype == "bf16_state":  # float32 math, weight gradients summed over chunks in order
+        monkeypatch.setenv("PYMETA_LSTM_BF16_CHUNK", "700")
+        inputs = _bf16_inputs(H, N, device)
+        du = torch.randn(N, device=device)
+        ds = torch.randn(4, H, N, device=device).bfloat16()
+    else:
+        inputs = [t.to(device=device, dtype=dtype) for t in _valid(H, N).values()]
+        du = torch.randn(N, dtype=dtype, device=device)
+        ds = torch.randn(4, H, N, dtype=dtype, device=device)
     runs = [BWD(du, ds, *inputs, "log_sign", 10.0, 0.1) for _ in range(2)]
     if device == "cpu":  # the reduction order does not depend on the thread count either
         threads = torch.get_num_threads()
@@ -342,6 +348,112 @@ def test_backward_bitwise_deterministic(device, dtype):
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             assert torch.equal(a, b)
+
+
+# ---- bfloat16 state storage ---------------------------------------------------------------------
+
+def _bf16_inputs(H, N, device="cpu", seed=0):
+    """float32 grad (with zeros, tiny and huge values) and weights, a bfloat16 state."""
+    args = _valid(H, N)
+    gen = torch.Generator().manual_seed(seed)
+    args["grad"] = make_grad(N, torch.float32, seed=seed)
+    args["state"] = (torch.randn(4, H, N, generator=gen) * 0.8).bfloat16()
+    return [t.to(device) for t in args.values()]
+
+
+@native_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("H,N,chunk", [(20, 1000, None), (7, 1000, "37"), (20, 513, "256"),
+                                       (32, 1, "4"), (3, 0, "5")])
+def test_bf16_state_is_the_float32_step_rounded(device, H, N, chunk, monkeypatch):
+    """A bfloat16 state: forward and backward equal the float32 op on the upcast state, with
+    new_state / d_state rounded to bfloat16 (bitwise), across chunk borders."""
+    if chunk is not None:
+        monkeypatch.setenv("PYMETA_LSTM_BF16_CHUNK", chunk)
+    grad, state, *w = _bf16_inputs(H, N, device)
+    gen = torch.Generator().manual_seed(1)
+    du = torch.randn(N, generator=gen).to(device)
+    ds = torch.randn(4, H, N, generator=gen).bfloat16().to(device)
+    u, ns = OP(grad, state, *w, "log_sign", 10.0, 0.1)
+    u32, ns32 = OP(grad, state.float(), *w, "log_sign", 10.0, 0.1)
+    assert ns.dtype == torch.bfloat16 and u.dtype == torch.float32
+    assert torch.equal(u, u32) and torch.equal(ns, ns32.bfloat16())
+    got = BWD(du, ds, grad, state, *w, "log_sign", 10.0, 0.1)
+    want = BWD(du, ds.float(), grad, state.float(), *w, "log_sign", 10.0, 0.1)
+    assert got[1].dtype == torch.bfloat16
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1].bfloat16())
+    for a, b in zip(got[2:], want[2:]):  # weight gradients: sums over chunks, then chunks added
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().amax(dim=None).item())
+    # and the reference (which computes in float32 and rounds) agrees within a bf16 rounding
+    ru, rns = reference.lstm_optimizer_step(grad, state, *w, "log_sign", 10.0, 0.1)
+    torch.testing.assert_close(u, ru, **tol(torch.float32))
+    torch.testing.assert_close(ns.float(), rns.float(), rtol=2 ** -7, atol=1e-6)
+    rb = reference.lstm_optimizer_step_backward(du, ds, grad, state, *w, "log_sign", 10.0, 0.1)
+    for a, b in zip(got, rb):
+        assert a.dtype == b.dtype
+        scale = b.float().abs().amax(dim=None).clamp_min(1.0) if b.numel() else 1.0
+        torch.testing.assert_close(a.float() / scale, b.float() / scale, rtol=2 ** -7, atol=1e-5)
+
+
+@native_only
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_state_nan_stays_in_its_coordinates(device, monkeypatch):
+    monkeypatch.setenv("PYMETA_LSTM_BF16_CHUNK", "64")
+    H, N = 20, 300
+    grad, state, *w = _bf16_inputs(H, N, device)
+    grad[[3, 130]] = float("nan")
+    state[0, 5, 200] = float("nan")  # an h1 entry: every gate of that coordinate
+    u, ns = OP(grad, state, *w, "log_sign", 10.0, 0.1)
+    bad = ~u.isfinite()
+    assert bad.nonzero().flatten().tolist() == [3, 130, 200]
+    assert not (~ns.isfinite()).any(dim=(0, 1))[~bad].any()
+
+
+@native_only
+def test_bf16_state_opcheck_and_compile(monkeypatch):
+    monkeypatch.setenv("PYMETA_LSTM_BF16_CHUNK", "3")
+    grad, state, *w = _bf16_inputs(5, 8)
+    torch.library.opcheck(OP, (grad, state, *w, "log_sign", 10.0, 0.3))
+    torch.library.opcheck(OP, (grad, state.clone().requires_grad_(),
+                               *[x.clone().requires_grad_() for x in w], "log_sign", 10.0, 0.3))
+    torch.library.opcheck(BWD, (torch.randn(8), torch.randn(4, 5, 8).bfloat16(), grad, state, *w,
+                                "log_sign", 10.0, 0.3))
+
+    def step(g, s, *ws):
+        u, s2 = ops.lstm_optimizer_step(g, s, *ws, "log_sign", 10.0, 0.1)
+        return u * 2, s2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    wg = [x.clone().requires_grad_() for x in w]
+    sg = state.clone().requires_grad_()
+    u, s2 = compiled(grad, sg, *wg)
+    ue, se = step(grad, sg, *wg)
+    assert s2.dtype == torch.bfloat16
+    assert torch.equal(u, ue) and torch.equal(s2, se)
+    g1 = torch.autograd.grad(u.sum() + s2.float().sum(), [sg, *wg])
+    g2 = torch.autograd.grad(ue.sum() + se.float().sum(), [sg, *wg])
+    for a, b in zip(g1, g2):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+def test_bf16_state_bad_dtypes_are_named(backend):
+    grad, state, *w = _bf16_inputs(4, 6)
+    with pymeta.use_backend(backend):
+        with pytest.raises(TypeError, match=r"state has dtype (torch\.float16|Half) .*or is bfloat16"):
+            ops.lstm_optimizer_step(grad, state.half(), *w)
+        with pytest.raises(TypeError, match=r"state has dtype (torch\.bfloat16|BFloat16) but "
+                                            r"grad has (torch\.float64|Double)"):
+            ops.lstm_optimizer_step(grad.double(), state, *[x.double() for x in w])
+        with pytest.raises(TypeError, match=r"w_out has dtype (torch\.bfloat16|BFloat16)"):
+            ops.lstm_optimizer_step(grad, state, *w[:8], w[8].bfloat16(), w[9])
+    bwds = [reference.lstm_optimizer_step_backward] + ([BWD] if _backend.NATIVE else [])
+    for fn in bwds:
+        with pytest.raises(TypeError, match=r"grad_new_state has dtype (torch\.float32|Float) "
+                                            r"but state has (torch\.bfloat16|BFloat16)"):
+            fn(torch.randn(6), torch.randn(4, 4, 6), grad, state, *w, "log_sign", 10.0, 0.1)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------

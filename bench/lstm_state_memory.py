@@ -1,0 +1,115 @@
+"""Memory and time of pymeta.LSTMOptimizer with a float32 and a bfloat16 recurrent state.
+
+The optimizee: an MLP of --params coordinates in float32 (Linear layers of width --width),
+random gradients. Each configuration runs in a fresh process:
+  state MiB   the optimizer's state after the steps (sum of the lstm_state tensors)
+  resident    memory held between steps over the parameters and gradients (the state, and
+              the joint buffer it lives in)
+  step peak   the high-water mark during one step minus the memory before it (the step's
+              transient: outputs, conversion chunks)
+  ms          median time of a step (5 steps after 2 warm-ups)
+CPU: resident memory from /proc/self/status (VmRSS, VmHWM reset through clear_refs) with glibc
+returning freed blocks over 64 KiB, so that the high-water mark follows live memory; the time
+comes from a second process with freed memory kept. GPU: torch.cuda memory_allocated and
+max_memory_allocated, one process.
+
+    PYTHONPATH=. python bench/lstm_state_memory.py [--device cpu] [--params 4000000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def child(state_dtype: str, device: str, n_params: int, width: int, what: str) -> dict:
+    import torch
+    from torch import nn
+
+    import pymeta
+    from pymeta.benchmark import keep_freed_cpu_memory, reset_resident_peak, resident_bytes
+
+    torch.manual_seed(0)
+    layers = max(1, n_params // (width * width))
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(device)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    net = pymeta.LSTMOptimizerNet(20).to(device)
+    opt = pymeta.LSTMOptimizer(params, net=net,
+                               state_dtype=torch.bfloat16 if state_dtype == "bf16" else None)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def used() -> int:
+        return torch.cuda.memory_allocated() if device == "cuda" else resident_bytes("VmRSS")
+
+    out = {"coords": sum(p.numel() for p in params)}
+    if what == "memory":
+        sync()
+        base = used()  # the model, its gradients, the net
+        opt.step()
+        opt.step()  # the joint state of step 1 is replaced: steady state from here
+        sync()
+        before = used()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_resident_peak()
+        opt.step()
+        sync()
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes("VmHWM")
+        out["state_mib"] = sum(opt.state[p]["lstm_state"].nbytes for p in params) / 2**20
+        out["resident_mib"] = (before - base) / 2**20
+        out["step_peak_mib"] = (peak - before) / 2**20
+    else:
+        if device == "cpu":
+            keep_freed_cpu_memory()
+        times = []
+        for i in range(7):
+            t0 = time.perf_counter()
+            opt.step()
+            sync()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        out["ms"] = statistics.median(times) * 1e3
+    return out
+
+
+def _run(args, state_dtype, what, env) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--device", args.device, "--params",
+                        str(args.params), "--width", str(args.width), "--child", state_dtype,
+                        what], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--params", type=int, default=4_000_000)
+    ap.add_argument("--width", type=int, default=1000)
+    ap.add_argument("--child", nargs=2, metavar=("STATE_DTYPE", "WHAT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], args.device, args.params, args.width,
+                               args.child[1])))
+        return
+    mem_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    print(f"pymeta.LSTMOptimizer (H = 20), {args.device}, an MLP of ~{args.params} float32 "
+          f"coordinates; MiB")
+    print("| state | coordinates | state MiB | resident | step peak | ms per step |")
+    print("|---|---|---|---|---|---|")
+    for sd in ("float32", "bf16"):
+        m = _run(args, sd, "memory", mem_env if args.device == "cpu" else os.environ)
+        t = _run(args, sd, "time", os.environ)
+        print(f"| {sd} | {m['coords']} | {m['state_mib']:.0f} | {m['resident_mib']:.0f} | "
+              f"{m['step_peak_mib']:.0f} | {t['ms']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
