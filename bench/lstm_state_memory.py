@@ -1,19 +1,24 @@
-"""Memory and time of pymeta.LSTMOptimizer with a float32 and a bfloat16 recurrent state.
+"""Memory and time of the LSTM optimizer with a float32 and a bfloat16 recurrent state.
 
-The optimizee: an MLP of --params coordinates in float32 (Linear layers of width --width),
-random gradients. Each configuration runs in a fresh process:
+optimizer (default): pymeta.LSTMOptimizer on an MLP of --params float32 coordinates (Linear
+layers of width --width), random gradients. Each configuration runs in a fresh process:
   state MiB   the optimizer's state after the steps (sum of the lstm_state tensors)
   resident    memory held between steps over the parameters and gradients (the state, and
               the joint buffer it lives in)
   step peak   the high-water mark during one step minus the memory before it (the step's
               transient: outputs, conversion chunks)
   ms          median time of a step (5 steps after 2 warm-ups)
+--unroll: meta-training, a 20-step unroll of the native op on a separable quadratic of
+--params coordinates (optimizee gradients detached), forward + backward to the net's weights:
+  peak        the high-water mark over one unroll minus the memory before it (every step's
+              input state is kept for the backward)
+  ms          median time of an unroll (3 after 1 warm-up)
 CPU: resident memory from /proc/self/status (VmRSS, VmHWM reset through clear_refs) with glibc
 returning freed blocks over 64 KiB, so that the high-water mark follows live memory; the time
 comes from a second process with freed memory kept. GPU: torch.cuda memory_allocated and
 max_memory_allocated, one process.
 
-    PYTHONPATH=. python bench/lstm_state_memory.py [--device cpu] [--params 4000000]
+    PYTHONPATH=. python bench/lstm_state_memory.py [--device cpu] [--params 4000000] [--unroll]
 """
 from __future__ import annotations
 
@@ -79,10 +84,58 @@ def child(state_dtype: str, device: str, n_params: int, width: int, what: str) -
     return out
 
 
+def unroll_child(state_dtype: str, device: str, n: int, what: str, steps: int = 20) -> dict:
+    import torch
+
+    import pymeta
+    from pymeta.benchmark import keep_freed_cpu_memory, reset_resident_peak, resident_bytes
+
+    torch.manual_seed(0)
+    net = pymeta.LSTMOptimizerNet(20).to(device)
+    a = torch.rand(n, device=device) + 0.5
+    b = torch.randn(n, device=device)
+    theta0 = torch.randn(n, device=device)
+    weights = list(net.parameters())
+    sdtype = torch.bfloat16 if state_dtype == "bf16" else None
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        theta, state, loss = theta0, net.init_state(n, dtype=sdtype), 0.0
+        for _ in range(steps):
+            u, state = net((a * (theta - b)).detach(), state)
+            theta = theta + u
+            loss = loss + 0.5 * (a * (theta - b) ** 2).sum()
+        return torch.autograd.grad(loss, weights)
+
+    run()
+    sync()
+    if what == "memory":
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            reset_resident_peak()
+            before = resident_bytes("VmRSS")
+        run()
+        sync()
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes("VmHWM")
+        return {"coords": n, "peak_mib": (peak - before) / 2**20}
+    if device == "cpu":
+        keep_freed_cpu_memory()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"ms": statistics.median(times) * 1e3}
+
+
 def _run(args, state_dtype, what, env) -> dict:
     r = subprocess.run([sys.executable, __file__, "--device", args.device, "--params",
-                        str(args.params), "--width", str(args.width), "--child", state_dtype,
-                        what], capture_output=True, text=True, env=env)
+                        str(args.params), "--width", str(args.width)]
+                       + (["--unroll"] if args.unroll else []) + ["--child", state_dtype, what],
+                       capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(r.stderr.strip().splitlines()[-1])
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -93,13 +146,27 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--params", type=int, default=4_000_000)
     ap.add_argument("--width", type=int, default=1000)
+    ap.add_argument("--unroll", action="store_true", help="the 20-step meta-training unroll")
     ap.add_argument("--child", nargs=2, metavar=("STATE_DTYPE", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.device, args.params, args.width,
-                               args.child[1])))
+        if args.unroll:
+            print(json.dumps(unroll_child(args.child[0], args.device, args.params, args.child[1])))
+        else:
+            print(json.dumps(child(args.child[0], args.device, args.params, args.width,
+                                   args.child[1])))
         return
     mem_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    if args.unroll:
+        print(f"20-step unroll of the native op (H = 20), forward + backward to the net's "
+              f"weights, {args.device}, {args.params} coordinates; MiB")
+        print("| state | peak over the unroll | ms per unroll |")
+        print("|---|---|---|")
+        for sd in ("float32", "bf16"):
+            m = _run(args, sd, "memory", mem_env if args.device == "cpu" else os.environ)
+            t = _run(args, sd, "time", os.environ)
+            print(f"| {sd} | {m['peak_mib']:.0f} | {t['ms']:.0f} |", flush=True)
+        return
     print(f"pymeta.LSTMOptimizer (H = 20), {args.device}, an MLP of ~{args.params} float32 "
           f"coordinates; MiB")
     print("| state | coordinates | state MiB | resident | step peak | ms per step |")

@@ -62,17 +62,22 @@ def unroll(net: LSTMOptimizerNet, problem: OptimizeeProblem, theta: Tensor, stat
     return meta_loss, theta, state, loss
 
 
-def _config(net, family, unroll_, horizon, meta_lr, meta_batch, seed, dtype) -> Dict[str, Any]:
-    return {"family": repr(family), "net": net.config(), "unroll": int(unroll_),
-            "horizon": int(horizon), "meta_lr": float(meta_lr), "meta_batch": int(meta_batch),
-            "seed": int(seed), "dtype": str(dtype)}
+def _config(net, family, unroll_, horizon, meta_lr, meta_batch, seed, dtype,
+            state_dtype) -> Dict[str, Any]:
+    cfg = {"family": repr(family), "net": net.config(), "unroll": int(unroll_),
+           "horizon": int(horizon), "meta_lr": float(meta_lr), "meta_batch": int(meta_batch),
+           "seed": int(seed), "dtype": str(dtype)}
+    if state_dtype is not None:  # absent by default: checkpoints of earlier versions resume
+        cfg["state_dtype"] = str(state_dtype)
+    return cfg
 
 
 def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
                horizon: int = 100, meta_lr: float = 1e-3, meta_batch: int = 128, seed: int = 0,
                checkpoint: Optional[str | os.PathLike] = None, progress: bool = True,
                checkpoint_every: int = 10, device=None,
-               dtype: torch.dtype = torch.float32, distributed=False) -> Dict[str, List[float]]:
+               dtype: torch.dtype = torch.float32, distributed=False,
+               state_dtype: Optional[torch.dtype] = None) -> Dict[str, List[float]]:
     """Meta-trains ``net`` (in place) on problems of ``family`` with Adam.
 
     Args:
@@ -100,6 +105,10 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
             weighted by each rank's problem count, so every Adam step equals the
             single-process one. The configuration (with the net's shapes) is checked on all
             ranks at the start; rank 0 writes the checkpoint, every rank reads it.
+        state_dtype: the storage dtype of the net's recurrent state: None (``dtype``) or
+            ``torch.bfloat16`` with ``dtype=torch.float32``. Every step of an unroll keeps
+            its input state for the backward (4 H values per optimizee coordinate), so
+            bfloat16 about halves the unroll's memory; the math stays float32.
 
     Returns the history: ``{"iteration", "meta_loss", "final_loss", "seconds"}`` lists, one
     entry per meta-iteration: ``meta_loss`` is the iteration's total meta-loss divided by
@@ -113,10 +122,13 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
                     ("meta_batch", meta_batch), ("checkpoint_every", checkpoint_every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "iterations" else 1):
             raise ValueError(f"pymeta.meta_train: {name} must be a positive int, got {v!r}")
+    if state_dtype is not None and not (state_dtype == torch.bfloat16 and dtype == torch.float32):
+        raise ValueError(f"pymeta.meta_train: state_dtype must be None or torch.bfloat16 with "
+                         f"dtype=torch.float32, got state_dtype={state_dtype}, dtype={dtype}")
     device = torch.device(device) if device is not None else net.out.weight.device
     net.to(device=device, dtype=dtype)
     opt = torch.optim.Adam(net.parameters(), lr=meta_lr)
-    config = _config(net, family, unroll, horizon, meta_lr, meta_batch, seed, dtype)
+    config = _config(net, family, unroll, horizon, meta_lr, meta_batch, seed, dtype, state_dtype)
     history: Dict[str, List[float]] = {"iteration": [], "meta_loss": [], "final_loss": [],
                                        "seconds": [], "skipped": []}
     start = 0
@@ -171,7 +183,8 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
     for it in bar:
         if dist_on:
             history_step = _distributed_iteration(net, opt, family, it, seed, meta_batch, lo, hi,
-                                                  unroll, horizon, device, dtype, group)
+                                                  unroll, horizon, device, dtype, group,
+                                                  state_dtype)
             for k, v in history_step.items():
                 history[k].append(v)
             bar.set_postfix(meta_loss=f"{history['meta_loss'][-1]:.4g}",
@@ -182,7 +195,7 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
         t_start = time.perf_counter()
         problem = family.sample(meta_batch, derive_seed(seed, it), device, dtype)
         theta = problem.init_theta()
-        state = net.init_state(problem.numel, device=device, dtype=dtype)
+        state = net.init_state(problem.numel, device=device, dtype=state_dtype or dtype)
         total, skipped, last = 0.0, 0, None
         for t0 in range(0, horizon, unroll):
             steps = min(unroll, horizon - t0)
@@ -215,7 +228,7 @@ unroll_fn = unroll  # meta_train's `unroll` argument shadows the function inside
 
 
 def _distributed_iteration(net, opt, family, it, seed, meta_batch, lo, hi, unroll_len, horizon,
-                           device, dtype, group) -> Dict[str, float]:
+                           device, dtype, group, state_dtype=None) -> Dict[str, float]:
     """One meta-iteration of meta_train on this rank's problems ``lo..hi-1`` of the
     iteration's meta-batch, with one bucketed all-reduce per unroll (the net's gradients, the
     meta-loss, the final loss and a divergence flag, weighted by the problem counts)."""
@@ -224,7 +237,7 @@ def _distributed_iteration(net, opt, family, it, seed, meta_batch, lo, hi, unrol
     problem = family.sample(meta_batch, derive_seed(seed, it), device, dtype).subset(lo, hi)
     count = hi - lo
     theta = problem.init_theta()
-    state = net.init_state(problem.numel, device=device, dtype=dtype)
+    state = net.init_state(problem.numel, device=device, dtype=state_dtype or dtype)
     total, skipped, final = 0.0, 0, float("nan")
     for t0 in range(0, horizon, unroll_len):
         steps = min(unroll_len, horizon - t0)

@@ -150,6 +150,34 @@ def test_meta_train_digits_mlp_smoke():
     assert len(hist["meta_loss"]) == 1 and hist["meta_loss"][0] > 0
 
 
+def test_meta_train_bf16_state(tmp_path, monkeypatch):
+    """state_dtype=torch.bfloat16: the net sees bfloat16 states, the run resumes bitwise from
+    its checkpoint, stays near the float32-state run, and a float32-state checkpoint is
+    another run."""
+    seen = set()
+    real = LSTMOptimizerNet.forward
+
+    def spy(self, grad, state):
+        seen.add(state.dtype)
+        return real(self, grad, state)
+    monkeypatch.setattr(LSTMOptimizerNet, "forward", spy)
+    ck = tmp_path / "ck.pt"
+    bf16 = dict(SMALL, state_dtype=torch.bfloat16)
+    full = pymeta.meta_train(_net(), FAM, 4, seed=3, **bf16)
+    assert seen == {torch.bfloat16}
+    pymeta.meta_train(_net(), FAM, 2, seed=3, checkpoint=ck, **bf16)
+    resumed = pymeta.meta_train(_net(seed=7), FAM, 4, seed=3, checkpoint=ck, **bf16)
+    assert _strip(resumed) == _strip(full)
+    f32 = pymeta.meta_train(_net(), FAM, 4, seed=3, **SMALL)
+    assert f32["meta_loss"] != full["meta_loss"]
+    assert full["meta_loss"] == pytest.approx(f32["meta_loss"], rel=0.05)
+    with pytest.raises(ValueError, match="another run"):
+        pymeta.meta_train(_net(), FAM, 5, seed=3, checkpoint=ck, **SMALL)
+    with pytest.raises(ValueError, match="state_dtype"):
+        pymeta.meta_train(_net(), FAM, 1, state_dtype=torch.bfloat16, dtype=torch.float64,
+                          progress=False)
+
+
 def test_meta_train_argument_errors():
     with pytest.raises(TypeError, match="LSTMOptimizerNet"):
         pymeta.meta_train(torch.nn.Linear(2, 2), FAM, 1)
