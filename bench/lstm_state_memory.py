@@ -31,104 +31,67 @@ import sys
 import time
 
 
-def child(state_dtype: str, device: str, n_params: int, width: int, what: str) -> dict:
+def _median_ms(fn, sync, runs: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def child(state_dtype: str, device: str, n: int, width: int, what: str, unroll: bool) -> dict:
     import torch
     from torch import nn
 
     import pymeta
-    from pymeta.benchmark import keep_freed_cpu_memory, reset_resident_peak, resident_bytes
+    from pymeta.benchmark import PeakMemory, keep_freed_cpu_memory
 
     torch.manual_seed(0)
-    layers = max(1, n_params // (width * width))
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(device)
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    net = pymeta.LSTMOptimizerNet(20).to(device)
-    opt = pymeta.LSTMOptimizer(params, net=net,
-                               state_dtype=torch.bfloat16 if state_dtype == "bf16" else None)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def used() -> int:
-        return torch.cuda.memory_allocated() if device == "cuda" else resident_bytes("VmRSS")
-
-    out = {"coords": sum(p.numel() for p in params)}
-    if what == "memory":
-        sync()
-        base = used()  # the model, its gradients, the net
-        opt.step()
-        opt.step()  # the joint state of step 1 is replaced: steady state from here
-        sync()
-        before = used()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            reset_resident_peak()
-        opt.step()
-        sync()
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes("VmHWM")
-        out["state_mib"] = sum(opt.state[p]["lstm_state"].nbytes for p in params) / 2**20
-        out["resident_mib"] = (before - base) / 2**20
-        out["step_peak_mib"] = (peak - before) / 2**20
-    else:
-        if device == "cpu":
-            keep_freed_cpu_memory()
-        times = []
-        for i in range(7):
-            t0 = time.perf_counter()
-            opt.step()
-            sync()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        out["ms"] = statistics.median(times) * 1e3
-    return out
-
-
-def unroll_child(state_dtype: str, device: str, n: int, what: str, steps: int = 20) -> dict:
-    import torch
-
-    import pymeta
-    from pymeta.benchmark import keep_freed_cpu_memory, reset_resident_peak, resident_bytes
-
-    torch.manual_seed(0)
-    net = pymeta.LSTMOptimizerNet(20).to(device)
-    a = torch.rand(n, device=device) + 0.5
-    b = torch.randn(n, device=device)
-    theta0 = torch.randn(n, device=device)
-    weights = list(net.parameters())
     sdtype = torch.bfloat16 if state_dtype == "bf16" else None
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    net = pymeta.LSTMOptimizerNet(20).to(device)
+    out = {}
+    if unroll:
+        a = torch.rand(n, device=device) + 0.5
+        b = torch.randn(n, device=device)
+        theta0 = torch.randn(n, device=device)
+        weights = list(net.parameters())
 
-    def run():
-        theta, state, loss = theta0, net.init_state(n, dtype=sdtype), 0.0
-        for _ in range(steps):
-            u, state = net((a * (theta - b)).detach(), state)
-            theta = theta + u
-            loss = loss + 0.5 * (a * (theta - b) ** 2).sum()
-        return torch.autograd.grad(loss, weights)
-
-    run()
-    sync()
-    if what == "memory":
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            reset_resident_peak()
-            before = resident_bytes("VmRSS")
-        run()
-        sync()
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes("VmHWM")
-        return {"coords": n, "peak_mib": (peak - before) / 2**20}
-    if device == "cpu":
-        keep_freed_cpu_memory()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return {"ms": statistics.median(times) * 1e3}
+        def work():  # 20 steps, the meta-loss's gradient w.r.t. the net's weights
+            theta, state, loss = theta0, net.init_state(n, dtype=sdtype), 0.0
+            for _ in range(20):
+                u, state = net((a * (theta - b)).detach(), state)
+                theta = theta + u
+                loss = loss + 0.5 * (a * (theta - b) ** 2).sum()
+            return torch.autograd.grad(loss, weights)
+        runs, warmup = 3, 1
+    else:
+        layers = max(1, n // (width * width))
+        model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(device)
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = pymeta.LSTMOptimizer(params, net=net, state_dtype=sdtype)
+        out["coords"] = sum(p.numel() for p in params)
+        work, runs, warmup = opt.step, 5, 2
+    if what == "time":
+        if device == "cpu":
+            keep_freed_cpu_memory()
+        out["ms"] = _median_ms(work, sync, runs, warmup)
+        return out
+    with PeakMemory(device) as held:  # the model, its gradients, the net before: base
+        work()
+        work()  # the joint state of the first step is replaced: steady state from here
+    with PeakMemory(device) as step:
+        work()
+    if not unroll:
+        out["state_mib"] = sum(opt.state[p]["lstm_state"].nbytes for p in params) / 2**20
+        out["resident_mib"] = (step.before - held.before) / 2**20
+    out["peak_mib"] = step.bytes / 2**20
+    return out
 
 
 def _run(args, state_dtype, what, env) -> dict:
@@ -150,32 +113,26 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("STATE_DTYPE", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        if args.unroll:
-            print(json.dumps(unroll_child(args.child[0], args.device, args.params, args.child[1])))
-        else:
-            print(json.dumps(child(args.child[0], args.device, args.params, args.width,
-                                   args.child[1])))
+        print(json.dumps(child(args.child[0], args.device, args.params, args.width,
+                               args.child[1], args.unroll)))
         return
     mem_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     if args.unroll:
         print(f"20-step unroll of the native op (H = 20), forward + backward to the net's "
               f"weights, {args.device}, {args.params} coordinates; MiB")
-        print("| state | peak over the unroll | ms per unroll |")
-        print("|---|---|---|")
-        for sd in ("float32", "bf16"):
-            m = _run(args, sd, "memory", mem_env if args.device == "cpu" else os.environ)
-            t = _run(args, sd, "time", os.environ)
-            print(f"| {sd} | {m['peak_mib']:.0f} | {t['ms']:.0f} |", flush=True)
-        return
-    print(f"pymeta.LSTMOptimizer (H = 20), {args.device}, an MLP of ~{args.params} float32 "
-          f"coordinates; MiB")
-    print("| state | coordinates | state MiB | resident | step peak | ms per step |")
-    print("|---|---|---|---|---|---|")
+        print("| state | peak over the unroll | ms per unroll |\n|---|---|---|")
+    else:
+        print(f"pymeta.LSTMOptimizer (H = 20), {args.device}, an MLP of ~{args.params} float32 "
+              f"coordinates; MiB")
+        print("| state | coordinates | state MiB | resident | step peak | ms per step |\n"
+              "|---|---|---|---|---|---|")
     for sd in ("float32", "bf16"):
-        m = _run(args, sd, "memory", mem_env if args.device == "cpu" else os.environ)
-        t = _run(args, sd, "time", os.environ)
-        print(f"| {sd} | {m['coords']} | {m['state_mib']:.0f} | {m['resident_mib']:.0f} | "
-              f"{m['step_peak_mib']:.0f} | {t['ms']:.1f} |", flush=True)
+        r = {**_run(args, sd, "memory", mem_env if args.device == "cpu" else os.environ),
+             **_run(args, sd, "time", os.environ)}
+        cells = ([r["peak_mib"]] if args.unroll else
+                 [r["coords"], r["state_mib"], r["resident_mib"], r["peak_mib"]]) + [r["ms"]]
+        print(f"| {sd} | " + " | ".join(f"{c:.0f}" if isinstance(c, float) else str(c)
+                                        for c in cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

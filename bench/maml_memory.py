@@ -28,7 +28,7 @@ IMPLS = ("pymeta", "pymeta+checkpoint", "torch_func")
 def child(impl: str, steps: int, first_order: bool, device: str, config: str, what: str) -> dict:
     import torch
 
-    from pymeta.benchmark import keep_freed_cpu_memory, reset_resident_peak, resident_bytes
+    from pymeta.benchmark import PeakMemory, keep_freed_cpu_memory
     from pymeta.workloads import CPU_CONV4, GPU_CONV4, build_maml, meta_iteration
 
     cfg = {**(GPU_CONV4 if config == "gpu" else CPU_CONV4), "inner_steps": steps}
@@ -42,17 +42,9 @@ def child(impl: str, steps: int, first_order: bool, device: str, config: str, wh
         meta_iteration(module, run, data)  # warm-up: lazy initialization, first allocations
         for p in module.parameters():
             p.grad = None
-        sync()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            reset_resident_peak()
-            before = resident_bytes("VmRSS")
-        meta_iteration(module, run, data)
-        sync()
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes("VmHWM")
-        out["peak_mib"] = (peak - before) / 2**20
+        with PeakMemory(device) as mem:
+            meta_iteration(module, run, data)
+        out["peak_mib"] = mem.bytes / 2**20
     if what in ("time", "both"):
         if device == "cpu":
             keep_freed_cpu_memory()

@@ -27,6 +27,33 @@ def reset_resident_peak() -> None:
         f.write("5")
 
 
+class PeakMemory:
+    """``with PeakMemory(device) as m: ...`` sets ``m.bytes`` to the memory high-water mark over
+    the block minus the memory in use before it: torch.cuda's allocated memory on a GPU, the
+    resident size elsewhere (Linux; that follows live memory only if freed blocks go back to
+    the OS, e.g. MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0)."""
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda")
+        self.bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            reset_resident_peak()
+            self.before = resident_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() if self.cuda else resident_bytes("VmHWM")
+        self.bytes = peak - self.before
+
+
 def keep_freed_cpu_memory() -> bool:
     """Asks glibc's malloc to keep freed memory instead of returning it to the OS.
 
