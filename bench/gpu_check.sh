@@ -8,6 +8,7 @@
 #   PYMETA_SKIP_MAML=1 ...     # without the MAML timings and profile (~50 s less)
 #   PYMETA_NCU=1 ...           # + Nsight Compute sections of the LSTM kernels (not yet run)
 #   PYMETA_MAML_MEMORY=1 ...   # + MAML peak memory vs inner steps, with checkpoint_steps (~1.5 min)
+#   PYMETA_LSTM_MEMORY=1 ...   # + LSTMOptimizer / unroll memory, float32 vs bfloat16 state (~40 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pymeta-gpu}
@@ -62,6 +63,12 @@ if [ "${PYMETA_MAML_MEMORY:-0}" = 1 ]; then
   timeout 150 $PY bench/maml_memory.py --device cuda --steps 1 5 --first-order-steps 5 \
     > "$OUT/maml_memory.log" 2>&1
   tail -12 "$OUT/maml_memory.log"
+fi
+if [ "${PYMETA_LSTM_MEMORY:-0}" = 1 ]; then
+  { timeout 60 $PY bench/lstm_state_memory.py --device cuda --params 20000000 --width 2000
+    timeout 60 $PY bench/lstm_state_memory.py --device cuda --unroll --params 1000000; } \
+    > "$OUT/lstm_memory.log" 2>&1
+  tail -12 "$OUT/lstm_memory.log"
 fi
 extra_s=$((SECONDS - t0))
 if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons

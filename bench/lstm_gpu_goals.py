@@ -2,7 +2,8 @@
 
   forward (no_grad, float32, log_sign, H = 20) at N = 10k, 1M, 10M:
     native (tensor-core path), native CUDA-core path (PYMETA_LSTM_MMA=0), native on a bfloat16
-    state ("bf16": float32 kernels on chunks converted on the fly), the eager nn.LSTMCell
+    state ("bf16": the tensor-core kernel reading and writing bfloat16; "bf16 chk": the float32
+    kernel on chunks converted around it, PYMETA_LSTM_BF16_NATIVE=0), the eager nn.LSTMCell
     reference (state kept in LSTMCell's own [N, H] layout, no transposes), torch.compile of it,
     torch.optim.Adam(fused=DEV == "cuda") for scale; and the native step replayed from a CUDA graph
     (device time without Python's per-call cost). Roofline: bytes moved (32 H + 8 per
@@ -68,7 +69,7 @@ def copy_bandwidth():
 def forward_table(H, compile_ref):
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'cuda-core':>9} {'bf16':>8} | {'eager':>8} "
+    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'cuda-core':>9} {'bf16':>8} {'bf16 chk':>8} | {'eager':>8} "
             f"{'compile':>8} {'adam':>7} | {'x eager':>7} {'x cmp':>6} {'x core':>6} | "
             f"{'roofline':>8} | {'err':>7}")
     print(f"forward, H={H}, float32, log_sign, ms per call")
@@ -91,6 +92,9 @@ def forward_table(H, compile_ref):
             del os.environ["PYMETA_LSTM_MMA"]
             state16 = state.bfloat16()
             b16 = timed(lambda: native_step(net, grad, state16), reps)
+            os.environ["PYMETA_LSTM_BF16_NATIVE"] = "0"
+            b16c = timed(lambda: native_step(net, grad, state16), reps)
+            del os.environ["PYMETA_LSTM_BF16_NATIVE"]
             err16 = (native_step(net, grad, state16)[0]
                      - native_step(net, grad, state16.float())[0]).abs().max().item()
             del state16
@@ -104,7 +108,7 @@ def forward_table(H, compile_ref):
         adam = torch.optim.Adam([prm], lr=1e-3, fused=DEV == "cuda")
         ad = timed(adam.step, reps)
         floor = (32 * H + 8) * N / bw * 1e3
-        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {core:>9.4f} {b16:>8.4f} | {eager:>8.4f} {cmp:>8.4f} "
+        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {core:>9.4f} {b16:>8.4f} {b16c:>8.4f} | {eager:>8.4f} {cmp:>8.4f} "
               f"{ad:>7.4f} | {eager / nat:>7.1f} {cmp / nat:>6.1f} {core / nat:>6.1f} | "
               f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e}, bf16 vs upcast {err16:.0e})",
               flush=True)

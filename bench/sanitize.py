@@ -37,5 +37,13 @@ for dtype in (torch.float32, torch.float64):
         state = (torch.randn(4, H, N, device=dev, dtype=dtype) * 0.1).requires_grad_()
         upd, new_state = net(grad, state)
         torch.autograd.grad(upd.sum() + new_state.sum(), [grad, state] + list(net.parameters()))
+# a bfloat16 state: the tensor-core forward reads and writes bfloat16 (H <= 32); H = 64 and
+# the backward convert in chunks
+for H in (7, 20, 64):
+    net = pymeta.LSTMOptimizerNet(H).to(dev)
+    N = 5003
+    state = (torch.randn(4, H, N, device=dev) * 0.1).bfloat16().requires_grad_()
+    upd, new_state = net(torch.randn(N, device=dev), state)
+    torch.autograd.grad(upd.sum() + new_state.float().sum(), [state] + list(net.parameters()))
 torch.cuda.synchronize()
 print("sanitize.py: lstm kernels ran")

@@ -138,11 +138,14 @@ std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& w) {
 }
 
 // ---- bfloat16 state storage -------------------------------------------------------------------
-// A bfloat16 state (float32 grad and weights) keeps the kernels float32: the columns of the
-// state are converted in chunks of bf16_chunk(N) coordinates into a float32 scratch buffer,
-// the kernels run on the chunk, and new_state / d_state are rounded back (nearest even). So
-// the results are exactly the float32 op's on state.float(), rounded, and the extra memory of
-// a call is two scratch chunks rather than a float32 copy of the whole state.
+// A bfloat16 state (float32 grad and weights) keeps the math float32. The kernels that read
+// bfloat16 directly (the CPU forward and backward; on the GPU the tensor-core forward, H <= 32,
+// sm_80+) convert on load and round on store. Elsewhere (the GPU backward, the other GPU
+// kernels, or PYMETA_LSTM_BF16_NATIVE=0) the state's columns are converted in chunks of bf16_chunk(N)
+// coordinates into a float32 scratch buffer, the float32 kernels run on the chunk, and
+// new_state / d_state are rounded back. Either way the results are exactly the float32 op's
+// on state.float(), rounded (nearest even), and the extra memory of a call is at most two
+// scratch chunks rather than a float32 copy of the whole state.
 // PYMETA_LSTM_BF16_CHUNK overrides the chunk length (tests use it to cross chunk borders).
 int64_t bf16_chunk(const Tensor& grad) {
   if (const char* env = std::getenv("PYMETA_LSTM_BF16_CHUNK")) {
@@ -154,29 +157,40 @@ int64_t bf16_chunk(const Tensor& grad) {
   return grad.is_cpu() ? (int64_t(1) << 14) : (int64_t(1) << 19);
 }
 
+bool bf16_direct() {
+  const char* env = std::getenv("PYMETA_LSTM_BF16_NATIVE");
+  return !(env && env[0] == '0');
+}
+
 // A contiguous [4, H, n] float32 view of the first 4 H n elements of a flat scratch buffer.
 Tensor scratch_view(const Tensor& buf, int64_t H, int64_t n) {
   return buf.narrow(0, 0, 4 * H * n).view({4, H, n});
 }
 
 // ---- forward ----------------------------------------------------------------------------------
-// The kernels on one contiguous call of d.N coordinates: grad, state, update, new_state all of
-// grad's dtype (update and new_state may be slices of larger outputs).
-void run_forward(const Dims& d, const Tensor& grad, const Tensor& state,
+// The kernels on one contiguous call of d.N coordinates: grad and update of grad's dtype,
+// state and new_state of state's (grad's, or bfloat16; update and new_state may be slices of
+// larger outputs). Returns false, having done nothing, when the state is bfloat16 and no
+// kernel of this device reads it directly.
+bool run_forward(const Dims& d, const Tensor& grad, const Tensor& state,
                  const std::vector<Tensor>& w, double p, double out_scale, const Tensor& update,
                  const Tensor& new_state) {
-  if (d.N == 0) return;
+  if (d.N == 0) return true;
   LstmOptLaunch L = make_launch(d, grad, state, w, p, out_scale);
   L.update = update.data_ptr();
   L.new_state = new_state.data_ptr();
+  L.state_bf16 = state.scalar_type() == at::kBFloat16;
   if (grad.is_cpu()) {
     lstm_opt_forward_cpu(L);
-  } else {
-#ifdef PYMETA_WITH_CUDA
-    C10_CUDA_CHECK(static_cast<cudaError_t>(lstm_opt_forward_cuda(
-        L, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream())));
-#endif
+    return true;
   }
+#ifdef PYMETA_WITH_CUDA
+  const int err = lstm_opt_forward_cuda(
+      L, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream());
+  if (err == kLstmOptNoKernel) return false;
+  C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+#endif
+  return true;
 }
 
 std::tuple<Tensor, Tensor> lstm_optimizer_step(
@@ -192,10 +206,10 @@ std::tuple<Tensor, Tensor> lstm_optimizer_step(
   const auto w = contiguous_weights(w_in);
   Tensor update = at::empty({d.N}, grad.options());
   Tensor new_state = at::empty({4, d.H, d.N}, state.options());
-  if (state.scalar_type() == grad.scalar_type()) {
-    run_forward(d, grad, state, w, p, out_scale, update, new_state);
+  if ((state.scalar_type() == grad.scalar_type() || bf16_direct()) &&
+      run_forward(d, grad, state, w, p, out_scale, update, new_state))
     return {update, new_state};
-  }
+  // bfloat16 state, converted in chunks
   const int64_t C = std::min(bf16_chunk(grad), d.N);
   const Tensor s_buf = at::empty({4 * d.H * C}, grad.options());
   const Tensor n_buf = at::empty({4 * d.H * C}, grad.options());
@@ -225,6 +239,7 @@ void run_backward(const Dims& d, const Tensor& grad, const Tensor& state,
     return;
   }
   LstmOptLaunch L = make_launch(d, grad, state, w, p, out_scale);
+  L.state_bf16 = state.scalar_type() == at::kBFloat16;  // the CPU kernel only (see the caller)
   L.d_update = grad_update.data_ptr();
   L.d_new_state = grad_new_state.data_ptr();
   L.d_grad = d_grad.data_ptr();
@@ -276,12 +291,13 @@ BackwardResult lstm_optimizer_step_backward(
   Tensor d_state = at::empty({4, d.H, d.N}, state.options());
   std::vector<Tensor> dw(10);
   for (int i = 0; i < 10; ++i) dw[i] = at::empty(w[i].sizes(), grad.options());
-  if (state.scalar_type() == grad.scalar_type() || d.N == 0) {
+  if (state.scalar_type() == grad.scalar_type() || d.N == 0 ||
+      (grad.is_cpu() && bf16_direct())) {
     run_backward(d, grad, state, w, p, out_scale, grad_update, grad_new_state, d_grad, d_state,
                  dw);
   } else {
-    // bfloat16 state: float32 chunks (see bf16_chunk); the weight gradients of the chunks are
-    // added in chunk order, so the result does not depend on threads or timing.
+    // bfloat16 state on the GPU: float32 chunks (see bf16_chunk); the weight gradients of the
+    // chunks are added in chunk order, so the result does not depend on threads or timing.
     const int64_t C = std::min(bf16_chunk(grad), d.N);
     const Tensor s_buf = at::empty({4 * d.H * C}, grad.options());
     const Tensor g_buf = at::empty({4 * d.H * C}, grad.options());

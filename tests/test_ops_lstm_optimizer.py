@@ -363,13 +363,19 @@ def _bf16_inputs(H, N, device="cpu", seed=0):
 
 @native_only
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["direct", "chunks"])
 @pytest.mark.parametrize("H,N,chunk", [(20, 1000, None), (7, 1000, "37"), (20, 513, "256"),
-                                       (32, 1, "4"), (3, 0, "5")])
-def test_bf16_state_is_the_float32_step_rounded(device, H, N, chunk, monkeypatch):
+                                       (32, 1, "4"), (3, 0, "5"), (64, 77, "16")])
+def test_bf16_state_is_the_float32_step_rounded(device, path, H, N, chunk, monkeypatch):
     """A bfloat16 state: forward and backward equal the float32 op on the upcast state, with
-    new_state / d_state rounded to bfloat16 (bitwise), across chunk borders."""
+    new_state / d_state rounded to bfloat16 (bitwise). "direct": the kernels read and write
+    bfloat16 (the CPU forward and backward, the GPU's tensor-core forward; the GPU backward and
+    the other GPU kernels convert in chunks); "chunks": PYMETA_LSTM_BF16_NATIVE=0, every call
+    converts in chunks (across chunk borders here)."""
     if chunk is not None:
         monkeypatch.setenv("PYMETA_LSTM_BF16_CHUNK", chunk)
+    if path == "chunks":
+        monkeypatch.setenv("PYMETA_LSTM_BF16_NATIVE", "0")
     grad, state, *w = _bf16_inputs(H, N, device)
     gen = torch.Generator().manual_seed(1)
     du = torch.randn(N, generator=gen).to(device)
@@ -382,9 +388,12 @@ def test_bf16_state_is_the_float32_step_rounded(device, H, N, chunk, monkeypatch
     want = BWD(du, ds.float(), grad, state.float(), *w, "log_sign", 10.0, 0.1)
     assert got[1].dtype == torch.bfloat16
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1].bfloat16())
-    for a, b in zip(got[2:], want[2:]):  # weight gradients: sums over chunks, then chunks added
+    for a, b in zip(got[2:], want[2:]):
         assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().amax(dim=None).item())
+        if device == "cpu" and path == "direct":  # the same blocks and sums
+            assert torch.equal(a, b)
+        else:  # sums over chunks, then the chunks added
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().amax(dim=None).item())
     # and the reference (which computes in float32 and rounds) agrees within a bf16 rounding
     ru, rns = reference.lstm_optimizer_step(grad, state, *w, "log_sign", 10.0, 0.1)
     torch.testing.assert_close(u, ru, **tol(torch.float32))

@@ -297,36 +297,64 @@ inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s
   for (int v = 0; v < NV; ++v) store(update, 0, v, out[v] * s.out_scale);
 }
 
-// Chunks c0 .. c1 - 1 of the forward. A chunk that runs past N goes through zero-padded local
-// copies (zero grads and states are harmless inputs; their results are dropped).
-template <typename T, int LN, int NV>
+// One row segment of the state into / out of a staged chunk: a copy, or for a bfloat16 state
+// (St = uint16_t) the conversion to / from float32 (vectorized by the compiler).
+template <typename T, typename St>
+inline void stage_in(T* dst, const St* src, int64_t cnt) {
+  if constexpr (std::is_same<T, St>::value) {
+    std::memcpy(dst, src, cnt * sizeof(T));
+  } else {
+    for (int64_t i = 0; i < cnt; ++i) dst[i] = state_ld(src[i]);
+  }
+}
+template <typename T, typename St>
+inline void stage_out(St* dst, const T* src, int64_t cnt) {
+  if constexpr (std::is_same<T, St>::value) {
+    std::memcpy(dst, src, cnt * sizeof(T));
+  } else {
+    for (int64_t i = 0; i < cnt; ++i) state_st(dst[i], src[i]);
+  }
+}
+
+// Chunks c0 .. c1 - 1 of the forward. A chunk runs through local (cache-resident) copies of
+// its inputs and outputs where it runs past N (zero-padded: zero grads and states are harmless
+// inputs, their results are dropped) and, for a bfloat16 state (St = uint16_t), always: the
+// state is converted on the way in and new_state rounded on the way out, so a coordinate's
+// results are those of the float32 state's upcast values, bit for bit.
+template <typename T, int LN, int NV, typename St>
 inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad,
-                           const T* state, T* update, T* new_state, int64_t N, int64_t c0,
+                           const St* state, T* update, St* new_state, int64_t N, int64_t c0,
                            int64_t c1) {
   constexpr int CW = LN * NV;
-  constexpr int kLine = 64 / sizeof(T);
+  constexpr int kLine = 64 / sizeof(St);
+  constexpr bool kConvert = !std::is_same<T, St>::value;
   const int64_t rows = 4 * int64_t(s.H);
+  std::vector<T> in, out;
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t n = c * CW;
-    if (n + CW > N) {
-      std::vector<T> in((rows + 1) * CW, T(0)), out((rows + 1) * CW);
-      const int64_t cnt = N - n;
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(&in[r * CW], state + r * N + n, cnt * sizeof(T));
-      std::memcpy(&in[rows * CW], grad + n, cnt * sizeof(T));
-      forward_chunk<T, LN, NV>(W, s, &in[rows * CW], in.data(), &out[rows * CW], out.data(), CW);
-      for (int64_t r = 0; r < rows; ++r)
-        std::memcpy(new_state + r * N + n, &out[r * CW], cnt * sizeof(T));
-      std::memcpy(update + n, &out[rows * CW], cnt * sizeof(T));
-      continue;
-    }
+    const int64_t cnt = std::min<int64_t>(CW, N - n);
     // The next chunk's inputs, to L2 (prefetching the outputs too measured no better).
     if (c + 1 < c1 && n + 2 * CW <= N) {
       const int64_t m = n + CW;
       for (int64_t r = 0; r < rows; ++r)
         for (int l = 0; l < CW; l += kLine) __builtin_prefetch(state + r * N + m + l, 0, 2);
-      for (int l = 0; l < CW; l += kLine) __builtin_prefetch(grad + m + l, 0, 2);
+      for (int l = 0; l < CW; l += 64 / int(sizeof(T))) __builtin_prefetch(grad + m + l, 0, 2);
     }
-    forward_chunk<T, LN, NV>(W, s, grad + n, state + n, update + n, new_state + n, N);
+    if (kConvert || cnt < CW) {
+      if (in.empty()) {
+        in.assign((rows + 1) * CW, T(0));
+        out.resize((rows + 1) * CW);
+      }
+      if (cnt < CW) std::fill(in.begin(), in.end(), T(0));
+      for (int64_t r = 0; r < rows; ++r) stage_in(&in[r * CW], state + r * N + n, cnt);
+      std::memcpy(&in[rows * CW], grad + n, cnt * sizeof(T));
+      forward_chunk<T, LN, NV>(W, s, &in[rows * CW], in.data(), &out[rows * CW], out.data(), CW);
+      for (int64_t r = 0; r < rows; ++r) stage_out(new_state + r * N + n, &out[r * CW], cnt);
+      std::memcpy(update + n, &out[rows * CW], cnt * sizeof(T));
+      continue;
+    }
+    if constexpr (!kConvert)
+      forward_chunk<T, LN, NV>(W, s, grad + n, state + n, update + n, new_state + n, N);
   }
 }
 
@@ -472,10 +500,10 @@ inline void backward_block(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
 // functions compiled for that target (flatten: the whole call tree is inlined, so it is
 // compiled for the target too). NV: lane vectors per tile, as many as the registers hold.
 #define PYMETA_COORD_KERNELS(SUFFIX, VB, NVF)                                                   \
-  template <typename T, int HMAX>                                                             \
+  template <typename T, int HMAX, typename St>                                                \
   __attribute__((flatten)) void forward_chunks_##SUFFIX(                                      \
-      const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,  \
-      T* update, T* new_state, int64_t N, int64_t c0, int64_t c1) {                           \
+      const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const St* state, \
+      T* update, St* new_state, int64_t N, int64_t c0, int64_t c1) {                          \
     forward_chunks<T, VB / sizeof(T), NVF>(W, s, grad, state, update, new_state, N, c0, c1);  \
   }                                                                                           \
   template <typename T, int HMAX>                                                             \
@@ -498,14 +526,15 @@ PYMETA_COORD_KERNELS(avx2, 32, 2)
 #endif
 #undef PYMETA_COORD_KERNELS
 
-template <typename T, int HMAX>
+// St: the state's storage type (T, or uint16_t = bfloat16 bits with T = float).
+template <typename T, int HMAX, typename St>
 void forward(const LstmOptLaunch& L) {
   const auto W = weights_of<T>(L.w);
   const auto s = scalars_of<T>(L);
   const auto* grad = static_cast<const T*>(L.grad);
-  const auto* state = static_cast<const T*>(L.state);
+  const auto* state = static_cast<const St*>(L.state);
   auto* update = static_cast<T*>(L.update);
-  auto* new_state = static_cast<T*>(L.new_state);
+  auto* new_state = static_cast<St*>(L.new_state);
   const WgradIsa isa = wgrad_isa();
   // Chunk width in coordinates: the path's lanes times its tile's vectors.
   const int64_t CW = isa == WgradIsa::Avx512 ? 4 * 64 / sizeof(T)
@@ -517,18 +546,22 @@ void forward(const LstmOptLaunch& L) {
   at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
 #ifdef PYMETA_WGRAD_X86
     if (isa == WgradIsa::Avx512)
-      return forward_chunks_avx512<T, HMAX>(W, s, grad, state, update, new_state, L.N, c0, c1);
+      return forward_chunks_avx512<T, HMAX, St>(W, s, grad, state, update, new_state, L.N, c0, c1);
     if (isa == WgradIsa::Avx2)
-      return forward_chunks_avx2<T, HMAX>(W, s, grad, state, update, new_state, L.N, c0, c1);
+      return forward_chunks_avx2<T, HMAX, St>(W, s, grad, state, update, new_state, L.N, c0, c1);
 #endif
     forward_chunks<T, LaneCount<T>::value, 2>(W, s, grad, state, update, new_state, L.N, c0, c1);
   });
 }
 
-template <typename T, int HMAX>
+// St: the storage type of state, d_new_state and d_state (T, or uint16_t = bfloat16 bits with
+// T = float). A bfloat16 block is converted into local float rows first and its d_state rows
+// rounded back after: the same blocks and sums as for the upcast float32 state, bit for bit.
+template <typename T, int HMAX, typename St>
 void backward(const LstmOptLaunch& L) {
   constexpr int LN = LaneCount<T>::value;
   constexpr int64_t BC = kLstmOptCpuBlock;
+  constexpr bool kConvert = !std::is_same<T, St>::value;
   const auto W = weights_of<T>(L.w);
   const auto s = scalars_of<T>(L);
   const int H = L.H, n_in = L.n_in;
@@ -536,11 +569,11 @@ void backward(const LstmOptLaunch& L) {
   const LstmOptPairs P = lstm_opt_pairs(H, n_in);
   const int64_t N = L.N, blocks = (N + BC - 1) / BC;
   const auto* grad = static_cast<const T*>(L.grad);
-  const auto* state = static_cast<const T*>(L.state);
+  const auto* state = static_cast<const St*>(L.state);
   const auto* d_update = static_cast<const T*>(L.d_update);
-  const auto* d_new_state = static_cast<const T*>(L.d_new_state);
+  const auto* d_new_state = static_cast<const St*>(L.d_new_state);
   auto* d_grad = static_cast<T*>(L.d_grad);
-  auto* d_state = static_cast<T*>(L.d_state);
+  auto* d_state = static_cast<St*>(L.d_state);
   auto* partial = static_cast<T*>(L.workspace);  // [blocks, P.off[3]]
 
   // A^T for the block products: lda = 4H rounded up to 64 bytes of T, rows past 4H are zero.
@@ -556,23 +589,40 @@ void backward(const LstmOptLaunch& L) {
     const int nbpad = (mbmax + NRP - 1) / NRP * NRP;
     std::vector<T> ct(static_cast<size_t>(nbpad) * lda);
     std::vector<const T*> brows(nbpad);
+    std::vector<T> staged(kConvert ? 3 * 4 * H * BC : 0);  // state, d_new_state, d_state rows
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * BC, cnt = std::min<int64_t>(BC, N - n0);
+      // The block's view of the inputs: rows ld apart, its first coordinate at column first.
+      const T *st, *dns;
+      T* ds;
+      int64_t ld = N, first = n0;
+      if constexpr (kConvert) {
+        T* buf = staged.data();
+        for (int64_t r = 0; r < 4 * H; ++r) {
+          stage_in(buf + r * BC, state + r * N + n0, cnt);
+          stage_in(buf + (4 * H + r) * BC, d_new_state + r * N + n0, cnt);
+        }
+        st = buf, dns = buf + 4 * H * BC, ds = buf + 8 * H * BC, ld = BC, first = 0;
+      } else {
+        st = state, dns = d_new_state, ds = d_state;
+      }
+      const T* g = grad + n0 - first;
+      const T* du = d_update + n0 - first;
+      T* dg = d_grad + n0 - first;
 #ifdef PYMETA_WGRAD_X86
       if (isa == WgradIsa::Avx512) {
-        backward_block_avx512<T, HMAX>(W, s, grad, state, d_update, d_new_state, d_grad,
-                                       d_state, ws.data(), BC, N, n0, cnt);
+        backward_block_avx512<T, HMAX>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt);
       } else if (isa == WgradIsa::Avx2) {
-        backward_block_avx2<T, HMAX>(W, s, grad, state, d_update, d_new_state, d_grad,
-                                     d_state, ws.data(), BC, N, n0, cnt);
+        backward_block_avx2<T, HMAX>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt);
       } else
 #endif
-        backward_block<HMAX, T, LN, 2>(W, s, grad, state, d_update, d_new_state, d_grad,
-                                       d_state, ws.data(), BC, N, n0, cnt);
+        backward_block<HMAX, T, LN, 2>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt);
+      if constexpr (kConvert)
+        for (int64_t r = 0; r < 4 * H; ++r) stage_out(d_state + r * N + n0, ds + r * BC, cnt);
       // This block's share of C_q = A_q B_q^T (see lstm_opt_pairs).
       T* out = partial + b * P.off[3];
       auto wrow = [&](int r) -> const T* { return ws.data() + int64_t(r) * BC; };
-      auto srow = [&](int r) -> const T* { return state + int64_t(r) * N + n0; };
+      auto srow = [&](int r) -> const T* { return st + int64_t(r) * ld + first; };
       for (int q = 0; q < 2; ++q) {
         const int ma = P.ma[q], mb = P.mb[q];
         const int arow0 = q == 0 ? R.dz1 : R.dz2;
@@ -636,14 +686,20 @@ int64_t lstm_opt_workspace_bytes_cpu(const LstmOptLaunch& L) {
 }
 
 void lstm_opt_forward_cpu(const LstmOptLaunch& L) {
+  if (L.state_bf16)  // float32 math only (the front checks grad's dtype)
+    return dispatch_hidden(L.H, [&](auto hmax) { forward<float, decltype(hmax)::value, uint16_t>(L); });
   dispatch_dtype(L.dtype, [&](auto tag) {
-    dispatch_hidden(L.H, [&](auto hmax) { forward<decltype(tag), decltype(hmax)::value>(L); });
+    using T = decltype(tag);
+    dispatch_hidden(L.H, [&](auto hmax) { forward<T, decltype(hmax)::value, T>(L); });
   });
 }
 
 void lstm_opt_backward_cpu(const LstmOptLaunch& L) {
+  if (L.state_bf16)  // float32 math only (the front checks grad's dtype)
+    return dispatch_hidden(L.H, [&](auto hmax) { backward<float, decltype(hmax)::value, uint16_t>(L); });
   dispatch_dtype(L.dtype, [&](auto tag) {
-    dispatch_hidden(L.H, [&](auto hmax) { backward<decltype(tag), decltype(hmax)::value>(L); });
+    using T = decltype(tag);
+    dispatch_hidden(L.H, [&](auto hmax) { backward<T, decltype(hmax)::value, T>(L); });
   });
 }
 

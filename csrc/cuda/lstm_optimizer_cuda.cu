@@ -103,7 +103,8 @@ backward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_const
 }
 
 // ---- tensor-core forward (float, H <= 32, sm_80+): lstm_optimizer_mma.cuh ----------------
-template <int HB>
+// St: the state's storage type, float or uint16_t (bfloat16 bits, L.state_bf16).
+template <int HB, typename St>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
 forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -115,9 +116,9 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
   const float b_out = P.W.b_out[0];
   for (int64_t base = (int64_t(blockIdx.x) * warps + threadIdx.x / 32) * step; base < L.N;
        base += int64_t(gridDim.x) * warps * step)  // warp-uniform: the mma needs all 32 lanes
-    lstm_mma_forward_warp<HB>(sm, P.s, b_out, static_cast<const float*>(L.grad),
-                              static_cast<const float*>(L.state), static_cast<float*>(L.update),
-                              static_cast<float*>(L.new_state), L.N, base);
+    lstm_mma_forward_warp<HB, St>(sm, P.s, b_out, static_cast<const float*>(L.grad),
+                                  static_cast<const St*>(L.state), static_cast<float*>(L.update),
+                                  static_cast<St*>(L.new_state), L.N, base);
 }
 
 // Opt-in (PYMETA_LSTM_MMA_BWD=1): measured slower than the CUDA-core pass at N >= 200k on an
@@ -277,7 +278,8 @@ int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
 }
 
 // The tensor-core kernels (lstm_optimizer_mma.cuh) when they apply: float, H <= 32, a GPU of
-// compute capability 8.0+; the forward unless PYMETA_LSTM_MMA=0, the backward only with
+// compute capability 8.0+ (the forward also with a bfloat16 state); the forward unless
+// PYMETA_LSTM_MMA=0, the backward only with
 // PYMETA_LSTM_MMA_BWD=1 (see backward_mma_kernel). Returns -1 when not applicable (the caller
 // takes the CUDA-core kernels).
 static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward) {
@@ -298,14 +300,15 @@ static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward
     const int64_t tiles = (L.N + per_block - 1) / per_block;
     SmemLaunch s{};
     const size_t bytes = sizeof(float) * (backward ? S::kTotalBwd : S::kTotal);
+    const auto fwd = L.state_bf16 ? forward_mma_kernel<HB, uint16_t> : forward_mma_kernel<HB, float>;
     int e = backward ? plan_smem(backward_mma_kernel<HB>, threads, bytes, tiles, &s)
-                     : plan_smem(forward_mma_kernel<HB>, threads, bytes, tiles, &s);
+                     : plan_smem(fwd, threads, bytes, tiles, &s);
     if (e) return e;
     if (s.blocks == 0) return -1;
     if (backward)
       backward_mma_kernel<HB><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
     else
-      forward_mma_kernel<HB><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+      fwd<<<s.blocks, s.threads, s.smem, stream>>>(L, P);
     return static_cast<int>(cudaGetLastError());
   };
   if (L.H <= 8) return launch(std::integral_constant<int, 8>{});
@@ -319,6 +322,7 @@ int lstm_opt_forward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
   if (L.N == 0) return 0;
   const int mma = mma_launch(L, stream, false);
   if (mma >= 0) return mma;
+  if (L.state_bf16) return kLstmOptNoKernel;  // only the tensor-core kernel reads bfloat16
   return dispatch(L, [&](auto tag, auto hp) {
     using T = decltype(tag);
     constexpr int HP = decltype(hp)::value;

@@ -60,24 +60,6 @@ float warp_shfl_xor(float v, int mask);
 void warp_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 #endif
 
-PYMETA_HD uint32_t f32_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-#endif
-}
-PYMETA_HD float bits_f32(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-#endif
-}
 // The TF32 "hi" part: the top 10 mantissa bits (truncation keeps NaN a NaN and Inf an Inf;
 // x - hi is then exact in fp32).
 PYMETA_HD float tf32_hi(float x) { return bits_f32(f32_bits(x) & 0xffffe000u); }
@@ -278,6 +260,7 @@ PYMETA_WARP void lstm_mma_product_t(
 
 // The forward of one warp step, coordinates base .. base + 16 MT - 1 (those >= N are
 // computed on a copy of coordinate N - 1 and never stored). All 32 lanes call it together.
+// St: the state's storage type (float, or uint16_t = bfloat16 bits; the math is float32).
 // kBwd = false (the forward): h and c of both layers go to out = new_state.
 // kBwd = true (the backward's recompute): out = the workspace gets z1 (in the dz1 rows) and
 // the rows the weight gradients need (x, h1, h2; lstm_opt_rows); z2 is kept for the caller.
@@ -292,9 +275,9 @@ struct LstmMmaRegs {  // a warp step's per-thread values (unit slots p, row halv
   float h1[S::MT][2][2 * S::KT], h2[S::MT][2][2 * S::KT];  // h of both layers (new)
 };
 
-template <int HB, bool kBwd>
+template <int HB, bool kBwd, typename St = float>
 PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<float>& s,
-                                       const float* grad, const float* state, float* out,
+                                       const float* grad, const St* state, St* out,
                                        int64_t N, int64_t base, LstmMmaRegs<HB>& r,
                                        float (&z1)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4],
                                        float (&z2)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4]) {
@@ -313,9 +296,11 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
       r.ok[mt][h] = n < N;
       r.nl[mt][h] = n < N ? n : N - 1;
       lstm_preprocess(grad[r.nl[mt][h]], s, r.x[mt][h]);
-      if (kBwd && t == h && r.ok[mt][h]) {  // threads 0 and 1 store rows g and g + 8
-        out[int64_t(R.x) * N + n] = r.x[mt][h][0];
-        if (s.n_in > 1) out[int64_t(R.x + 1) * N + n] = r.x[mt][h][1];
+      if constexpr (kBwd) {
+        if (t == h && r.ok[mt][h]) {  // threads 0 and 1 store rows g and g + 8
+          out[int64_t(R.x) * N + n] = r.x[mt][h][0];
+          if (s.n_in > 1) out[int64_t(R.x + 1) * N + n] = r.x[mt][h][1];
+        }
       }
     }
   }
@@ -329,7 +314,8 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
       for (int mt = 0; mt < MT; ++mt) {
         PYMETA_UNROLL
         for (int h = 0; h < 2; ++h)
-          a[mt][h][p] = p < slots && u < H ? state[int64_t(row0 + u) * N + r.nl[mt][h]] : 0.0f;
+          a[mt][h][p] =
+              p < slots && u < H ? state_ld(state[int64_t(row0 + u) * N + r.nl[mt][h]]) : 0.0f;
       }
     }
   };
@@ -358,7 +344,7 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
     }
   }
   lstm_mma_product<HB>(z1, a1, sm, lane);
-  if (kBwd) {  // z1 parks in its workspace rows (dz1 overwrites it): frees 4 NP registers
+  if constexpr (kBwd) {  // z1 parks in its workspace rows (dz1 overwrites it): frees 4 NP registers
     PYMETA_UNROLL
     for (int p = 0; p < NP; ++p) {
       PYMETA_UNROLL
@@ -396,11 +382,11 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
           lstm_cell(zq, cprev[mt][h][p], c, hh);
           if (u < H && r.ok[mt][h]) {
             const int64_t n = r.nl[mt][h];
-            if (kBwd) {
+            if constexpr (kBwd) {
               out[int64_t(ws_row + u) * N + n] = hh;
             } else {
-              out[int64_t(row_h + u) * N + n] = hh;
-              out[int64_t(row_c + u) * N + n] = c;
+              state_st(out[int64_t(row_h + u) * N + n], hh);
+              state_st(out[int64_t(row_c + u) * N + n], c);
             }
           }
           hout[mt][h][p] = u < H ? hh : 0.0f;
@@ -432,11 +418,11 @@ PYMETA_WARP float lstm_mma_row_sum(float v) {
   return v + warp_shfl_xor(v, 2);
 }
 
-// The forward step of one warp (see lstm_mma_forward_core).
-template <int HB>
+// The forward step of one warp (see lstm_mma_forward_core; St the state's storage type).
+template <int HB, typename St = float>
 PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<float>& s,
-                                       float b_out, const float* grad, const float* state,
-                                       float* update, float* new_state, int64_t N,
+                                       float b_out, const float* grad, const St* state,
+                                       float* update, St* new_state, int64_t N,
                                        int64_t base) {
   using S = LstmMmaShape<HB>;
   constexpr int MT = S::MT, NP = S::NP;
@@ -444,7 +430,7 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
   const float* cst = sm + 3 * S::kFrag;
   LstmMmaRegs<HB> r;
   float z[MT][S::NT][4];  // z1, then z2: the forward needs one at a time
-  lstm_mma_forward_core<HB, false>(sm, s, grad, state, new_state, N, base, r, z, z);
+  lstm_mma_forward_core<HB, false, St>(sm, s, grad, state, new_state, N, base, r, z, z);
 
   // the head: this thread's units, then the row sum
   PYMETA_UNROLL

@@ -141,6 +141,40 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
     }
   }
 
+  // bfloat16 state storage: bit for bit the float32 warp code on the upcast state, with
+  // new_state rounded (the kernel converts on load and store only)
+  {
+    std::vector<uint16_t> st16(4 * H * N), ns16(4 * H * N, 0xdeadu);
+    std::vector<float> st_up(4 * H * N), u32(N, -777.0f), ns32(4 * H * N, -777.0f),
+        u16(N, -777.0f);
+    for (size_t i = 0; i < st16.size(); ++i) {
+      st16[i] = f32_to_bf16(state[i]);
+      st_up[i] = bf16_to_f32(st16[i]);
+    }
+    run_grid([&](int64_t base) {
+      lstm_mma_forward_warp<HB>(sm.data(), s, W.b_out[0], grad.data(), st_up.data(), u32.data(),
+                                ns32.data(), N, base);
+    });
+    run_grid([&](int64_t base) {
+      lstm_mma_forward_warp<HB, uint16_t>(sm.data(), s, W.b_out[0], grad.data(), st16.data(),
+                                          u16.data(), ns16.data(), N, base);
+    });
+    for (int64_t n = 0; n < N; ++n) {
+      if (f32_bits(u16[n]) != f32_bits(u32[n])) {
+        std::printf("FAIL bf16 update (H %d, n_in %d) at %lld\n", H, n_in, (long long)n);
+        ++failures;
+        break;
+      }
+    }
+    for (size_t i = 0; i < ns16.size(); ++i) {
+      if (ns16[i] != f32_to_bf16(ns32[i])) {
+        std::printf("FAIL bf16 new_state (H %d, n_in %d) at %zu\n", H, n_in, i);
+        ++failures;
+        break;
+      }
+    }
+  }
+
   // backward: the header's per-coordinate math vs the warp code, as backward_mma_kernel runs it
   std::vector<float> du = rnd(N, 1.0), dns = rnd(4 * H * N, 1.0);
   const LstmOptRows R = lstm_opt_rows(H, n_in);

@@ -12,6 +12,7 @@
 // thread = one coordinate) or Lanes<T, L> (the CPU runs L consecutive coordinates at once).
 #pragma once
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -550,6 +551,42 @@ PYMETA_HD void lstm_opt_backward_coord(const LstmOptWeights<T>& W, const LstmOpt
   A::st(d_grad, 0, col, lstm_preprocess_backward(g, s, dx));
 }
 
+// ---- bfloat16 storage of the state (float32 math) --------------------------------------------
+// A bfloat16 value is the top 16 bits of a float32; stored as uint16_t. The rounding is
+// torch's (c10::BFloat16): to nearest even, every NaN to 0x7fc0, so the kernels' stores equal
+// `new_state.float() -> .bfloat16()` bit for bit.
+PYMETA_HD uint32_t f32_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+#endif
+}
+PYMETA_HD float bits_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+#endif
+}
+PYMETA_HD float bf16_to_f32(uint16_t b) { return bits_f32(uint32_t(b) << 16); }
+PYMETA_HD uint16_t f32_to_bf16(float x) {
+  const uint32_t u = f32_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
+// Loads and stores of a state value in its storage type (float, double or bfloat16 bits).
+template <typename T>
+PYMETA_HD T state_ld(const T& v) { return v; }
+PYMETA_HD float state_ld(const uint16_t& v) { return bf16_to_f32(v); }
+template <typename T>
+PYMETA_HD void state_st(T& o, T v) { o = v; }
+PYMETA_HD void state_st(uint16_t& o, float v) { o = f32_to_bf16(v); }
+
 // ---- launch table and entry points ------------------------------------------------------------
 
 struct LstmOptLaunch {
@@ -569,6 +606,10 @@ struct LstmOptLaunch {
   int32_t n_in;
   int32_t preproc;  // LstmPreproc
   DType dtype;      // Float32 or Float64
+  // forward: state and new_state are bfloat16 bits (uint16_t), the rest float32. The CPU
+  // forward and the CUDA tensor-core forward take it; lstm_opt_forward_cuda returns
+  // kLstmOptNoKernel where no bfloat16 kernel applies (the caller converts instead).
+  int32_t state_bf16;
   double p;
   double out_scale;
 };
@@ -578,6 +619,8 @@ struct LstmOptLaunch {
 // (not thread or SM counts), so results are bitwise reproducible on any machine of one kind.
 constexpr int64_t kLstmOptCpuBlock = 256;
 constexpr int64_t kLstmOptCudaChunk = 2048;
+
+constexpr int kLstmOptNoKernel = -1;
 
 int64_t lstm_opt_workspace_bytes_cpu(const LstmOptLaunch& L);
 void lstm_opt_forward_cpu(const LstmOptLaunch& L);
