@@ -8,7 +8,8 @@ Columns (wall-clock ms per call; the median of `--repeats` calls after warm-up):
             [state, *weights]): what a meta-training step pays
   x cmp     torch.compile(reference) time / native time
 With --bf16, "native-bf16" is the native op on a bfloat16 copy of the state (bfloat16
-storage, float32 math: converted in chunks, see csrc/lstm_optimizer.cpp).
+storage, float32 math: the kernels convert), "bf16-chunks" the same with
+PYMETA_LSTM_BF16_NATIVE=0 (converted in chunks around the float32 kernels).
 The machine's other jobs make single calls noisy: compare medians of one run, not across runs.
 
 Run from the repository root with PYTHONPATH=. (a script outside the tree imports the
@@ -17,6 +18,7 @@ installed pymeta._C otherwise):
       [--no-backward] [--keep-freed] [--bf16]
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -59,8 +61,14 @@ def main():
 
     def native_bf16(g, s, *w):  # the same call on the bf16 copy of s
         return lstm_native(g, bf16["state_g" if s.requires_grad else "state"], *w)
+    def bf16_chunks(g, s, *w):
+        os.environ["PYMETA_LSTM_BF16_NATIVE"] = "0"
+        try:
+            return native_bf16(g, s, *w)
+        finally:
+            del os.environ["PYMETA_LSTM_BF16_NATIVE"]
     if args.bf16:
-        impls.insert(1, ("native-bf16", native_bf16))
+        impls[1:1] = [("native-bf16", native_bf16), ("bf16-chunks", bf16_chunks)]
     if not args.no_compile:
         impls.append(("compile", torch.compile(lstm_reference, dynamic=False)))
     for n in args.N:
@@ -73,7 +81,7 @@ def main():
 
         def fwd_bwd(f):
             update, new_state = f(grad_, state_g, *weights)
-            used = bf16["state_g"] if f is native_bf16 else state_g
+            used = bf16["state_g"] if f in (native_bf16, bf16_chunks) else state_g
             return torch.autograd.grad(update.sum() + new_state.sum(), [used, *weights])
 
         err = (fwd(lstm_native)[0] - fwd(lstm_reference)[0]).abs().max().item()
