@@ -144,17 +144,18 @@ std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& w) {
 // kernels, or PYMETA_LSTM_BF16_NATIVE=0) the state's columns are converted in chunks of bf16_chunk(N)
 // coordinates into a float32 scratch buffer, the float32 kernels run on the chunk, and
 // new_state / d_state are rounded back. Either way the results are exactly the float32 op's
-// on state.float(), rounded (nearest even), and the extra memory of a call is at most two
-// scratch chunks rather than a float32 copy of the whole state.
+// on state.float(), rounded (nearest even), and the extra memory of a call is two (forward)
+// or three (backward) float32 scratch chunks rather than float32 copies of whole tensors.
 // PYMETA_LSTM_BF16_CHUNK overrides the chunk length (tests use it to cross chunk borders).
 int64_t bf16_chunk(const Tensor& grad) {
   if (const char* env = std::getenv("PYMETA_LSTM_BF16_CHUNK")) {
     const long long v = std::atoll(env);
     if (v > 0) return v;
   }
-  // CPU: 16k coordinates = 5 MB of float32 state at H = 20 (stays in cache between the
-  // conversion and the kernel); CUDA: 512k (fewer launches, 164 MB of scratch at H = 20).
-  return grad.is_cpu() ? (int64_t(1) << 14) : (int64_t(1) << 19);
+  // CPU: 16k coordinates = 5 MB per float32 scratch chunk at H = 20 (stays in cache between
+  // the conversion and the kernel); CUDA: 128k = 42 MB per chunk at H = 20 (the backward's
+  // three chunks stay well under its bfloat16 tensors at large N; ~15 launches per chunk).
+  return grad.is_cpu() ? (int64_t(1) << 14) : (int64_t(1) << 17);
 }
 
 bool bf16_direct() {

@@ -105,9 +105,9 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
             weighted by each rank's problem count, so every Adam step equals the
             single-process one. The configuration (with the net's shapes) is checked on all
             ranks at the start; rank 0 writes the checkpoint, every rank reads it.
-        state_dtype: the storage dtype of the net's recurrent state: None (``dtype``) or
-            ``torch.bfloat16`` with ``dtype=torch.float32``. Every step of an unroll keeps
-            its input state for the backward (4 H values per optimizee coordinate), so
+        state_dtype: the storage dtype of the net's recurrent state: None or ``dtype`` (the
+            same), or ``torch.bfloat16`` with ``dtype=torch.float32``. Every step of an unroll
+            keeps its input state for the backward (4 H values per optimizee coordinate), so
             bfloat16 about halves the unroll's memory; the math stays float32.
 
     Returns the history: ``{"iteration", "meta_loss", "final_loss", "seconds"}`` lists, one
@@ -122,9 +122,12 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
                     ("meta_batch", meta_batch), ("checkpoint_every", checkpoint_every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "iterations" else 1):
             raise ValueError(f"pymeta.meta_train: {name} must be a positive int, got {v!r}")
+    if state_dtype == dtype:
+        state_dtype = None  # the default, spelled out
     if state_dtype is not None and not (state_dtype == torch.bfloat16 and dtype == torch.float32):
-        raise ValueError(f"pymeta.meta_train: state_dtype must be None or torch.bfloat16 with "
-                         f"dtype=torch.float32, got state_dtype={state_dtype}, dtype={dtype}")
+        raise ValueError(f"pymeta.meta_train: state_dtype must be None (dtype), dtype itself, or "
+                         f"torch.bfloat16 with dtype=torch.float32; got state_dtype="
+                         f"{state_dtype}, dtype={dtype}")
     device = torch.device(device) if device is not None else net.out.weight.device
     net.to(device=device, dtype=dtype)
     opt = torch.optim.Adam(net.parameters(), lr=meta_lr)

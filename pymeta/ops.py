@@ -260,7 +260,7 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
         state: ``[4, H, N]``, contiguous: (h1, c1, h2, c2), feature-major, so that for one
             feature the N coordinates are contiguous (coalesced GPU access). 1 <= H <= 64.
             grad's dtype, or bfloat16 with a float32 grad: bfloat16 storage (half the memory
-            of the state, 40 H bytes per coordinate less), float32 math; new_state is then the
+            of the state: 8 H bytes per coordinate instead of 16 H), float32 math; new_state is then the
             float32 result rounded to bfloat16 (nearest even), and the gradient w.r.t. state
             is bfloat16 too.
         w_ih1 ``[4H, n_in]``, w_hh1 ``[4H, H]``, b_ih1, b_hh1 ``[4H]``: layer 1, as

@@ -169,6 +169,8 @@ def test_meta_train_bf16_state(tmp_path, monkeypatch):
     resumed = pymeta.meta_train(_net(seed=7), FAM, 4, seed=3, checkpoint=ck, **bf16)
     assert _strip(resumed) == _strip(full)
     f32 = pymeta.meta_train(_net(), FAM, 4, seed=3, **SMALL)
+    same = pymeta.meta_train(_net(), FAM, 4, seed=3, state_dtype=torch.float32, **SMALL)
+    assert _strip(same) == _strip(f32)  # state_dtype=dtype: the default spelled out
     assert f32["meta_loss"] != full["meta_loss"]
     assert full["meta_loss"] == pytest.approx(f32["meta_loss"], rel=0.05)
     with pytest.raises(ValueError, match="another run"):

@@ -325,11 +325,13 @@ def test_device_mismatch_is_named(device, backend):
 
 @native_only
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, "bf16_state"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, "bf16_state", "bf16_chunks"])
 def test_backward_bitwise_deterministic(device, dtype, monkeypatch):
     H, N = 20, 5000
-    if dtype == "bf16_state":  # float32 math, weight gradients summed over chunks in order
+    if dtype in ("bf16_state", "bf16_chunks"):  # float32 math; chunks: summed in chunk order
         monkeypatch.setenv("PYMETA_LSTM_BF16_CHUNK", "700")
+        if dtype == "bf16_chunks":
+            monkeypatch.setenv("PYMETA_LSTM_BF16_NATIVE", "0")
         inputs = _bf16_inputs(H, N, device)
         du = torch.randn(N, device=device)
         ds = torch.randn(4, H, N, device=device).bfloat16()
@@ -361,9 +363,20 @@ def _bf16_inputs(H, N, device="cpu", seed=0):
     return [t.to(device) for t in args.values()]
 
 
+BF16_PATHS = {"direct": {}, "chunks": {"PYMETA_LSTM_BF16_NATIVE": "0"},
+              "no_mma": {"PYMETA_LSTM_MMA": "0"}}  # no_mma: the GPU's no-kernel fallback
+
+
+def _bf16_path(device, path, monkeypatch):
+    if path == "no_mma" and device == "cpu":
+        pytest.skip("PYMETA_LSTM_MMA selects a GPU kernel")
+    for k, v in BF16_PATHS[path].items():
+        monkeypatch.setenv(k, v)
+
+
 @native_only
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("path", ["direct", "chunks"])
+@pytest.mark.parametrize("path", list(BF16_PATHS))
 @pytest.mark.parametrize("H,N,chunk", [(20, 1000, None), (7, 1000, "37"), (20, 513, "256"),
                                        (32, 1, "4"), (3, 0, "5"), (64, 77, "16")])
 def test_bf16_state_is_the_float32_step_rounded(device, path, H, N, chunk, monkeypatch):
@@ -371,11 +384,11 @@ def test_bf16_state_is_the_float32_step_rounded(device, path, H, N, chunk, monke
     new_state / d_state rounded to bfloat16 (bitwise). "direct": the kernels read and write
     bfloat16 (the CPU forward and backward, the GPU's tensor-core forward; the GPU backward and
     the other GPU kernels convert in chunks); "chunks": PYMETA_LSTM_BF16_NATIVE=0, every call
-    converts in chunks (across chunk borders here)."""
+    converts in chunks (across chunk borders here); "no_mma": on the GPU, the CUDA-core kernels,
+    which do not read bfloat16 (the front converts in chunks)."""
     if chunk is not None:
         monkeypatch.setenv("PYMETA_LSTM_BF16_CHUNK", chunk)
-    if path == "chunks":
-        monkeypatch.setenv("PYMETA_LSTM_BF16_NATIVE", "0")
+    _bf16_path(device, path, monkeypatch)
     grad, state, *w = _bf16_inputs(H, N, device)
     gen = torch.Generator().manual_seed(1)
     du = torch.randn(N, generator=gen).to(device)
@@ -390,7 +403,7 @@ def test_bf16_state_is_the_float32_step_rounded(device, path, H, N, chunk, monke
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1].bfloat16())
     for a, b in zip(got[2:], want[2:]):
         assert a.dtype == torch.float32
-        if device == "cpu" and path == "direct":  # the same blocks and sums
+        if device == "cpu" and path == "direct":  # the same blocks and sums as float32
             assert torch.equal(a, b)
         else:  # sums over chunks, then the chunks added
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().amax(dim=None).item())
@@ -407,8 +420,10 @@ def test_bf16_state_is_the_float32_step_rounded(device, path, H, N, chunk, monke
 
 @native_only
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_state_nan_stays_in_its_coordinates(device, monkeypatch):
+@pytest.mark.parametrize("path", list(BF16_PATHS))
+def test_bf16_state_nan_stays_in_its_coordinates(device, path, monkeypatch):
     monkeypatch.setenv("PYMETA_LSTM_BF16_CHUNK", "64")
+    _bf16_path(device, path, monkeypatch)
     H, N = 20, 300
     grad, state, *w = _bf16_inputs(H, N, device)
     grad[[3, 130]] = float("nan")
@@ -420,8 +435,10 @@ def test_bf16_state_nan_stays_in_its_coordinates(device, monkeypatch):
 
 
 @native_only
-def test_bf16_state_opcheck_and_compile(monkeypatch):
+@pytest.mark.parametrize("path", ["direct", "chunks"])
+def test_bf16_state_opcheck_and_compile(path, monkeypatch):
     monkeypatch.setenv("PYMETA_LSTM_BF16_CHUNK", "3")
+    _bf16_path("cpu", path, monkeypatch)
     grad, state, *w = _bf16_inputs(5, 8)
     torch.library.opcheck(OP, (grad, state, *w, "log_sign", 10.0, 0.3))
     torch.library.opcheck(OP, (grad, state.clone().requires_grad_(),

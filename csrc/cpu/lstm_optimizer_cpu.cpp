@@ -459,19 +459,20 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
 // last cnt % CW coordinates (only where N ends inside the block) through
 // lstm_opt_backward_coord, LN at a time. The 12H + 3 rows a chunk touches (state, d_new_state,
 // d_state: 4H each; grad, d_update, d_grad) are N elements apart, too many streams for the
-// hardware prefetchers: each chunk prefetches the next chunk's lines (to L2).
+// hardware prefetchers: each chunk prefetches the next chunk's lines (to L2) if they lie
+// before n_end (N, or the block's end where the rows are a staged copy of the block).
 template <int HMAX, typename T, int LN, int NV>
 inline void backward_block(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s,
                            const T* grad, const T* state, const T* d_update,
                            const T* d_new_state, T* d_grad, T* d_state, T* ws, int64_t ws_stride,
-                           int64_t N, int64_t n0, int64_t cnt) {
+                           int64_t N, int64_t n0, int64_t cnt, int64_t n_end) {
   constexpr int CW = LN * NV;
   constexpr int kLine = 64 / sizeof(T);
   const int64_t r4 = 4 * int64_t(s.H), rows = 3 * r4 + 3;
   int64_t off = 0;
   for (; off + CW <= cnt; off += CW) {
     const int64_t n = n0 + off, m = n + CW;
-    if (m + CW <= N) {
+    if (m + CW <= n_end) {
       for (int64_t r = 0; r < rows; ++r) {
         const T* p = r < r4 ? state + r * N
                      : r < 2 * r4 ? d_new_state + (r - r4) * N
@@ -510,9 +511,10 @@ inline void backward_block(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   __attribute__((flatten)) void backward_block_##SUFFIX(                                      \
       const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad, const T* state,  \
       const T* d_update, const T* d_new_state, T* d_grad, T* d_state, T* ws,                  \
-      int64_t ws_stride, int64_t N, int64_t n0, int64_t cnt) {                                \
+      int64_t ws_stride, int64_t N, int64_t n0, int64_t cnt, int64_t n_end) {                 \
     backward_block<HMAX, T, VB / sizeof(T), NVF>(W, s, grad, state, d_update, d_new_state,     \
-                                                 d_grad, d_state, ws, ws_stride, N, n0, cnt); \
+                                                 d_grad, d_state, ws, ws_stride, N, n0, cnt,  \
+                                                 n_end);                                      \
   }
 #ifdef PYMETA_WGRAD_X86
 #pragma GCC push_options
@@ -595,14 +597,14 @@ void backward(const LstmOptLaunch& L) {
       // The block's view of the inputs: rows ld apart, its first coordinate at column first.
       const T *st, *dns;
       T* ds;
-      int64_t ld = N, first = n0;
+      int64_t ld = N, first = n0, end = N;
       if constexpr (kConvert) {
         T* buf = staged.data();
         for (int64_t r = 0; r < 4 * H; ++r) {
           stage_in(buf + r * BC, state + r * N + n0, cnt);
           stage_in(buf + (4 * H + r) * BC, d_new_state + r * N + n0, cnt);
         }
-        st = buf, dns = buf + 4 * H * BC, ds = buf + 8 * H * BC, ld = BC, first = 0;
+        st = buf, dns = buf + 4 * H * BC, ds = buf + 8 * H * BC, ld = BC, first = 0, end = cnt;
       } else {
         st = state, dns = d_new_state, ds = d_state;
       }
@@ -611,12 +613,15 @@ void backward(const LstmOptLaunch& L) {
       T* dg = d_grad + n0 - first;
 #ifdef PYMETA_WGRAD_X86
       if (isa == WgradIsa::Avx512) {
-        backward_block_avx512<T, HMAX>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt);
+        backward_block_avx512<T, HMAX>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt,
+                                       end);
       } else if (isa == WgradIsa::Avx2) {
-        backward_block_avx2<T, HMAX>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt);
+        backward_block_avx2<T, HMAX>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt,
+                                     end);
       } else
 #endif
-        backward_block<HMAX, T, LN, 2>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt);
+        backward_block<HMAX, T, LN, 2>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt,
+                                       end);
       if constexpr (kConvert)
         for (int64_t r = 0; r < 4 * H; ++r) stage_out(d_state + r * N + n0, ds + r * BC, cnt);
       // This block's share of C_q = A_q B_q^T (see lstm_opt_pairs).

@@ -552,9 +552,11 @@ PYMETA_HD void lstm_opt_backward_coord(const LstmOptWeights<T>& W, const LstmOpt
 }
 
 // ---- bfloat16 storage of the state (float32 math) --------------------------------------------
-// A bfloat16 value is the top 16 bits of a float32; stored as uint16_t. The rounding is
-// torch's (c10::BFloat16): to nearest even, every NaN to 0x7fc0, so the kernels' stores equal
-// `new_state.float() -> .bfloat16()` bit for bit.
+// A bfloat16 value is the top 16 bits of a float32; stored as uint16_t. Rounding to nearest
+// even, as torch rounds, so the kernels' stores equal `new_state.float().bfloat16()` bit for
+// bit for every non-NaN value (overflow to Inf, subnormals and -0 included). A NaN stays a
+// NaN with its sign and top payload bits, quieted (torch's scalar and vector conversions
+// disagree on NaN bits, so no choice matches both).
 PYMETA_HD uint32_t f32_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
@@ -577,7 +579,7 @@ PYMETA_HD float bf16_to_f32(uint16_t b) { return bits_f32(uint32_t(b) << 16); }
 PYMETA_HD uint16_t f32_to_bf16(float x) {
   const uint32_t u = f32_bits(x);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
 }
 // Loads and stores of a state value in its storage type (float, double or bfloat16 bits).
 template <typename T>
@@ -606,9 +608,10 @@ struct LstmOptLaunch {
   int32_t n_in;
   int32_t preproc;  // LstmPreproc
   DType dtype;      // Float32 or Float64
-  // forward: state and new_state are bfloat16 bits (uint16_t), the rest float32. The CPU
-  // forward and the CUDA tensor-core forward take it; lstm_opt_forward_cuda returns
-  // kLstmOptNoKernel where no bfloat16 kernel applies (the caller converts instead).
+  // state, new_state (forward), d_new_state and d_state (backward) are bfloat16 bits
+  // (uint16_t), the rest float32. The CPU forward and backward and the CUDA tensor-core
+  // forward take it; lstm_opt_forward_cuda returns kLstmOptNoKernel where no bfloat16 kernel
+  // applies (the caller converts instead); the CUDA backward never gets it.
   int32_t state_bf16;
   double p;
   double out_scale;
