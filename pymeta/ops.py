@@ -307,8 +307,8 @@ if _backend.NATIVE:
     @torch.library.register_fake("pymeta::lstm_optimizer_step_backward")
     def _lstm_optimizer_step_backward_fake(grad_update, grad_new_state, grad, state, *args):
         weights, (preprocessing, p, _) = args[:10], args[10:]
-        N, H, _ = reference.check_lstm_optimizer_args(
-            "pymeta.lstm_optimizer_step_backward", grad, state, weights, preprocessing, p)
+        N, H, _ = reference.check_lstm_optimizer_backward_args(
+            grad_update, grad_new_state, grad, state, weights, preprocessing, p)
         return (grad.new_empty([N]), state.new_empty([4, H, N]),
                 *(w.new_empty(w.shape) for w in weights))
 

@@ -206,13 +206,13 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
     return update, new_state
 
 
-def lstm_optimizer_step_backward(grad_update: Tensor, grad_new_state: Tensor, grad: Tensor,
-                                 state: Tensor, *args) -> tuple[Tensor, ...]:
-    """The backward of lstm_optimizer_step in the native op's layout: args are the 10 weights,
-    preprocessing, p, out_scale; returns the gradients of (grad, state, the 10 weights)."""
-    weights, (preprocessing, p, out_scale) = args[:10], args[10:]
+def check_lstm_optimizer_backward_args(grad_update: Tensor, grad_new_state: Tensor, grad: Tensor,
+                                       state: Tensor, weights: Sequence[Tensor],
+                                       preprocessing: str, p: float) -> tuple[int, int, int]:
+    """The argument checks of lstm_optimizer_step_backward (the native op's messages): those of
+    the forward, then the incoming gradients (each of its output's dtype and shape)."""
     op = "pymeta.lstm_optimizer_step_backward"
-    N, H, _ = check_lstm_optimizer_args(op, grad, state, weights, preprocessing, p)
+    N, H, n_in = check_lstm_optimizer_args(op, grad, state, weights, preprocessing, p)
     for name, t, like, like_name, shape in (
             ("grad_update", grad_update, grad, "grad", [N]),
             ("grad_new_state", grad_new_state, state, "state", [4, H, N])):
@@ -223,6 +223,16 @@ def lstm_optimizer_step_backward(grad_update: Tensor, grad_new_state: Tensor, gr
         if list(t.shape) != shape:
             raise ValueError(f"{op}: {name} has shape {_shape(t)}; expected "
                              f"[{', '.join(map(str, shape))}]")
+    return N, H, n_in
+
+
+def lstm_optimizer_step_backward(grad_update: Tensor, grad_new_state: Tensor, grad: Tensor,
+                                 state: Tensor, *args) -> tuple[Tensor, ...]:
+    """The backward of lstm_optimizer_step in the native op's layout: args are the 10 weights,
+    preprocessing, p, out_scale; returns the gradients of (grad, state, the 10 weights)."""
+    weights, (preprocessing, p, out_scale) = args[:10], args[10:]
+    check_lstm_optimizer_backward_args(grad_update, grad_new_state, grad, state, weights,
+                                       preprocessing, p)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (grad, state, *weights)]
         update, new_state = lstm_optimizer_step(*leaves, preprocessing, p, out_scale)

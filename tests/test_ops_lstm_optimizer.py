@@ -310,6 +310,16 @@ def test_backward_op_checks_its_gradients():
             fn(grad[:3], state, *args, "log_sign", 10.0, 0.1)
         with pytest.raises(TypeError, match="grad_new_state has dtype"):
             fn(grad, state.double(), *args, "log_sign", 10.0, 0.1)
+    # the fake kernel (torch.compile traces with it) checks them as well
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fargs = [mode.from_tensor(t) for t in args]
+        with pytest.raises(TypeError, match="grad_update has dtype"):
+            BWD(fargs[0].double(), fargs[1], *fargs, "log_sign", 10.0, 0.1)
+        with pytest.raises(TypeError, match="grad_new_state has dtype"):
+            BWD(fargs[0], fargs[1].double(), *fargs, "log_sign", 10.0, 0.1)
+        with pytest.raises(ValueError, match="grad_new_state has shape"):
+            BWD(fargs[0], fargs[1][:, :, :2], *fargs, "log_sign", 10.0, 0.1)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda)])
