@@ -360,10 +360,12 @@ inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
 
 // The backward's per-coordinate part over one chunk of CW = LN * NV coordinates (columns of
 // the inputs ld apart, of the block's workspace rows wld apart): the recomputed forward as the
-// forward's gate tiles (pre-activations, x, h1, h2 to the workspace), then per layer the
-// header's lstm_cell_backward over the chunk (dz to the workspace) followed by the products
-// dh = W^T dz as register tiles (dh_products). Every sum runs in the order of
-// lstm_opt_backward_coord, so results depend neither on the chunking nor on the thread count.
+// forward's gate tiles (the gate activations to the dz rows of the workspace, tanh(c) to a
+// local buffer, x, h1, h2 to the workspace), then per layer the header's
+// lstm_cell_backward_acts over the chunk (dz to the workspace; no second pass of the
+// transcendental math) followed by the products dh = W^T dz as register tiles (dh_products).
+// Every sum runs in the order of lstm_opt_backward_coord, so results depend neither on the
+// chunking nor on the thread count.
 template <typename T, int LN, int NV>
 inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad,
                            const T* state, const T* d_update, const T* d_new_state, T* d_grad,
@@ -383,18 +385,24 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
     lstm_preprocess(g[v], s, x[v]);
     for (int i = 0; i < n_in; ++i) wstore(R.x + i, v, x[v][i]);
   }
+  // tanh(c) of both layers' cells, [layer][unit][CW]
+  T tcs[2][kLstmOptMaxHidden * CW];
+  auto cells = [&](V (&z)[4][NV], int layer, int j, int c_row, int a_row, int h_row) {
+    for (int v = 0; v < NV; ++v) {
+      const V zv[4] = {z[0][v], z[1][v], z[2][v], z[3][v]};
+      V a[4], c, tc, h;
+      lstm_cell_acts(zv, load(state, c_row + j, v), a, c, tc, h);
+      for (int q = 0; q < 4; ++q) wstore(a_row + q * H + j, v, a[q]);
+      store_lanes<T, LN>(tcs[layer], CW, j, v, tc);
+      wstore(h_row + j, v, h);
+    }
+  };
   // forward, layer 1
   for (int j = 0; j < H; ++j) {
     V z[4][NV];
     gate_init1(z, W, H, n_in, j, x);
     gate_tile(z, W.w_hh1, H, j, state, ld);
-    for (int v = 0; v < NV; ++v) {
-      const V zv[4] = {z[0][v], z[1][v], z[2][v], z[3][v]};
-      for (int q = 0; q < 4; ++q) wstore(R.dz1 + q * H + j, v, zv[q]);
-      V c, h;
-      lstm_cell(zv, load(state, H + j, v), c, h);
-      wstore(R.h1 + j, v, h);
-    }
+    cells(z, 0, j, H, R.dz1, R.h1);
   }
   // forward, layer 2
   for (int j = 0; j < H; ++j) {
@@ -402,13 +410,7 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
     gate_init2(z, W, H, j);
     gate_tile(z, W.w_ih2, H, j, ws + int64_t(R.h1) * wld, wld);
     gate_tile(z, W.w_hh2, H, j, state + int64_t(2) * H * ld, ld);
-    for (int v = 0; v < NV; ++v) {
-      const V zv[4] = {z[0][v], z[1][v], z[2][v], z[3][v]};
-      for (int q = 0; q < 4; ++q) wstore(R.dz2 + q * H + j, v, zv[q]);
-      V c, h;
-      lstm_cell(zv, load(state, 3 * H + j, v), c, h);
-      wstore(R.h2 + j, v, h);
-    }
+    cells(z, 1, j, 3 * H, R.dz2, R.h2);
   }
 
   // backward, head and layer 2
@@ -419,11 +421,11 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   }
   for (int j = 0; j < H; ++j)
     for (int v = 0; v < NV; ++v) {
-      V z[4], dz[4], dc_prev;
-      for (int q = 0; q < 4; ++q) z[q] = wload(R.dz2 + q * H + j, v);
+      V a[4], dz[4], dc_prev;
+      for (int q = 0; q < 4; ++q) a[q] = wload(R.dz2 + q * H + j, v);
       const V dh = du[v] * W.w_out[j] + load(d_new_state, 2 * H + j, v);
-      lstm_cell_backward(z, load(state, 3 * H + j, v), dh, load(d_new_state, 3 * H + j, v), dz,
-                         dc_prev);
+      lstm_cell_backward_acts(a, load_lanes<T, LN>(tcs[1], CW, j, v), load(state, 3 * H + j, v),
+                              dh, load(d_new_state, 3 * H + j, v), dz, dc_prev);
       store(d_state, 3 * H + j, v, dc_prev);
       for (int q = 0; q < 4; ++q) wstore(R.dz2 + q * H + j, v, dz[q]);
     }
@@ -438,10 +440,11 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   for (int v = 0; v < NV; ++v) dx[v][0] = dx[v][1] = V(T(0));
   for (int j = 0; j < H; ++j)
     for (int v = 0; v < NV; ++v) {
-      V z[4], dz[4], dc_prev;
-      for (int q = 0; q < 4; ++q) z[q] = wload(R.dz1 + q * H + j, v);
-      lstm_cell_backward(z, load(state, H + j, v), load_lanes<T, LN>(dh1, CW, j, v),
-                         load(d_new_state, H + j, v), dz, dc_prev);
+      V a[4], dz[4], dc_prev;
+      for (int q = 0; q < 4; ++q) a[q] = wload(R.dz1 + q * H + j, v);
+      lstm_cell_backward_acts(a, load_lanes<T, LN>(tcs[0], CW, j, v), load(state, H + j, v),
+                              load_lanes<T, LN>(dh1, CW, j, v), load(d_new_state, H + j, v), dz,
+                              dc_prev);
       store(d_state, H + j, v, dc_prev);
       for (int q = 0; q < 4; ++q) {
         const int r = q * H + j;

@@ -273,27 +273,44 @@ PYMETA_HD V lstm_preprocess_backward(const V& g, const LstmOptScalars<T>& s, con
 }
 
 // ---- LSTM cell pointwise part: z = the 4 gate pre-activations (i, f, g, o) -----------------
+// The cell with its activations: a = (i, f, g, o) = (sigmoid, sigmoid, tanh, sigmoid)(z),
+// c = f c_prev + i g, tc = tanh(c), h = o tc.
+template <typename V>
+PYMETA_HD void lstm_cell_acts(const V z[4], const V& c_prev, V a[4], V& c, V& tc, V& h) {
+  a[0] = v_sigmoid(z[0]);
+  a[1] = v_sigmoid(z[1]);
+  a[2] = v_tanh(z[2]);
+  a[3] = v_sigmoid(z[3]);
+  c = a[1] * c_prev + a[0] * a[2];
+  tc = v_tanh(c);
+  h = a[3] * tc;
+}
 template <typename V>
 PYMETA_HD void lstm_cell(const V z[4], const V& c_prev, V& c, V& h) {
-  const V i = v_sigmoid(z[0]), f = v_sigmoid(z[1]), gg = v_tanh(z[2]), o = v_sigmoid(z[3]);
-  c = f * c_prev + i * gg;
-  h = o * v_tanh(c);
+  V a[4], tc;
+  lstm_cell_acts(z, c_prev, a, c, tc, h);
 }
 
 // Given dh and dc (the gradients w.r.t. the cell's outputs), the gradients w.r.t. z and
-// c_prev. Recomputes the activations from z rather than storing them.
+// c_prev, from the activations a and tc of lstm_cell_acts.
 template <typename V>
-PYMETA_HD void lstm_cell_backward(const V z[4], const V& c_prev, const V& dh, const V& dc_in,
-                                  V dz[4], V& dc_prev) {
-  const V i = v_sigmoid(z[0]), f = v_sigmoid(z[1]), gg = v_tanh(z[2]), o = v_sigmoid(z[3]);
-  const V c = f * c_prev + i * gg;
-  const V tc = v_tanh(c);
+PYMETA_HD void lstm_cell_backward_acts(const V a[4], const V& tc, const V& c_prev, const V& dh,
+                                       const V& dc_in, V dz[4], V& dc_prev) {
+  const V i = a[0], f = a[1], gg = a[2], o = a[3];
   const V dc = dc_in + dh * o * (V(1) - tc * tc);
   dz[0] = dc * gg * i * (V(1) - i);
   dz[1] = dc * c_prev * f * (V(1) - f);
   dz[2] = dc * i * (V(1) - gg * gg);
   dz[3] = dh * tc * o * (V(1) - o);
   dc_prev = dc * f;
+}
+// The same from z: recomputes the activations rather than storing them.
+template <typename V>
+PYMETA_HD void lstm_cell_backward(const V z[4], const V& c_prev, const V& dh, const V& dc_in,
+                                  V dz[4], V& dc_prev) {
+  V a[4], c, tc, h;
+  lstm_cell_acts(z, c_prev, a, c, tc, h);
+  lstm_cell_backward_acts(a, tc, c_prev, dh, dc_in, dz, dc_prev);
 }
 
 // ---- workspace rows of the backward (feature-major, one column per coordinate) ---------------
