@@ -153,12 +153,16 @@ def lstm_reference(grad_, state, *weights):
 
 
 def lstm_optimizer_workload(device: str = "cpu", n: int = 100_000, hidden: int = 20, backward: bool = False,
-                            compile: bool = True, compile_backend: str = "inductor") -> Workload:
+                            compile: bool = True, compile_backend: str = "inductor",
+                            state_dtype: torch.dtype | None = None) -> Workload:
     """One step of the coordinatewise LSTM optimizer over n coordinates (log_sign
     preprocessing): the fused op vs the reference eagerly and under torch.compile
     (fullgraph). backward=True adds the backward to the state and the 10 weights (the
-    meta-training step). Variants return the op's outputs (forward) or the gradients."""
+    meta-training step). state_dtype=torch.bfloat16 stores the state in bfloat16 (float32
+    math). Variants return the op's outputs (forward) or the gradients."""
     grad_, state, weights = lstm_optimizer_inputs(n, hidden, device)
+    if state_dtype is not None:
+        state = state.to(state_dtype)
     if backward:
         state = state.requires_grad_()
 
@@ -171,7 +175,7 @@ def lstm_optimizer_workload(device: str = "cpu", n: int = 100_000, hidden: int =
 
         def fwd_bwd():
             update, new_state = fn(grad_, state, *weights)
-            return torch.autograd.grad(update.sum() + new_state.sum(), [state, *weights])
+            return torch.autograd.grad(update.sum() + new_state.float().sum(), [state, *weights])
         return fwd_bwd
 
     variants: dict[str, Callable[[], object]] = {}
@@ -181,10 +185,12 @@ def lstm_optimizer_workload(device: str = "cpu", n: int = 100_000, hidden: int =
     if compile:
         variants["torch.compile(reference)"] = make(torch.compile(lstm_reference, backend=compile_backend,
                                                                   fullgraph=True))
-    esize = grad_.element_size()
-    fwd_bytes = esize * (2 * n + 8 * hidden * n)  # read grad, state; write update, new state
-    bwd_bytes = esize * (2 * n + 12 * hidden * n) if backward else 0  # + read grads in, write dstate
-    return Workload(name=f"lstm_optimizer_step H={hidden} N={n // 1000}k{' fwd+bwd' if backward else ''}",
+    esize, ssize = grad_.element_size(), state.element_size()
+    fwd_bytes = 2 * esize * n + 8 * ssize * hidden * n  # read grad, state; write update, new state
+    # + read the incoming gradients, write d_state (and d_grad)
+    bwd_bytes = 2 * esize * n + 12 * ssize * hidden * n if backward else 0
+    tag = " bf16 state" if state_dtype == torch.bfloat16 else ""
+    return Workload(name=f"lstm_optimizer_step H={hidden} N={n // 1000}k{tag}{' fwd+bwd' if backward else ''}",
                     description=f"{n} coordinates, hidden {hidden}, 2 LSTM layers",
                     variants=variants, bytes=fwd_bytes + bwd_bytes, baseline="reference")
 
