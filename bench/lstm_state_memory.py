@@ -19,6 +19,7 @@ comes from a second process with freed memory kept. GPU: torch.cuda memory_alloc
 max_memory_allocated, one process.
 
     PYTHONPATH=. python bench/lstm_state_memory.py [--device cpu] [--params 4000000] [--unroll]
+        [--bucket COORDS]
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def _median_ms(fn, sync, runs: int, warmup: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def child(state_dtype: str, device: str, n: int, width: int, what: str, unroll: bool) -> dict:
+def child(state_dtype: str, device: str, n: int, width: int, what: str, unroll: bool,
+          bucket: int) -> dict:
     import torch
     from torch import nn
 
@@ -74,7 +76,7 @@ def child(state_dtype: str, device: str, n: int, width: int, what: str, unroll: 
         params = list(model.parameters())
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
-        opt = pymeta.LSTMOptimizer(params, net=net, state_dtype=sdtype)
+        opt = pymeta.LSTMOptimizer(params, net=net, state_dtype=sdtype, bucket_coords=bucket)
         out["coords"] = sum(p.numel() for p in params)
         work, runs, warmup = opt.step, 5, 2
     if what == "time":
@@ -96,7 +98,7 @@ def child(state_dtype: str, device: str, n: int, width: int, what: str, unroll: 
 
 def _run(args, state_dtype, what, env) -> dict:
     r = subprocess.run([sys.executable, __file__, "--device", args.device, "--params",
-                        str(args.params), "--width", str(args.width)]
+                        str(args.params), "--width", str(args.width), "--bucket", str(args.bucket)]
                        + (["--unroll"] if args.unroll else []) + ["--child", state_dtype, what],
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -110,11 +112,13 @@ def main() -> None:
     ap.add_argument("--params", type=int, default=4_000_000)
     ap.add_argument("--width", type=int, default=1000)
     ap.add_argument("--unroll", action="store_true", help="the 20-step meta-training unroll")
+    ap.add_argument("--bucket", type=int, default=1 << 24,
+                    help="LSTMOptimizer(bucket_coords=...): coordinates per fused call")
     ap.add_argument("--child", nargs=2, metavar=("STATE_DTYPE", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], args.device, args.params, args.width,
-                               args.child[1], args.unroll)))
+                               args.child[1], args.unroll, args.bucket)))
         return
     mem_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     if args.unroll:
@@ -122,8 +126,8 @@ def main() -> None:
               f"weights, {args.device}, {args.params} coordinates; MiB")
         print("| state | peak over the unroll | ms per unroll |\n|---|---|---|")
     else:
-        print(f"pymeta.LSTMOptimizer (H = 20), {args.device}, an MLP of ~{args.params} float32 "
-              f"coordinates; MiB")
+        print(f"pymeta.LSTMOptimizer (H = 20, bucket_coords={args.bucket}), {args.device}, an MLP "
+              f"of ~{args.params} float32 coordinates; MiB")
         print("| state | coordinates | state MiB | resident | step peak | ms per step |\n"
               "|---|---|---|---|---|---|")
     for sd in ("float32", "bf16"):

@@ -167,11 +167,17 @@ class LSTMOptimizer(torch.optim.Optimizer):
             bfloat16 halves the optimizer's memory; the math stays float32 and only the
             stored state is rounded (see ``pymeta.ops.lstm_optimizer_step``). Parameters of
             other dtypes keep their own dtype for the state.
+        bucket_coords: the most coordinates one fused op call covers (parameters in order;
+            one larger than this gets a call of its own). A step's transient memory is a new
+            state for one bucket, so this bounds it for large models (default 2^24: 5 GiB of
+            float32 state at H = 20); the native kernels' results do not depend on it (bit
+            for bit).
 
-    ``step()`` concatenates the flat gradients of all parameters that share a device and
-    dtype into one ``[N]`` vector and runs ONE fused ``pymeta.ops.lstm_optimizer_step`` for
-    them, then splits the update back. Parameters without ``.grad`` are skipped (their
-    recurrent state is left as it was); sparse gradients are refused.
+    ``step()`` concatenates the flat gradients of the parameters that share a device and dtype
+    into ``[N]`` vectors of at most ``bucket_coords`` coordinates and runs ONE fused
+    ``pymeta.ops.lstm_optimizer_step`` per vector, then splits the update back. Parameters
+    without ``.grad`` are skipped (their recurrent state is left as it was); sparse gradients
+    are refused.
 
     State: ``self.state[p]`` holds ``"lstm_state"`` (``[4, H, p.numel()]``, the net's
     (h1, c1, h2, c2) for p's coordinates) and ``"step"`` (an int). ``state_dict()`` adds the
@@ -182,7 +188,11 @@ class LSTMOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, net: Optional[LSTMOptimizerNet] = None, lr: float = 1.0,
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: Optional[torch.dtype] = None, bucket_coords: int = 1 << 24):
+        if isinstance(bucket_coords, bool) or not isinstance(bucket_coords, int) \
+                or bucket_coords < 1:
+            raise ValueError(f"pymeta.LSTMOptimizer: bucket_coords must be an int >= 1, not "
+                             f"{bucket_coords!r}")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"pymeta.LSTMOptimizer: state_dtype must be None (the parameters' "
                              f"dtype) or torch.bfloat16, not {state_dtype!r}")
@@ -196,9 +206,10 @@ class LSTMOptimizer(torch.optim.Optimizer):
         super().__init__(params, {"lr": float(lr)})
         self.net = net
         self.state_dtype = state_dtype
-        # (device, dtype) -> (joint state [4, H, N] of the last step, per-param views of it),
-        # so that a step over the same parameters as the last one skips re-concatenating.
-        self._joint: Dict[Tuple[torch.device, torch.dtype], Tuple[Tensor, List[Tensor]]] = {}
+        self.bucket_coords = bucket_coords
+        # (device, dtype, bucket) -> (joint state [4, H, N] of the last step, per-param views
+        # of it), so that a step over the same parameters as the last one skips re-concatenating.
+        self._joint: Dict[Tuple[torch.device, torch.dtype, int], Tuple[Tensor, List[Tensor]]] = {}
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -225,7 +236,17 @@ class LSTMOptimizer(torch.optim.Optimizer):
                                     f"point, got {p.dtype}")
                 buckets.setdefault((p.device, p.dtype), []).append((p, group))
         for (device, dtype), items in buckets.items():
-            self._step_bucket(device, dtype, items)
+            chunks: List[List[Tuple[Tensor, dict]]] = [[]]
+            size = 0
+            for item in items:  # in order; a new bucket when this one would overflow
+                n = item[0].numel()
+                if chunks[-1] and size + n > self.bucket_coords:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append(item)
+                size += n
+            for i, chunk in enumerate(chunks):
+                self._step_bucket(device, dtype, i, chunk)
         return loss
 
     def _storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
@@ -234,7 +255,7 @@ class LSTMOptimizer(torch.optim.Optimizer):
             return torch.bfloat16
         return dtype
 
-    def _step_bucket(self, device, dtype, items: List[Tuple[Tensor, dict]]) -> None:
+    def _step_bucket(self, device, dtype, index: int, items: List[Tuple[Tensor, dict]]) -> None:
         net = self.net
         H = net.hidden_size
         sdtype = self._storage_dtype(dtype)
@@ -250,7 +271,7 @@ class LSTMOptimizer(torch.optim.Optimizer):
                                  f"{list(p.shape)} is {list(s.shape)}, expected "
                                  f"[4, {H}, {p.numel()}] (hidden size {H})")
             states.append(s)
-        cached = self._joint.get((device, dtype))
+        cached = self._joint.get((device, dtype, index))
         if cached is not None and len(cached[1]) == len(states) and all(
                 a is b for a, b in zip(states, cached[1])):
             joint = cached[0]  # the last step's output, over the same parameters
@@ -272,7 +293,7 @@ class LSTMOptimizer(torch.optim.Optimizer):
             st["step"] += 1
             views.append(st["lstm_state"])
             off += n
-        self._joint[(device, dtype)] = (new_joint, views)
+        self._joint[(device, dtype, index)] = (new_joint, views)
 
     # ---- state -----------------------------------------------------------------------------
 

@@ -224,6 +224,40 @@ def test_optimizer_one_op_call_per_device_and_dtype(monkeypatch):
     assert extra.dtype == torch.float64 and opt.state[extra]["lstm_state"].dtype == torch.float64
 
 
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+def test_optimizer_buckets_bound_the_fused_calls(backend, monkeypatch):
+    """bucket_coords splits a step into fused calls of at most that many coordinates (a
+    larger parameter alone), with the results of one call per device and dtype (bit for bit
+    with the native kernels)."""
+    from pymeta import ops
+    calls = []
+    real = ops.lstm_optimizer_step
+    monkeypatch.setattr(ops, "lstm_optimizer_step",
+                        lambda g, *a: calls.append(g.numel()) or real(g, *a))
+    batches = _batches(4)
+    with pymeta.use_backend(backend):
+        runs = {}
+        for bucket in (1 << 24, 40, 1):
+            model = _model()  # params of 35, 7, 21, 3 coordinates
+            opt = LSTMOptimizer(model.parameters(), net=_small_net(), bucket_coords=bucket)
+            calls.clear()
+            runs[bucket] = (_train(model, opt, batches), [p.detach().clone() for p in model.parameters()],
+                            [opt.state[p]["lstm_state"].clone() for p in model.parameters()], list(calls))
+    (l0, p0, s0, c0), (l1, p1, s1, c1), (l2, p2, s2, c2) = runs.values()
+    assert c0 == [66] * 4 and c1 == [35, 31] * 4 and c2 == [35, 7, 21, 3] * 4
+    if backend == "native":  # per-coordinate kernels: bit for bit
+        assert l0 == l1 == l2
+        for a, b, c in zip(p0 + s0, p1 + s1, p2 + s2):
+            assert torch.equal(a, b) and torch.equal(a, c)
+    else:  # the reference's matmuls block by size
+        for a, b, c in zip(p0 + s0, p1 + s1, p2 + s2):
+            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(a, c)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="bucket_coords"):
+            LSTMOptimizer(_model().parameters(), net=_small_net(), bucket_coords=bad)
+
+
 def test_optimizer_param_groups_and_lr_scale():
     net = _small_net()
     a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(5))
