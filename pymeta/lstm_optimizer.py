@@ -183,7 +183,8 @@ class LSTMOptimizer(torch.optim.Optimizer):
     (h1, c1, h2, c2) for p's coordinates) and ``"step"`` (an int). ``state_dict()`` adds the
     net (config and weights) under ``"net"``, so that ``load_state_dict`` restores the run
     exactly (it loads those weights into ``self.net`` after checking the config); everything
-    in it is tensors and plain containers, loadable with ``torch.load(weights_only=True)``.
+    in it is tensors and plain containers, loadable with ``torch.load(weights_only=True)``. Like
+    torch's optimizers it returns the live states, not copies (saving one costs no memory).
     ``save(path)`` / ``load(path)`` do both with atomic writes and safe loads.
     """
 
@@ -299,10 +300,17 @@ class LSTMOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
-        # Compact copies: the live states are views of one joint buffer per device (saving a
-        # view would save the whole buffer); a copy also keeps the dict apart from later steps.
-        sd["state"] = {k: {kk: (vv.contiguous() if isinstance(vv, Tensor) else vv)
-                           for kk, vv in v.items()} for k, v in sd["state"].items()}
+        # The live states are views of their bucket's joint buffer. Where every view of a
+        # joint is still a live state (the usual case) the views go in as they are, as torch's
+        # optimizers return their live state: torch.save stores each joint once and nothing is
+        # copied (a large model's state is not doubled to save it). Views of a joint that some
+        # parameters have left since become compact copies, so that a file holds no stale state.
+        live = {id(st["lstm_state"]) for st in self.state.values() if "lstm_state" in st}
+        whole = {id(v) for _, views in self._joint.values()
+                 if all(id(v) in live for v in views) for v in views}
+        sd["state"] = {k: {kk: (vv if not isinstance(vv, Tensor) or id(vv) in whole
+                                else vv.contiguous()) for kk, vv in v.items()}
+                       for k, v in sd["state"].items()}
         sd["net"] = {"format": NET_FORMAT, "config": self.net.config(),
                      "state_dict": {k: v.detach().clone()
                                     for k, v in self.net.state_dict().items()}}

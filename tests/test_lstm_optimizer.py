@@ -401,6 +401,36 @@ def test_optimizer_bf16_state(backend, tmp_path):
         LSTMOptimizer(m32.parameters(), net=_small_net(), state_dtype=torch.float16)
 
 
+def test_optimizer_state_dict_saves_each_joint_state_once(tmp_path):
+    """state_dict() copies no live state (the views of a bucket's joint buffer are saved as
+    one storage), and a joint that a parameter has left is saved compactly."""
+    model = _model()
+    params = list(model.parameters())
+    opt = LSTMOptimizer(params, net=_small_net())
+    _train(model, opt, _batches(2))
+    sd = opt.state_dict()
+    live = [opt.state[p]["lstm_state"] for p in params]
+    assert all(sd["state"][i]["lstm_state"] is t for i, t in enumerate(live))
+    state_bytes = sum(t.nbytes for t in live)
+    assert live[0].untyped_storage().nbytes() == state_bytes  # one joint buffer, no more
+    # the last parameter misses a step: its state is still a view of the old joint buffer
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[-1].grad = None
+    opt.step()
+    sd = opt.state_dict()
+    stale = sd["state"][3]["lstm_state"]
+    assert stale is not opt.state[params[-1]]["lstm_state"]
+    assert stale.untyped_storage().nbytes() == stale.nbytes  # compact: not the old joint
+    assert torch.equal(stale, opt.state[params[-1]]["lstm_state"])
+    assert all(sd["state"][i]["lstm_state"] is opt.state[p]["lstm_state"]
+               for i, p in enumerate(params[:3]))
+    torch.save(sd["state"], tmp_path / "b.pt")
+    loaded = torch.load(tmp_path / "b.pt", weights_only=True)
+    for i, p in enumerate(params):
+        assert torch.equal(loaded[i]["lstm_state"], opt.state[p]["lstm_state"])
+
+
 def test_optimizer_load_state_dict_checks():
     model = _model()
     opt = LSTMOptimizer(model.parameters(), net=_small_net(H=6))
