@@ -141,9 +141,9 @@ std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& w) {
 // A bfloat16 state (float32 grad and weights) keeps the math float32. The kernels that read
 // bfloat16 directly (the CPU forward and backward; on the GPU the tensor-core forward, H <= 32,
 // sm_80+) convert on load and round on store. Elsewhere (the GPU backward, the other GPU
-// kernels, or PYMETA_LSTM_BF16_NATIVE=0) the state's columns are converted in chunks of bf16_chunk(N)
-// coordinates into a float32 scratch buffer, the float32 kernels run on the chunk, and
-// new_state / d_state are rounded back. Either way the results are exactly the float32 op's
+// kernels, or PYMETA_LSTM_BF16_NATIVE=0) the state's columns are converted in chunks of
+// bf16_chunk(N) coordinates into a float32 scratch buffer, the float32 kernels run on the
+// chunk, and new_state / d_state are rounded back. Either way the results are exactly the float32 op's
 // on state.float(), rounded (nearest even), and the extra memory of a call is two (forward)
 // or three (backward) float32 scratch chunks rather than float32 copies of whole tensors.
 // PYMETA_LSTM_BF16_CHUNK overrides the chunk length (tests use it to cross chunk borders).
@@ -229,8 +229,9 @@ std::tuple<Tensor, Tensor> lstm_optimizer_step(
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                   Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// The kernels on one contiguous call (all tensors of grad's dtype; d_grad and d_state may be
-// slices of larger outputs). Writes the weight gradients of these d.N coordinates into dw.
+// The kernels on one contiguous call (state, grad_new_state and d_state of state's dtype: grad's,
+// or bfloat16 on the CPU only; the rest of grad's; d_grad and d_state may be slices of larger
+// outputs). Writes the weight gradients of these d.N coordinates into dw.
 void run_backward(const Dims& d, const Tensor& grad, const Tensor& state,
                   const std::vector<Tensor>& w, double p, double out_scale,
                   const Tensor& grad_update, const Tensor& grad_new_state, const Tensor& d_grad,
@@ -240,7 +241,8 @@ void run_backward(const Dims& d, const Tensor& grad, const Tensor& state,
     return;
   }
   LstmOptLaunch L = make_launch(d, grad, state, w, p, out_scale);
-  L.state_bf16 = state.scalar_type() == at::kBFloat16;  // the CPU kernel only (see the caller)
+  L.state_bf16 = state.scalar_type() == at::kBFloat16;
+  TORCH_INTERNAL_ASSERT(!L.state_bf16 || grad.is_cpu(), "no CUDA backward reads bfloat16");
   L.d_update = grad_update.data_ptr();
   L.d_new_state = grad_new_state.data_ptr();
   L.d_grad = d_grad.data_ptr();
