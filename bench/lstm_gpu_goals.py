@@ -110,7 +110,8 @@ def forward_table(H, compile_ref):
         floor = (32 * H + 8) * N / bw * 1e3
         print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {core:>9.4f} {b16:>8.4f} {b16c:>8.4f} | {eager:>8.4f} {cmp:>8.4f} "
               f"{ad:>7.4f} | {eager / nat:>7.1f} {cmp / nat:>6.1f} {core / nat:>6.1f} | "
-              f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e}, bf16 vs upcast {err16:.0e})",
+              f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e}, bf16 vs upcast {err16:.0e}; "
+              f"bf16 roofline {(16 * H + 8) * N / bw * 1e3 / b16:.0%})",
               flush=True)
         del net, grad, state, st, prm, adam
         torch.cuda.empty_cache()
