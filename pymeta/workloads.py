@@ -349,6 +349,9 @@ def all_workloads(device: str, quick: bool = False) -> list[Workload]:
         for n in sizes:
             out.append(lstm_optimizer_workload(device, n=n, compile=n == sizes[-1]))
             out.append(lstm_optimizer_workload(device, n=n, backward=True, compile=n == sizes[-1]))
+        for backward in (False, True):  # the state stored in bfloat16, at the larger size
+            out.append(lstm_optimizer_workload(device, n=sizes[-1], backward=backward,
+                                               compile=False, state_dtype=torch.bfloat16))
     # The MAML meta-iteration.
     conv4 = CPU_CONV4 if cpu else GPU_CONV4
     if quick:
