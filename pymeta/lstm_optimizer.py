@@ -2,6 +2,7 @@
 (Andrychowicz et al. 2016): a coordinatewise two-layer LSTM, one fused op per step."""
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -150,6 +151,18 @@ class LSTMOptimizerNet(nn.Module):
                 f"p={self.p}, out_scale={self.out_scale}")
 
 
+def _group_by_storage(tensors: List[Tensor], items: list) -> List[Tuple[bool, list]]:
+    """items[i] grouped by the storage tensors[i] lives on, each group with whether its
+    tensors cover their storage exactly (no bytes of it held for anything else)."""
+    groups: Dict[int, Tuple[Any, list, int]] = {}
+    for t, item in zip(tensors, items):
+        st = t.untyped_storage()
+        key = st.data_ptr() if st.nbytes() else -id(t)  # empty storages share no bytes
+        _, members, total = groups.get(key, (st, [], 0))
+        groups[key] = (st, members + [item], total + t.nbytes)
+    return [(total == st.nbytes(), members) for st, members, total in groups.values()]
+
+
 class LSTMOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` driven by a learned ``LSTMOptimizerNet``:
     ``p <- p + lr * update``, where ``(update, state) = net(p.grad, state)`` coordinatewise.
@@ -190,10 +203,13 @@ class LSTMOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, net: Optional[LSTMOptimizerNet] = None, lr: float = 1.0,
                  state_dtype: Optional[torch.dtype] = None, bucket_coords: int = 1 << 24):
-        if isinstance(bucket_coords, bool) or not isinstance(bucket_coords, int) \
-                or bucket_coords < 1:
-            raise ValueError(f"pymeta.LSTMOptimizer: bucket_coords must be an int >= 1, not "
-                             f"{bucket_coords!r}")
+        try:
+            bucket_coords = operator.index(bucket_coords) if not isinstance(bucket_coords, bool) \
+                else 0
+        except TypeError:
+            bucket_coords = 0
+        if bucket_coords < 1:
+            raise ValueError(f"pymeta.LSTMOptimizer: bucket_coords must be an int >= 1")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"pymeta.LSTMOptimizer: state_dtype must be None (the parameters' "
                              f"dtype) or torch.bfloat16, not {state_dtype!r}")
@@ -223,6 +239,7 @@ class LSTMOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         buckets: Dict[Tuple[torch.device, torch.dtype], List[Tuple[Tensor, dict]]] = {}
+        changed = False
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -247,8 +264,25 @@ class LSTMOptimizer(torch.optim.Optimizer):
                 chunks[-1].append(item)
                 size += n
             for i, chunk in enumerate(chunks):
-                self._step_bucket(device, dtype, i, chunk)
+                changed |= self._step_bucket(device, dtype, i, chunk)
+        if changed:
+            self._release_stale()
         return loss
+
+    def _release_stale(self) -> None:
+        """After a step whose buckets differ from the last one's: forgets the cached joint
+        buffers that some of their parameters have left, and replaces states that are views of
+        a buffer other (stale) states share with compact copies, so that no memory is held for
+        states nobody has any more (e.g. frozen parameters on a joint with trained ones)."""
+        live = [st for st in self.state.values() if isinstance(st.get("lstm_state"), Tensor)]
+        ids = {id(st["lstm_state"]) for st in live}
+        for key, (_, views) in list(self._joint.items()):
+            if not all(id(v) in ids for v in views):
+                del self._joint[key]
+        for group in _group_by_storage([st["lstm_state"] for st in live], live):
+            if not group[0]:
+                for st in group[1]:
+                    st["lstm_state"] = st["lstm_state"].clone()
 
     def _storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The state's dtype for parameters of `dtype` (bfloat16 only for float32)."""
@@ -256,7 +290,9 @@ class LSTMOptimizer(torch.optim.Optimizer):
             return torch.bfloat16
         return dtype
 
-    def _step_bucket(self, device, dtype, index: int, items: List[Tuple[Tensor, dict]]) -> None:
+    def _step_bucket(self, device, dtype, index: int, items: List[Tuple[Tensor, dict]]) -> bool:
+        """One fused call for `items`. Returns whether the bucket differs from the last step's
+        (no cached joint buffer to reuse)."""
         net = self.net
         H = net.hidden_size
         sdtype = self._storage_dtype(dtype)
@@ -273,8 +309,9 @@ class LSTMOptimizer(torch.optim.Optimizer):
                                  f"[4, {H}, {p.numel()}] (hidden size {H})")
             states.append(s)
         cached = self._joint.get((device, dtype, index))
-        if cached is not None and len(cached[1]) == len(states) and all(
-                a is b for a, b in zip(states, cached[1])):
+        hit = cached is not None and len(cached[1]) == len(states) and all(
+            a is b for a, b in zip(states, cached[1]))
+        if hit:
             joint = cached[0]  # the last step's output, over the same parameters
         elif len(states) == 1:
             joint = states[0].to(device, sdtype).contiguous()
@@ -295,21 +332,23 @@ class LSTMOptimizer(torch.optim.Optimizer):
             views.append(st["lstm_state"])
             off += n
         self._joint[(device, dtype, index)] = (new_joint, views)
+        return not hit
 
     # ---- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
-        # The live states are views of their bucket's joint buffer. Where every view of a
-        # joint is still a live state (the usual case) the views go in as they are, as torch's
-        # optimizers return their live state: torch.save stores each joint once and nothing is
-        # copied (a large model's state is not doubled to save it). Views of a joint that some
-        # parameters have left since become compact copies, so that a file holds no stale state.
-        live = {id(st["lstm_state"]) for st in self.state.values() if "lstm_state" in st}
-        whole = {id(v) for _, views in self._joint.values()
-                 if all(id(v) in live for v in views) for v in views}
+        # The live states are views of their bucket's joint buffer. Where the states cover
+        # their storage exactly (the usual case, see _release_stale) they go in as they are,
+        # as torch's optimizers return their live state: torch.save stores each joint once and
+        # nothing is copied (a large model's state is not doubled to save it). Others become
+        # compact copies, so that a file holds no stale state.
+        states = [v["lstm_state"] for v in sd["state"].values()
+                  if isinstance(v.get("lstm_state"), Tensor)]
+        whole = {id(t) for ok, ts in _group_by_storage(states, states) if ok for t in ts}
         sd["state"] = {k: {kk: (vv if not isinstance(vv, Tensor) or id(vv) in whole
-                                else vv.contiguous()) for kk, vv in v.items()}
+                                else vv.clone(memory_format=torch.contiguous_format))
+                           for kk, vv in v.items()}
                        for k, v in sd["state"].items()}
         sd["net"] = {"format": NET_FORMAT, "config": self.net.config(),
                      "state_dict": {k: v.detach().clone()

@@ -401,9 +401,19 @@ def test_optimizer_bf16_state(backend, tmp_path):
         LSTMOptimizer(m32.parameters(), net=_small_net(), state_dtype=torch.float16)
 
 
+def _held_bytes(opt):
+    """Bytes of every distinct storage the optimizer keeps alive (states and cached joints)."""
+    tensors = [st["lstm_state"] for st in opt.state.values() if "lstm_state" in st]
+    tensors += [j for j, _ in opt._joint.values()]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors}.values())
+
+
 def test_optimizer_state_dict_saves_each_joint_state_once(tmp_path):
     """state_dict() copies no live state (the views of a bucket's joint buffer are saved as
-    one storage), and a joint that a parameter has left is saved compactly."""
+    one storage); a state left on a joint that other parameters moved off is compacted by the
+    step, so no stale state is ever held or saved; a state on a storage it shares with
+    unrelated data (here: loaded so) is saved as a compact copy."""
     model = _model()
     params = list(model.parameters())
     opt = LSTMOptimizer(params, net=_small_net())
@@ -413,22 +423,64 @@ def test_optimizer_state_dict_saves_each_joint_state_once(tmp_path):
     assert all(sd["state"][i]["lstm_state"] is t for i, t in enumerate(live))
     state_bytes = sum(t.nbytes for t in live)
     assert live[0].untyped_storage().nbytes() == state_bytes  # one joint buffer, no more
-    # the last parameter misses a step: its state is still a view of the old joint buffer
+    # the last parameter misses a step: its old joint would hold the others' old states
     for p in params:
         p.grad = torch.randn_like(p)
     params[-1].grad = None
     opt.step()
+    assert _held_bytes(opt) == sum(opt.state[p]["lstm_state"].nbytes for p in params)
     sd = opt.state_dict()
-    stale = sd["state"][3]["lstm_state"]
-    assert stale is not opt.state[params[-1]]["lstm_state"]
-    assert stale.untyped_storage().nbytes() == stale.nbytes  # compact: not the old joint
-    assert torch.equal(stale, opt.state[params[-1]]["lstm_state"])
     assert all(sd["state"][i]["lstm_state"] is opt.state[p]["lstm_state"]
-               for i, p in enumerate(params[:3]))
-    torch.save(sd["state"], tmp_path / "b.pt")
-    loaded = torch.load(tmp_path / "b.pt", weights_only=True)
+               for i, p in enumerate(params))
+    torch.save(sd, tmp_path / "a.pt")
+    loaded = torch.load(tmp_path / "a.pt", weights_only=True)
     for i, p in enumerate(params):
-        assert torch.equal(loaded[i]["lstm_state"], opt.state[p]["lstm_state"])
+        assert torch.equal(loaded["state"][i]["lstm_state"], opt.state[p]["lstm_state"])
+    # states that are views of a larger buffer: copied compactly into the dict
+    big = torch.zeros(2 * state_bytes // 4)
+    off = 0
+    for i in range(4):
+        t = loaded["state"][i]["lstm_state"]
+        loaded["state"][i]["lstm_state"] = big[off:off + t.numel()].view_as(t).copy_(t)
+        off += t.numel()
+    opt2 = LSTMOptimizer(_model().parameters(), net=_small_net())
+    opt2.load_state_dict(loaded)
+    sd2 = opt2.state_dict()
+    for i in range(4):
+        t = sd2["state"][i]["lstm_state"]
+        assert t.untyped_storage().nbytes() == t.nbytes
+        assert torch.equal(t, opt.state[params[i]]["lstm_state"])
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+def test_optimizer_buckets_as_parameters_come_and_go(backend):
+    """Buckets whose membership changes between steps (missing grads, frozen parameters, a new
+    param group): the same results as one fused call per step, and no memory held for states
+    that parameters have left (the cache of a bucket that no longer exists included)."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(40,), (25,), (30,), (10,), (33,), (8,)]
+    schedule = [range(6), range(6), [0, 2, 4], [3, 4, 5], [4, 5], range(6), [1]]
+    runs = []
+    with pymeta.use_backend(backend):
+        grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in schedule]
+        for bucket in (1 << 24, 50):
+            params = [nn.Parameter(torch.ones(s)) for s in shapes]
+            opt = LSTMOptimizer(params[:5], net=_small_net(), bucket_coords=bucket)
+            for t, active in enumerate(schedule):
+                if t == 5:
+                    opt.add_param_group({"params": [params[5]], "lr": 0.5})
+                for i, p in enumerate(params):
+                    p.grad = grads[t][i].clone() if i in active and (t >= 5 or i < 5) else None
+                opt.step()
+                assert _held_bytes(opt) == sum(opt.state[p]["lstm_state"].nbytes
+                                               for p in params if "lstm_state" in opt.state[p])
+            runs.append(([p.detach().clone() for p in params],
+                         [opt.state[p]["lstm_state"].clone() for p in params]))
+    for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
+        if backend == "native":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b)
 
 
 def test_optimizer_load_state_dict_checks():
