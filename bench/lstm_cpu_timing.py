@@ -7,6 +7,9 @@ Columns (wall-clock ms per call; the median of `--repeats` calls after warm-up):
   fwd+bwd   forward with autograd, then torch.autograd.grad(update.sum() + new_state.sum(),
             [state, *weights]): what a meta-training step pays
   x cmp     torch.compile(reference) time / native time
+With --lstmcell, "cell" / "cell-compile" time the issue's own baseline for the forward: two
+nn.LSTMCell + nn.Linear with the state kept in LSTMCell's [N, H] layout (no transposes),
+eagerly and under torch.compile (dynamic=False).
 With --bf16, "native-bf16" is the native op on a bfloat16 copy of the state (bfloat16
 storage, float32 math: the kernels convert), "bf16-chunks" the same with
 PYMETA_LSTM_BF16_NATIVE=0 (converted in chunks around the float32 kernels).
@@ -15,7 +18,7 @@ The machine's other jobs make single calls noisy: compare medians of one run, no
 Run from the repository root with PYTHONPATH=. (a script outside the tree imports the
 installed pymeta._C otherwise):
   PYTHONPATH=. python bench/lstm_cpu_timing.py [--N 100000] [--threads 1 2] [--no-compile]
-      [--no-backward] [--keep-freed] [--bf16]
+      [--no-backward] [--keep-freed] [--bf16] [--lstmcell]
 """
 import argparse
 import os
@@ -25,6 +28,7 @@ import time
 import torch
 
 import pymeta
+from pymeta import reference
 from pymeta.benchmark import keep_freed_cpu_memory
 from pymeta.workloads import lstm_native, lstm_optimizer_inputs, lstm_reference
 
@@ -51,6 +55,8 @@ def main():
     ap.add_argument("--keep-freed", action="store_true",
                     help="glibc keeps freed memory (outputs do not fault in fresh pages each call)")
     ap.add_argument("--bf16", action="store_true", help="also time the native op on a bf16 state")
+    ap.add_argument("--lstmcell", action="store_true",
+                    help="also time the nn.LSTMCell baseline (forward), eager and compiled")
     args = ap.parse_args()
     if args.keep_freed:
         print("keep_freed_cpu_memory:", keep_freed_cpu_memory())
@@ -84,10 +90,27 @@ def main():
             used = bf16["state_g"] if f in (native_bf16, bf16_chunks) else state_g
             return torch.autograd.grad(update.sum() + new_state.sum(), [used, *weights])
 
+        if args.lstmcell:
+            net = pymeta.LSTMOptimizerNet(args.H)
+            with torch.no_grad():
+                for mine, w in zip(net.weights(), weights):
+                    mine.copy_(w)
+            cell_state = tuple(x.t().contiguous() for x in state)
+
+            def cell_step(g):
+                h1, c1 = net.cell1(reference.lstm_preprocess(g, "log_sign", 10.0),
+                                   (cell_state[0], cell_state[1]))
+                h2, c2 = net.cell2(h1, (cell_state[2], cell_state[3]))
+                return net.out(h2).squeeze(1) * 0.1, (h1, c1, h2, c2)
+            cell_cmp = torch.compile(cell_step, dynamic=False)
         err = (fwd(lstm_native)[0] - fwd(lstm_reference)[0]).abs().max().item()
         for t in args.threads:
             torch.set_num_threads(t)
             res = {}
+            if args.lstmcell:
+                with torch.no_grad():
+                    for name, f in (("cell", cell_step), ("cell-compile", cell_cmp)):
+                        res[name, "fwd"] = median_ms(lambda: f(grad_), args.repeats)
             for name, f in impls:
                 res[name, "fwd"] = median_ms(lambda: fwd(f), args.repeats)
                 if not args.no_backward:
@@ -97,6 +120,10 @@ def main():
                     f"{name} {res[name, kind]:8.2f}" for name, _ in impls)
                 if ("compile", kind) in res:
                     line += f"  | compile/native {res['compile', kind] / res['native', kind]:5.2f}x"
+                if kind == "fwd" and ("cell", kind) in res:
+                    line += (f"  | cell {res['cell', kind]:8.2f}  cell-compile "
+                             f"{res['cell-compile', kind]:8.2f}  cell-compile/native "
+                             f"{res['cell-compile', kind] / res['native', kind]:5.2f}x")
                 print(line, flush=True)
         print(f"N={n}: max |update native - reference| = {err:.2e}")
 
