@@ -1,5 +1,8 @@
 """Shared by the pytest-benchmark suites and the GPU timing scripts."""
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -40,3 +43,14 @@ def ms_per_call(fn, reps=20, repeats=5, warmup=3, device="cuda"):
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) / reps)
     return statistics.median(times)
+
+
+def json_child(script, argv, env):
+    """Runs `python script *argv` in a fresh process (each measurement of the memory scripts
+    does, so that one's allocations never show in another's peak) and returns the JSON object
+    on its last stdout line; a failure raises with the child's last stderr line."""
+    r = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+

@@ -27,9 +27,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
+
+from benchutil import json_child
 
 
 def _median_ms(fn, sync, runs: int, warmup: int) -> float:
@@ -97,13 +97,10 @@ def child(state_dtype: str, device: str, n: int, width: int, what: str, unroll: 
 
 
 def _run(args, state_dtype, what, env) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--device", args.device, "--params",
-                        str(args.params), "--width", str(args.width), "--bucket", str(args.bucket)]
-                       + (["--unroll"] if args.unroll else []) + ["--child", state_dtype, what],
-                       capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr.strip().splitlines()[-1])
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return json_child(__file__, ["--device", args.device, "--params", str(args.params),
+                                 "--width", str(args.width), "--bucket", str(args.bucket)]
+                      + (["--unroll"] if args.unroll else []) + ["--child", state_dtype, what],
+                      env)
 
 
 def main() -> None:

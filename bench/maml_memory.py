@@ -18,9 +18,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
+
+from benchutil import json_child
 
 IMPLS = ("pymeta", "pymeta+checkpoint", "torch_func")
 
@@ -60,12 +60,8 @@ def child(impl: str, steps: int, first_order: bool, device: str, config: str, wh
 
 
 def _run_child(args, impl, steps, order, what, env) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--device", args.device, "--config",
-                          args.config, "--child", impl, str(steps), order, what],
-                         capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip().splitlines()[-1])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json_child(__file__, ["--device", args.device, "--config", args.config, "--child",
+                                 impl, str(steps), order, what], env)
 
 
 def main() -> None:

@@ -130,22 +130,27 @@ def _bilinear_jvp(fn, ctx, ta, tb):
                 None if tb is None else fn(a, tb, ctx.geom))
 
 
+def _grad_map_backward(ctx, dd, conv_operands, other_map):
+    """The backward of a gradient map g(dy, b) (b = w or x), given dd = d loss / d g: w.r.t.
+    dy a conv (of conv_operands(dd, b)), w.r.t. b the other gradient map of (dy, dd)."""
+    dy, b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (_conv(*conv_operands(dd, b), ctx.geom) if need[0] else None,
+            other_map.apply(dy, dd, ctx.geom) if need[1] else None, None)
+
+
 class _ConvInputGrad(torch.autograd.Function):
     """The input gradient of _GroupedConv: dy [B, g*Co, H', W'], w -> dx [geom.x_shape]."""
     generate_vmap_rule = True
+    setup_context = staticmethod(_save_operands)
 
     @staticmethod
     def forward(dy, w, geom):
         return torch.nn.grad.conv2d_input(geom.x_shape, w, dy, 1, geom.padding, 1, geom.groups)
 
-    setup_context = staticmethod(_save_operands)
-
     @staticmethod
     def backward(ctx, ddx):  # d/d dy = conv(ddx, w); d/dw = wgrad(dy, ddx)
-        dy, w = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        return (_conv(ddx, w, ctx.geom) if need[0] else None,
-                _ConvWeightGrad.apply(dy, ddx, ctx.geom) if need[1] else None, None)
+        return _grad_map_backward(ctx, ddx, lambda ddx, w: (ddx, w), _ConvWeightGrad)
 
     @staticmethod
     def jvp(ctx, tdy, tw, _):
@@ -155,19 +160,15 @@ class _ConvInputGrad(torch.autograd.Function):
 class _ConvWeightGrad(torch.autograd.Function):
     """The weight gradient of _GroupedConv: dy [B, g*Co, H', W'], x -> dw [geom.w_shape]."""
     generate_vmap_rule = True
+    setup_context = staticmethod(_save_operands)
 
     @staticmethod
     def forward(dy, x, geom):
         return torch.nn.grad.conv2d_weight(x, geom.w_shape, dy, 1, geom.padding, 1, geom.groups)
 
-    setup_context = staticmethod(_save_operands)
-
     @staticmethod
     def backward(ctx, ddw):  # d/d dy = conv(x, ddw); d/dx = dgrad(dy, ddw)
-        dy, x = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        return (_conv(x, ddw, ctx.geom) if need[0] else None,
-                _ConvInputGrad.apply(dy, ddw, ctx.geom) if need[1] else None, None)
+        return _grad_map_backward(ctx, ddw, lambda ddw, x: (x, ddw), _ConvInputGrad)
 
     @staticmethod
     def jvp(ctx, tdy, tx, _):
