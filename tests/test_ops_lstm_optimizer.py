@@ -122,6 +122,40 @@ def test_preprocessing_branches(dtype):
 
 
 @native_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("H", [7, 20])
+def test_saturated_gates_and_nonfinite_grads(device, dtype, H):
+    """Gate pre-activations far past the activations' bends (hundreds, c up to 1e30) and
+    +-inf grads saturate as the oracle does; NaN grads stay in their coordinates."""
+    N = 301
+    net = make_net(H, dtype=dtype, device=device)
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.mul_(40.0)
+    grad = make_grad(N, dtype, device, seed=3)
+    grad[[10, 100, 250]] = float("inf")
+    grad[[11, 101]] = -float("inf")
+    grad[[12, 200, 300]] = float("nan")
+    state = (torch.randn(4, H, N, dtype=torch.float64) * 20.0)
+    state[1, :, ::5] = 1e30  # c1: tanh(c) saturates, and the cell's c too
+    state[3, :, 1::5] = -1e30
+    state = state.to(device=device, dtype=dtype)
+    w = [t.detach() for t in net.weights()]
+    u, s = OP(grad, state, *w, "log_sign", net.p, net.out_scale)
+    with torch.no_grad():
+        u_ref, s_ref = oracle_step(net, grad, state)
+    nan = torch.zeros(N, dtype=torch.bool, device=device)
+    nan[[12, 200, 300]] = True
+    assert u[nan].isnan().all() and s[:, :, nan].isnan().all()
+    assert u_ref[~nan].isfinite().all()
+    # float32: gate sums of terms in the hundreds carry ~1e-4 of rounding into the gates
+    t = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(u[~nan], u_ref[~nan], **t)
+    torch.testing.assert_close(s[:, :, ~nan], s_ref[:, :, ~nan], **t)
+
+
+@native_only
 def test_empty():
     net = make_net(5)
     g = torch.zeros(0, dtype=torch.float64, requires_grad=True)

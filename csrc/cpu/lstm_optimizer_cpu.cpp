@@ -247,6 +247,20 @@ inline void dh_products(const T* w, int H, const T* dz, int64_t ldz, const T* in
   for (; k0 < H; ++k0) dh_tile<T, LN, NV, 1>(w, H, k0, dz, ldz, init, ldi, out, ldo);
 }
 
+// Software prefetches of the next chunk's state rows (rows `ld` bytes apart, `lines` cache lines
+// each), issued a few rows at a time between the gate tiles: a burst of all 4H rows at once
+// would stall on the few outstanding-miss slots, spread out they overlap with the arithmetic.
+struct Prefetch {
+  const char* p = nullptr;
+  int64_t ld = 0;
+  int lines = 0;
+  void rows(int r0, int count) const {
+    if (!p) return;
+    for (int r = r0; r < r0 + count; ++r)
+      for (int l = 0; l < lines; ++l) __builtin_prefetch(p + r * ld + 64 * l, 0, 2);
+  }
+};
+
 // ---- the forward: column chunks, register tiles over the shared cell math --------------------
 // The gate pre-activations of CW = LN * NV consecutive coordinates are small matrix products,
 // Z[4H, CW] = W_hh1 h1[:, chunk] + b + W_ih1 x (layer 1), W_ih2 h1' + W_hh2 h2 + b (layer 2),
@@ -260,26 +274,35 @@ inline void dh_products(const T* w, int H, const T* dz, int64_t ldz, const T* in
 // hardware prefetchers, so the loop prefetches the next chunk's lines itself.
 template <typename T, int LN, int NV>
 inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad,
-                          const T* state, T* update, T* new_state, int64_t ld) {
+                          const T* state, T* update, T* new_state, int64_t ld,
+                          const Prefetch& pf = Prefetch{}) {
   using V = Lanes<T, LN>;
   const int H = s.H, n_in = s.n_in;
   auto load = [&](const T* p, int64_t row, int v) { return load_lanes<T, LN>(p, ld, row, v); };
   auto store = [&](T* p, int64_t row, int v, const V& x) { store_lanes<T, LN>(p, ld, row, v, x); };
   // The cell of unit j (rows j, H + j of the layer's h, c in state / new_state at row0).
   auto cell = [&](V (&z)[4][NV], int64_t row0, int j, V* out) {
+    V cp[NV], c[NV], h[NV];
+    for (int v = 0; v < NV; ++v) cp[v] = load(state, row0 + H + j, v);
+    if constexpr (std::is_same<T, float>::value) {
+      lstm_cell_lanes(z, cp, c, h);  // all NV vectors at once, 3 divisions
+    } else {
+      for (int v = 0; v < NV; ++v) {
+        const V zv[4] = {z[0][v], z[1][v], z[2][v], z[3][v]};
+        lstm_cell(zv, cp[v], c[v], h[v]);
+      }
+    }
     for (int v = 0; v < NV; ++v) {
-      const V zv[4] = {z[0][v], z[1][v], z[2][v], z[3][v]};
-      V c, h;
-      lstm_cell(zv, load(state, row0 + H + j, v), c, h);
-      store(new_state, row0 + j, v, h);
-      store(new_state, row0 + H + j, v, c);
-      if (out) out[v] = out[v] + W.w_out[j] * h;
+      store(new_state, row0 + j, v, h[v]);
+      store(new_state, row0 + H + j, v, c[v]);
+      if (out) out[v] = out[v] + W.w_out[j] * h[v];
     }
   };
 
   V x[NV][2];
   for (int v = 0; v < NV; ++v) lstm_preprocess(load(grad, 0, v), s, x[v]);
   for (int j = 0; j < H; ++j) {
+    pf.rows(2 * j, 2);
     V z[4][NV];
     gate_init1(z, W, H, n_in, j, x);
     gate_tile(z, W.w_hh1, H, j, state, ld);
@@ -288,6 +311,7 @@ inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s
   V out[NV];
   for (int v = 0; v < NV; ++v) out[v] = V(W.b_out[0]);
   for (int j = 0; j < H; ++j) {
+    pf.rows(2 * H + 2 * j, 2);
     V z[4][NV];
     gate_init2(z, W, H, j);
     gate_tile(z, W.w_ih2, H, j, new_state, ld);                  // h1 (new)
@@ -334,10 +358,10 @@ inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
     const int64_t n = c * CW;
     const int64_t cnt = std::min<int64_t>(CW, N - n);
     // The next chunk's inputs, to L2 (prefetching the outputs too measured no better).
+    Prefetch pf;
     if (c + 1 < c1 && n + 2 * CW <= N) {
       const int64_t m = n + CW;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int l = 0; l < CW; l += kLine) __builtin_prefetch(state + r * N + m + l, 0, 2);
+      pf = Prefetch{reinterpret_cast<const char*>(state + m), N * int64_t(sizeof(St)), CW / kLine};
       for (int l = 0; l < CW; l += 64 / int(sizeof(T))) __builtin_prefetch(grad + m + l, 0, 2);
     }
     if (kConvert || cnt < CW) {
@@ -348,13 +372,13 @@ inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
       if (cnt < CW) std::fill(in.begin(), in.end(), T(0));
       for (int64_t r = 0; r < rows; ++r) stage_in(&in[r * CW], state + r * N + n, cnt);
       std::memcpy(&in[rows * CW], grad + n, cnt * sizeof(T));
-      forward_chunk<T, LN, NV>(W, s, &in[rows * CW], in.data(), &out[rows * CW], out.data(), CW);
+      forward_chunk<T, LN, NV>(W, s, &in[rows * CW], in.data(), &out[rows * CW], out.data(), CW, pf);
       for (int64_t r = 0; r < rows; ++r) stage_out(new_state + r * N + n, &out[r * CW], cnt);
       std::memcpy(update + n, &out[rows * CW], cnt * sizeof(T));
       continue;
     }
     if constexpr (!kConvert)
-      forward_chunk<T, LN, NV>(W, s, grad + n, state + n, update + n, new_state + n, N);
+      forward_chunk<T, LN, NV>(W, s, grad + n, state + n, update + n, new_state + n, N, pf);
   }
 }
 

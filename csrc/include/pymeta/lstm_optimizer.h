@@ -115,9 +115,9 @@ struct LaneMask {
     return Lanes<T, L>::of(a.v op b.v);                                                     \
   }                                                                                         \
   template <typename T, int L>                                                              \
-  inline Lanes<T, L> operator op(T a, const Lanes<T, L>& b) { return Lanes<T, L>(a) op b; }   \
+  inline Lanes<T, L> operator op(T a, const Lanes<T, L>& b) { return Lanes<T, L>::of(a op b.v); } \
   template <typename T, int L>                                                              \
-  inline Lanes<T, L> operator op(const Lanes<T, L>& a, T b) { return a op Lanes<T, L>(b); }
+  inline Lanes<T, L> operator op(const Lanes<T, L>& a, T b) { return Lanes<T, L>::of(a.v op b); }
 PYMETA_LANES_BINOP(+)
 PYMETA_LANES_BINOP(-)
 PYMETA_LANES_BINOP(*)
@@ -132,32 +132,102 @@ inline Lanes<T, L>& operator+=(Lanes<T, L>& a, const Lanes<T, L>& b) {
   return a;
 }
 
-// exp of float lanes in vector instructions (no libm calls): 2^n * P(r) with
-// x = n ln2 + r, |r| <= ln2 / 2; degree-7 Taylor polynomial (relative error < 1e-7).
+// ---- float activations on K lane vectors at once -------------------------------------------
+// Every step runs over the K vectors before the next step: K independent dependency chains
+// side by side, so that the long exp -> division chains of the cell overlap (the forward's
+// cell runs on a whole register tile, K = its NV vectors; single vectors use K = 1).
+#define PYMETA_EACH_K _Pragma("GCC unroll 16") for (int k = 0; k < K; ++k)
 template <int L>
-inline Lanes<float, L> v_exp(const Lanes<float, L>& a) {
+struct FloatLanes {
   typedef typename Lanes<float, L>::vec_t fv;
-  typedef int32_t iv __attribute__((vector_size(sizeof(int32_t) * L)));
-  fv x = a.v;
-  x = x < -87.0f ? fv{} - 87.0f : x;
-  x = x > 88.0f ? fv{} + 88.0f : x;
-  const fv t = x * 1.44269504088896341f;
-  const iv n = __builtin_convertvector(t + (t < 0.0f ? fv{} - 0.5f : fv{} + 0.5f), iv);
-  const fv fn = __builtin_convertvector(n, fv);
-  const fv r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
-  fv p = fv{} + 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const iv bits = (n + 127) << 23;
-  fv scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return Lanes<float, L>::of(p * scale);
+  typedef uint32_t uv __attribute__((vector_size(sizeof(uint32_t) * L)));
+};
+
+// e = exp(-scale |y|) (scale 1 or 2) and the sign bits of y, in vector instructions (no libm
+// calls): 2^n P(r) with x = n ln2 + r, |r| <= ln2 / 2, P the degree-7 Taylor polynomial
+// (relative error < 1e-7). n comes from adding 1.5 * 2^23 to x log2(e): the sum is rounded to
+// an integer and holds n in its low mantissa bits, so 2^n is a shift of those bits (no
+// conversions). The argument is <= 0, so exp never overflows and one clamp, x >= -87, keeps
+// n + 127 in [1, 127]. NaN stays NaN; -|y| and the sign bit are bit operations.
+template <int L, int K>
+inline void v_exp_neg_abs(const typename FloatLanes<L>::fv (&y)[K], float scale,
+                          typename FloatLanes<L>::fv (&e)[K], typename FloatLanes<L>::uv (&sign)[K]) {
+  typedef typename FloatLanes<L>::fv fv;
+  typedef typename FloatLanes<L>::uv uv;
+  fv x[K], kk[K], r[K], p[K];
+  PYMETA_EACH_K {
+    uv b;
+    std::memcpy(&b, &y[k], sizeof(b));
+    sign[k] = b & 0x80000000u;
+    b |= 0x80000000u;
+    std::memcpy(&x[k], &b, sizeof(b));
+  }
+  PYMETA_EACH_K x[k] = x[k] * scale;
+  PYMETA_EACH_K x[k] = x[k] < -87.0f ? fv{} - 87.0f : x[k];
+  PYMETA_EACH_K kk[k] = x[k] * 1.44269504088896341f + 12582912.0f;
+  PYMETA_EACH_K {
+    const fv fn = kk[k] - 12582912.0f;
+    r[k] = (x[k] - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  }
+  PYMETA_EACH_K p[k] = r[k] * (1.0f / 5040.0f) + 1.0f / 720.0f;
+  PYMETA_EACH_K p[k] = p[k] * r[k] + 1.0f / 120.0f;
+  PYMETA_EACH_K p[k] = p[k] * r[k] + 1.0f / 24.0f;
+  PYMETA_EACH_K p[k] = p[k] * r[k] + 1.0f / 6.0f;
+  PYMETA_EACH_K p[k] = p[k] * r[k] + 0.5f;
+  PYMETA_EACH_K p[k] = p[k] * r[k] + 1.0f;
+  PYMETA_EACH_K p[k] = p[k] * r[k] + 1.0f;
+  PYMETA_EACH_K {
+    uv bits;
+    std::memcpy(&bits, &kk[k], sizeof(bits));
+    bits = (bits + 127u) << 23;  // (n + 127) << 23: the bits are 0x4B400000 + n, the top shifts out
+    fv two_n;
+    std::memcpy(&two_n, &bits, sizeof(two_n));
+    e[k] = p[k] * two_n;
+  }
 }
+// sigmoid(y) = num / den: num = 1 for y >= 0, e below; den = 1 + e in [1, 2], e = exp(-|y|).
+template <int L, int K>
+inline void v_sigmoid_frac(const typename FloatLanes<L>::fv (&y)[K],
+                           typename FloatLanes<L>::fv (&num)[K], typename FloatLanes<L>::fv (&den)[K]) {
+  typedef typename FloatLanes<L>::fv fv;
+  fv e[K];
+  typename FloatLanes<L>::uv sign[K];
+  v_exp_neg_abs<L, K>(y, 1.0f, e, sign);
+  PYMETA_EACH_K num[k] = y[k] >= 0.0f ? fv{} + 1.0f : e[k];
+  PYMETA_EACH_K den[k] = 1.0f + e[k];
+}
+// tanh(y) = num / den: num = sign(y) (1 - e) (the sign as a bit, so tanh(-0) = -0), den = 1 + e,
+// e = exp(-2|y|): exact to rounding in absolute terms.
+template <int L, int K>
+inline void v_tanh_frac(const typename FloatLanes<L>::fv (&y)[K],
+                        typename FloatLanes<L>::fv (&num)[K], typename FloatLanes<L>::fv (&den)[K]) {
+  typedef typename FloatLanes<L>::fv fv;
+  typedef typename FloatLanes<L>::uv uv;
+  fv e[K];
+  uv sign[K];
+  v_exp_neg_abs<L, K>(y, 2.0f, e, sign);
+  PYMETA_EACH_K {
+    const fv t = 1.0f - e[k];
+    uv b;
+    std::memcpy(&b, &t, sizeof(b));
+    b ^= sign[k];
+    std::memcpy(&num[k], &b, sizeof(b));
+    den[k] = 1.0f + e[k];
+  }
+}
+template <int L>
+inline Lanes<float, L> v_sigmoid(const Lanes<float, L>& a) {
+  typename FloatLanes<L>::fv y[1] = {a.v}, num[1], den[1];
+  v_sigmoid_frac<L, 1>(y, num, den);
+  return Lanes<float, L>::of(num[0] / den[0]);
+}
+template <int L>
+inline Lanes<float, L> v_tanh(const Lanes<float, L>& a) {
+  typename FloatLanes<L>::fv y[1] = {a.v}, num[1], den[1];
+  v_tanh_frac<L, 1>(y, num, den);
+  return Lanes<float, L>::of(num[0] / den[0]);
+}
+
 template <int L>
 inline Lanes<double, L> v_exp(const Lanes<double, L>& a) {
   Lanes<double, L> r;
@@ -290,6 +360,31 @@ PYMETA_HD void lstm_cell(const V z[4], const V& c_prev, V& c, V& h) {
   V a[4], tc;
   lstm_cell_acts(z, c_prev, a, c, tc, h);
 }
+#if !defined(__CUDACC__)
+// The forward cell (c, h of lstm_cell) of K float lane vectors at once, with 3 divisions
+// instead of 5: every activation is a fraction num / den with den in [1, 2], so i g and
+// o tanh(c) each take one division of products (dens in [1, 4]: nothing overflows).
+template <int L, int K>
+inline void lstm_cell_lanes(const Lanes<float, L> (&z)[4][K], const Lanes<float, L> (&c_prev)[K],
+                            Lanes<float, L> (&c)[K], Lanes<float, L> (&h)[K]) {
+  typedef typename FloatLanes<L>::fv fv;
+  fv y[K], ni[K], di[K], nf[K], df[K], ng[K], dg[K], no[K], dn[K], nc[K], dc[K];
+  PYMETA_EACH_K y[k] = z[0][k].v;
+  v_sigmoid_frac<L, K>(y, ni, di);
+  PYMETA_EACH_K y[k] = z[1][k].v;
+  v_sigmoid_frac<L, K>(y, nf, df);
+  PYMETA_EACH_K y[k] = z[2][k].v;
+  v_tanh_frac<L, K>(y, ng, dg);
+  PYMETA_EACH_K y[k] = z[3][k].v;
+  v_sigmoid_frac<L, K>(y, no, dn);
+  PYMETA_EACH_K y[k] = nf[k] / df[k] * c_prev[k].v + (ni[k] * ng[k]) / (di[k] * dg[k]);
+  v_tanh_frac<L, K>(y, nc, dc);
+  PYMETA_EACH_K {
+    c[k].v = y[k];
+    h[k].v = (no[k] * nc[k]) / (dn[k] * dc[k]);
+  }
+}
+#endif
 
 // Given dh and dc (the gradients w.r.t. the cell's outputs), the gradients w.r.t. z and
 // c_prev, from the activations a and tc of lstm_cell_acts.
