@@ -336,7 +336,19 @@ inline void stage_out(St* dst, const T* src, int64_t cnt) {
   if constexpr (std::is_same<T, St>::value) {
     std::memcpy(dst, src, cnt * sizeof(T));
   } else {
-    for (int64_t i = 0; i < cnt; ++i) state_st(dst[i], src[i]);
+    // 16 at a time as explicit vectors (the auto-vectorized loop used 4-wide ones and was a
+    // quarter of the bfloat16 forward), the header's rounding on each
+    typedef uint32_t u32x16 __attribute__((vector_size(64)));
+    typedef uint16_t u16x16 __attribute__((vector_size(32)));
+    int64_t i = 0;
+    for (; i + 16 <= cnt; i += 16) {
+      u32x16 u;
+      std::memcpy(&u, src + i, sizeof(u));
+      f32_bits_to_bf16_bits(u);
+      const u16x16 b = __builtin_convertvector(u, u16x16);
+      std::memcpy(dst + i, &b, sizeof(b));
+    }
+    for (; i < cnt; ++i) state_st(dst[i], src[i]);
   }
 }
 

@@ -688,10 +688,17 @@ PYMETA_HD float bits_f32(uint32_t u) {
 #endif
 }
 PYMETA_HD float bf16_to_f32(uint16_t b) { return bits_f32(uint32_t(b) << 16); }
+// Float bits u -> the bfloat16 bits (in the low 16 bits), rounded to nearest even; a NaN
+// stays a NaN (quiet). U: uint32_t, or a vector of them on the CPU (the staging loops).
+template <typename U>
+PYMETA_HD void f32_bits_to_bf16_bits(U& u) {
+  const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  u = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
+}
 PYMETA_HD uint16_t f32_to_bf16(float x) {
-  const uint32_t u = f32_bits(x);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
+  uint32_t u = f32_bits(x);
+  f32_bits_to_bf16_bits(u);
+  return static_cast<uint16_t>(u);
 }
 // Loads and stores of a state value in its storage type (float, double or bfloat16 bits).
 template <typename T>
