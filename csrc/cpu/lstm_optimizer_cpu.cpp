@@ -150,7 +150,16 @@ WgradIsa wgrad_isa() {
 #endif
 }
 
-// brows: nb rows, nb a multiple of every path's NR (the caller pads with a row of zeros).
+// B rows per register tile of the path (nb must be a multiple of it).
+int wgrad_nr(WgradIsa isa) {
+#ifdef PYMETA_WGRAD_X86
+  if (isa == WgradIsa::Avx512) return wgrad_avx512::kNR;
+  if (isa == WgradIsa::Avx2) return wgrad_avx2::kNR;
+#endif
+  return wgrad_base::kNR;
+}
+
+// brows: nb rows, nb a multiple of the path's NR (the caller pads with rows of zeros).
 template <typename T>
 void wgrad_products(WgradIsa isa, const T* at, int64_t lda, int cnt, const T* const* brows,
                     int nb, T* ct) {
@@ -621,7 +630,7 @@ void backward(const LstmOptLaunch& L) {
   const int64_t align = 64 / sizeof(T);
   const int64_t lda = (4 * H + align - 1) / align * align;
   const WgradIsa isa = wgrad_isa();
-  constexpr int NRP = 20;  // a multiple of every path's NR (4, 5): B row lists padded to it
+  const int NRP = wgrad_nr(isa);  // B row lists padded to the path's tile rows
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> ws(static_cast<size_t>(R.total) * BC);
     std::vector<T> at_buf(static_cast<size_t>(lda) * BC, T(0));
