@@ -256,17 +256,21 @@ inline void dh_products(const T* w, int H, const T* dz, int64_t ldz, const T* in
   for (; k0 < H; ++k0) dh_tile<T, LN, NV, 1>(w, H, k0, dz, ldz, init, ldi, out, ldo);
 }
 
-// Software prefetches of the next chunk's state rows (rows `ld` bytes apart, `lines` cache lines
-// each), issued a few rows at a time between the gate tiles: a burst of all 4H rows at once
-// would stall on the few outstanding-miss slots, spread out they overlap with the arithmetic.
+// Software prefetches of the next chunk's state rows (rows `ld` bytes apart, `bytes` long each,
+// not necessarily line-aligned), issued a few rows at a time between the gate tiles: a burst of
+// all 4H rows at once would stall on the few outstanding-miss slots, spread out they overlap
+// with the arithmetic. Every line a row's span touches is prefetched once.
 struct Prefetch {
   const char* p = nullptr;
   int64_t ld = 0;
-  int lines = 0;
+  int64_t bytes = 0;
   void rows(int r0, int count) const {
     if (!p) return;
-    for (int r = r0; r < r0 + count; ++r)
-      for (int l = 0; l < lines; ++l) __builtin_prefetch(p + r * ld + 64 * l, 0, 2);
+    for (int r = r0; r < r0 + count; ++r) {
+      const uintptr_t a = reinterpret_cast<uintptr_t>(p + r * ld);
+      for (uintptr_t q = a & ~uintptr_t(63); q < a + bytes; q += 64)
+        __builtin_prefetch(reinterpret_cast<const void*>(q), 0, 2);
+    }
   }
 };
 
@@ -276,7 +280,8 @@ struct Prefetch {
 // whose input rows are contiguous runs of the feature-major state. A register tile holds the
 // 4 gates of one unit times NV lane vectors (16 accumulators on AVX-512): each weight is
 // broadcast once per NV vectors, and the 4 NV independent sums hide the FMA latency. The tile
-// then goes straight through the header's cell math (lstm_cell on Lanes) and is stored to
+// then goes straight through the header's cell math (lstm_cell_lanes for float: the tile's NV
+// vectors at once; lstm_cell on each vector for double) and is stored to
 // new_state. Every entry is summed in the order of lstm_opt_forward_coord (bias, x, then k =
 // 0 .. H-1), so a coordinate's result depends neither on the chunking nor on the thread count.
 // Rows of one chunk sit N elements apart, 4H input and 4H output rows: too many streams for the
@@ -371,7 +376,6 @@ inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
                            const St* state, T* update, St* new_state, int64_t N, int64_t c0,
                            int64_t c1) {
   constexpr int CW = LN * NV;
-  constexpr int kLine = 64 / sizeof(St);
   constexpr bool kConvert = !std::is_same<T, St>::value;
   const int64_t rows = 4 * int64_t(s.H);
   std::vector<T> in, out;
@@ -382,7 +386,8 @@ inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
     Prefetch pf;
     if (c + 1 < c1 && n + 2 * CW <= N) {
       const int64_t m = n + CW;
-      pf = Prefetch{reinterpret_cast<const char*>(state + m), N * int64_t(sizeof(St)), CW / kLine};
+      pf = Prefetch{reinterpret_cast<const char*>(state + m), N * int64_t(sizeof(St)),
+                    CW * int64_t(sizeof(St))};
       for (int l = 0; l < CW; l += 64 / int(sizeof(T))) __builtin_prefetch(grad + m + l, 0, 2);
     }
     if (kConvert || cnt < CW) {

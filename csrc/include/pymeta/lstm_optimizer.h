@@ -148,7 +148,9 @@ struct FloatLanes {
 // (relative error < 1e-7). n comes from adding 1.5 * 2^23 to x log2(e): the sum is rounded to
 // an integer and holds n in its low mantissa bits, so 2^n is a shift of those bits (no
 // conversions). The argument is <= 0, so exp never overflows and one clamp, x >= -87, keeps
-// n + 127 in [1, 127]. NaN stays NaN; -|y| and the sign bit are bit operations.
+// n + 127 in [1, 127]. NaN stays NaN; -|y| and the sign bit are bit operations. The rounding
+// relies on (k - 1.5 * 2^23) not being reassociated: never build this with -ffast-math or
+// -fassociative-math.
 template <int L, int K>
 inline void v_exp_neg_abs(const typename FloatLanes<L>::fv (&y)[K], float scale,
                           typename FloatLanes<L>::fv (&e)[K], typename FloatLanes<L>::uv (&sign)[K]) {
