@@ -671,24 +671,17 @@ PYMETA_HD void lstm_opt_backward_coord(const LstmOptWeights<T>& W, const LstmOpt
 // bit for every non-NaN value (overflow to Inf, subnormals and -0 included). A NaN stays a
 // NaN with its sign and top payload bits, quieted (torch's scalar and vector conversions
 // disagree on NaN bits, so no choice matches both).
-PYMETA_HD uint32_t f32_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-#endif
+// A value's bits as another type of its size: a memcpy, which compiles to a register move on
+// the host and on the device (the SASS is that of __float_as_uint / __uint_as_float).
+template <typename To, typename From>
+PYMETA_HD To bits_as(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as: sizes differ");
+  To y;
+  memcpy(&y, &x, sizeof(To));
+  return y;
 }
-PYMETA_HD float bits_f32(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-#endif
-}
+PYMETA_HD uint32_t f32_bits(float x) { return bits_as<uint32_t>(x); }
+PYMETA_HD float bits_f32(uint32_t u) { return bits_as<float>(u); }
 PYMETA_HD float bf16_to_f32(uint16_t b) { return bits_f32(uint32_t(b) << 16); }
 // Float bits u -> the bfloat16 bits (in the low 16 bits), rounded to nearest even; a NaN
 // stays a NaN (quiet). U: uint32_t, or a vector of them on the CPU (the staging loops).
