@@ -49,8 +49,12 @@ tail -25 "$OUT/tests.log"
 t0=$SECONDS
 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY bench/sanitize.py > "$OUT/sanitizer.log" 2>&1
 san_rc=$?
+# shared-memory hazards of the staged LSTM forward (cp.async into per-warp buffers)
+timeout 60 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize.py staged > "$OUT/racecheck.log" 2>&1
+race_rc=$?
 san_s=$((SECONDS - t0))
 tail -5 "$OUT/sanitizer.log"
+tail -3 "$OUT/racecheck.log"
 
 
 t0=$SECONDS
@@ -99,6 +103,7 @@ cat "$OUT/gpu.txt"
 echo "build:      ${build_s}s (archs $TORCH_CUDA_ARCH_LIST)"
 echo "cuda tests: rc=$tests_rc ${tests_s}s: $(tail -1 "$OUT/tests.log")"
 echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$OUT/sanitizer.log" | tr '\n' ' ')"
+echo "racecheck:  rc=$race_rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|forward ran' "$OUT/racecheck.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
 cat "$OUT/lstm_goals.log" | tail -14
 cat "$OUT/lstm_timing.log" | tail -8
@@ -107,4 +112,4 @@ echo "bench:      rc=$bench_rc ${bench_s}s"
 sed -n '/^$/,$p' "$OUT/bench.log"
 # the logs as one file (the device tool brings back at most 8 files from $OUT)
 (cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./* && find . -maxdepth 1 -type f ! -name logs.tgz -delete)
-[ $tests_rc -eq 0 ] && [ $san_rc -eq 0 ] && [ $bench_rc -eq 0 ]
+[ $tests_rc -eq 0 ] && [ $san_rc -eq 0 ] && [ $race_rc -eq 0 ] && [ $bench_rc -eq 0 ]

@@ -1,9 +1,11 @@
 """The goals table of the fused LSTM optimizer step (issue 3) on a CUDA GPU, in one run:
 
   forward (no_grad, float32, log_sign, H = 20) at N = 10k, 1M, 10M:
-    native (tensor-core path), native CUDA-core path (PYMETA_LSTM_MMA=0), native on a bfloat16
-    state ("bf16": the tensor-core kernel reading and writing bfloat16; "bf16 chk": the float32
-    kernel on chunks converted around it, PYMETA_LSTM_BF16_NATIVE=0), the eager nn.LSTMCell
+    native (tensor-core path), native CUDA-core path (PYMETA_LSTM_MMA=0), the staged
+    tensor-core forward (PYMETA_LSTM_MMA_STAGED=1: cp.async of each warp's next step), native
+    on a bfloat16 state ("bf16": the tensor-core kernel reading and writing bfloat16; "bf16 stg":
+    the staged one; "bf16 chk": the float32 kernel on chunks converted around it,
+    PYMETA_LSTM_BF16_NATIVE=0), the eager nn.LSTMCell
     reference (state kept in LSTMCell's own [N, H] layout, no transposes), torch.compile of it,
     torch.optim.Adam(fused=DEV == "cuda") for scale; and the native step replayed from a CUDA graph
     (device time without Python's per-call cost). Roofline: bytes moved (32 H + 8 per
@@ -69,7 +71,8 @@ def copy_bandwidth():
 def forward_table(H, compile_ref):
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'cuda-core':>9} {'bf16':>8} {'bf16 chk':>8} | {'eager':>8} "
+    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'cuda-core':>9} {'staged':>8} {'bf16':>8} "
+            f"{'bf16 stg':>8} {'bf16 chk':>8} | {'eager':>8} "
             f"{'compile':>8} {'adam':>7} | {'x eager':>7} {'x cmp':>6} {'x core':>6} | "
             f"{'roofline':>8} | {'err':>7}")
     print(f"forward, H={H}, float32, log_sign, ms per call")
@@ -90,8 +93,16 @@ def forward_table(H, compile_ref):
             core = timed(lambda: native_step(net, grad, state), reps)
             u_core = native_step(net, grad, state)[0]
             del os.environ["PYMETA_LSTM_MMA"]
+            os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
+            stg = timed(lambda: native_step(net, grad, state), reps)
+            u_stg = native_step(net, grad, state)[0]
+            del os.environ["PYMETA_LSTM_MMA_STAGED"]
+            err_stg = (u_stg - native_step(net, grad, state)[0]).abs().max().item()
             state16 = state.bfloat16()
             b16 = timed(lambda: native_step(net, grad, state16), reps)
+            os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
+            b16s = timed(lambda: native_step(net, grad, state16), reps)
+            del os.environ["PYMETA_LSTM_MMA_STAGED"]
             os.environ["PYMETA_LSTM_BF16_NATIVE"] = "0"
             b16c = timed(lambda: native_step(net, grad, state16), reps)
             del os.environ["PYMETA_LSTM_BF16_NATIVE"]
@@ -108,10 +119,12 @@ def forward_table(H, compile_ref):
         adam = torch.optim.Adam([prm], lr=1e-3, fused=DEV == "cuda")
         ad = timed(adam.step, reps)
         floor = (32 * H + 8) * N / bw * 1e3
-        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {core:>9.4f} {b16:>8.4f} {b16c:>8.4f} | {eager:>8.4f} {cmp:>8.4f} "
+        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {core:>9.4f} {stg:>8.4f} {b16:>8.4f} {b16s:>8.4f} "
+              f"{b16c:>8.4f} | {eager:>8.4f} {cmp:>8.4f} "
               f"{ad:>7.4f} | {eager / nat:>7.1f} {cmp / nat:>6.1f} {core / nat:>6.1f} | "
-              f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e}, bf16 vs upcast {err16:.0e}; "
-              f"bf16 roofline {(16 * H + 8) * N / bw * 1e3 / b16:.0%})",
+              f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e}, staged vs direct "
+              f"{err_stg:.0e}, bf16 vs upcast {err16:.0e}; staged roofline {floor / stg:.0%}, bf16 "
+              f"roofline {(16 * H + 8) * N / bw * 1e3 / min(b16, b16s):.0%})",
               flush=True)
         del net, grad, state, st, prm, adam
         torch.cuda.empty_cache()

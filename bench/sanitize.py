@@ -1,49 +1,82 @@
 """Runs every CUDA kernel of pymeta once on awkward sizes, for compute-sanitizer
 (bench/gpu_check.sh): vectorized and scalar paths, several launches, empty tensors,
-every rate form, forward and backward."""
+every rate form, forward and backward.
+  python bench/sanitize.py          # every kernel
+  python bench/sanitize.py staged   # the staged LSTM forward only (for racecheck)"""
+import os
+import sys
+
 import torch
 
 import pymeta
 from pymeta import ops
 
+dev = "cuda"
+
+
+def inner_update():
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        shapes = [(64, 3, 3, 3), (5,), (), (0,), (7, 13), (1024,), (4099,)] + [(i % 37,) for i in range(60)]
+        T = 5
+        params = [torch.randn(s, device=dev, dtype=dtype, requires_grad=True) if i % 2 else
+                  torch.randn(T, *s, device=dev, dtype=dtype, requires_grad=True) for i, s in enumerate(shapes)]
+        grads = [torch.randn(T, *s, device=dev, dtype=dtype) for s in shapes]
+        for lr in (0.3,
+                   [torch.rand((), device=dev, dtype=dtype, requires_grad=True) for _ in shapes],
+                   [torch.rand(s, device=dev, dtype=dtype, requires_grad=True) for s in shapes]):
+            outs = ops.inner_update(params, grads, lr)
+            wrt = params + (lr if isinstance(lr, list) else [])
+            torch.autograd.grad(sum(o.float().sum() for o in outs), wrt)
+        # Misaligned views: storage offset 1 forces the scalar path.
+        base = torch.randn(T * 100 + 1, device=dev, dtype=dtype)
+        ops.inner_update([base[1:101]], [base[1:].view(T, 100)], 0.1)
+
+
+def lstm():
+    # lstm_optimizer_step: forward and backward, odd N, both dtypes; float32 H <= 32 takes the
+    # tensor-core forward (H 7, 20, 32), H = 64 the CUDA-core kernels.
+    for dtype in (torch.float32, torch.float64):
+        for H in ((7, 20, 32, 64) if dtype == torch.float32 else (20, 64)):
+            net = pymeta.LSTMOptimizerNet(H).to(dev, dtype)
+            N = 5003
+            grad = torch.randn(N, device=dev, dtype=dtype, requires_grad=True)
+            state = (torch.randn(4, H, N, device=dev, dtype=dtype) * 0.1).requires_grad_()
+            upd, new_state = net(grad, state)
+            torch.autograd.grad(upd.sum() + new_state.sum(), [grad, state] + list(net.parameters()))
+    # a bfloat16 state: the tensor-core forward reads and writes bfloat16 (H <= 32); H = 64 and
+    # the backward convert in chunks
+    for H in (7, 20, 64):
+        net = pymeta.LSTMOptimizerNet(H).to(dev)
+        N = 5003
+        state = (torch.randn(4, H, N, device=dev) * 0.1).bfloat16().requires_grad_()
+        upd, new_state = net(torch.randn(N, device=dev), state)
+        torch.autograd.grad(upd.sum() + new_state.float().sum(), [state] + list(net.parameters()))
+
+
+def staged():
+    # the staged tensor-core forward (opt-in, PYMETA_LSTM_MMA_STAGED=1): 16-byte copies (N a
+    # multiple of 4, or 8 for bfloat16), 4-byte copies (N odd, or a state at a storage offset
+    # of one element: float32), a tail step past N
+    for H in (7, 20, 32):
+        net = pymeta.LSTMOptimizerNet(H).to(dev)
+        for N, kind in ((5003, "f32"), (5000, "f32"), (5000, "bf16"), (77, "f32"), (5000, "offset")):
+            state = torch.randn(4 * H * N + 1, device=dev) * 0.1
+            state = state[1:] if kind == "offset" else state[:-1]
+            state = state.view(4, H, N)
+            net(torch.randn(N, device=dev), state.bfloat16() if kind == "bf16" else state)
+
+
 torch.manual_seed(0)
 pymeta.set_backend("native")
-dev = "cuda"
-for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-    shapes = [(64, 3, 3, 3), (5,), (), (0,), (7, 13), (1024,), (4099,)] + [(i % 37,) for i in range(60)]
-    T = 5
-    params = [torch.randn(s, device=dev, dtype=dtype, requires_grad=True) if i % 2 else
-              torch.randn(T, *s, device=dev, dtype=dtype, requires_grad=True) for i, s in enumerate(shapes)]
-    grads = [torch.randn(T, *s, device=dev, dtype=dtype) for s in shapes]
-    for lr in (0.3,
-               [torch.rand((), device=dev, dtype=dtype, requires_grad=True) for _ in shapes],
-               [torch.rand(s, device=dev, dtype=dtype, requires_grad=True) for s in shapes]):
-        outs = ops.inner_update(params, grads, lr)
-        wrt = params + (lr if isinstance(lr, list) else [])
-        torch.autograd.grad(sum(o.float().sum() for o in outs), wrt)
-    # Misaligned views: storage offset 1 forces the scalar path.
-    base = torch.randn(T * 100 + 1, device=dev, dtype=dtype)
-    ops.inner_update([base[1:101]], [base[1:].view(T, 100)], 0.1)
+if sys.argv[1:] != ["staged"]:
+    inner_update()
+    torch.cuda.synchronize()
+    print("sanitize.py: all kernels ran")
+    lstm()
+    torch.cuda.synchronize()
+    print("sanitize.py: lstm kernels ran")
+os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
+staged()
+del os.environ["PYMETA_LSTM_MMA_STAGED"]
 torch.cuda.synchronize()
-print("sanitize.py: all kernels ran")
-
-# lstm_optimizer_step: forward and backward, odd N, both dtypes; float32 H <= 32 takes the
-# tensor-core forward (H 7, 20, 32), H = 64 the CUDA-core kernels.
-for dtype in (torch.float32, torch.float64):
-    for H in ((7, 20, 32, 64) if dtype == torch.float32 else (20, 64)):
-        net = pymeta.LSTMOptimizerNet(H).to(dev, dtype)
-        N = 5003
-        grad = torch.randn(N, device=dev, dtype=dtype, requires_grad=True)
-        state = (torch.randn(4, H, N, device=dev, dtype=dtype) * 0.1).requires_grad_()
-        upd, new_state = net(grad, state)
-        torch.autograd.grad(upd.sum() + new_state.sum(), [grad, state] + list(net.parameters()))
-# a bfloat16 state: the tensor-core forward reads and writes bfloat16 (H <= 32); H = 64 and
-# the backward convert in chunks
-for H in (7, 20, 64):
-    net = pymeta.LSTMOptimizerNet(H).to(dev)
-    N = 5003
-    state = (torch.randn(4, H, N, device=dev) * 0.1).bfloat16().requires_grad_()
-    upd, new_state = net(torch.randn(N, device=dev), state)
-    torch.autograd.grad(upd.sum() + new_state.float().sum(), [state] + list(net.parameters()))
-torch.cuda.synchronize()
-print("sanitize.py: lstm kernels ran")
+print("sanitize.py: staged forward ran")

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <type_traits>
 
@@ -119,6 +120,28 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
     lstm_mma_forward_warp<HB, St>(sm, P.s, b_out, static_cast<const float*>(L.grad),
                                   static_cast<const St*>(L.state), static_cast<float*>(L.update),
                                   static_cast<St*>(L.new_state), L.N, base);
+}
+
+// The same forward with each warp's next step copied into shared memory (cp.async) while the
+// current one computes: lstm_mma_forward_staged. Opt-in (PYMETA_LSTM_MMA_STAGED=1) until it is
+// measured on a GPU. bufs: the warps' staging buffers, after the weights (16-byte aligned).
+template <int HB, typename St>
+__global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
+forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
+                          const __grid_constant__ Params<float> P, int buf_bytes, bool vec) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  lstm_mma_stage<HB>(sm, P.W, P.s.H, P.s.n_in, threadIdx.x, blockDim.x);
+  __syncthreads();
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  unsigned char* bufs =
+      smem_raw + sizeof(float) * LstmMmaShape<HB>::kTotal + size_t(2 * warp) * buf_bytes;
+  const int64_t step = LstmMmaShape<HB>::kCoords;
+  lstm_mma_forward_staged<HB, St>(
+      sm, bufs, buf_bytes, P.s, P.W.b_out[0], static_cast<const float*>(L.grad),
+      static_cast<const St*>(L.state), static_cast<float*>(L.update),
+      static_cast<St*>(L.new_state), L.N, (int64_t(blockIdx.x) * warps + warp) * step,
+      int64_t(gridDim.x) * warps * step, vec);
 }
 
 // Opt-in (PYMETA_LSTM_MMA_BWD=1): measured slower than the CUDA-core pass at N >= 200k on an
@@ -277,6 +300,44 @@ int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
   return ws_rows_bytes(L) + num_chunks(L.N) * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
 }
 
+// The staged tensor-core forward when asked for (PYMETA_LSTM_MMA_STAGED=1) and it fits: as
+// many warps per block (one block per SM) as the shared memory holds two staging buffers for,
+// at least 4. 16-byte copies when N and the pointers allow them; else 4-byte copies, which a
+// bfloat16 state can't use. Returns -1 when not applicable.
+template <int HB>
+static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStream_t stream) {
+  using S = LstmMmaShape<HB>;
+  const char* env = std::getenv("PYMETA_LSTM_MMA_STAGED");
+  if (!(env && env[0] == '1')) return -1;
+  const int64_t elems = L.state_bf16 ? 8 : 4;  // state elements per 16 bytes
+  const bool vec = L.N % elems == 0 && reinterpret_cast<uintptr_t>(L.grad) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(L.state) % 16 == 0;
+  if (!vec && L.state_bf16) return -1;
+  const int buf = L.state_bf16 ? lstm_mma_buf_bytes<uint16_t>(L.H) : lstm_mma_buf_bytes<float>(L.H);
+  int dev = 0, optin = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (!err) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err) return static_cast<int>(err);
+  const int64_t weights = int64_t(sizeof(float)) * S::kTotal;
+  int warps = static_cast<int>((optin - weights) / (2 * buf));
+  if (warps > S::kStagedThreads / 32) warps = S::kStagedThreads / 32;
+  if (warps < 4) return -1;
+  const size_t smem = static_cast<size_t>(weights + int64_t(2) * warps * buf);
+  const auto kernel = L.state_bf16 ? forward_mma_staged_kernel<HB, uint16_t>
+                                   : forward_mma_staged_kernel<HB, float>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+  if (!err) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * warps, smem);
+  if (err) return static_cast<int>(err);
+  if (per_sm < 1) return -1;
+  const int64_t per_block = int64_t(warps) * S::kCoords;
+  const int64_t tiles = (L.N + per_block - 1) / per_block;
+  const unsigned blocks = static_cast<unsigned>(tiles < sms ? tiles : sms);
+  kernel<<<blocks, 32 * warps, smem, stream>>>(L, P, buf, vec);
+  return static_cast<int>(cudaGetLastError());
+}
+
 // The tensor-core kernels (lstm_optimizer_mma.cuh) when they apply: float, H <= 32, a GPU of
 // compute capability 8.0+ (the forward also with a bfloat16 state); the forward unless
 // PYMETA_LSTM_MMA=0, the backward only with
@@ -295,6 +356,10 @@ static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward
     constexpr int HB = decltype(hb)::value;
     using S = LstmMmaShape<HB>;
     const Params<float> P = params_of<float>(L);
+    if (!backward) {
+      const int e = staged_launch<HB>(L, P, stream);
+      if (e >= 0) return e;
+    }
     const int threads = backward ? kMmaBwdThreads : S::kThreads;
     const int64_t per_block = int64_t(threads / 32) * S::kCoords;
     const int64_t tiles = (L.N + per_block - 1) / per_block;

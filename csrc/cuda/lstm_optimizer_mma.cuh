@@ -52,12 +52,53 @@ PYMETA_WARP void warp_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint
   __trap();  // the host side never launches the mma kernel below sm_80
 #endif
 }
+// cp.async (sm_80+): a copy of kBytes (4, 8 or 16) from global to shared memory that bypasses
+// the registers and lands by the issuing thread's cp.async.wait_group; the bytes past
+// src_bytes (0 for a copy past N) are zero-filled and nothing is read for them. 16-byte copies
+// skip L1 (.cg).
+template <int kBytes>
+PYMETA_WARP void warp_cp_async(void* dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  if constexpr (kBytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src),
+                 "r"(src_bytes) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %3, %2;" ::"r"(d), "l"(src),
+                 "r"(src_bytes), "n"(kBytes) : "memory");
+#else
+  __trap();
+#endif
+}
+PYMETA_WARP void warp_cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most `pending` of this thread's newest groups are still in flight.
+template <int pending>
+PYMETA_WARP void warp_cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
+#endif
+}
+PYMETA_WARP void warp_sync() { __syncwarp(); }
 #else
 #define PYMETA_WARP inline
 // Provided by the host emulator (tests/cuda_emu/lstm_mma_emu.cpp).
 int warp_lane();
 float warp_shfl_xor(float v, int mask);
 void warp_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+void warp_cp_async_n(void* dst, const void* src, int bytes, int src_bytes);
+template <int kBytes>
+inline void warp_cp_async(void* dst, const void* src, int src_bytes) {
+  warp_cp_async_n(dst, src, kBytes, src_bytes);
+}
+void warp_cp_async_commit();
+void warp_cp_async_wait_n(int pending);
+template <int pending>
+inline void warp_cp_async_wait() { warp_cp_async_wait_n(pending); }
+void warp_sync();
 #endif
 
 // The TF32 "hi" part: the top 10 mantissa bits (truncation keeps NaN a NaN and Inf an Inf;
@@ -85,6 +126,9 @@ struct LstmMmaShape {
   // one block of 12 warps (128 would spill ~300 bytes per thread).
   static constexpr int kThreads = HB <= 24 ? 256 : 384;
   static constexpr int kMinBlocks = HB <= 24 ? 2 : 1;
+  // The staged forward (lstm_mma_forward_staged): one block per SM, since its warps' staging
+  // buffers and the weights share the SM's shared memory; the same registers per thread.
+  static constexpr int kStagedThreads = HB <= 24 ? 512 : 384;
 };
 
 // Thread `tid` of `nthreads` writes its share of the staged weights (the caller syncs).
@@ -275,9 +319,53 @@ struct LstmMmaRegs {  // a warp step's per-thread values (unit slots p, row halv
   float h1[S::MT][2][2 * S::KT], h2[S::MT][2][2 * S::KT];  // h of both layers (new)
 };
 
-template <int HB, bool kBwd, typename St = float>
+// Where lstm_mma_forward_core reads a step's inputs. x(row, n): the grad of the step's row
+// `row` (0 .. 16 MT - 1), coordinate n. State row srow (0 .. 4H - 1) there: st(srow, n) from
+// global memory; rows(r).at(p, row) from a staging buffer, rows r + 4p (a thread reads rows
+// 4p + t of a layer's block, so its swizzle is computed once per block). kEager: load every
+// state value before the first product (global memory: the loads of the step are then in
+// flight together); else each value is read where it is used (fewer registers live).
+template <typename St>
+struct LstmMmaGlobalSrc {
+  static constexpr bool kEager = true;
+  const float* grad;
+  const St* state;
+  int64_t N;
+  PYMETA_WARP float x(int, int64_t n) const { return grad[n]; }
+  PYMETA_WARP float st(int srow, int64_t n) const { return state_ld(state[int64_t(srow) * N + n]); }
+};
+
+// A warp's staging buffer (lstm_mma_forward_staged): the grad row (16 floats), then the 4H
+// state rows of the step's 16 coordinates (16 St each, 16-byte aligned).
+template <typename St>
+PYMETA_HD int lstm_mma_buf_bytes(int H) { return 64 + 4 * H * 16 * int(sizeof(St)); }
+// Element (srow, col) of the buffer's state rows. A thread reads rows 4p + t (t = 0 .. 3:
+// 4 consecutive rows) at columns g and g + 8: with float rows (16 words), rows 2 apart hit the
+// same banks, so bit 1 of the row swaps the row's halves (16-byte chunk c lands at c ^ 2);
+// bfloat16 rows (8 words) already fall in 4 different groups of 8 banks.
+template <typename St>
+PYMETA_HD int lstm_mma_buf_index(int srow, int col) {
+  return sizeof(St) == 4 ? srow * 16 + (col ^ ((srow & 2) << 2)) : srow * 16 + col;
+}
+template <typename St>
+struct LstmMmaStagedSrc {
+  static constexpr bool kEager = false;
+  const float* grad;  // 16 floats
+  const St* state;    // 4H rows, lstm_mma_buf_index
+  struct Rows {       // rows r + 4p share bit 1 of r, so one swizzle serves them all
+    const St* r0;
+    int sw;
+    PYMETA_WARP float at(int p, int row) const { return state_ld(r0[64 * p + (row ^ sw)]); }
+  };
+  PYMETA_WARP float x(int row, int64_t) const { return grad[row]; }
+  PYMETA_WARP Rows rows(int r) const {
+    return {state + 16 * r, lstm_mma_buf_index<St>(r, 0) - 16 * r};
+  }
+};
+
+template <int HB, bool kBwd, typename St, typename Src>
 PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<float>& s,
-                                       const float* grad, const St* state, St* out,
+                                       const Src& src, St* out,
                                        int64_t N, int64_t base, LstmMmaRegs<HB>& r,
                                        float (&z1)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4],
                                        float (&z2)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4]) {
@@ -295,7 +383,7 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
       const int64_t n = base + 16 * mt + g + 8 * h;
       r.ok[mt][h] = n < N;
       r.nl[mt][h] = n < N ? n : N - 1;
-      lstm_preprocess(grad[r.nl[mt][h]], s, r.x[mt][h]);
+      lstm_preprocess(src.x(16 * mt + g + 8 * h, r.nl[mt][h]), s, r.x[mt][h]);
       if constexpr (kBwd) {
         if (t == h && r.ok[mt][h]) {  // threads 0 and 1 store rows g and g + 8
           out[int64_t(R.x) * N + n] = r.x[mt][h][0];
@@ -304,8 +392,9 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
       }
     }
   }
-  // Every state value of the step is loaded here, before any product: the loads of the whole
-  // step are in flight together (the kernel is bound by memory latency otherwise).
+  // From global memory, every state value of the step is loaded here, before any product:
+  // the loads of the whole step are in flight together (the kernel is bound by memory latency
+  // otherwise). From a staging buffer, layer 2's values are read after layer 1.
   auto load_slots = [&](float (&a)[MT][2][KS], int row0, int slots) {
     PYMETA_UNROLL
     for (int p = 0; p < KS; ++p) {
@@ -313,17 +402,22 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
       PYMETA_UNROLL
       for (int mt = 0; mt < MT; ++mt) {
         PYMETA_UNROLL
-        for (int h = 0; h < 2; ++h)
-          a[mt][h][p] =
-              p < slots && u < H ? state_ld(state[int64_t(row0 + u) * N + r.nl[mt][h]]) : 0.0f;
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (Src::kEager)
+            a[mt][h][p] = p < slots && u < H ? src.st(row0 + u, r.nl[mt][h]) : 0.0f;
+          else
+            a[mt][h][p] = p < slots && u < H ? src.rows(row0 + t).at(p, 16 * mt + g + 8 * h) : 0.0f;
+        }
       }
     }
   };
   float a1[MT][2][KS], a2[MT][2][KS];
   load_slots(a1, 0, KS);        // h1_prev
   load_slots(r.c1, H, NP);      // c1_prev
-  load_slots(a2, 2 * H, KS);    // h2_prev
-  load_slots(r.c2, 3 * H, NP);  // c2_prev
+  if constexpr (Src::kEager) {
+    load_slots(a2, 2 * H, KS);    // h2_prev
+    load_slots(r.c2, 3 * H, NP);  // c2_prev
+  }
 
   // ---- layer 1: z1 = b1 + x W_ih1^T (fp32), then += h1_prev W_hh1^T (tensor cores)
   PYMETA_UNROLL
@@ -397,6 +491,10 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
   cells(z1, 0, H, R.h1, r.c1, r.h1);
 
   // ---- layer 2: z2 = b2 + h1_new W_ih2^T + h2_prev W_hh2^T
+  if constexpr (!Src::kEager) {
+    load_slots(a2, 2 * H, KS);
+    load_slots(r.c2, 3 * H, NP);
+  }
   PYMETA_UNROLL
   for (int p = 0; p < NP; ++p) {
     float b2[4];
@@ -418,19 +516,19 @@ PYMETA_WARP float lstm_mma_row_sum(float v) {
   return v + warp_shfl_xor(v, 2);
 }
 
-// The forward step of one warp (see lstm_mma_forward_core; St the state's storage type).
-template <int HB, typename St = float>
-PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<float>& s,
-                                       float b_out, const float* grad, const St* state,
-                                       float* update, St* new_state, int64_t N,
-                                       int64_t base) {
+// The forward step of one warp (see lstm_mma_forward_core; St the state's storage type), its
+// inputs read from src (LstmMmaGlobalSrc or LstmMmaStagedSrc).
+template <int HB, typename St, typename Src>
+PYMETA_WARP void lstm_mma_forward_step(const float* sm, const LstmOptScalars<float>& s,
+                                       float b_out, const Src& src, float* update,
+                                       St* new_state, int64_t N, int64_t base) {
   using S = LstmMmaShape<HB>;
   constexpr int MT = S::MT, NP = S::NP;
   const int t = warp_lane() & 3;
   const float* cst = sm + 3 * S::kFrag;
   LstmMmaRegs<HB> r;
   float z[MT][S::NT][4];  // z1, then z2: the forward needs one at a time
-  lstm_mma_forward_core<HB, false, St>(sm, s, grad, state, new_state, N, base, r, z, z);
+  lstm_mma_forward_core<HB, false, St>(sm, s, src, new_state, N, base, r, z, z);
 
   // the head: this thread's units, then the row sum
   PYMETA_UNROLL
@@ -448,6 +546,83 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
     const float mine = t == 0 ? o[0] : o[1];
     const bool store = t == 0 ? r.ok[mt][0] : (t == 1 && r.ok[mt][1]);
     if (store) update[t == 0 ? r.nl[mt][0] : r.nl[mt][1]] = (mine + b_out) * s.out_scale;
+  }
+}
+
+// The forward step of one warp, read straight from global memory.
+template <int HB, typename St = float>
+PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<float>& s,
+                                       float b_out, const float* grad, const St* state,
+                                       float* update, St* new_state, int64_t N,
+                                       int64_t base) {
+  lstm_mma_forward_step<HB, St>(sm, s, b_out, LstmMmaGlobalSrc<St>{grad, state, N}, update,
+                                new_state, N, base);
+}
+
+// This lane's share of the copies of step `base` (16 coordinates) into a staging buffer
+// (lstm_mma_buf_bytes). vec: 16-byte copies, which need N a multiple of 16 / sizeof(St) and
+// 16-byte aligned grad and state; else 4-byte copies (float state only).
+template <typename St>
+PYMETA_WARP void lstm_mma_stage_step(unsigned char* buf, const float* grad, const St* state,
+                                     int H, int64_t N, int64_t base, bool vec, int lane) {
+  float* bg = reinterpret_cast<float*>(buf);
+  St* bs = reinterpret_cast<St*>(buf + 64);
+  const int rows = 4 * H;
+  if (vec) {
+    constexpr int E = 16 / int(sizeof(St));  // state elements per 16-byte chunk
+    constexpr int CPR = 16 / E;              // chunks per state row
+    for (int e = lane; e < 4 + rows * CPR; e += 32) {
+      if (e < 4) {
+        const int64_t n = base + 4 * e;
+        warp_cp_async<16>(bg + 4 * e, grad + (n < N ? n : 0), n < N ? 16 : 0);
+      } else {
+        const int k = e - 4, row = k / CPR, col = (k % CPR) * E;
+        const int64_t n = base + col;
+        warp_cp_async<16>(bs + lstm_mma_buf_index<St>(row, col),
+                        state + (n < N ? int64_t(row) * N + n : 0), n < N ? 16 : 0);
+      }
+    }
+  } else {
+    for (int e = lane; e < 16 + rows * 16; e += 32) {
+      if (e < 16) {
+        const int64_t n = base + e;
+        warp_cp_async<4>(bg + e, grad + (n < N ? n : 0), n < N ? 4 : 0);
+      } else {
+        const int k = e - 16, row = k >> 4, col = k & 15;
+        const int64_t n = base + col;
+        warp_cp_async<4>(bs + lstm_mma_buf_index<St>(row, col),
+                       state + (n < N ? int64_t(row) * N + n : 0), n < N ? 4 : 0);
+      }
+    }
+  }
+}
+
+// The forward of one warp over its steps base, base + stride, ... < N, with each step's
+// inputs copied into shared memory (cp.async) while the previous step computes: two staging
+// buffers per warp at bufs and bufs + buf_bytes. Loads no longer wait in registers for their
+// memory latency, so the warp's memory traffic overlaps its math.
+template <int HB, typename St>
+PYMETA_WARP void lstm_mma_forward_staged(const float* sm, unsigned char* bufs, int buf_bytes,
+                                         const LstmOptScalars<float>& s, float b_out,
+                                         const float* grad, const St* state, float* update,
+                                         St* new_state, int64_t N, int64_t base, int64_t stride,
+                                         bool vec) {
+  const int lane = warp_lane();
+  if (base >= N) return;
+  lstm_mma_stage_step<St>(bufs, grad, state, s.H, N, base, vec, lane);
+  warp_cp_async_commit();
+  for (int k = 0; base < N; base += stride, k ^= 1) {
+    unsigned char* cur = bufs + k * buf_bytes;
+    if (base + stride < N)
+      lstm_mma_stage_step<St>(bufs + (k ^ 1) * buf_bytes, grad, state, s.H, N, base + stride,
+                              vec, lane);
+    warp_cp_async_commit();  // possibly empty: the wait below always leaves one group out
+    warp_cp_async_wait<1>();  // this lane's copies of step `base` have landed
+    warp_sync();              // ... and every lane's
+    const LstmMmaStagedSrc<St> src{reinterpret_cast<const float*>(cur),
+                                   reinterpret_cast<const St*>(cur + 64)};
+    lstm_mma_forward_step<HB, St>(sm, s, b_out, src, update, new_state, N, base);
+    warp_sync();  // every lane has read `cur` before the next iteration refills it
   }
 }
 
@@ -470,7 +645,8 @@ PYMETA_WARP void lstm_mma_backward_warp(const float* sm, const LstmOptScalars<fl
   const LstmOptRows R = lstm_opt_rows(H, s.n_in);
   LstmMmaRegs<HB> r;
   float z2[MT][NT][4];  // z1 is in the workspace (see lstm_mma_forward_core)
-  lstm_mma_forward_core<HB, true>(sm, s, grad, state, ws, N, base, r, z2, z2);
+  lstm_mma_forward_core<HB, true, float>(sm, s, LstmMmaGlobalSrc<float>{grad, state, N}, ws, N,
+                                         base, r, z2, z2);
   auto at = [N](int row, int64_t n) { return int64_t(row) * N + n; };
 
   // ---- head and layer 2; z2 becomes dz2 in place

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
@@ -25,6 +27,33 @@ struct Warp {
 };
 Warp* warp = nullptr;
 int failures = 0;
+
+// cp.async: each copy lands either at once (catches a buffer refilled while lanes still read
+// it) or only at the issuing lane's wait (catches a read before the wait and warp sync).
+bool land_at_wait = false;
+struct alignas(16) float4_t { float v[4]; };
+struct Copy {
+  void* dst;
+  const void* src;
+  int size, src_bytes;
+};
+thread_local std::vector<Copy> tl_open;                  // issued, not yet committed
+thread_local std::vector<std::vector<Copy>> tl_groups;  // committed, not yet landed
+void land(const Copy& c) {
+  std::memcpy(c.dst, c.src, c.src_bytes);
+  std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.size - c.src_bytes);
+}
+void cp_async(void* dst, const void* src, int size, int src_bytes) {
+  const auto a = [](const void* p) { return reinterpret_cast<uintptr_t>(p); };
+  if (a(dst) % size || (src_bytes && a(src) % size) || (src_bytes != 0 && src_bytes != size)) {
+    std::printf("FAIL cp.async of %d bytes: dst %% %d = %d, src %% %d = %d, src_bytes %d\n",
+                size, size, int(a(dst) % size), size, int(a(src) % size), src_bytes);
+    ++failures;
+    return;
+  }
+  if (land_at_wait) tl_open.push_back({dst, src, size, src_bytes});
+  else land({dst, src, size, src_bytes});
+}
 }  // namespace
 
 namespace pymeta {
@@ -37,6 +66,21 @@ float warp_shfl_xor(float v, int mask) {
   warp->bar.arrive_and_wait();
   return r;
 }
+
+void warp_cp_async_n(void* dst, const void* src, int bytes, int src_bytes) {
+  cp_async(dst, src, bytes, src_bytes);
+}
+void warp_cp_async_commit() {
+  tl_groups.push_back(std::move(tl_open));
+  tl_open.clear();
+}
+void warp_cp_async_wait_n(int pending) {
+  while (int(tl_groups.size()) > pending) {
+    for (const Copy& c : tl_groups.front()) land(c);
+    tl_groups.erase(tl_groups.begin());
+  }
+}
+void warp_sync() { warp->bar.arrive_and_wait(); }
 
 // The PTX ISA fragment layouts of mma.m16n8k8 .tf32 (g = lane / 4, t = lane % 4):
 // A (16 x 8): a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4);
@@ -141,6 +185,8 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
     }
   }
 
+  std::vector<float> bf16_u;
+  std::vector<uint16_t> bf16_state, bf16_ns;
   // bfloat16 state storage: bit for bit the float32 warp code on the upcast state, with
   // new_state rounded (the kernel converts on load and store only)
   {
@@ -173,7 +219,55 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
         break;
       }
     }
+    bf16_u = u16;
+    bf16_state = st16;
+    bf16_ns = ns16;
   }
+
+  // the staged forward (lstm_mma_forward_staged, as forward_mma_staged_kernel runs it): bit
+  // for bit the direct warp code, with 16-byte copies (N a multiple of 4, or 8 for a bfloat16
+  // state) or 4-byte ones, each landing at once or only at the wait
+  auto staged = [&](auto tag, const auto& st_in, const std::vector<float>& u_want,
+                    const auto& ns_want, bool vec, const char* what) {
+    using St = decltype(tag);
+    const int64_t elems = 16 / int64_t(sizeof(St));
+    if (vec && N % elems) return;
+    const int buf = lstm_mma_buf_bytes<St>(H);
+    for (int mode = 0; mode < 2; ++mode) {
+      land_at_wait = mode == 1;
+      std::vector<float> u2(N, -777.0f);
+      std::vector<St> ns2(4 * H * N, St(0x7b));
+      std::vector<float4_t> bufv(2 * buf / 16);  // 16-byte aligned
+      unsigned char* bufs = reinterpret_cast<unsigned char*>(bufv.data());
+      const int grid = 3;
+      Warp wp;
+      warp = &wp;
+      for (int bx = 0; bx < grid; ++bx) {
+        std::memset(bufs, 0xff, 2 * buf);  // NaN garbage: a read of a stale slot shows
+        std::vector<std::thread> lanes;
+        for (int l = 0; l < 32; ++l)
+          lanes.emplace_back([&, l, bx] {
+            tl_lane = l;
+            lstm_mma_forward_staged<HB, St>(sm.data(), bufs, buf, s, W.b_out[0], grad.data(),
+                                            st_in.data(), u2.data(), ns2.data(), N,
+                                            int64_t(bx) * S::kCoords, grid * S::kCoords, vec);
+            warp_cp_async_wait_n(0);
+          });
+        for (auto& th : lanes) th.join();
+      }
+      land_at_wait = false;
+      if (std::memcmp(u2.data(), u_want.data(), N * sizeof(float)) ||
+          std::memcmp(ns2.data(), ns_want.data(), ns2.size() * sizeof(St))) {
+        std::printf("FAIL staged forward, %s, %s copies, landing %s (H %d, n_in %d, N %lld)\n",
+                    what, vec ? "16-byte" : "4-byte", mode ? "at the wait" : "at once", H, n_in,
+                    (long long)N);
+        ++failures;
+      }
+    }
+  };
+  staged(float{}, state, u, ns, true, "float32");
+  staged(float{}, state, u, ns, false, "float32");
+  staged(uint16_t{}, bf16_state, bf16_u, bf16_ns, true, "bfloat16");
 
   // backward: the header's per-coordinate math vs the warp code, as backward_mma_kernel runs it
   std::vector<float> du = rnd(N, 1.0), dns = rnd(4 * H * N, 1.0);
@@ -200,8 +294,32 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
   expect_close("workspace rows", ws, ws_ref, 1e-4, 1e-5, H, n_in);
 }
 
+// The staging buffer's layout (lstm_mma_buf_index) is free of shared-memory bank conflicts:
+// in each read of the forward core, lanes (g, t) read rows r0 + t at column g (or g + 8); two
+// lanes hitting the same bank must read the same 32-bit word.
+template <typename St>
+static void check_banks() {
+  for (int r0 = 0; r0 < 8; ++r0)
+    for (int half = 0; half < 2; ++half) {
+      long word[32];
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane >> 2, t = lane & 3;
+        word[lane] = long(lstm_mma_buf_index<St>(r0 + t, g + 8 * half)) * long(sizeof(St)) / 4;
+        for (int o = 0; o < lane; ++o)
+          if (word[o] % 32 == word[lane] % 32 && word[o] != word[lane]) {
+            std::printf("FAIL bank conflict (%zu-byte state, rows from %d): lanes %d and %d\n",
+                        sizeof(St), r0, o, lane);
+            ++failures;
+            return;
+          }
+      }
+    }
+}
+
 int main() {
   std::mt19937 rng(4321);
+  check_banks<float>();
+  check_banks<uint16_t>();
   for (int n_in = 1; n_in <= 2; ++n_in) {
     run<8>(1, n_in, 40, rng);
     run<8>(8, n_in, 77, rng);
@@ -211,6 +329,8 @@ int main() {
     run<24>(23, n_in, 70, rng);
     run<32>(32, n_in, 101, rng);
     run<32>(29, n_in, 64, rng);
+    run<20>(20, n_in, 96, rng);  // the staged forward's 16-byte copies, float32 and bfloat16
+    run<16>(9, n_in, 52, rng);   // ... a tail chunk past N
   }
   std::printf(failures ? "lstm_mma_emu: %d FAILURES\n" : "lstm_mma_emu: all equal\n", failures);
   return failures ? 1 : 0;
