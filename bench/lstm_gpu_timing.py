@@ -4,6 +4,8 @@ the PyTorch reference (eager, and with --compile also torch.compile of it).
 Columns (device time per call, ms, from CUDA events around `reps` back-to-back calls after
 warm-up; the median of `repeats` such runs):
   fwd       forward only, under no_grad
+  staged    the same with PYMETA_LSTM_MMA_STAGED=1 (the staged tensor-core forward; where it
+            doesn't apply, H > 32, the same kernel as fwd)
   bwd op    the native backward op alone (pymeta::lstm_optimizer_step_backward: per-coordinate
             kernel + weight-gradient blocks + the fixed-order sum), no autograd
   fwd+bwd   forward with autograd, then torch.autograd.grad(update.sum() + new_state.sum(),
@@ -16,6 +18,7 @@ Usage: python bench/lstm_gpu_timing.py [--compile] [--reps 20] [--repeats 5] [--
        [--N 100000 1000000]
 """
 import argparse
+import os
 
 import torch
 from benchutil import ms_per_call
@@ -46,7 +49,7 @@ def main():
     if args.compile:
         impls.append(("compiled", torch.compile(ref, dynamic=False)))
 
-    head = f"{'H':>3} {'N':>8} | {'native fwd':>10} {'bwd op':>8} {'fwd+bwd':>8} | " \
+    head = f"{'H':>3} {'N':>8} | {'native fwd':>10} {'staged':>8} {'bwd op':>8} {'fwd+bwd':>8} | " \
            f"{'ref fwd':>8} {'fwd+bwd':>8} |"
     if args.compile:
         head += f" {'cmp fwd':>8} {'fwd+bwd':>8} |"
@@ -70,6 +73,10 @@ def main():
                     torch.autograd.grad(u.sum() + s.sum(), w)
 
                 res[name] = (fwd, timed(fb, args.reps, args.repeats))
+            os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
+            with torch.no_grad():
+                stg = timed(lambda: native(grad, state, *w), args.reps, args.repeats)
+            del os.environ["PYMETA_LSTM_MMA_STAGED"]
             du = torch.ones(N, device="cuda")
             ds = torch.ones(4, H, N, device="cuda")
             wd = [x.detach() for x in w]
@@ -79,7 +86,8 @@ def main():
                 err = (native(grad, state, *wd)[0] - ref(grad, state, *wd)[0]).abs().max().item()
             nf, nfb = res["native"]
             rf, rfb = res["reference"]
-            line = f"{H:>3} {N:>8} | {nf:>10.3f} {bwd_op:>8.3f} {nfb:>8.3f} | {rf:>8.3f} {rfb:>8.3f} |"
+            line = (f"{H:>3} {N:>8} | {nf:>10.3f} {stg:>8.3f} {bwd_op:>8.3f} {nfb:>8.3f} | "
+                    f"{rf:>8.3f} {rfb:>8.3f} |")
             if args.compile:
                 cf, cfb = res["compiled"]
                 line += f" {cf:>8.3f} {cfb:>8.3f} |"

@@ -56,14 +56,18 @@ def lstm():
 def staged():
     # the staged tensor-core forward (opt-in, PYMETA_LSTM_MMA_STAGED=1): 16-byte copies (N a
     # multiple of 4, or 8 for bfloat16), 4-byte copies (N odd, or a state at a storage offset
-    # of one element: float32), a tail step past N
+    # of one element: float32), a tail step past N; N = 100k gives each warp several steps
+    # (both buffers refilled). Tensors of exactly their size, so a read past N shows.
     for H in (7, 20, 32):
         net = pymeta.LSTMOptimizerNet(H).to(dev)
-        for N, kind in ((5003, "f32"), (5000, "f32"), (5000, "bf16"), (77, "f32"), (5000, "offset")):
-            state = torch.randn(4 * H * N + 1, device=dev) * 0.1
-            state = state[1:] if kind == "offset" else state[:-1]
-            state = state.view(4, H, N)
-            net(torch.randn(N, device=dev), state.bfloat16() if kind == "bf16" else state)
+        for N, kind in ((100_003, "f32"), (100_000, "f32"), (100_008, "bf16"), (77, "f32"),
+                        (5000, "offset")):
+            if kind == "offset":
+                state = (torch.randn(4 * H * N + 1, device=dev) * 0.1)[1:].view(4, H, N)
+            else:
+                state = torch.randn(4, H, N, device=dev) * 0.1
+            with torch.no_grad():
+                net(torch.randn(N, device=dev), state.bfloat16() if kind == "bf16" else state)
 
 
 torch.manual_seed(0)

@@ -60,11 +60,12 @@ template <int kBytes>
 PYMETA_WARP void warp_cp_async(void* dst, const void* src, int src_bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const size_t g = __cvta_generic_to_global(src);
   if constexpr (kBytes == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src),
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(g),
                  "r"(src_bytes) : "memory");
   else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %3, %2;" ::"r"(d), "l"(src),
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %3, %2;" ::"r"(d), "l"(g),
                  "r"(src_bytes), "n"(kBytes) : "memory");
 #else
   __trap();
@@ -561,7 +562,8 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
 
 // This lane's share of the copies of step `base` (16 coordinates) into a staging buffer
 // (lstm_mma_buf_bytes). vec: 16-byte copies, which need N a multiple of 16 / sizeof(St) and
-// 16-byte aligned grad and state; else 4-byte copies (float state only).
+// 16-byte aligned grad and state; else 4-byte copies, which only a float state can take
+// (staged_launch never runs a bfloat16 state without vec).
 template <typename St>
 PYMETA_WARP void lstm_mma_stage_step(unsigned char* buf, const float* grad, const St* state,
                                      int H, int64_t N, int64_t base, bool vec, int lane) {

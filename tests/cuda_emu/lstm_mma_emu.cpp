@@ -37,6 +37,8 @@ struct Copy {
   const void* src;
   int size, src_bytes;
 };
+// The arrays a copy may read from (a copy must lie inside one of them: nothing past N).
+std::vector<std::pair<const char*, size_t>> readable;
 thread_local std::vector<Copy> tl_open;                  // issued, not yet committed
 thread_local std::vector<std::vector<Copy>> tl_groups;  // committed, not yet landed
 void land(const Copy& c) {
@@ -48,6 +50,14 @@ void cp_async(void* dst, const void* src, int size, int src_bytes) {
   if (a(dst) % size || (src_bytes && a(src) % size) || (src_bytes != 0 && src_bytes != size)) {
     std::printf("FAIL cp.async of %d bytes: dst %% %d = %d, src %% %d = %d, src_bytes %d\n",
                 size, size, int(a(dst) % size), size, int(a(src) % size), src_bytes);
+    ++failures;
+    return;
+  }
+  const char* p = static_cast<const char*>(src);
+  bool inside = src_bytes == 0;
+  for (const auto& r : readable) inside |= p >= r.first && p + src_bytes <= r.first + r.second;
+  if (!inside) {
+    std::printf("FAIL cp.async reads %d bytes outside the inputs\n", src_bytes);
     ++failures;
     return;
   }
@@ -233,6 +243,8 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
     const int64_t elems = 16 / int64_t(sizeof(St));
     if (vec && N % elems) return;
     const int buf = lstm_mma_buf_bytes<St>(H);
+    readable = {{reinterpret_cast<const char*>(grad.data()), grad.size() * sizeof(float)},
+                {reinterpret_cast<const char*>(st_in.data()), st_in.size() * sizeof(St)}};
     for (int mode = 0; mode < 2; ++mode) {
       land_at_wait = mode == 1;
       std::vector<float> u2(N, -777.0f);
@@ -329,8 +341,9 @@ int main() {
     run<24>(23, n_in, 70, rng);
     run<32>(32, n_in, 101, rng);
     run<32>(29, n_in, 64, rng);
-    run<20>(20, n_in, 96, rng);  // the staged forward's 16-byte copies, float32 and bfloat16
-    run<16>(9, n_in, 52, rng);   // ... a tail chunk past N
+    run<20>(20, n_in, 96, rng);   // the staged forward's 16-byte copies, float32 and bfloat16
+    run<16>(9, n_in, 52, rng);    // ... a tail chunk past N
+    run<8>(5, n_in, 312, rng);    // ... 7 steps per warp: both buffers refilled
   }
   std::printf(failures ? "lstm_mma_emu: %d FAILURES\n" : "lstm_mma_emu: all equal\n", failures);
   return failures ? 1 : 0;
