@@ -561,42 +561,48 @@ PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<flo
 }
 
 // This lane's share of the copies of step `base` (16 coordinates) into a staging buffer
-// (lstm_mma_buf_bytes). vec: 16-byte copies, which need N a multiple of 16 / sizeof(St) and
-// 16-byte aligned grad and state; else 4-byte copies, which only a float state can take
+// (lstm_mma_buf_bytes), kBytes per copy. Lane l copies column chunk l % CPR of state rows
+// l / CPR, + RPI, + 2 RPI, ...: its column, hence whether it lies past N, and its source stride
+// are the same for all its rows, so each copy costs a compare, the copy and two additions.
+template <typename St, int kBytes, int HB>
+PYMETA_WARP void lstm_mma_stage_rows(unsigned char* buf, const float* grad, const St* state,
+                                     int H, int64_t N, int64_t base, int lane) {
+  constexpr int E = kBytes / int(sizeof(St));  // state elements per copy
+  constexpr int CPR = 16 / E;                  // copies per state row (16 elements)
+  constexpr int RPI = 32 / CPR;                // rows per pass of the warp
+  constexpr int GE = kBytes / 4;               // grad elements per copy
+  if (lane < 16 / GE) {
+    const int64_t n = base + GE * lane;
+    warp_cp_async<kBytes>(reinterpret_cast<float*>(buf) + GE * lane, grad + (n < N ? n : 0),
+                          n < N ? kBytes : 0);
+  }
+  St* bs = reinterpret_cast<St*>(buf + 64);
+  const int col = (lane % CPR) * E;
+  const bool ok = base + col < N;  // past N: zero-filled, and the source stays at row 0
+  const int bytes = ok ? kBytes : 0;
+  int row = lane / CPR;
+  const St* src = state + (ok ? int64_t(row) * N + base + col : 0);
+  const int64_t stride = ok ? int64_t(RPI) * N : 0;
+  if constexpr (kBytes == 16) {  // <= 16 copies per lane: unrolled
+    PYMETA_UNROLL
+    for (int i = 0; i < (4 * HB + RPI - 1) / RPI; ++i, row += RPI, src += stride)
+      if (row < 4 * H) warp_cp_async<kBytes>(bs + lstm_mma_buf_index<St>(row, col), src, bytes);
+  } else {  // up to 64 copies per lane: a loop (unrolled, it made the kernel spill)
+    for (; row < 4 * H; row += RPI, src += stride)
+      warp_cp_async<kBytes>(bs + lstm_mma_buf_index<St>(row, col), src, bytes);
+  }
+}
+
+// The copies of step `base`: 16 bytes each where N is a multiple of 16 / sizeof(St) and grad
+// and state are 16-byte aligned (vec), else 4 bytes each, which only a float state can take
 // (staged_launch never runs a bfloat16 state without vec).
-template <typename St>
+template <typename St, int HB>
 PYMETA_WARP void lstm_mma_stage_step(unsigned char* buf, const float* grad, const St* state,
                                      int H, int64_t N, int64_t base, bool vec, int lane) {
-  float* bg = reinterpret_cast<float*>(buf);
-  St* bs = reinterpret_cast<St*>(buf + 64);
-  const int rows = 4 * H;
-  if (vec) {
-    constexpr int E = 16 / int(sizeof(St));  // state elements per 16-byte chunk
-    constexpr int CPR = 16 / E;              // chunks per state row
-    for (int e = lane; e < 4 + rows * CPR; e += 32) {
-      if (e < 4) {
-        const int64_t n = base + 4 * e;
-        warp_cp_async<16>(bg + 4 * e, grad + (n < N ? n : 0), n < N ? 16 : 0);
-      } else {
-        const int k = e - 4, row = k / CPR, col = (k % CPR) * E;
-        const int64_t n = base + col;
-        warp_cp_async<16>(bs + lstm_mma_buf_index<St>(row, col),
-                        state + (n < N ? int64_t(row) * N + n : 0), n < N ? 16 : 0);
-      }
-    }
-  } else {
-    for (int e = lane; e < 16 + rows * 16; e += 32) {
-      if (e < 16) {
-        const int64_t n = base + e;
-        warp_cp_async<4>(bg + e, grad + (n < N ? n : 0), n < N ? 4 : 0);
-      } else {
-        const int k = e - 16, row = k >> 4, col = k & 15;
-        const int64_t n = base + col;
-        warp_cp_async<4>(bs + lstm_mma_buf_index<St>(row, col),
-                       state + (n < N ? int64_t(row) * N + n : 0), n < N ? 4 : 0);
-      }
-    }
-  }
+  if (vec)
+    lstm_mma_stage_rows<St, 16, HB>(buf, grad, state, H, N, base, lane);
+  else if constexpr (sizeof(St) == 4)
+    lstm_mma_stage_rows<St, 4, HB>(buf, grad, state, H, N, base, lane);
 }
 
 // The forward of one warp over its steps base, base + stride, ... < N, with each step's
@@ -611,12 +617,12 @@ PYMETA_WARP void lstm_mma_forward_staged(const float* sm, unsigned char* bufs, i
                                          bool vec) {
   const int lane = warp_lane();
   if (base >= N) return;
-  lstm_mma_stage_step<St>(bufs, grad, state, s.H, N, base, vec, lane);
+  lstm_mma_stage_step<St, HB>(bufs, grad, state, s.H, N, base, vec, lane);
   warp_cp_async_commit();
   for (int k = 0; base < N; base += stride, k ^= 1) {
     unsigned char* cur = bufs + k * buf_bytes;
     if (base + stride < N)
-      lstm_mma_stage_step<St>(bufs + (k ^ 1) * buf_bytes, grad, state, s.H, N, base + stride,
+      lstm_mma_stage_step<St, HB>(bufs + (k ^ 1) * buf_bytes, grad, state, s.H, N, base + stride,
                               vec, lane);
     warp_cp_async_commit();  // possibly empty: the wait below always leaves one group out
     warp_cp_async_wait<1>();  // this lane's copies of step `base` have landed
