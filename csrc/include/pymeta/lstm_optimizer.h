@@ -45,9 +45,22 @@ PYMETA_HD double v_log(double x) { return log(x); }
 // correctly rounded division cost ~10x the instructions, as much as the gate products at
 // H = 20). tanh is the CPU lanes' formula, sign(x) (1 - e) / (1 + e) with e = exp(-2|x|):
 // exact to a few roundings in absolute terms. Double keeps the libm functions.
+#if defined(__CUDA_ARCH__)
+// 2^x as one MUFU.EX2 (ex2.approx.ftz): a result below 2^-126 flushes to 0. __expf(y) is the
+// same instruction on fl(y log2 e) plus 4 more (a compare and two predicated multiplies, to
+// return subnormals); in 1 / (1 + e) and (1 - e) / (1 + e) a subnormal e rounds away anyway.
+// The callers fold their factor into the constant: fl(-2 log2 e) = -2 fl(log2 e) exactly, so
+// the argument, and hence every result above 2^-126, is bitwise __expf's.
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+constexpr float kLog2e = 1.4426950408889634f;
+#endif
 PYMETA_HD float v_tanh(float x) {
 #if defined(__CUDA_ARCH__)
-  const float e = __expf(-2.0f * fabsf(x));
+  const float e = ex2_ftz(fabsf(x) * (-2.0f * kLog2e));
   return copysignf(__fdividef(1.0f - e, 1.0f + e), x);
 #else
   return tanhf(x);
@@ -66,7 +79,7 @@ template <typename T>
 PYMETA_HD T v_sigmoid(T x) { return T(1) / (T(1) + v_exp(-x)); }
 PYMETA_HD float v_sigmoid(float x) {
 #if defined(__CUDA_ARCH__)
-  return __fdividef(1.0f, 1.0f + __expf(-x));  // 0 once exp(-x) > 2^126: sigmoid < 2^-126
+  return __fdividef(1.0f, 1.0f + ex2_ftz(x * -kLog2e));  // 0 once exp(-x) > 2^126
 #else
   return 1.0f / (1.0f + v_exp(-x));
 #endif
