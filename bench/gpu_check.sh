@@ -41,7 +41,7 @@ build_s=$((SECONDS - t0))
 grep -iE "registers|spill|stack" "$OUT/build.log" | head -20
 
 t0=$SECONDS
-timeout 120 $PY -m pytest tests -q -m cuda -p no:cacheprovider > "$OUT/tests.log" 2>&1
+timeout 150 $PY -m pytest tests -q -m cuda -p no:cacheprovider > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tests_s=$((SECONDS - t0))
 tail -25 "$OUT/tests.log"
