@@ -78,7 +78,7 @@ if [ "${PYMETA_LSTM_MEMORY:-0}" = 1 ]; then
 fi
 extra_s=$((SECONDS - t0))
 if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons
-  timeout 120 ncu -k regex:"forward_mma_kernel|backward_smem_kernel|wgrad_kernel" -c 3 \
+  timeout 120 ncu -k regex:"forward_mma_kernel|forward_mma_staged_kernel|backward_smem_kernel|wgrad_kernel" -c 4 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
     $PY bench/lstm_ncu.py > "$OUT/ncu.log" 2>&1

@@ -1,7 +1,9 @@
 """The LSTM step's kernels once each at N = 1M, H = 20, float32, for Nsight Compute
 (bench/gpu_check.sh with PYMETA_NCU=1 runs it under ncu: speed of light, occupancy, warp
-stall reasons of the tensor-core forward, the backward's CUDA-core pass and the
-weight-gradient blocks)."""
+stall reasons of the tensor-core forward, direct and staged, the backward's CUDA-core pass and
+the weight-gradient blocks)."""
+import os
+
 import torch
 
 import pymeta
@@ -14,6 +16,9 @@ state = torch.randn(4, H, N, device="cuda") * 0.1
 du, ds = torch.randn(N, device="cuda"), torch.randn(4, H, N, device="cuda")
 for _ in range(2):  # warm-up (ncu skips nothing: the -c and -k filters pick the launches)
     torch.ops.pymeta.lstm_optimizer_step(grad, state, *w, "log_sign", 10.0, 0.1)
+    os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
+    torch.ops.pymeta.lstm_optimizer_step(grad, state, *w, "log_sign", 10.0, 0.1)
+    del os.environ["PYMETA_LSTM_MMA_STAGED"]
     torch.ops.pymeta.lstm_optimizer_step_backward(du, ds, grad, state, *w, "log_sign", 10.0, 0.1)
 torch.cuda.synchronize()
 print("lstm_ncu.py: done")
