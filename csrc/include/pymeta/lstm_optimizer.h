@@ -47,8 +47,8 @@ PYMETA_HD double v_log(double x) { return log(x); }
 // exact to a few roundings in absolute terms. Double keeps the libm functions.
 #if defined(__CUDA_ARCH__)
 // 2^x as one MUFU.EX2 (ex2.approx.ftz): a result below 2^-126 flushes to 0. __expf(y) is the
-// same instruction on fl(y log2 e) plus 4 more (a compare and two predicated multiplies, to
-// return subnormals); in 1 / (1 + e) and (1 - e) / (1 + e) a subnormal e rounds away anyway.
+// same instruction on fl(y log2 e) plus a compare and two predicated multiplies (to return
+// subnormals); in 1 / (1 + e) and (1 - e) / (1 + e) a subnormal e rounds away anyway.
 // The callers fold their factor into the constant: fl(-2 log2 e) = -2 fl(log2 e) exactly, so
 // the argument, and hence every result above 2^-126, is bitwise __expf's.
 __device__ __forceinline__ float ex2_ftz(float x) {
