@@ -697,16 +697,25 @@ PYMETA_HD uint32_t f32_bits(float x) { return bits_as<uint32_t>(x); }
 PYMETA_HD float bits_f32(uint32_t u) { return bits_as<float>(u); }
 PYMETA_HD float bf16_to_f32(uint16_t b) { return bits_f32(uint32_t(b) << 16); }
 // Float bits u -> the bfloat16 bits (in the low 16 bits), rounded to nearest even; a NaN
-// stays a NaN (quiet). U: uint32_t, or a vector of them on the CPU (the staging loops).
+// stays a NaN (quiet; 0x7fc0 for the default NaN, as torch rounds on the CPU). U: uint32_t,
+// or a vector of them on the CPU (the staging loops).
 template <typename U>
 PYMETA_HD void f32_bits_to_bf16_bits(U& u) {
   const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   u = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
 }
 PYMETA_HD uint16_t f32_to_bf16(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // One instruction (F2FP) instead of ~9: the same rounding, as torch's own CUDA conversion
+  // does it (cuda_bf16.h); only a NaN's bits differ (0x7fff, torch's on the GPU too).
+  uint16_t r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+  return r;
+#else
   uint32_t u = f32_bits(x);
   f32_bits_to_bf16_bits(u);
   return static_cast<uint16_t>(u);
+#endif
 }
 // Loads and stores of a state value in its storage type (float, double or bfloat16 bits).
 template <typename T>
