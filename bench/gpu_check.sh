@@ -51,8 +51,9 @@ t0=$SECONDS
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY bench/sanitize.py > "$OUT/sanitizer.log" 2>&1
 san_rc=$?
-# shared-memory hazards of the staged LSTM forward (cp.async into per-warp buffers)
-timeout 60 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize.py staged > "$OUT/racecheck.log" 2>&1
+# shared-memory hazards of the cp.async kernels: the staged LSTM forward (per-warp buffers)
+# and the tensor-core weight gradients (block-wide double buffer)
+timeout 75 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize.py staged wgrad > "$OUT/racecheck.log" 2>&1
 race_rc=$?
 san_s=$((SECONDS - t0))
 tail -5 "$OUT/sanitizer.log"
@@ -78,7 +79,7 @@ if [ "${PYMETA_LSTM_MEMORY:-0}" = 1 ]; then
 fi
 extra_s=$((SECONDS - t0))
 if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons
-  timeout 120 ncu -k regex:"forward_mma_kernel|forward_mma_staged_kernel|backward_smem_kernel|wgrad_kernel" -c 4 \
+  timeout 120 ncu -k regex:"forward_mma_kernel|forward_mma_staged_kernel|backward_smem_kernel|wgrad_kernel|wgrad_mma_kernel" -c 5 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
     $PY bench/lstm_ncu.py > "$OUT/ncu.log" 2>&1
@@ -105,7 +106,7 @@ cat "$OUT/gpu.txt"
 echo "build:      ${build_s}s (archs $TORCH_CUDA_ARCH_LIST)"
 echo "cuda tests: rc=$tests_rc ${tests_s}s: $(tail -1 "$OUT/tests.log")"
 echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$OUT/sanitizer.log" | tr '\n' ' ')"
-echo "racecheck:  rc=$race_rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|forward ran' "$OUT/racecheck.log" | tr '\n' ' ')"
+echo "racecheck:  rc=$race_rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY| ran$' "$OUT/racecheck.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
 cat "$OUT/lstm_goals.log" | tail -14
 cat "$OUT/lstm_timing.log" | tail -8

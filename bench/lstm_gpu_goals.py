@@ -132,8 +132,10 @@ def forward_table(H, compile_ref):
 
 def backward_table(H):
     """The backward op alone (per-coordinate pass + weight-gradient blocks + the ordered sum):
-    the CUDA-core pass (the default) vs the tensor-core pass (PYMETA_LSTM_MMA_BWD=1)."""
-    print(f"\nbackward op, H={H}, ms per call: CUDA cores (default) | tensor cores (opt-in)")
+    the default (CUDA-core pass and weight-gradient tiles) vs the tensor-core pass
+    (PYMETA_LSTM_MMA_BWD=1) vs the tensor-core weight gradients (PYMETA_LSTM_WG_MMA=1)."""
+    print(f"\nbackward op, H={H}, ms per call: default | tensor-core pass (opt-in) | "
+          "tensor-core weight gradients (opt-in)")
     for N in SIZES[:2] + (200_000,):
         torch.manual_seed(0)
         net = pymeta.LSTMOptimizerNet(H).to(DEV)
@@ -144,12 +146,12 @@ def backward_table(H):
         op = lambda: torch.ops.pymeta.lstm_optimizer_step_backward(  # noqa: E731
             du, ds, grad, state, *w, "log_sign", P, OUT_SCALE)
         res = []
-        for env in ({}, {"PYMETA_LSTM_MMA_BWD": "1"}):
+        for env in ({}, {"PYMETA_LSTM_MMA_BWD": "1"}, {"PYMETA_LSTM_WG_MMA": "1"}):
             os.environ.update(env)
             res.append(timed(op))
             for k in env:
                 del os.environ[k]
-        print(f"  N={N:>9}: {res[0]:.4f} | {res[1]:.4f}", flush=True)
+        print(f"  N={N:>9}: {res[0]:.4f} | {res[1]:.4f} | {res[2]:.4f}", flush=True)
 
 
 def unroll_table(H, N=200_000, T=20):
@@ -176,9 +178,12 @@ def unroll_table(H, N=200_000, T=20):
         return torch.autograd.grad(loss, weights)
 
     out = {}
-    for name, native in (("native", True), ("cuda-core", True), ("bf16", True), ("eager", False)):
+    for name, native in (("native", True), ("cuda-core", True), ("bf16", True), ("wg-mma", True),
+                         ("eager", False)):
         if name == "cuda-core":
             os.environ["PYMETA_LSTM_MMA"] = "0"
+        if name == "wg-mma":
+            os.environ["PYMETA_LSTM_WG_MMA"] = "1"
         sd = torch.bfloat16 if name == "bf16" else None
         with pymeta.use_backend("native" if native else "reference"):
             grads = run(native, sd)
@@ -192,6 +197,7 @@ def unroll_table(H, N=200_000, T=20):
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         out[name] = (ms, peak, grads)
         os.environ.pop("PYMETA_LSTM_MMA", None)
+        os.environ.pop("PYMETA_LSTM_WG_MMA", None)
     err = max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
               for x, y in zip(out["native"][2], out["eager"][2]))
     print(f"\n{T}-step unroll, forward + backward to the optimizer's weights, N={N}, H={H}:")
@@ -199,8 +205,12 @@ def unroll_table(H, N=200_000, T=20):
           f"{out['eager'][0]:.3f} ms, peak {out['eager'][1]:.0f} MiB | x {out['eager'][0] / out['native'][0]:.2f}, "
           f"memory {out['native'][1] / out['eager'][1]:.2f} of eager | meta-grad rel err {err:.1e}",
           flush=True)
+    err_wg = max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+                 for x, y in zip(out["wg-mma"][2], out["eager"][2]))
     print(f"  (native with the CUDA-core kernels: {out['cuda-core'][0]:.3f} ms; bf16 state "
-          f"{out['bf16'][0]:.3f} ms, peak {out['bf16'][1]:.0f} MiB)")
+          f"{out['bf16'][0]:.3f} ms, peak {out['bf16'][1]:.0f} MiB; tensor-core weight "
+          f"gradients {out['wg-mma'][0]:.3f} ms, x {out['eager'][0] / out['wg-mma'][0]:.2f}, "
+          f"meta-grad rel err {err_wg:.1e})")
     if DEV == "cuda":  # the unroll's device time: its host work (autograd, launches) removed
         with pymeta.use_backend("native"):
             replay = cuda_graph(lambda: run(True))
@@ -210,6 +220,13 @@ def unroll_table(H, N=200_000, T=20):
                 ms = timed(replay, reps=3, repeats=3, warmup=1)
                 print(f"  native unroll replayed from a CUDA graph: {ms:.3f} ms "
                       f"(x {out['eager'][0] / ms:.2f} eager)", flush=True)
+            os.environ["PYMETA_LSTM_WG_MMA"] = "1"
+            replay = cuda_graph(lambda: run(True))
+            if replay is not None:
+                ms = timed(replay, reps=3, repeats=3, warmup=1)
+                print(f"  ... with the tensor-core weight gradients: {ms:.3f} ms "
+                      f"(x {out['eager'][0] / ms:.2f} eager)", flush=True)
+            del os.environ["PYMETA_LSTM_WG_MMA"]
 
 
 def main():

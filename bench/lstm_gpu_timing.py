@@ -8,6 +8,7 @@ warm-up; the median of `repeats` such runs):
             doesn't apply, H > 32, the same kernel as fwd)
   bwd op    the native backward op alone (pymeta::lstm_optimizer_step_backward: per-coordinate
             kernel + weight-gradient blocks + the fixed-order sum), no autograd
+  wg mma    the same with PYMETA_LSTM_WG_MMA=1 (the tensor-core weight gradients)
   fwd+bwd   forward with autograd, then torch.autograd.grad(update.sum() + new_state.sum(),
             weights): what a meta-training step pays
   x fwd / x f+b   reference eager time / native time
@@ -49,7 +50,7 @@ def main():
     if args.compile:
         impls.append(("compiled", torch.compile(ref, dynamic=False)))
 
-    head = f"{'H':>3} {'N':>8} | {'native fwd':>10} {'staged':>8} {'bwd op':>8} {'fwd+bwd':>8} | " \
+    head = f"{'H':>3} {'N':>8} | {'native fwd':>10} {'staged':>8} {'bwd op':>8} {'wg mma':>8} {'fwd+bwd':>8} | " \
            f"{'ref fwd':>8} {'fwd+bwd':>8} |"
     if args.compile:
         head += f" {'cmp fwd':>8} {'fwd+bwd':>8} |"
@@ -82,11 +83,15 @@ def main():
             wd = [x.detach() for x in w]
             bwd_op = timed(lambda: torch.ops.pymeta.lstm_optimizer_step_backward(
                 du, ds, grad, state, *wd, PRE, P, OUT_SCALE), args.reps, args.repeats)
+            os.environ["PYMETA_LSTM_WG_MMA"] = "1"
+            bwd_wg = timed(lambda: torch.ops.pymeta.lstm_optimizer_step_backward(
+                du, ds, grad, state, *wd, PRE, P, OUT_SCALE), args.reps, args.repeats)
+            del os.environ["PYMETA_LSTM_WG_MMA"]
             with torch.no_grad():
                 err = (native(grad, state, *wd)[0] - ref(grad, state, *wd)[0]).abs().max().item()
             nf, nfb = res["native"]
             rf, rfb = res["reference"]
-            line = (f"{H:>3} {N:>8} | {nf:>10.3f} {stg:>8.3f} {bwd_op:>8.3f} {nfb:>8.3f} | "
+            line = (f"{H:>3} {N:>8} | {nf:>10.3f} {stg:>8.3f} {bwd_op:>8.3f} {bwd_wg:>8.3f} {nfb:>8.3f} | "
                     f"{rf:>8.3f} {rfb:>8.3f} |")
             if args.compile:
                 cf, cfb = res["compiled"]

@@ -1,8 +1,8 @@
 """Runs every CUDA kernel of pymeta once on awkward sizes, for compute-sanitizer
 (bench/gpu_check.sh): vectorized and scalar paths, several launches, empty tensors,
 every rate form, forward and backward.
-  python bench/sanitize.py          # every kernel
-  python bench/sanitize.py staged   # the staged LSTM forward only (for racecheck)"""
+  python bench/sanitize.py                # every kernel
+  python bench/sanitize.py staged wgrad   # only the opt-in cp.async kernels (for racecheck)"""
 import os
 import sys
 
@@ -70,17 +70,40 @@ def staged():
                 net(torch.randn(N, device=dev), state.bfloat16() if kind == "bf16" else state)
 
 
+def wgrad(sizes):
+    # the tensor-core weight gradients (opt-in, PYMETA_LSTM_WG_MMA=1): one chunk ending
+    # mid-stage (N = 300), several chunks of 256 (5003), chunks of more than 256 coordinates
+    # with a tail (200_003; memcheck only, racecheck is slow); H over every tile bucket.
+    # Through the backward op, whose workspace is sized for it.
+    for H in (1, 7, 20, 32):
+        w = [x.detach() for x in pymeta.LSTMOptimizerNet(H).to(dev).weights()]
+        for N in sizes:
+            grad = torch.randn(N, device=dev) * 1e-3
+            state = torch.randn(4, H, N, device=dev) * 0.1
+            torch.ops.pymeta.lstm_optimizer_step_backward(
+                torch.randn(N, device=dev), torch.randn(4, H, N, device=dev), grad, state, *w,
+                "log_sign", 10.0, 0.1)
+
+
 torch.manual_seed(0)
 pymeta.set_backend("native")
-if sys.argv[1:] != ["staged"]:
+only = set(sys.argv[1:])
+if not only:
     inner_update()
     torch.cuda.synchronize()
     print("sanitize.py: all kernels ran")
     lstm()
     torch.cuda.synchronize()
     print("sanitize.py: lstm kernels ran")
-os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
-staged()
-del os.environ["PYMETA_LSTM_MMA_STAGED"]
-torch.cuda.synchronize()
-print("sanitize.py: staged forward ran")
+if not only or "staged" in only:
+    os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
+    staged()
+    del os.environ["PYMETA_LSTM_MMA_STAGED"]
+    torch.cuda.synchronize()
+    print("sanitize.py: staged forward ran")
+if not only or "wgrad" in only:
+    os.environ["PYMETA_LSTM_WG_MMA"] = "1"
+    wgrad((300, 5003) if only else (300, 5003, 200_003))
+    del os.environ["PYMETA_LSTM_WG_MMA"]
+    torch.cuda.synchronize()
+    print("sanitize.py: tensor-core weight gradients ran")

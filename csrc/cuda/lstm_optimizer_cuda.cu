@@ -9,8 +9,9 @@
 //   1. per coordinate: recompute, backpropagate, write d_grad, d_state and the workspace rows;
 //   2. per (32 x 32 tile of weight-gradient entries, chunk of kLstmOptCudaChunk coordinates):
 //      a register-tiled sum over the chunk (4 x 4 entries per thread) into that chunk's
-//      partial sums (no atomics);
-//   3. per weight-gradient entry: the sum over chunks in order.
+//      partial sums (no atomics); or, opt-in (PYMETA_LSTM_WG_MMA=1), one block per chunk for
+//      all entries on the tensor cores (wgrad_mma_kernel);
+//   3. per weight-gradient entry: the sum over chunks in a fixed order.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -217,6 +218,23 @@ wgrad_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Ls
   lstm_wgrad_store(p, tl, acc, static_cast<T*>(L.workspace), threadIdx.x);
 }
 
+// The tensor-core version (float, H <= 32, sm_80+; opt-in with PYMETA_LSTM_WG_MMA=1 until it
+// is measured on a GPU): one block per chunk for all three C_q, each row read once
+// (lstm_wg_mma_block in lstm_optimizer_mma.cuh).
+template <int HB>
+__global__ void __launch_bounds__(32 * kLstmWgWarps, HB <= 24 ? 2 : 1)
+wgrad_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ LstmWgMmaPlan p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  lstm_wg_mma_block<HB>(p, static_cast<const float*>(L.workspace),
+                        static_cast<const float*>(L.state), static_cast<float*>(L.workspace),
+                        reinterpret_cast<float*>(smem_raw), blockIdx.x, threadIdx.x);
+}
+
+// The sum over chunks: a block takes 32 consecutive entries; warp w sums chunks w, w + 8, ...
+// of its lane's entry (a warp reads 32 consecutive partial sums per chunk), then warp 0 adds
+// the 8 group sums in order. A fixed order: bitwise reproducible.
+constexpr int kFinishGroups = 8;
+
 struct FinishPlan {
   LstmOptSegment seg[10];
   int64_t seg_start[11];
@@ -224,18 +242,30 @@ struct FinishPlan {
 };
 
 template <typename T>
-__global__ void finish_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ FinishPlan f) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= f.seg_start[10]) return;
+__global__ void __launch_bounds__(32 * kFinishGroups)
+finish_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ FinishPlan f) {
+  __shared__ T sums[kFinishGroups][32];
+  const int lane = threadIdx.x & 31, grp = threadIdx.x >> 5;
+  const int64_t e = int64_t(blockIdx.x) * 32 + lane;
+  const bool valid = e < f.seg_start[10];
   int d = 0;
-  while (e >= f.seg_start[d + 1]) ++d;
-  const int64_t local = e - f.seg_start[d];
-  const int64_t i = local / f.seg[d].cols, j = local % f.seg[d].cols;
-  const T* part = static_cast<const T*>(L.workspace) + f.partial_offset + f.seg[d].src_off +
-                  i * f.seg[d].src_stride + j;
+  int64_t local = 0;
   T acc = 0;
-  for (int64_t c = 0; c < f.chunks; ++c) acc += part[c * f.P];
-  static_cast<T*>(L.d_w[d])[local] = acc;
+  if (valid) {
+    while (e >= f.seg_start[d + 1]) ++d;
+    local = e - f.seg_start[d];
+    const int64_t i = local / f.seg[d].cols, j = local % f.seg[d].cols;
+    const T* part = static_cast<const T*>(L.workspace) + f.partial_offset + f.seg[d].src_off +
+                    i * f.seg[d].src_stride + j;
+    for (int64_t c = grp; c < f.chunks; c += kFinishGroups) acc += part[c * f.P];
+  }
+  sums[grp][lane] = acc;
+  __syncthreads();
+  if (grp == 0 && valid) {
+    T total = sums[0][lane];
+    for (int w = 1; w < kFinishGroups; ++w) total += sums[w][lane];
+    static_cast<T*>(L.d_w[d])[local] = total;
+  }
 }
 
 // ---- dispatch -------------------------------------------------------------------------------
@@ -297,7 +327,41 @@ int64_t num_chunks(int64_t N) { return (N + kLstmOptCudaChunk - 1) / kLstmOptCud
 
 int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
   const int64_t elem = L.dtype == DType::Float64 ? 8 : 4;
-  return ws_rows_bytes(L) + num_chunks(L.N) * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
+  const int64_t mma_chunks = lstm_wg_mma_plan(L.H, L.n_in, L.N, 0).chunks;
+  const int64_t chunks = num_chunks(L.N) > mma_chunks ? num_chunks(L.N) : mma_chunks;
+  return ws_rows_bytes(L) + chunks * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
+}
+
+// The tensor-core weight gradients when asked for (PYMETA_LSTM_WG_MMA=1) and they apply
+// (float, H <= 32, compute capability 8.0+, the two stage buffers fit): launches them and
+// returns their chunk count, or -1 (the caller takes wgrad_kernel); a CUDA error as -2 - err.
+static int64_t wgrad_mma_launch(const LstmOptLaunch& L, cudaStream_t stream) {
+  const char* env = std::getenv("PYMETA_LSTM_WG_MMA");
+  if (!(env && env[0] == '1') || L.dtype != DType::Float32 || L.H > 32) return -1;
+  int dev = 0, major = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (!err) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (!err) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err) return -2 - int64_t(err);
+  if (major < 8) return -1;
+  const LstmWgMmaPlan p =
+      lstm_wg_mma_plan(L.H, L.n_in, L.N, ws_rows_bytes(L) / int64_t(sizeof(float)));
+  const int smem = 2 * lstm_wg_mma_buf_bytes(p);
+  if (smem > optin) return -1;
+  auto launch = [&](auto hb) {
+    constexpr int HB = decltype(hb)::value;
+    cudaError_t e = cudaFuncSetAttribute(wgrad_mma_kernel<HB>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e) return e;
+    wgrad_mma_kernel<HB><<<static_cast<unsigned>(p.chunks), 32 * kLstmWgWarps, smem, stream>>>(L, p);
+    return cudaGetLastError();
+  };
+  err = L.H <= 8    ? launch(std::integral_constant<int, 8>{})
+        : L.H <= 16 ? launch(std::integral_constant<int, 16>{})
+        : L.H <= 20 ? launch(std::integral_constant<int, 20>{})
+        : L.H <= 24 ? launch(std::integral_constant<int, 24>{})
+                    : launch(std::integral_constant<int, 32>{});
+  return err ? -2 - int64_t(err) : p.chunks;
 }
 
 // The staged tensor-core forward when asked for (PYMETA_LSTM_MMA_STAGED=1) and it fits: as
@@ -443,12 +507,20 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
     err = static_cast<int>(cudaGetLastError());
     if (err) return err;
 
+    // The weight-gradient partial sums per chunk: the tensor-core kernel when asked for, else
+    // the CUDA-core tiles.
+    int64_t chunks = -1;
+    if constexpr (std::is_same<T, float>::value) chunks = wgrad_mma_launch(L, stream);
+    if (chunks < -1) return static_cast<int>(-2 - chunks);
     const LstmWgradPlan p = lstm_wgrad_plan(L.H, L.n_in, L.N, kLstmOptCudaChunk,
                                             ws_rows_bytes(L) / static_cast<int64_t>(sizeof(T)));
-    wgrad_kernel<T><<<dim3(p.tile_start[3], static_cast<unsigned>(p.chunks)), kLstmWgThreads, 0,
-                      stream>>>(L, p);
-    err = static_cast<int>(cudaGetLastError());
-    if (err) return err;
+    if (chunks < 0) {
+      chunks = p.chunks;
+      wgrad_kernel<T><<<dim3(p.tile_start[3], static_cast<unsigned>(p.chunks)), kLstmWgThreads,
+                        0, stream>>>(L, p);
+      err = static_cast<int>(cudaGetLastError());
+      if (err) return err;
+    }
 
     FinishPlan f{};
     f.seg_start[0] = 0;
@@ -458,9 +530,9 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
     }
     f.partial_offset = p.partial_offset;
     f.P = p.pairs.off[3];
-    f.chunks = p.chunks;
-    const unsigned fblocks = static_cast<unsigned>((f.seg_start[10] + 255) / 256);
-    finish_kernel<T><<<fblocks, 256, 0, stream>>>(L, f);
+    f.chunks = chunks;
+    const unsigned fblocks = static_cast<unsigned>((f.seg_start[10] + 31) / 32);
+    finish_kernel<T><<<fblocks, 32 * kFinishGroups, 0, stream>>>(L, f);
     return static_cast<int>(cudaGetLastError());
   });
 }

@@ -84,6 +84,7 @@ PYMETA_WARP void warp_cp_async_wait() {
 #endif
 }
 PYMETA_WARP void warp_sync() { __syncwarp(); }
+PYMETA_WARP void block_sync() { __syncthreads(); }
 #else
 #define PYMETA_WARP inline
 // Provided by the host emulator (tests/cuda_emu/lstm_mma_emu.cpp).
@@ -100,6 +101,7 @@ void warp_cp_async_wait_n(int pending);
 template <int pending>
 inline void warp_cp_async_wait() { warp_cp_async_wait_n(pending); }
 void warp_sync();
+void block_sync();
 #endif
 
 // The TF32 "hi" part: the top 10 mantissa bits (truncation keeps NaN a NaN and Inf an Inf;
@@ -794,6 +796,239 @@ PYMETA_WARP void lstm_mma_backward_warp(const float* sm, const LstmOptScalars<fl
     if (store) {
       const int64_t n = t == 0 ? r.nl[mt][0] : r.nl[mt][1];
       d_grad[n] = lstm_preprocess_backward(grad[n], s, dxm);
+    }
+  }
+}
+
+// ---- tensor-core weight gradients (float32, H <= 32, sm_80+) --------------------------------
+// The C_q of lstm_opt_pairs, C_q[a, b] = sum_n A_q[a, n] B_q[b, n], for one chunk of
+// coordinates per block of kLstmWgWarps warps. The block copies each workspace / state row it
+// needs once per stage of kLstmWgKC coordinates into shared memory (cp.async, 4 bytes per lane,
+// double-buffered; the CUDA-core wgrad_kernel reads each A row once per 32 B rows and each B
+// row once per 32 A rows). Each warp then runs its m16n8 tiles of the C_q over the stage as
+// 3xTF32 mma with k = coordinates. Shared rows (kLstmWgStride floats: the stage's
+// coordinates + 4 of padding, so that the 32 lanes of a fragment load hit 32 banks):
+//   A: dz1 rows [0, 4H), dz2 [4H, 8H), du 8H, zero rows up to 8H + 16 (the last m-tiles);
+//   B_0 from rb[0]: x (n_in), h1_prev (H), a row of ones (the bias column);
+//   B_1 from rb[1]: h1, h2_prev, ones;  B_2 from rb[2]: h2, ones;
+//   each B_q padded with zero rows to whole n-tiles of 8.
+// A tile's rows and columns past the C_q's end read other rows (or zeros); they only feed
+// entries that are never stored. Every entry is summed in a fixed order (stages in order), so
+// the partial sums are bitwise reproducible. An entry whose tensor-core sum is not finite is
+// summed again in fp32 from global memory in coordinate order: Inf and NaN then come out as
+// in the CUDA-core kernel (3xTF32 alone would turn Inf * 1 into NaN, as lo(Inf) is NaN).
+constexpr int kLstmWgKC = 32;
+constexpr int kLstmWgStride = kLstmWgKC + 4;
+constexpr int kLstmWgWarps = 8;
+constexpr int kLstmWgMaxChunks = 512;  // chunks = 512 or fewer (at least 256 coordinates each)
+
+struct LstmWgMmaPlan {
+  LstmOptRows rows;  // of the workspace
+  LstmOptPairs pairs;
+  int H, n_in;
+  int mt;            // m-tiles of 4H rows
+  int nt[3], rb[3];  // n-tiles and first shared row of B_q
+  int srows;         // shared rows per stage buffer
+  int tiles;         // m16n8 tiles of all C_q: [0, mt nt0) C_0, then mt nt1 of C_1, nt2 of C_2
+  int copies;        // rows copied per stage: the workspace's 10H + n_in + 1, h1_prev, h2_prev
+  int64_t N, chunk, chunks, partial_offset;
+};
+
+PYMETA_HD LstmWgMmaPlan lstm_wg_mma_plan(int H, int n_in, int64_t N, int64_t partial_offset) {
+  LstmWgMmaPlan p{};
+  p.rows = lstm_opt_rows(H, n_in);
+  p.pairs = lstm_opt_pairs(H, n_in);
+  p.H = H;
+  p.n_in = n_in;
+  p.mt = (4 * H + 15) / 16;
+  int next = 8 * H + 16;
+  for (int q = 0; q < 3; ++q) {
+    p.nt[q] = (p.pairs.mb[q] + 7) / 8;
+    p.rb[q] = next;
+    next += 8 * p.nt[q];
+  }
+  p.srows = next;
+  p.tiles = p.mt * (p.nt[0] + p.nt[1]) + p.nt[2];
+  p.copies = p.rows.total + 2 * H;
+  p.N = N;
+  // enough chunks to fill the GPU at N = 200k, few enough that their sum stays cheap
+  const int64_t per = (N + kLstmWgMaxChunks - 1) / kLstmWgMaxChunks;
+  p.chunk = per <= 256 ? 256 : (per + kLstmWgKC - 1) / kLstmWgKC * kLstmWgKC;
+  p.chunks = (N + p.chunk - 1) / p.chunk;
+  p.partial_offset = partial_offset;
+  return p;
+}
+
+PYMETA_HD int lstm_wg_mma_buf_bytes(const LstmWgMmaPlan& p) {
+  return p.srows * kLstmWgStride * int(sizeof(float));
+}
+
+// Compile-time bound on the tiles per warp, for hidden sizes up to HB (n_in <= 2).
+template <int HB>
+struct LstmWgMmaShape {
+  static constexpr int kTiles =
+      (4 * HB + 15) / 16 * ((HB + 3 + 7) / 8 + (2 * HB + 1 + 7) / 8) + (HB + 1 + 7) / 8;
+  static constexpr int kPerWarp = (kTiles + kLstmWgWarps - 1) / kLstmWgWarps;
+};
+
+// Copied row r of a stage: its global row (returned) and its shared row.
+PYMETA_HD const float* lstm_wg_mma_src(const LstmWgMmaPlan& p, int r, const float* ws,
+                                       const float* state, int& srow) {
+  const LstmOptRows& R = p.rows;
+  const int H = p.H;
+  if (r < R.total) {
+    srow = r < R.x     ? r                      // dz1
+           : r < R.h1  ? p.rb[0] + (r - R.x)    // x
+           : r < R.dz2 ? p.rb[1] + (r - R.h1)   // h1
+           : r < R.h2  ? 4 * H + (r - R.dz2)    // dz2
+           : r < R.du  ? p.rb[2] + (r - R.h2)   // h2
+                       : 8 * H;                 // du
+    return ws + int64_t(r) * p.N;
+  }
+  r -= R.total;
+  if (r < H) {  // h1_prev: state row r
+    srow = p.rb[0] + p.n_in + r;
+    return state + int64_t(r) * p.N;
+  }
+  r -= H;  // h2_prev: state row 2H + r
+  srow = p.rb[1] + H + r;
+  return state + int64_t(2 * H + r) * p.N;
+}
+
+// The value of shared row `row` if it is a constant one (ones or zeros), else false.
+PYMETA_HD bool lstm_wg_mma_const_row(const LstmWgMmaPlan& p, int row, float& v) {
+  const int H = p.H;
+  const int ones[3] = {p.rb[0] + p.n_in + H, p.rb[1] + 2 * H, p.rb[2] + H};
+  const int end[3] = {p.rb[1], p.rb[2], p.srows};
+  if (row > 8 * H && row < p.rb[0]) { v = 0.0f; return true; }
+  for (int q = 0; q < 3; ++q) {
+    if (row == ones[q]) { v = 1.0f; return true; }
+    if (row > ones[q] && row < end[q]) { v = 0.0f; return true; }
+  }
+  return false;
+}
+
+// Tile i: pair q, first shared row of its A rows and of its B rows, first entry (a0, b0).
+struct LstmWgMmaTile {
+  int q, arow, brow, a0, b0;
+};
+PYMETA_HD LstmWgMmaTile lstm_wg_mma_tile(const LstmWgMmaPlan& p, int i) {
+  LstmWgMmaTile t;
+  const int t0 = p.mt * p.nt[0], t1 = t0 + p.mt * p.nt[1];
+  int m, n;
+  if (i < t0) { t.q = 0; m = i / p.nt[0]; n = i % p.nt[0]; }
+  else if (i < t1) { t.q = 1; m = (i - t0) / p.nt[1]; n = (i - t0) % p.nt[1]; }
+  else { t.q = 2; m = 0; n = i - t1; }
+  t.arow = (t.q == 0 ? 0 : t.q == 1 ? 4 * p.H : 8 * p.H) + 16 * m;
+  t.brow = p.rb[t.q] + 8 * n;
+  t.a0 = 16 * m;
+  t.b0 = 8 * n;
+  return t;
+}
+
+// One block (thread tid of 32 kLstmWgWarps) sums chunk `chunk_index` into its partial sums
+// (the workspace at partial_offset + chunk_index P, laid out as lstm_opt_pairs says).
+// sm: 2 lstm_wg_mma_buf_bytes of shared memory, 16-byte aligned.
+template <int HB>
+PYMETA_WARP void lstm_wg_mma_block(const LstmWgMmaPlan& p, const float* ws, const float* state,
+                                   float* partials, float* sm, int64_t chunk_index, int tid) {
+  constexpr int S = kLstmWgStride, TPW = LstmWgMmaShape<HB>::kPerWarp;
+  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t n_begin = chunk_index * p.chunk;
+  const int64_t n_end = n_begin + p.chunk < p.N ? n_begin + p.chunk : p.N;
+  const int buf = p.srows * S;
+
+  for (int e = tid; e < p.srows * kLstmWgKC; e += 32 * kLstmWgWarps) {
+    float v;
+    const int row = e / kLstmWgKC, col = e % kLstmWgKC;
+    if (lstm_wg_mma_const_row(p, row, v)) sm[row * S + col] = sm[buf + row * S + col] = v;
+  }
+  // lane = coordinate: a warp copies 128 contiguous bytes of a row; past the chunk: zeros
+  auto issue = [&](int64_t n0, float* dst) {
+    const int64_t n = n0 + lane;
+    const bool in = n < n_end;
+    for (int r = warp; r < p.copies; r += kLstmWgWarps) {
+      int srow;
+      const float* src = lstm_wg_mma_src(p, r, ws, state, srow);
+      warp_cp_async<4>(dst + srow * S + lane, in ? src + n : src, in ? 4 : 0);
+    }
+    warp_cp_async_commit();
+  };
+
+  const int per = (p.tiles + kLstmWgWarps - 1) / kLstmWgWarps;
+  const int first = warp * per;
+  const int count = p.tiles - first < per ? p.tiles - first : per;  // may be <= 0
+  int a_off[TPW], b_off[TPW];
+  float acc[TPW][4];
+  PYMETA_UNROLL
+  for (int i = 0; i < TPW; ++i) {
+    const LstmWgMmaTile tl = lstm_wg_mma_tile(p, i < count ? first + i : 0);
+    a_off[i] = (tl.arow + g) * S + t;
+    b_off[i] = (tl.brow + g) * S + t;
+    PYMETA_UNROLL
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  }
+
+  const int64_t stages = (n_end - n_begin + kLstmWgKC - 1) / kLstmWgKC;
+  issue(n_begin, sm);
+  for (int64_t st = 0; st < stages; ++st) {
+    // always a group (empty past the last stage), so that wait<1> means "stage st landed"
+    if (st + 1 < stages) issue(n_begin + (st + 1) * kLstmWgKC, sm + ((st + 1) & 1) * buf);
+    else warp_cp_async_commit();
+    warp_cp_async_wait<1>();
+    block_sync();  // every thread's copies of stage st have landed (and the constants)
+    const float* b = sm + (st & 1) * buf;
+    PYMETA_UNROLL
+    for (int k0 = 0; k0 < kLstmWgKC; k0 += 8) {
+      PYMETA_UNROLL
+      for (int i = 0; i < TPW; ++i) {
+        if (i < count) {
+          const float* ap = b + a_off[i] + k0;
+          const float* bp = b + b_off[i] + k0;
+          const float av[4] = {ap[0], ap[8 * S], ap[4], ap[8 * S + 4]};
+          const float bv[2] = {bp[0], bp[4]};
+          uint32_t ahi[4], alo[4], bhi[2], blo[2];
+          PYMETA_UNROLL
+          for (int j = 0; j < 4; ++j) {
+            const float hi = tf32_hi(av[j]);
+            ahi[j] = f32_bits(hi);
+            alo[j] = f32_bits(av[j] - hi);
+          }
+          PYMETA_UNROLL
+          for (int j = 0; j < 2; ++j) {
+            const float hi = tf32_hi(bv[j]);
+            bhi[j] = f32_bits(hi);
+            blo[j] = f32_bits(bv[j] - hi);
+          }
+          warp_mma_tf32(acc[i], alo, bhi);  // small terms first
+          warp_mma_tf32(acc[i], ahi, blo);
+          warp_mma_tf32(acc[i], ahi, bhi);
+        }
+      }
+    }
+    block_sync();  // before the next iteration's copies refill this buffer
+  }
+
+  // the accumulator layout of m16n8: acc[j] is entry (a0 + g + 8 (j >> 1), b0 + 2t + (j & 1))
+  float* part = partials + p.partial_offset + chunk_index * p.pairs.off[3];
+  PYMETA_UNROLL
+  for (int i = 0; i < TPW; ++i) {
+    if (i >= count) continue;
+    const LstmWgMmaTile tl = lstm_wg_mma_tile(p, first + i);
+    const int ma = p.pairs.ma[tl.q], mb = p.pairs.mb[tl.q];
+    const int arow0 = tl.q == 0 ? p.rows.dz1 : tl.q == 1 ? p.rows.dz2 : p.rows.du;
+    PYMETA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const int a = tl.a0 + g + 8 * (j >> 1), bb = tl.b0 + 2 * t + (j & 1);
+      if (a >= ma || bb >= mb) continue;
+      float v = acc[i][j];
+      if (!(v - v == 0.0f)) {  // Inf or NaN: the fp32 sum in coordinate order
+        const float* ar = ws + int64_t(arow0 + a) * p.N;
+        const float* br = lstm_wgrad_b_row<float>(p.rows, tl.q, bb, ws, state, p.H, p.n_in, p.N);
+        v = 0.0f;
+        for (int64_t n = n_begin; n < n_end; ++n) v = v + ar[n] * (br ? br[n] : 1.0f);
+      }
+      part[p.pairs.off[tl.q] + int64_t(a) * mb + bb] = v;
     }
   }
 }

@@ -415,9 +415,8 @@ PYMETA_HD LstmWgradTile lstm_wgrad_tile(const LstmWgradPlan& p, int tile, int64_
 
 // Row k of B_q (see lstm_opt_pairs); nullptr is the row of ones.
 template <typename T>
-PYMETA_HD const T* lstm_wgrad_b_row(const LstmWgradPlan& p, int q, int k, const T* ws,
+PYMETA_HD const T* lstm_wgrad_b_row(const LstmOptRows& R, int q, int k, const T* ws,
                                     const T* state, int H, int n_in, int64_t N) {
-  const LstmOptRows& R = p.rows;
   if (q == 0)
     return k < n_in ? ws + (R.x + k) * N : k < n_in + H ? state + int64_t(k - n_in) * N : nullptr;
   if (q == 1)
@@ -457,7 +456,7 @@ PYMETA_HD void lstm_wgrad_rows(const LstmWgradPlan& p, const LstmWgradTile& tl, 
     r.a[i] = a < tl.ma ? ws + int64_t(tl.arow0 + a) * N + lk : nullptr;
     r.b[i] = nullptr;
     if (b < tl.mb) {
-      const T* br = lstm_wgrad_b_row<T>(p, tl.q, b, ws, state, H, n_in, N);
+      const T* br = lstm_wgrad_b_row<T>(p.rows, tl.q, b, ws, state, H, n_in, N);
       if (br) r.b[i] = br + lk;
       else r.b_ones |= 1u << i;
     }

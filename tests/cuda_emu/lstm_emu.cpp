@@ -142,7 +142,7 @@ static void run(int H, int n_in, int64_t N, int block, std::mt19937& rng) {
           double acc = 0;
           const int arow = (q == 0 ? R.dz1 : q == 1 ? R.dz2 : R.du) + a;
           for (int64_t n = n0; n < n1; ++n) {
-            const T* br = lstm_wgrad_b_row<T>(plan, q, b, ws.data(), state.data(), H, n_in, N);
+            const T* br = lstm_wgrad_b_row<T>(plan.rows, q, b, ws.data(), state.data(), H, n_in, N);
             acc += double(ws[int64_t(arow) * N + n]) * (br ? double(br[n]) : 1.0);
           }
           want[P.off[q] + int64_t(a) * P.mb[q] + b] = T(acc);

@@ -25,7 +25,8 @@ struct Warp {
   uint32_t a[32][4], b[32][2];
   float sh[32];
 };
-Warp* warp = nullptr;
+thread_local Warp* warp = nullptr;  // the calling lane's warp
+std::barrier<>* block_bar = nullptr;  // __syncthreads of the block being emulated
 int failures = 0;
 
 // cp.async: each copy lands either at once (catches a buffer refilled while lanes still read
@@ -91,6 +92,7 @@ void warp_cp_async_wait_n(int pending) {
   }
 }
 void warp_sync() { warp->bar.arrive_and_wait(); }
+void block_sync() { block_bar->arrive_and_wait(); }
 
 // The PTX ISA fragment layouts of mma.m16n8k8 .tf32 (g = lane / 4, t = lane % 4):
 // A (16 x 8): a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4);
@@ -168,12 +170,12 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
   auto run_grid = [&](auto&& warp_step) {
     const int grid = 3;
     Warp wp;
-    warp = &wp;
     for (int bx = 0; bx < grid; ++bx) {
       std::vector<std::thread> lanes;
       for (int l = 0; l < 32; ++l)
         lanes.emplace_back([&, l, bx] {
           tl_lane = l;
+          warp = &wp;
           for (int64_t base = int64_t(bx) * S::kCoords; base < N; base += int64_t(grid) * S::kCoords)
             warp_step(base);
         });
@@ -253,13 +255,13 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
       unsigned char* bufs = reinterpret_cast<unsigned char*>(bufv.data());
       const int grid = 3;
       Warp wp;
-      warp = &wp;
       for (int bx = 0; bx < grid; ++bx) {
         std::memset(bufs, 0xff, 2 * buf);  // NaN garbage: a read of a stale slot shows
         std::vector<std::thread> lanes;
         for (int l = 0; l < 32; ++l)
           lanes.emplace_back([&, l, bx] {
             tl_lane = l;
+            warp = &wp;
             lstm_mma_forward_staged<HB, St>(sm.data(), bufs, buf, s, W.b_out[0], grad.data(),
                                             st_in.data(), u2.data(), ns2.data(), N,
                                             int64_t(bx) * S::kCoords, grid * S::kCoords, vec);
@@ -306,6 +308,101 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
   expect_close("workspace rows", ws, ws_ref, 1e-4, 1e-5, H, n_in);
 }
 
+// The tensor-core weight gradients (lstm_wg_mma_block, as wgrad_mma_kernel runs it): one
+// block of 8 warps (256 host threads) per chunk; every stored partial sum against a double
+// sum over the chunk, with copies landing at once or at the wait. Inf and NaN entries must
+// match the double sum's class (the kernel re-sums them in fp32); nothing else is written.
+template <int HB>
+static void run_wgrad(int H, int n_in, int64_t N, bool non_finite, std::mt19937& rng) {
+  const LstmOptRows R = lstm_opt_rows(H, n_in);
+  const int64_t rows = int64_t(R.total) * N;
+  const int64_t off = (rows + 63) / 64 * 64;
+  const LstmWgMmaPlan p = lstm_wg_mma_plan(H, n_in, N, off);
+  const int64_t P = p.pairs.off[3];
+  std::vector<float> ws = emu_random<float>(off + p.chunks * P, 1.0, rng);
+  std::vector<float> state = emu_random<float>(4 * H * N, 0.5, rng);
+  for (int64_t n = 0; n < N; n += 5) ws[R.dz2 * N + n] *= 1e3f;  // mixed magnitudes
+  for (int64_t n = 0; n < N; ++n) ws[R.du * N + n] = float(n % 3) - 1.0f;
+  if (non_finite) {
+    ws[(R.dz1 + 3) * N + N - 1] = INFINITY;       // C_0 row 3 of the last chunk
+    ws[(R.dz2 + 4 * H - 1) * N + 7] = -INFINITY;  // C_1's last row, first chunk
+    state[1 * N + N / 2] = NAN;                   // h1_prev unit 1: a column of C_0
+  }
+  // every fragment load of every tile: the 32 lanes hit 32 banks (rows g, columns t)
+  for (int i = 0; i < p.tiles; ++i) {
+    const LstmWgMmaTile tl = lstm_wg_mma_tile(p, i);
+    unsigned a_banks = 0, b_banks = 0;
+    for (int lane = 0; lane < 32; ++lane) {
+      a_banks |= 1u << ((tl.arow + lane / 4) * kLstmWgStride + lane % 4) % 32;
+      b_banks |= 1u << ((tl.brow + lane / 4) * kLstmWgStride + lane % 4) % 32;
+    }
+    if (a_banks != 0xffffffffu || b_banks != 0xffffffffu) {
+      std::printf("FAIL wgrad mma bank conflict (H %d) in tile %d\n", H, i);
+      ++failures;
+      break;
+    }
+  }
+  const std::vector<float> rows_in(ws.begin(), ws.begin() + off);
+  readable = {{reinterpret_cast<const char*>(ws.data()), size_t(rows) * sizeof(float)},
+              {reinterpret_cast<const char*>(state.data()), state.size() * sizeof(float)}};
+  const int buf = lstm_wg_mma_buf_bytes(p);
+  for (int mode = 0; mode < 2; ++mode) {
+    land_at_wait = mode == 1;
+    std::fill(ws.begin() + off, ws.end(), -777.0f);
+    std::vector<float4_t> smv(2 * buf / 16);
+    float* sm = reinterpret_cast<float*>(smv.data());
+    for (int64_t c = 0; c < p.chunks; ++c) {
+      // finite garbage (12.07): NaN would be re-summed from global memory and hide the read
+      std::memset(sm, 0x41, 2 * buf);
+      Warp warps[kLstmWgWarps];
+      std::barrier<> bar(32 * kLstmWgWarps);
+      block_bar = &bar;
+      std::vector<std::thread> th;
+      for (int tid = 0; tid < 32 * kLstmWgWarps; ++tid)
+        th.emplace_back([&, tid, c] {
+          tl_lane = tid & 31;
+          warp = &warps[tid >> 5];
+          lstm_wg_mma_block<HB>(p, ws.data(), state.data(), ws.data(), sm, c, tid);
+          warp_cp_async_wait_n(0);
+        });
+      for (auto& x : th) x.join();
+    }
+    land_at_wait = false;
+    if (!std::equal(rows_in.begin(), rows_in.end(), ws.begin())) {
+      std::printf("FAIL wgrad mma wrote into the workspace rows (H %d)\n", H);
+      ++failures;
+    }
+    int bad = 0;
+    for (int64_t c = 0; c < p.chunks && !bad; ++c) {
+      const int64_t n0 = c * p.chunk, n1 = std::min(N, n0 + p.chunk);
+      for (int q = 0; q < 3 && !bad; ++q) {
+        const int arow = q == 0 ? R.dz1 : q == 1 ? R.dz2 : R.du;
+        for (int a = 0; a < p.pairs.ma[q] && !bad; ++a)
+          for (int b = 0; b < p.pairs.mb[q] && !bad; ++b) {
+            const float* br = lstm_wgrad_b_row<float>(R, q, b, ws.data(), state.data(), H, n_in, N);
+            double sum = 0, mag = 0;
+            for (int64_t n = n0; n < n1; ++n) {
+              const double x = double(ws[(arow + a) * N + n]) * (br ? double(br[n]) : 1.0);
+              sum += x;
+              mag += std::fabs(x);
+            }
+            const double got = ws[off + c * P + p.pairs.off[q] + a * p.pairs.mb[q] + b];
+            const bool ok = std::isfinite(sum) ? std::fabs(got - sum) <= 1e-5 * mag + 1e-30
+                            : std::isnan(sum) ? std::isnan(got) : got == sum;
+            if (!ok) {
+              std::printf("FAIL wgrad mma (H %d, n_in %d, N %lld, %s) chunk %lld C_%d[%d, %d]: "
+                          "%.9g vs %.9g\n", H, n_in, (long long)N,
+                          mode ? "landing at the wait" : "landing at once", (long long)c, q, a,
+                          b, got, sum);
+              ++failures;
+              bad = 1;
+            }
+          }
+      }
+    }
+  }
+}
+
 // The staging buffer's layout (lstm_mma_buf_index) is free of shared-memory bank conflicts:
 // in each read of the forward core, lanes (g, t) read rows r0 + t at column g (or g + 8); two
 // lanes hitting the same bank must read the same 32-bit word.
@@ -345,6 +442,12 @@ int main() {
     run<16>(9, n_in, 52, rng);    // ... a tail chunk past N
     run<8>(5, n_in, 312, rng);    // ... 7 steps per warp: both buffers refilled
   }
+  run_wgrad<20>(20, 2, 700, false, rng);  // 3 chunks of 256, the last ending mid-stage
+  run_wgrad<20>(20, 2, 300, true, rng);   // Inf and NaN: re-summed in fp32
+  run_wgrad<8>(7, 1, 77, false, rng);
+  run_wgrad<16>(13, 2, 290, false, rng);
+  run_wgrad<24>(21, 1, 64, true, rng);
+  run_wgrad<32>(32, 2, 260, false, rng);
   std::printf(failures ? "lstm_mma_emu: %d FAILURES\n" : "lstm_mma_emu: all equal\n", failures);
   return failures ? 1 : 0;
 }
