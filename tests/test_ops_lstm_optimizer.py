@@ -672,19 +672,28 @@ def test_cuda_tensor_core_wgrad_matches_cuda_core_wgrad(H, N, monkeypatch):
     """The weight gradients on the tensor cores (opt-in, PYMETA_LSTM_WG_MMA=1: one block per
     chunk reads each workspace row once, 3xTF32 mma) against the CUDA-core tiles: the same
     d_grad and d_state bits (the same per-coordinate pass), every weight gradient close,
-    bitwise reproducible; an Inf in d_update and a NaN in d_new_state give the same non-finite
-    entries as the CUDA-core sums. A profiler check that the tensor-core kernel ran."""
+    bitwise reproducible. A NaN in d_new_state (only unit 0's layer-1 gate rows turn NaN) and
+    an Inf in d_update (every entry turns non-finite) give the same entries as the CUDA-core
+    sums. On sm_90 (room for H = 32's shared memory) a profiler check that the kernel ran."""
     inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
     gen = torch.Generator().manual_seed(5)
     du = torch.randn(N, generator=gen).cuda()
     ds = torch.randn(4, H, N, generator=gen).cuda()
-    slow = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
-    monkeypatch.setenv("PYMETA_LSTM_WG_MMA", "1")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fast = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
-        torch.cuda.synchronize()
-    assert any("wgrad_mma_kernel" in e.name for e in prof.events())
-    again = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
+
+    def both(du, ds):
+        monkeypatch.delenv("PYMETA_LSTM_WG_MMA", raising=False)
+        slow = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
+        monkeypatch.setenv("PYMETA_LSTM_WG_MMA", "1")
+        return BWD(du, ds, *inputs, "log_sign", 10.0, 0.1), slow
+
+    fast, slow = both(du, ds)
+    if torch.cuda.get_device_capability() >= (9, 0):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            again = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
+            torch.cuda.synchronize()
+        assert any("wgrad_mma_kernel" in e.name for e in prof.events())
+    else:
+        again = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
     for a, b in zip(fast, again):
         assert torch.equal(a, b)
     for a, b in zip(fast[:2], slow[:2]):
@@ -692,16 +701,22 @@ def test_cuda_tensor_core_wgrad_matches_cuda_core_wgrad(H, N, monkeypatch):
     for a, b in zip(fast[2:], slow[2:]):
         scale = b.abs().max().clamp_min(1.0)
         torch.testing.assert_close(a / scale, b / scale, rtol=1e-4, atol=1e-5)
-    du[N // 3] = float("inf")
-    ds[1, 0, N - 1] = float("nan")  # d c1 of unit 0 at the last coordinate
-    fast = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
-    monkeypatch.delenv("PYMETA_LSTM_WG_MMA")
-    slow = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
-    for a, b in zip(fast[2:], slow[2:]):
-        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
-        assert not a.isfinite().all()
-        ok = b.isfinite()
-        scale = b[ok].abs().max().clamp_min(1.0) if ok.any() else 1.0
-        torch.testing.assert_close(a[ok] / scale, b[ok] / scale, rtol=1e-4, atol=1e-5)
-    for a, b in zip(fast[2:], slow[2:]):
-        assert torch.equal(a.isinf() & (a > 0), b.isinf() & (b > 0))
+
+    ds_nan = ds.clone()
+    ds_nan[1, 0, N - 1] = float("nan")  # d c1 of unit 0 at the last coordinate
+    du_inf = du.clone()
+    du_inf[N // 3] = float("inf")
+    for case, (d_u, d_s) in (("nan", (du, ds_nan)), ("inf", (du_inf, ds))):
+        fast, slow = both(d_u, d_s)
+        bad = 0
+        for a, b in zip(fast[2:], slow[2:]):
+            assert torch.equal(a.isnan(), b.isnan())
+            assert torch.equal(a == float("inf"), b == float("inf"))
+            assert torch.equal(a == -float("inf"), b == -float("inf"))
+            ok = b.isfinite()
+            bad += int((~ok).sum())
+            if ok.any():
+                scale = b[ok].abs().max().clamp_min(1.0)
+                torch.testing.assert_close(a[ok] / scale, b[ok] / scale, rtol=1e-4, atol=1e-5)
+        total = sum(b.numel() for b in slow[2:])
+        assert 0 < bad < total if case == "nan" else bad == total

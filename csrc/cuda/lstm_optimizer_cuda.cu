@@ -223,11 +223,12 @@ wgrad_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Ls
 // (lstm_wg_mma_block in lstm_optimizer_mma.cuh).
 template <int HB>
 __global__ void __launch_bounds__(32 * kLstmWgWarps, HB <= 24 ? 2 : 1)
-wgrad_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ LstmWgMmaPlan p) {
+wgrad_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ LstmWgMmaPlan p,
+                 bool vec) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   lstm_wg_mma_block<HB>(p, static_cast<const float*>(L.workspace),
                         static_cast<const float*>(L.state), static_cast<float*>(L.workspace),
-                        reinterpret_cast<float*>(smem_raw), blockIdx.x, threadIdx.x);
+                        reinterpret_cast<float*>(smem_raw), blockIdx.x, threadIdx.x, vec);
 }
 
 // The sum over chunks: a block takes 32 consecutive entries; warp w sums chunks w, w + 8, ...
@@ -327,7 +328,8 @@ int64_t num_chunks(int64_t N) { return (N + kLstmOptCudaChunk - 1) / kLstmOptCud
 
 int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
   const int64_t elem = L.dtype == DType::Float64 ? 8 : 4;
-  const int64_t mma_chunks = lstm_wg_mma_plan(L.H, L.n_in, L.N, 0).chunks;
+  const int64_t mma_chunks =  // the tensor-core weight gradients' chunks (float32 only)
+      L.dtype == DType::Float32 ? lstm_wg_mma_plan(L.H, L.n_in, L.N, 0).chunks : 0;
   const int64_t chunks = num_chunks(L.N) > mma_chunks ? num_chunks(L.N) : mma_chunks;
   return ws_rows_bytes(L) + chunks * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
 }
@@ -346,14 +348,18 @@ static int64_t wgrad_mma_launch(const LstmOptLaunch& L, cudaStream_t stream) {
   if (major < 8) return -1;
   const LstmWgMmaPlan p =
       lstm_wg_mma_plan(L.H, L.n_in, L.N, ws_rows_bytes(L) / int64_t(sizeof(float)));
-  const int smem = 2 * lstm_wg_mma_buf_bytes(p);
+  const int smem = lstm_wg_mma_smem_bytes(p);
   if (smem > optin) return -1;
+  // 16-byte copies: every row start 16-byte aligned (the workspace is, from the allocator)
+  const bool vec = L.N % 4 == 0 && reinterpret_cast<uintptr_t>(L.workspace) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(L.state) % 16 == 0;
   auto launch = [&](auto hb) {
     constexpr int HB = decltype(hb)::value;
     cudaError_t e = cudaFuncSetAttribute(wgrad_mma_kernel<HB>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e) return e;
-    wgrad_mma_kernel<HB><<<static_cast<unsigned>(p.chunks), 32 * kLstmWgWarps, smem, stream>>>(L, p);
+    wgrad_mma_kernel<HB><<<static_cast<unsigned>(p.chunks), 32 * kLstmWgWarps, smem, stream>>>(
+        L, p, vec);
     return cudaGetLastError();
   };
   err = L.H <= 8    ? launch(std::integral_constant<int, 8>{})

@@ -926,43 +926,74 @@ PYMETA_HD LstmWgMmaTile lstm_wg_mma_tile(const LstmWgMmaPlan& p, int i) {
   return t;
 }
 
+// Tile slot i of warp w: slots w per .. w per + per - 1 hold tiles in order; a slot past the
+// last tile repeats tile 0 and is never stored (so the mma loop has no branches). Returns the
+// tile; *stored says whether the slot's sums are stored.
+PYMETA_HD int lstm_wg_mma_slot(const LstmWgMmaPlan& p, int w, int i, bool* stored) {
+  const int per = (p.tiles + kLstmWgWarps - 1) / kLstmWgWarps;
+  *stored = i < per && w * per + i < p.tiles;
+  return *stored ? w * per + i : 0;
+}
+
+// Shared memory of one block: the two stage buffers, then the copy table (per copied row, its
+// global row start and its shared offset, written once per block).
+PYMETA_HD int lstm_wg_mma_smem_bytes(const LstmWgMmaPlan& p) {
+  return 2 * lstm_wg_mma_buf_bytes(p) + p.copies * int(sizeof(const float*) + sizeof(int));
+}
+
 // One block (thread tid of 32 kLstmWgWarps) sums chunk `chunk_index` into its partial sums
 // (the workspace at partial_offset + chunk_index P, laid out as lstm_opt_pairs says).
-// sm: 2 lstm_wg_mma_buf_bytes of shared memory, 16-byte aligned.
+// sm: lstm_wg_mma_smem_bytes of shared memory, 16-byte aligned. vec: 16-byte copies (N % 4 ==
+// 0 and ws, state 16-byte aligned), else 4-byte ones.
 template <int HB>
 PYMETA_WARP void lstm_wg_mma_block(const LstmWgMmaPlan& p, const float* ws, const float* state,
-                                   float* partials, float* sm, int64_t chunk_index, int tid) {
+                                   float* partials, float* sm, int64_t chunk_index, int tid,
+                                   bool vec) {
   constexpr int S = kLstmWgStride, TPW = LstmWgMmaShape<HB>::kPerWarp;
+  constexpr int kThreads = 32 * kLstmWgWarps;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int64_t n_begin = chunk_index * p.chunk;
   const int64_t n_end = n_begin + p.chunk < p.N ? n_begin + p.chunk : p.N;
   const int buf = p.srows * S;
+  const float** src_row = reinterpret_cast<const float**>(sm + 2 * buf);
+  int* dst_row = reinterpret_cast<int*>(src_row + p.copies);
 
-  for (int e = tid; e < p.srows * kLstmWgKC; e += 32 * kLstmWgWarps) {
+  for (int r = tid; r < p.copies; r += kThreads) {
+    int srow;
+    src_row[r] = lstm_wg_mma_src(p, r, ws, state, srow);
+    dst_row[r] = srow * S;
+  }
+  for (int e = tid; e < p.srows * kLstmWgKC; e += kThreads) {
     float v;
     const int row = e / kLstmWgKC, col = e % kLstmWgKC;
     if (lstm_wg_mma_const_row(p, row, v)) sm[row * S + col] = sm[buf + row * S + col] = v;
   }
-  // lane = coordinate: a warp copies 128 contiguous bytes of a row; past the chunk: zeros
+  block_sync();  // the table, before the first copies read it
+  // 16-byte copies: lanes 8j .. 8j + 7 copy row 4 w + j + 32 i, 4 coordinates each (a chunk
+  // ends on a multiple of 32 or at N, so a 4-coordinate piece is all in or all out).
+  // 4-byte copies: lane = coordinate, row w + 8 i. Past the chunk: zeros.
   auto issue = [&](int64_t n0, float* dst) {
-    const int64_t n = n0 + lane;
-    const bool in = n < n_end;
-    for (int r = warp; r < p.copies; r += kLstmWgWarps) {
-      int srow;
-      const float* src = lstm_wg_mma_src(p, r, ws, state, srow);
-      warp_cp_async<4>(dst + srow * S + lane, in ? src + n : src, in ? 4 : 0);
+    if (vec) {
+      const int64_t n = n0 + 4 * (lane & 7);
+      const bool in = n < n_end;
+      for (int r = 4 * warp + (lane >> 3); r < p.copies; r += 4 * kLstmWgWarps)
+        warp_cp_async<16>(dst + dst_row[r] + 4 * (lane & 7), in ? src_row[r] + n : src_row[r],
+                          in ? 16 : 0);
+    } else {
+      const int64_t n = n0 + lane;
+      const bool in = n < n_end;
+      for (int r = warp; r < p.copies; r += kLstmWgWarps)
+        warp_cp_async<4>(dst + dst_row[r] + lane, in ? src_row[r] + n : src_row[r], in ? 4 : 0);
     }
     warp_cp_async_commit();
   };
 
-  const int per = (p.tiles + kLstmWgWarps - 1) / kLstmWgWarps;
-  const int first = warp * per;
-  const int count = p.tiles - first < per ? p.tiles - first : per;  // may be <= 0
   int a_off[TPW], b_off[TPW];
   float acc[TPW][4];
   PYMETA_UNROLL
   for (int i = 0; i < TPW; ++i) {
-    const LstmWgMmaTile tl = lstm_wg_mma_tile(p, i < count ? first + i : 0);
+    bool stored;
+    const LstmWgMmaTile tl = lstm_wg_mma_tile(p, lstm_wg_mma_slot(p, warp, i, &stored));
     a_off[i] = (tl.arow + g) * S + t;
     b_off[i] = (tl.brow + g) * S + t;
     PYMETA_UNROLL
@@ -982,28 +1013,26 @@ PYMETA_WARP void lstm_wg_mma_block(const LstmWgMmaPlan& p, const float* ws, cons
     for (int k0 = 0; k0 < kLstmWgKC; k0 += 8) {
       PYMETA_UNROLL
       for (int i = 0; i < TPW; ++i) {
-        if (i < count) {
-          const float* ap = b + a_off[i] + k0;
-          const float* bp = b + b_off[i] + k0;
-          const float av[4] = {ap[0], ap[8 * S], ap[4], ap[8 * S + 4]};
-          const float bv[2] = {bp[0], bp[4]};
-          uint32_t ahi[4], alo[4], bhi[2], blo[2];
-          PYMETA_UNROLL
-          for (int j = 0; j < 4; ++j) {
-            const float hi = tf32_hi(av[j]);
-            ahi[j] = f32_bits(hi);
-            alo[j] = f32_bits(av[j] - hi);
-          }
-          PYMETA_UNROLL
-          for (int j = 0; j < 2; ++j) {
-            const float hi = tf32_hi(bv[j]);
-            bhi[j] = f32_bits(hi);
-            blo[j] = f32_bits(bv[j] - hi);
-          }
-          warp_mma_tf32(acc[i], alo, bhi);  // small terms first
-          warp_mma_tf32(acc[i], ahi, blo);
-          warp_mma_tf32(acc[i], ahi, bhi);
+        const float* ap = b + a_off[i] + k0;
+        const float* bp = b + b_off[i] + k0;
+        const float av[4] = {ap[0], ap[8 * S], ap[4], ap[8 * S + 4]};
+        const float bv[2] = {bp[0], bp[4]};
+        uint32_t ahi[4], alo[4], bhi[2], blo[2];
+        PYMETA_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          const float hi = tf32_hi(av[j]);
+          ahi[j] = f32_bits(hi);
+          alo[j] = f32_bits(av[j] - hi);
         }
+        PYMETA_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          const float hi = tf32_hi(bv[j]);
+          bhi[j] = f32_bits(hi);
+          blo[j] = f32_bits(bv[j] - hi);
+        }
+        warp_mma_tf32(acc[i], alo, bhi);  // small terms first
+        warp_mma_tf32(acc[i], ahi, blo);
+        warp_mma_tf32(acc[i], ahi, bhi);
       }
     }
     block_sync();  // before the next iteration's copies refill this buffer
@@ -1013,8 +1042,9 @@ PYMETA_WARP void lstm_wg_mma_block(const LstmWgMmaPlan& p, const float* ws, cons
   float* part = partials + p.partial_offset + chunk_index * p.pairs.off[3];
   PYMETA_UNROLL
   for (int i = 0; i < TPW; ++i) {
-    if (i >= count) continue;
-    const LstmWgMmaTile tl = lstm_wg_mma_tile(p, first + i);
+    bool stored;
+    const LstmWgMmaTile tl = lstm_wg_mma_tile(p, lstm_wg_mma_slot(p, warp, i, &stored));
+    if (!stored) continue;
     const int ma = p.pairs.ma[tl.q], mb = p.pairs.mb[tl.q];
     const int arow0 = tl.q == 0 ? p.rows.dz1 : tl.q == 1 ? p.rows.dz2 : p.rows.du;
     PYMETA_UNROLL

@@ -328,7 +328,24 @@ static void run_wgrad(int H, int n_in, int64_t N, bool non_finite, std::mt19937&
     ws[(R.dz2 + 4 * H - 1) * N + 7] = -INFINITY;  // C_1's last row, first chunk
     state[1 * N + N / 2] = NAN;                   // h1_prev unit 1: a column of C_0
   }
-  // every fragment load of every tile: the 32 lanes hit 32 banks (rows g, columns t)
+  // every tile of every warp's slots: fragment loads inside a stage buffer (rows g, g + 8,
+  // columns t + k0, + 4), each slot's 32 lanes on 32 banks, each tile stored by one slot
+  std::vector<int> stores(p.tiles, 0);
+  for (int w = 0; w < kLstmWgWarps; ++w)
+    for (int i = 0; i < LstmWgMmaShape<HB>::kPerWarp; ++i) {
+      bool stored;
+      const LstmWgMmaTile tl = lstm_wg_mma_tile(p, lstm_wg_mma_slot(p, w, i, &stored));
+      stores[lstm_wg_mma_slot(p, w, i, &stored)] += stored;
+      const int last = (std::max(tl.arow + 15, tl.brow + 7) + 1) * kLstmWgStride - 1;
+      if (tl.arow < 0 || tl.brow < 0 || last >= p.srows * kLstmWgStride) {
+        std::printf("FAIL wgrad mma slot %d of warp %d reads outside its buffer (H %d)\n", i, w, H);
+        ++failures;
+      }
+    }
+  if (std::count(stores.begin(), stores.end(), 1) != p.tiles) {
+    std::printf("FAIL wgrad mma tiles not stored exactly once (H %d)\n", H);
+    ++failures;
+  }
   for (int i = 0; i < p.tiles; ++i) {
     const LstmWgMmaTile tl = lstm_wg_mma_tile(p, i);
     unsigned a_banks = 0, b_banks = 0;
@@ -345,15 +362,17 @@ static void run_wgrad(int H, int n_in, int64_t N, bool non_finite, std::mt19937&
   const std::vector<float> rows_in(ws.begin(), ws.begin() + off);
   readable = {{reinterpret_cast<const char*>(ws.data()), size_t(rows) * sizeof(float)},
               {reinterpret_cast<const char*>(state.data()), state.size() * sizeof(float)}};
-  const int buf = lstm_wg_mma_buf_bytes(p);
-  for (int mode = 0; mode < 2; ++mode) {
-    land_at_wait = mode == 1;
+  const int bytes = lstm_wg_mma_smem_bytes(p);
+  for (int mode = 0; mode < 4; ++mode) {
+    land_at_wait = mode & 1;
+    const bool vec = mode >= 2;  // 16-byte copies: N % 4 == 0 (the vectors are 16-byte aligned)
+    if (vec && N % 4) break;
     std::fill(ws.begin() + off, ws.end(), -777.0f);
-    std::vector<float4_t> smv(2 * buf / 16);
+    std::vector<float4_t> smv((bytes + 15) / 16);
     float* sm = reinterpret_cast<float*>(smv.data());
     for (int64_t c = 0; c < p.chunks; ++c) {
       // finite garbage (12.07): NaN would be re-summed from global memory and hide the read
-      std::memset(sm, 0x41, 2 * buf);
+      std::memset(sm, 0x41, bytes);
       Warp warps[kLstmWgWarps];
       std::barrier<> bar(32 * kLstmWgWarps);
       block_bar = &bar;
@@ -362,7 +381,7 @@ static void run_wgrad(int H, int n_in, int64_t N, bool non_finite, std::mt19937&
         th.emplace_back([&, tid, c] {
           tl_lane = tid & 31;
           warp = &warps[tid >> 5];
-          lstm_wg_mma_block<HB>(p, ws.data(), state.data(), ws.data(), sm, c, tid);
+          lstm_wg_mma_block<HB>(p, ws.data(), state.data(), ws.data(), sm, c, tid, vec);
           warp_cp_async_wait_n(0);
         });
       for (auto& x : th) x.join();
@@ -390,10 +409,10 @@ static void run_wgrad(int H, int n_in, int64_t N, bool non_finite, std::mt19937&
             const bool ok = std::isfinite(sum) ? std::fabs(got - sum) <= 1e-5 * mag + 1e-30
                             : std::isnan(sum) ? std::isnan(got) : got == sum;
             if (!ok) {
-              std::printf("FAIL wgrad mma (H %d, n_in %d, N %lld, %s) chunk %lld C_%d[%d, %d]: "
-                          "%.9g vs %.9g\n", H, n_in, (long long)N,
-                          mode ? "landing at the wait" : "landing at once", (long long)c, q, a,
-                          b, got, sum);
+              std::printf("FAIL wgrad mma (H %d, n_in %d, N %lld, %d-byte copies landing %s) "
+                          "chunk %lld C_%d[%d, %d]: %.9g vs %.9g\n", H, n_in, (long long)N,
+                          vec ? 16 : 4, land_at_wait ? "at the wait" : "at once",
+                          (long long)c, q, a, b, got, sum);
               ++failures;
               bad = 1;
             }
@@ -444,10 +463,13 @@ int main() {
   }
   run_wgrad<20>(20, 2, 700, false, rng);  // 3 chunks of 256, the last ending mid-stage
   run_wgrad<20>(20, 2, 300, true, rng);   // Inf and NaN: re-summed in fp32
-  run_wgrad<8>(7, 1, 77, false, rng);
-  run_wgrad<16>(13, 2, 290, false, rng);
+  run_wgrad<20>(17, 2, 301, false, rng);  // 4-byte copies only
+  run_wgrad<8>(7, 1, 76, false, rng);
+  run_wgrad<8>(1, 2, 44, false, rng);     // 3 tiles: slots past the last tile
+  run_wgrad<16>(13, 2, 292, false, rng);
   run_wgrad<24>(21, 1, 64, true, rng);
   run_wgrad<32>(32, 2, 260, false, rng);
+  run_wgrad<32>(29, 1, 100, false, rng);
   std::printf(failures ? "lstm_mma_emu: %d FAILURES\n" : "lstm_mma_emu: all equal\n", failures);
   return failures ? 1 : 0;
 }
