@@ -85,6 +85,7 @@ PYMETA_WARP void warp_cp_async_wait() {
 }
 PYMETA_WARP void warp_sync() { __syncwarp(); }
 PYMETA_WARP void block_sync() { __syncthreads(); }
+PYMETA_WARP bool block_sync_or(bool v) { return __syncthreads_or(v) != 0; }
 #else
 #define PYMETA_WARP inline
 // Provided by the host emulator (tests/cuda_emu/lstm_mma_emu.cpp).
@@ -102,6 +103,7 @@ template <int pending>
 inline void warp_cp_async_wait() { warp_cp_async_wait_n(pending); }
 void warp_sync();
 void block_sync();
+bool block_sync_or(bool v);  // a block_sync that returns whether any thread passed true
 #endif
 
 // The TF32 "hi" part: the top 10 mantissa bits (truncation keeps NaN a NaN and Inf an Inf;
@@ -814,9 +816,9 @@ PYMETA_WARP void lstm_mma_backward_warp(const float* sm, const LstmOptScalars<fl
 //   each B_q padded with zero rows to whole n-tiles of 8.
 // A tile's rows and columns past the C_q's end read other rows (or zeros); they only feed
 // entries that are never stored. Every entry is summed in a fixed order (stages in order), so
-// the partial sums are bitwise reproducible. An entry whose tensor-core sum is not finite is
-// summed again in fp32 from global memory in coordinate order: Inf and NaN then come out as
-// in the CUDA-core kernel (3xTF32 alone would turn Inf * 1 into NaN, as lo(Inf) is NaN).
+// the partial sums are bitwise reproducible. A chunk with an entry whose tensor-core sum is not
+// finite is summed again with the CUDA-core kernel's tiles (fp32, coordinate order), so Inf
+// and NaN come out as there (3xTF32 alone would turn Inf * 1 into NaN, as lo(Inf) is NaN).
 constexpr int kLstmWgKC = 32;
 constexpr int kLstmWgStride = kLstmWgKC + 4;
 constexpr int kLstmWgWarps = 8;
@@ -935,10 +937,52 @@ PYMETA_HD int lstm_wg_mma_slot(const LstmWgMmaPlan& p, int w, int i, bool* store
   return *stored ? w * per + i : 0;
 }
 
-// Shared memory of one block: the two stage buffers, then the copy table (per copied row, its
-// global row start and its shared offset, written once per block).
+// Shared memory of one block: the two stage buffers (afterwards, the CUDA-core tiles of the
+// non-finite fallback: 4 groups' As and Bs), then the copy table (per copied row, its global
+// row start and its shared offset, written once per block).
+constexpr int kLstmWgFallbackBytes =
+    (32 * kLstmWgWarps / kLstmWgThreads) * 2 * kLstmWgTile * (kLstmWgTileK + 4) * int(sizeof(float));
+PYMETA_HD int lstm_wg_mma_table_offset(const LstmWgMmaPlan& p) {  // in bytes
+  const int bufs = 2 * lstm_wg_mma_buf_bytes(p);
+  return bufs > kLstmWgFallbackBytes ? bufs : kLstmWgFallbackBytes;
+}
 PYMETA_HD int lstm_wg_mma_smem_bytes(const LstmWgMmaPlan& p) {
-  return 2 * lstm_wg_mma_buf_bytes(p) + p.copies * int(sizeof(const float*) + sizeof(int));
+  return lstm_wg_mma_table_offset(p) + p.copies * int(sizeof(const float*) + sizeof(int));
+}
+
+// A chunk with a non-finite tensor-core sum is summed again on CUDA cores in fp32, coordinate
+// by coordinate (the CUDA-core kernel's tiles; the block's 4 groups of 64 threads in step), so
+// that Inf and NaN come out as an fp32 sum gives them: 3xTF32 turns Inf * 1 into NaN (lo(Inf)
+// is NaN). Not inlined: its registers then don't weigh on the tensor-core loop.
+#if defined(__CUDACC__)
+__device__ __noinline__
+#else
+inline
+#endif
+void lstm_wg_mma_fallback(const LstmWgMmaPlan& p, const float* ws, const float* state,
+                          float* partials, float* sm, int64_t chunk_index, int tid) {
+  const LstmWgradPlan wp = lstm_wgrad_plan(p.H, p.n_in, p.N, p.chunk, p.partial_offset);
+  constexpr int kGroups = 32 * kLstmWgWarps / kLstmWgThreads;
+  using Tile = float[kLstmWgTile][kLstmWgTileK + 4];
+  Tile& As = reinterpret_cast<Tile*>(sm)[2 * (tid / kLstmWgThreads)];
+  Tile& Bs = reinterpret_cast<Tile*>(sm)[2 * (tid / kLstmWgThreads) + 1];
+  const int lt = tid % kLstmWgThreads;
+  for (int r0 = 0; r0 < wp.tile_start[3]; r0 += kGroups) {
+    const int tile = r0 + tid / kLstmWgThreads;
+    const bool active = tile < wp.tile_start[3];
+    const LstmWgradTile tl = lstm_wgrad_tile(wp, active ? tile : 0, chunk_index, p.N);
+    LstmWgradRows<float> rows;
+    lstm_wgrad_rows(wp, tl, ws, state, p.H, p.n_in, p.N, lt, rows);
+    float sums[4][4];
+    lstm_wgrad_zero(sums);
+    for (int64_t n = tl.n_begin; n < tl.n_end; n += kLstmWgTileK) {  // the same for all groups
+      lstm_wgrad_load(tl, rows, n, As, Bs, lt);
+      block_sync();
+      lstm_wgrad_accumulate(As, Bs, sums, lt);
+      block_sync();
+    }
+    if (active) lstm_wgrad_store(wp, tl, sums, partials, lt);
+  }
 }
 
 // One block (thread tid of 32 kLstmWgWarps) sums chunk `chunk_index` into its partial sums
@@ -955,7 +999,8 @@ PYMETA_WARP void lstm_wg_mma_block(const LstmWgMmaPlan& p, const float* ws, cons
   const int64_t n_begin = chunk_index * p.chunk;
   const int64_t n_end = n_begin + p.chunk < p.N ? n_begin + p.chunk : p.N;
   const int buf = p.srows * S;
-  const float** src_row = reinterpret_cast<const float**>(sm + 2 * buf);
+  const float** src_row =
+      reinterpret_cast<const float**>(reinterpret_cast<char*>(sm) + lstm_wg_mma_table_offset(p));
   int* dst_row = reinterpret_cast<int*>(src_row + p.copies);
 
   for (int r = tid; r < p.copies; r += kThreads) {
@@ -1039,26 +1084,36 @@ PYMETA_WARP void lstm_wg_mma_block(const LstmWgMmaPlan& p, const float* ws, cons
   }
 
   // the accumulator layout of m16n8: acc[j] is entry (a0 + g + 8 (j >> 1), b0 + 2t + (j & 1))
+  auto entry = [&](const LstmWgMmaTile& tl, int j, int& a, int& bb) {
+    a = tl.a0 + g + 8 * (j >> 1);
+    bb = tl.b0 + 2 * t + (j & 1);
+    return a < p.pairs.ma[tl.q] && bb < p.pairs.mb[tl.q];
+  };
+  bool bad = false;  // an entry whose tensor-core sum is Inf or NaN
+  PYMETA_UNROLL
+  for (int i = 0; i < TPW; ++i) {
+    bool stored;
+    const LstmWgMmaTile tl = lstm_wg_mma_tile(p, lstm_wg_mma_slot(p, warp, i, &stored));
+    PYMETA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      int a, bb;
+      if (stored && entry(tl, j, a, bb) && !(acc[i][j] - acc[i][j] == 0.0f)) bad = true;
+    }
+  }
+  if (block_sync_or(bad)) {
+    lstm_wg_mma_fallback(p, ws, state, partials, sm, chunk_index, tid);
+    return;
+  }
   float* part = partials + p.partial_offset + chunk_index * p.pairs.off[3];
   PYMETA_UNROLL
   for (int i = 0; i < TPW; ++i) {
     bool stored;
     const LstmWgMmaTile tl = lstm_wg_mma_tile(p, lstm_wg_mma_slot(p, warp, i, &stored));
     if (!stored) continue;
-    const int ma = p.pairs.ma[tl.q], mb = p.pairs.mb[tl.q];
-    const int arow0 = tl.q == 0 ? p.rows.dz1 : tl.q == 1 ? p.rows.dz2 : p.rows.du;
     PYMETA_UNROLL
     for (int j = 0; j < 4; ++j) {
-      const int a = tl.a0 + g + 8 * (j >> 1), bb = tl.b0 + 2 * t + (j & 1);
-      if (a >= ma || bb >= mb) continue;
-      float v = acc[i][j];
-      if (!(v - v == 0.0f)) {  // Inf or NaN: the fp32 sum in coordinate order
-        const float* ar = ws + int64_t(arow0 + a) * p.N;
-        const float* br = lstm_wgrad_b_row<float>(p.rows, tl.q, bb, ws, state, p.H, p.n_in, p.N);
-        v = 0.0f;
-        for (int64_t n = n_begin; n < n_end; ++n) v = v + ar[n] * (br ? br[n] : 1.0f);
-      }
-      part[p.pairs.off[tl.q] + int64_t(a) * mb + bb] = v;
+      int a, bb;
+      if (entry(tl, j, a, bb)) part[p.pairs.off[tl.q] + int64_t(a) * p.pairs.mb[tl.q] + bb] = acc[i][j];
     }
   }
 }

@@ -4,6 +4,7 @@
 // layouts; the results are compared with the header's per-coordinate math. No GPU needed.
 // Built and run by tests/test_cuda_emu.py; exit status 0 = all equal.
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -27,6 +28,9 @@ struct Warp {
 };
 thread_local Warp* warp = nullptr;  // the calling lane's warp
 std::barrier<>* block_bar = nullptr;  // __syncthreads of the block being emulated
+std::atomic<int> block_or{0};         // __syncthreads_or's vote
+std::atomic<int> block_or_true{0};    // threads that saw a vote come out true
+thread_local int tl_tid = 0;          // the thread's index in the block
 int failures = 0;
 
 // cp.async: each copy lands either at once (catches a buffer refilled while lanes still read
@@ -93,6 +97,16 @@ void warp_cp_async_wait_n(int pending) {
 }
 void warp_sync() { warp->bar.arrive_and_wait(); }
 void block_sync() { block_bar->arrive_and_wait(); }
+bool block_sync_or(bool v) {
+  if (v) block_or.store(1);
+  block_bar->arrive_and_wait();
+  const bool r = block_or.load() != 0;
+  block_or_true += r;
+  block_bar->arrive_and_wait();  // everyone has read the vote before it is cleared
+  if (tl_tid == 0) block_or.store(0);
+  block_bar->arrive_and_wait();
+  return r;
+}
 
 // The PTX ISA fragment layouts of mma.m16n8k8 .tf32 (g = lane / 4, t = lane % 4):
 // A (16 x 8): a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4);
@@ -380,6 +394,7 @@ static void run_wgrad(int H, int n_in, int64_t N, bool non_finite, std::mt19937&
       for (int tid = 0; tid < 32 * kLstmWgWarps; ++tid)
         th.emplace_back([&, tid, c] {
           tl_lane = tid & 31;
+          tl_tid = tid;
           warp = &warps[tid >> 5];
           lstm_wg_mma_block<HB>(p, ws.data(), state.data(), ws.data(), sm, c, tid, vec);
           warp_cp_async_wait_n(0);
@@ -387,6 +402,11 @@ static void run_wgrad(int H, int n_in, int64_t N, bool non_finite, std::mt19937&
       for (auto& x : th) x.join();
     }
     land_at_wait = false;
+    // the CUDA-core fallback ran exactly where a chunk has a non-finite sum
+    if ((block_or_true.exchange(0) > 0) != non_finite) {
+      std::printf("FAIL wgrad mma fallback %s (H %d)\n", non_finite ? "did not run" : "ran", H);
+      ++failures;
+    }
     if (!std::equal(rows_in.begin(), rows_in.end(), ws.begin())) {
       std::printf("FAIL wgrad mma wrote into the workspace rows (H %d)\n", H);
       ++failures;
