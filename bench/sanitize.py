@@ -70,19 +70,19 @@ def staged():
                 net(torch.randn(N, device=dev), state.bfloat16() if kind == "bf16" else state)
 
 
-def wgrad(sizes):
+def wgrad(big):
     # the tensor-core weight gradients (opt-in, PYMETA_LSTM_WG_MMA=1): one chunk ending
-    # mid-stage (N = 300), several chunks of 256 (5003), chunks of more than 256 coordinates
-    # with a tail (200_003; memcheck only, racecheck is slow); H over every tile bucket.
-    # Through the backward op, whose workspace is sized for it.
-    for H in (1, 7, 20, 32):
+    # mid-stage (N = 300: 16-byte copies, 301: 4-byte ones), several chunks of 256 (5004,
+    # 5003), H over every tile bucket; with `big` (memcheck only: racecheck is slow) chunks of
+    # 288 coordinates (N = 140_004). Through the backward op, whose workspace is sized for it.
+    cases = [(H, N) for H in (1, 7, 20, 32) for N in (300, 301, 5003, 5004)]
+    for H, N in cases + ([(20, 140_004)] if big else []):
         w = [x.detach() for x in pymeta.LSTMOptimizerNet(H).to(dev).weights()]
-        for N in sizes:
-            grad = torch.randn(N, device=dev) * 1e-3
-            state = torch.randn(4, H, N, device=dev) * 0.1
-            torch.ops.pymeta.lstm_optimizer_step_backward(
-                torch.randn(N, device=dev), torch.randn(4, H, N, device=dev), grad, state, *w,
-                "log_sign", 10.0, 0.1)
+        grad = torch.randn(N, device=dev) * 1e-3
+        state = torch.randn(4, H, N, device=dev) * 0.1
+        torch.ops.pymeta.lstm_optimizer_step_backward(
+            torch.randn(N, device=dev), torch.randn(4, H, N, device=dev), grad, state, *w,
+            "log_sign", 10.0, 0.1)
 
 
 torch.manual_seed(0)
@@ -103,7 +103,7 @@ if not only or "staged" in only:
     print("sanitize.py: staged forward ran")
 if not only or "wgrad" in only:
     os.environ["PYMETA_LSTM_WG_MMA"] = "1"
-    wgrad((300, 5003) if only else (300, 5003, 200_003))
+    wgrad(big=not only)
     del os.environ["PYMETA_LSTM_WG_MMA"]
     torch.cuda.synchronize()
     print("sanitize.py: tensor-core weight gradients ran")
