@@ -326,10 +326,16 @@ int64_t num_chunks(int64_t N) { return (N + kLstmOptCudaChunk - 1) / kLstmOptCud
 
 }  // namespace
 
+// Whether the backward asks for the tensor-core weight gradients (wgrad_mma_launch decides
+// whether they apply).
+static bool wgrad_mma_asked(const LstmOptLaunch& L) {
+  const char* env = std::getenv("PYMETA_LSTM_WG_MMA");
+  return env && env[0] == '1' && L.dtype == DType::Float32 && L.H <= 32;
+}
+
 int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
   const int64_t elem = L.dtype == DType::Float64 ? 8 : 4;
-  const int64_t mma_chunks =  // the tensor-core weight gradients' chunks (float32 only)
-      L.dtype == DType::Float32 ? lstm_wg_mma_plan(L.H, L.n_in, L.N, 0).chunks : 0;
+  const int64_t mma_chunks = wgrad_mma_asked(L) ? lstm_wg_mma_plan(L.H, L.n_in, L.N, 0).chunks : 0;
   const int64_t chunks = num_chunks(L.N) > mma_chunks ? num_chunks(L.N) : mma_chunks;
   return ws_rows_bytes(L) + chunks * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
 }
@@ -338,8 +344,7 @@ int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
 // (float, H <= 32, compute capability 8.0+, the two stage buffers fit): launches them and
 // returns their chunk count, or -1 (the caller takes wgrad_kernel); a CUDA error as -2 - err.
 static int64_t wgrad_mma_launch(const LstmOptLaunch& L, cudaStream_t stream) {
-  const char* env = std::getenv("PYMETA_LSTM_WG_MMA");
-  if (!(env && env[0] == '1') || L.dtype != DType::Float32 || L.H > 32) return -1;
+  if (!wgrad_mma_asked(L)) return -1;
   int dev = 0, major = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (!err) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);

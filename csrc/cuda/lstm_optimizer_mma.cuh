@@ -955,7 +955,7 @@ PYMETA_HD int lstm_wg_mma_smem_bytes(const LstmWgMmaPlan& p) {
 // that Inf and NaN come out as an fp32 sum gives them: 3xTF32 turns Inf * 1 into NaN (lo(Inf)
 // is NaN). Not inlined: its registers then don't weigh on the tensor-core loop.
 #if defined(__CUDACC__)
-__device__ __noinline__
+static __device__ __noinline__
 #else
 inline
 #endif
