@@ -34,5 +34,6 @@ def test_lstm_cuda_thread_code_matches_header_math():
 def test_lstm_tensor_core_warp_code_matches_header_math():
     """The tensor-core forward and backward (csrc/cuda/lstm_optimizer_mma.cuh) run by 32 host
     threads as one warp, with mma.sync m16n8k8 TF32 and shfl.xor emulated from the PTX
-    fragment layouts."""
+    fragment layouts; the tensor-core weight gradients run by 256 host threads as one block
+    of 8 warps (block barrier, __syncthreads_or, cp.async landing at once or at the wait)."""
     _build_and_run("lstm_mma_emu.cpp", "c++20", "-pthread", timeout=300)

@@ -1,7 +1,9 @@
 // Host emulation of the tensor-core forward and backward of lstm_optimizer_step
 // (csrc/cuda/lstm_optimizer_mma.cuh): 32 host threads run the kernel's warp code as one warp,
 // with the warp collectives (mma.sync m16n8k8 TF32, shfl.xor) emulated from the PTX fragment
-// layouts; the results are compared with the header's per-coordinate math. No GPU needed.
+// layouts; the results are compared with the header's per-coordinate math. The tensor-core
+// weight gradients run as a block of 8 such warps (256 threads, a block barrier and vote),
+// compared with double sums. No GPU needed.
 // Built and run by tests/test_cuda_emu.py; exit status 0 = all equal.
 #include <algorithm>
 #include <atomic>
