@@ -231,41 +231,29 @@ wgrad_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant_
                         reinterpret_cast<float*>(smem_raw), blockIdx.x, threadIdx.x, vec);
 }
 
-// The sum over chunks: a block takes 32 consecutive entries; warp w sums chunks w, w + 8, ...
-// of its lane's entry (a warp reads 32 consecutive partial sums per chunk), then warp 0 adds
-// the 8 group sums in order. A fixed order: bitwise reproducible.
-constexpr int kFinishGroups = 8;
-
-struct FinishPlan {
-  LstmOptSegment seg[10];
-  int64_t seg_start[11];
-  int64_t partial_offset, P, chunks;
-};
-
+// The sum over chunks (lstm_finish_* in lstm_optimizer_thread.cuh): a block takes 32
+// consecutive entries, warp w sums chunks w, w + 8, ... of its lane's entry (a warp reads 32
+// consecutive partial sums per chunk), then warp 0 adds the 8 group sums in order.
 template <typename T>
-__global__ void __launch_bounds__(32 * kFinishGroups)
-finish_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ FinishPlan f) {
-  __shared__ T sums[kFinishGroups][32];
+__global__ void __launch_bounds__(32 * kLstmFinishGroups)
+finish_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ LstmFinishPlan f) {
+  __shared__ T sums[kLstmFinishGroups][32];
   const int lane = threadIdx.x & 31, grp = threadIdx.x >> 5;
   const int64_t e = int64_t(blockIdx.x) * 32 + lane;
   const bool valid = e < f.seg_start[10];
   int d = 0;
   int64_t local = 0;
-  T acc = 0;
+  T acc = T(0);
   if (valid) {
-    while (e >= f.seg_start[d + 1]) ++d;
-    local = e - f.seg_start[d];
-    const int64_t i = local / f.seg[d].cols, j = local % f.seg[d].cols;
-    const T* part = static_cast<const T*>(L.workspace) + f.partial_offset + f.seg[d].src_off +
-                    i * f.seg[d].src_stride + j;
-    for (int64_t c = grp; c < f.chunks; c += kFinishGroups) acc += part[c * f.P];
+    const int64_t src = lstm_finish_entry(f, e, d, local);
+    acc = lstm_finish_group_sum(f, static_cast<const T*>(L.workspace), src, grp);
   }
   sums[grp][lane] = acc;
   __syncthreads();
   if (grp == 0 && valid) {
-    T total = sums[0][lane];
-    for (int w = 1; w < kFinishGroups; ++w) total += sums[w][lane];
-    static_cast<T*>(L.d_w[d])[local] = total;
+    T g[kLstmFinishGroups];
+    for (int w = 0; w < kLstmFinishGroups; ++w) g[w] = sums[w][lane];
+    static_cast<T*>(L.d_w[d])[local] = lstm_finish_total(g);
   }
 }
 
@@ -533,17 +521,9 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
       if (err) return err;
     }
 
-    FinishPlan f{};
-    f.seg_start[0] = 0;
-    for (int d = 0; d < 10; ++d) {
-      f.seg[d] = lstm_opt_segment(d, L.H, L.n_in);
-      f.seg_start[d + 1] = f.seg_start[d] + int64_t(f.seg[d].rows) * f.seg[d].cols;
-    }
-    f.partial_offset = p.partial_offset;
-    f.P = p.pairs.off[3];
-    f.chunks = chunks;
+    const LstmFinishPlan f = lstm_finish_plan(L.H, L.n_in, p.partial_offset, chunks);
     const unsigned fblocks = static_cast<unsigned>((f.seg_start[10] + 31) / 32);
-    finish_kernel<T><<<fblocks, 32 * kFinishGroups, 0, stream>>>(L, f);
+    finish_kernel<T><<<fblocks, 32 * kLstmFinishGroups, 0, stream>>>(L, f);
     return static_cast<int>(cudaGetLastError());
   });
 }

@@ -517,4 +517,55 @@ PYMETA_HD void lstm_wgrad_store(const LstmWgradPlan& p, const LstmWgradTile& tl,
   }
 }
 
+// ---- the sum over chunks (finish_kernel) ------------------------------------------------------
+// Weight-gradient entry e (of seg_start[10], the 10 weights in order) sums its partial sum over
+// every chunk: group g of kLstmFinishGroups sums chunks g, g + G, ... in order, then the group
+// sums are added in order g = 0, 1, ...: a fixed order, so bitwise reproducible.
+constexpr int kLstmFinishGroups = 8;
+
+struct LstmFinishPlan {
+  LstmOptSegment seg[10];
+  int64_t seg_start[11];
+  int64_t partial_offset, P, chunks;
+};
+
+PYMETA_HD LstmFinishPlan lstm_finish_plan(int H, int n_in, int64_t partial_offset,
+                                          int64_t chunks) {
+  LstmFinishPlan f{};
+  f.seg_start[0] = 0;
+  for (int d = 0; d < 10; ++d) {
+    f.seg[d] = lstm_opt_segment(d, H, n_in);
+    f.seg_start[d + 1] = f.seg_start[d] + int64_t(f.seg[d].rows) * f.seg[d].cols;
+  }
+  f.partial_offset = partial_offset;
+  f.P = lstm_opt_pairs(H, n_in).off[3];
+  f.chunks = chunks;
+  return f;
+}
+
+// Entry e: its weight d and index `local` there; returns its offset in a chunk's partial sums.
+PYMETA_HD int64_t lstm_finish_entry(const LstmFinishPlan& f, int64_t e, int& d, int64_t& local) {
+  d = 0;
+  while (e >= f.seg_start[d + 1]) ++d;
+  local = e - f.seg_start[d];
+  const int64_t i = local / f.seg[d].cols, j = local % f.seg[d].cols;
+  return f.seg[d].src_off + i * f.seg[d].src_stride + j;
+}
+
+template <typename T>
+PYMETA_HD T lstm_finish_group_sum(const LstmFinishPlan& f, const T* workspace, int64_t src,
+                                  int group) {
+  const T* part = workspace + f.partial_offset + src;
+  T acc = T(0);
+  for (int64_t c = group; c < f.chunks; c += kLstmFinishGroups) acc += part[c * f.P];
+  return acc;
+}
+
+template <typename T>
+PYMETA_HD T lstm_finish_total(const T (&group_sums)[kLstmFinishGroups]) {
+  T total = group_sums[0];
+  for (int g = 1; g < kLstmFinishGroups; ++g) total += group_sums[g];
+  return total;
+}
+
 }  // namespace pymeta

@@ -89,7 +89,8 @@ static void run(int H, int n_in, int64_t N, int block, std::mt19937& rng) {
   // backward: reference
   std::vector<T> du = rnd(N, 1.0), dns = rnd(4 * H * N, 1.0);
   const LstmOptRows R = lstm_opt_rows(H, n_in);
-  const int64_t chunk = 64;
+  // several 32-coordinate stages per chunk, or (block 16) more chunks than finish groups
+  const int64_t chunk = block == 16 ? 16 : 64;
   const LstmOptPairs P = lstm_opt_pairs(H, n_in);
   const int64_t chunks = (N + chunk - 1) / chunk;
   const int64_t rows_elems = int64_t(R.total) * N;
@@ -132,6 +133,7 @@ static void run(int H, int n_in, int64_t N, int block, std::mt19937& rng) {
       for (int t = 0; t < kLstmWgThreads; ++t) lstm_wgrad_store(plan, tl, a4[t], ws.data(), t);
     }
   // reference partial sums, in double
+  std::vector<double> want_all(P.off[3], 0.0);  // over all coordinates
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t n0 = ch * chunk, n1 = std::min<int64_t>(N, n0 + chunk);
     std::vector<T> got(P.off[3]), want(P.off[3]);
@@ -146,10 +148,39 @@ static void run(int H, int n_in, int64_t N, int block, std::mt19937& rng) {
             acc += double(ws[int64_t(arow) * N + n]) * (br ? double(br[n]) : 1.0);
           }
           want[P.off[q] + int64_t(a) * P.mb[q] + b] = T(acc);
+          want_all[P.off[q] + int64_t(a) * P.mb[q] + b] += acc;
         }
     expect_close("weight-gradient partial sums", got, want, sizeof(T) == 8 ? 1e-12 : 1e-4,
                  sizeof(T) == 8 ? 1e-12 : 1e-4, H, n_in);
   }
+
+  // the sum over chunks, as finish_kernel runs it: every entry of every weight, against the
+  // double sum over all coordinates; every partial sum is some entry's (b_ih and b_hh share one)
+  const LstmFinishPlan f = lstm_finish_plan(H, n_in, rows_elems, chunks);
+  std::vector<T> got(f.seg_start[10]), want(f.seg_start[10]);
+  std::vector<int> hits(P.off[3], 0);
+  for (int64_t e = 0; e < f.seg_start[10]; ++e) {
+    int d;
+    int64_t local;
+    const int64_t src = lstm_finish_entry(f, e, d, local);
+    if (src < 0 || src >= P.off[3] || f.seg_start[d] + local != e) {
+      std::printf("FAIL finish entry %lld maps outside (H %d)\n", (long long)e, H);
+      ++failures;
+      return;
+    }
+    T g[kLstmFinishGroups];
+    for (int grp = 0; grp < kLstmFinishGroups; ++grp)
+      g[grp] = lstm_finish_group_sum(f, ws.data(), src, grp);
+    got[e] = lstm_finish_total(g);
+    want[e] = T(want_all[src]);
+    ++hits[src];
+  }
+  if (std::count(hits.begin(), hits.end(), 0)) {
+    std::printf("FAIL finish: a partial sum belongs to no entry (H %d)\n", H);
+    ++failures;
+  }
+  expect_close("weight gradients (sum over chunks)", got, want, sizeof(T) == 8 ? 1e-12 : 1e-4,
+               sizeof(T) == 8 ? 1e-12 : 1e-4, H, n_in);
 }
 
 template <typename T>
