@@ -37,11 +37,13 @@ for H in (20, 32):
     du, ds = torch.ones(N, device="cuda"), torch.ones(4, H, N, device="cuda")
     show(f"lstm backward op H={H} N={N}", lambda: torch.ops.pymeta.lstm_optimizer_step_backward(
         du, ds, grad, state, *w, "log_sign", 10.0, 0.1))
-    os.environ["PYMETA_LSTM_WG_MMA"] = "1"  # the tensor-core weight gradients (opt-in)
-    show(f"lstm backward op H={H} N={N}, PYMETA_LSTM_WG_MMA=1",
-         lambda: torch.ops.pymeta.lstm_optimizer_step_backward(
-             du, ds, grad, state, *w, "log_sign", 10.0, 0.1))
-    del os.environ["PYMETA_LSTM_WG_MMA"]
+    # the CUDA-core pass's plain loops and its loads ahead at 128 registers (same bits)
+    for mode in ("0", "2"):
+        os.environ["PYMETA_LSTM_BWD_AHEAD"] = mode
+        show(f"lstm backward op H={H} N={N}, PYMETA_LSTM_BWD_AHEAD={mode}",
+             lambda: torch.ops.pymeta.lstm_optimizer_step_backward(
+                 du, ds, grad, state, *w, "log_sign", 10.0, 0.1))
+        del os.environ["PYMETA_LSTM_BWD_AHEAD"]
 
 if "lstm" not in sys.argv[2:]:
     maml, run, data = build_maml("pymeta", GPU_CONV4, False, "cuda")

@@ -3,9 +3,9 @@
   forward (no_grad, float32, log_sign, H = 20) at N = 10k, 1M, 10M:
     native (tensor-core path), native CUDA-core path (PYMETA_LSTM_MMA=0), the staged
     tensor-core forward (PYMETA_LSTM_MMA_STAGED=1: cp.async of each warp's next step), native
-    on a bfloat16 state ("bf16": the tensor-core kernel reading and writing bfloat16; "bf16 stg":
-    the staged one; "bf16 chk": the float32 kernel on chunks converted around it,
-    PYMETA_LSTM_BF16_NATIVE=0), the eager nn.LSTMCell
+    on a bfloat16 state ("bf16": the direct tensor-core kernel reading and writing bfloat16,
+    PYMETA_LSTM_MMA_STAGED=0; "bf16 stg": the staged one, the default; "bf16 chk": the float32
+    kernel on chunks converted around it, PYMETA_LSTM_BF16_NATIVE=0), the eager nn.LSTMCell
     reference (state kept in LSTMCell's own [N, H] layout, no transposes), torch.compile of it,
     torch.optim.Adam(fused=DEV == "cuda") for scale; and the native step replayed from a CUDA graph
     (device time without Python's per-call cost). Roofline: bytes moved (32 H + 8 per
@@ -99,9 +99,9 @@ def forward_table(H, compile_ref):
             del os.environ["PYMETA_LSTM_MMA_STAGED"]
             err_stg = (u_stg - native_step(net, grad, state)[0]).abs().max().item()
             state16 = state.bfloat16()
-            b16 = timed(lambda: native_step(net, grad, state16), reps)
-            os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
             b16s = timed(lambda: native_step(net, grad, state16), reps)
+            os.environ["PYMETA_LSTM_MMA_STAGED"] = "0"
+            b16 = timed(lambda: native_step(net, grad, state16), reps)
             del os.environ["PYMETA_LSTM_MMA_STAGED"]
             os.environ["PYMETA_LSTM_BF16_NATIVE"] = "0"
             b16c = timed(lambda: native_step(net, grad, state16), reps)
@@ -132,10 +132,12 @@ def forward_table(H, compile_ref):
 
 def backward_table(H):
     """The backward op alone (per-coordinate pass + weight-gradient blocks + the ordered sum):
-    the default (CUDA-core pass and weight-gradient tiles) vs the tensor-core pass
-    (PYMETA_LSTM_MMA_BWD=1) vs the tensor-core weight gradients (PYMETA_LSTM_WG_MMA=1)."""
-    print(f"\nbackward op, H={H}, ms per call: default | tensor-core pass (opt-in) | "
-          "tensor-core weight gradients (opt-in)")
+    the default (CUDA-core pass with loads one unit ahead, tensor-core weight gradients) vs the
+    tensor-core pass (PYMETA_LSTM_MMA_BWD=1), the CUDA-core weight-gradient tiles
+    (PYMETA_LSTM_WG_MMA=0), the pass's plain loops (PYMETA_LSTM_BWD_AHEAD=0) and its loads
+    ahead capped at 128 registers (PYMETA_LSTM_BWD_AHEAD=2)."""
+    print(f"\nbackward op, H={H}, ms per call: default | tensor-core pass | cuda-core wgrad | "
+          "plain loops | ahead, 128 regs")
     for N in SIZES[:2] + (200_000,):
         torch.manual_seed(0)
         net = pymeta.LSTMOptimizerNet(H).to(DEV)
@@ -146,12 +148,13 @@ def backward_table(H):
         op = lambda: torch.ops.pymeta.lstm_optimizer_step_backward(  # noqa: E731
             du, ds, grad, state, *w, "log_sign", P, OUT_SCALE)
         res = []
-        for env in ({}, {"PYMETA_LSTM_MMA_BWD": "1"}, {"PYMETA_LSTM_WG_MMA": "1"}):
+        for env in ({}, {"PYMETA_LSTM_MMA_BWD": "1"}, {"PYMETA_LSTM_WG_MMA": "0"},
+                    {"PYMETA_LSTM_BWD_AHEAD": "0"}, {"PYMETA_LSTM_BWD_AHEAD": "2"}):
             os.environ.update(env)
             res.append(timed(op))
             for k in env:
                 del os.environ[k]
-        print(f"  N={N:>9}: {res[0]:.4f} | {res[1]:.4f} | {res[2]:.4f}", flush=True)
+        print(f"  N={N:>9}: " + " | ".join(f"{r:.4f}" for r in res), flush=True)
 
 
 def unroll_table(H, N=200_000, T=20):
@@ -178,16 +181,16 @@ def unroll_table(H, N=200_000, T=20):
         return torch.autograd.grad(loss, weights)
 
     out = {}
-    for name, native in (("native", True), ("cuda-core", True), ("bf16", True), ("wg-mma", True),
-                         ("eager", False)):
-        if name == "cuda-core":
-            os.environ["PYMETA_LSTM_MMA"] = "0"
-        if name == "wg-mma":
-            os.environ["PYMETA_LSTM_WG_MMA"] = "1"
+    variants = {"cuda-core": {"PYMETA_LSTM_MMA": "0", "PYMETA_LSTM_WG_MMA": "0"},
+                "cc-wgrad": {"PYMETA_LSTM_WG_MMA": "0"}, "plain": {"PYMETA_LSTM_BWD_AHEAD": "0"},
+                "capped": {"PYMETA_LSTM_BWD_AHEAD": "2"}}
+    for name, native in (("native", True), ("cuda-core", True), ("bf16", True),
+                         ("cc-wgrad", True), ("plain", True), ("eager", False)):
+        os.environ.update(variants.get(name, {}))
         sd = torch.bfloat16 if name == "bf16" else None
         with pymeta.use_backend("native" if native else "reference"):
             grads = run(native, sd)
-            ms = timed(lambda: run(native, sd), reps=3, repeats=3, warmup=1)
+            ms = timed(lambda: run(native, sd), reps=3, repeats=5, warmup=1)
             peak = float("nan")
             if DEV == "cuda":
                 torch.cuda.synchronize()
@@ -196,8 +199,8 @@ def unroll_table(H, N=200_000, T=20):
                 run(native, sd)
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         out[name] = (ms, peak, grads)
-        os.environ.pop("PYMETA_LSTM_MMA", None)
-        os.environ.pop("PYMETA_LSTM_WG_MMA", None)
+        for k in variants.get(name, {}):
+            del os.environ[k]
     err = max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
               for x, y in zip(out["native"][2], out["eager"][2]))
     print(f"\n{T}-step unroll, forward + backward to the optimizer's weights, N={N}, H={H}:")
@@ -205,12 +208,12 @@ def unroll_table(H, N=200_000, T=20):
           f"{out['eager'][0]:.3f} ms, peak {out['eager'][1]:.0f} MiB | x {out['eager'][0] / out['native'][0]:.2f}, "
           f"memory {out['native'][1] / out['eager'][1]:.2f} of eager | meta-grad rel err {err:.1e}",
           flush=True)
-    err_wg = max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
-                 for x, y in zip(out["wg-mma"][2], out["eager"][2]))
+    err_cc = max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+                 for x, y in zip(out["cc-wgrad"][2], out["eager"][2]))
     print(f"  (native with the CUDA-core kernels: {out['cuda-core'][0]:.3f} ms; bf16 state "
-          f"{out['bf16'][0]:.3f} ms, peak {out['bf16'][1]:.0f} MiB; tensor-core weight "
-          f"gradients {out['wg-mma'][0]:.3f} ms, x {out['eager'][0] / out['wg-mma'][0]:.2f}, "
-          f"meta-grad rel err {err_wg:.1e})")
+          f"{out['bf16'][0]:.3f} ms, peak {out['bf16'][1]:.0f} MiB; CUDA-core weight "
+          f"gradients {out['cc-wgrad'][0]:.3f} ms, meta-grad rel err {err_cc:.1e}; the pass's "
+          f"plain loops {out['plain'][0]:.3f} ms)")
     if DEV == "cuda":  # the unroll's device time: its host work (autograd, launches) removed
         with pymeta.use_backend("native"):
             replay = cuda_graph(lambda: run(True))
@@ -220,13 +223,15 @@ def unroll_table(H, N=200_000, T=20):
                 ms = timed(replay, reps=3, repeats=3, warmup=1)
                 print(f"  native unroll replayed from a CUDA graph: {ms:.3f} ms "
                       f"(x {out['eager'][0] / ms:.2f} eager)", flush=True)
-            os.environ["PYMETA_LSTM_WG_MMA"] = "1"
-            replay = cuda_graph(lambda: run(True))
-            if replay is not None:
-                ms = timed(replay, reps=3, repeats=3, warmup=1)
-                print(f"  ... with the tensor-core weight gradients: {ms:.3f} ms "
-                      f"(x {out['eager'][0] / ms:.2f} eager)", flush=True)
-            del os.environ["PYMETA_LSTM_WG_MMA"]
+            for name in ("cc-wgrad", "plain", "capped"):
+                os.environ.update(variants[name])
+                replay = cuda_graph(lambda: run(True))
+                if replay is not None:
+                    ms = timed(replay, reps=3, repeats=3, warmup=1)
+                    print(f"  ... {name} ({' '.join(f'{k}={v}' for k, v in variants[name].items())}): "
+                          f"{ms:.3f} ms (x {out['eager'][0] / ms:.2f} eager)", flush=True)
+                for k in variants[name]:
+                    del os.environ[k]
 
 
 def main():

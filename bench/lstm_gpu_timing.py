@@ -8,7 +8,8 @@ warm-up; the median of `repeats` such runs):
             doesn't apply, H > 32, the same kernel as fwd)
   bwd op    the native backward op alone (pymeta::lstm_optimizer_step_backward: per-coordinate
             kernel + weight-gradient blocks + the fixed-order sum), no autograd
-  wg mma    the same with PYMETA_LSTM_WG_MMA=1 (the tensor-core weight gradients)
+  cc wg     the same with PYMETA_LSTM_WG_MMA=0 (the CUDA-core weight-gradient tiles instead of
+            the tensor-core ones, the default for float32 at H <= 32)
   fwd+bwd   forward with autograd, then torch.autograd.grad(update.sum() + new_state.sum(),
             weights): what a meta-training step pays
   x fwd / x f+b   reference eager time / native time
@@ -83,7 +84,7 @@ def main():
             wd = [x.detach() for x in w]
             bwd_op = timed(lambda: torch.ops.pymeta.lstm_optimizer_step_backward(
                 du, ds, grad, state, *wd, PRE, P, OUT_SCALE), args.reps, args.repeats)
-            os.environ["PYMETA_LSTM_WG_MMA"] = "1"
+            os.environ["PYMETA_LSTM_WG_MMA"] = "0"
             bwd_wg = timed(lambda: torch.ops.pymeta.lstm_optimizer_step_backward(
                 du, ds, grad, state, *wd, PRE, P, OUT_SCALE), args.reps, args.repeats)
             del os.environ["PYMETA_LSTM_WG_MMA"]

@@ -54,7 +54,7 @@ def lstm():
 
 
 def staged():
-    # the staged tensor-core forward (opt-in, PYMETA_LSTM_MMA_STAGED=1): 16-byte copies (N a
+    # the staged tensor-core forward (PYMETA_LSTM_MMA_STAGED=1; the default for bfloat16): 16-byte copies (N a
     # multiple of 4, or 8 for bfloat16), 4-byte copies (N odd, or a state at a storage offset
     # of one element: float32), a tail step past N; N = 100k gives each warp several steps
     # (both buffers refilled). Tensors of exactly their size, so a read past N shows.
@@ -71,7 +71,7 @@ def staged():
 
 
 def wgrad(big):
-    # the tensor-core weight gradients (opt-in, PYMETA_LSTM_WG_MMA=1): one chunk ending
+    # the tensor-core weight gradients (the default at float32, H <= 32): one chunk ending
     # mid-stage (N = 300: 16-byte copies, 301: 4-byte ones), several chunks of 256 (5004,
     # 5003), H over every tile bucket; with `big` (memcheck only: racecheck is slow) chunks of
     # 288 coordinates (N = 140_004). Through the backward op, whose workspace is sized for it.
@@ -102,8 +102,13 @@ if not only or "staged" in only:
     torch.cuda.synchronize()
     print("sanitize.py: staged forward ran")
 if not only or "wgrad" in only:
-    os.environ["PYMETA_LSTM_WG_MMA"] = "1"
     wgrad(big=not only)
-    del os.environ["PYMETA_LSTM_WG_MMA"]
     torch.cuda.synchronize()
     print("sanitize.py: tensor-core weight gradients ran")
+if not only:  # the backward pass's other modes (PYMETA_LSTM_BWD_AHEAD: 0 plain loops, 2 capped)
+    for mode in ("0", "2"):
+        os.environ["PYMETA_LSTM_BWD_AHEAD"] = mode
+        wgrad(big=False)
+        del os.environ["PYMETA_LSTM_BWD_AHEAD"]
+    torch.cuda.synchronize()
+    print("sanitize.py: backward pass modes ran")

@@ -9,8 +9,8 @@
 //   1. per coordinate: recompute, backpropagate, write d_grad, d_state and the workspace rows;
 //   2. per (32 x 32 tile of weight-gradient entries, chunk of kLstmOptCudaChunk coordinates):
 //      a register-tiled sum over the chunk (4 x 4 entries per thread) into that chunk's
-//      partial sums (no atomics); or, opt-in (PYMETA_LSTM_WG_MMA=1), one block per chunk for
-//      all entries on the tensor cores (wgrad_mma_kernel);
+//      partial sums (no atomics); or, by default for float at H <= 32 (PYMETA_LSTM_WG_MMA=0
+//      opts out), one block per chunk for all entries on the tensor cores (wgrad_mma_kernel);
 //   3. per weight-gradient entry: the sum over chunks in a fixed order.
 #include <cuda_runtime.h>
 
@@ -90,18 +90,37 @@ forward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_consta
   }
 }
 
-template <typename T, int HP>
-__global__ void __launch_bounds__(smem_threads<HP>())
-backward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<T> P) {
+// kAhead (PYMETA_LSTM_BWD_AHEAD, same bits in every mode; the modes stay until they are timed
+// on a GPU): 0 the plain loops; 1 (default at HP <= 32) lstm_smem_backward_thread's loads one
+// unit ahead (150 registers at HP = 20: 3 blocks per SM, against 4 at 106 for the plain
+// loops); 2 the same capped at 128 registers, for 4 blocks per SM. HP = 64 runs the plain
+// loops (loads ahead spill there). Mode 2 is backward_smem_capped_kernel.
+template <typename T, int HP, bool kAhead>
+__device__ __forceinline__ void backward_smem_body(const LstmOptLaunch& L, const Params<T>& P) {
   T* sw = staged_weights<T, HP>(P);
   const int64_t N = L.N;
   for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
        n += int64_t(gridDim.x) * blockDim.x) {
-    lstm_smem_backward_thread<HP, T>(
+    lstm_smem_backward_thread<HP, T, kAhead>(
         sw, P.s, static_cast<const T*>(L.grad), static_cast<const T*>(L.state),
         static_cast<const T*>(L.d_update), static_cast<const T*>(L.d_new_state),
         static_cast<T*>(L.d_grad), static_cast<T*>(L.d_state), static_cast<T*>(L.workspace), N, n);
   }
+}
+
+// (no minimum blocks for modes 0 and 1: an explicit minimum of 1 let ptxas take 196 registers
+// for the plain loops at HP = 20, against 106 without)
+template <typename T, int HP, int kAhead>
+__global__ void __launch_bounds__(smem_threads<HP>())
+backward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<T> P) {
+  backward_smem_body<T, HP, kAhead != 0>(L, P);
+}
+
+template <typename T, int HP>
+__global__ void __launch_bounds__(smem_threads<HP>(), 4)
+backward_smem_capped_kernel(const __grid_constant__ LstmOptLaunch L,
+                            const __grid_constant__ Params<T> P) {
+  backward_smem_body<T, HP, true>(L, P);
 }
 
 // ---- tensor-core forward (float, H <= 32, sm_80+): lstm_optimizer_mma.cuh ----------------
@@ -124,8 +143,10 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
 }
 
 // The same forward with each warp's next step copied into shared memory (cp.async) while the
-// current one computes: lstm_mma_forward_staged. Opt-in (PYMETA_LSTM_MMA_STAGED=1) until it is
-// measured on a GPU. bufs: the warps' staging buffers, after the weights (16-byte aligned).
+// current one computes: lstm_mma_forward_staged. The default for a bfloat16 state (H100,
+// 2026-11-26: 0.273 vs 0.366 ms at N = 1M, 3.36 vs 3.49 at 10M); with a float32 state it
+// measured slower than the direct kernel (4.28 vs 3.93 ms at 10M), so there it is opt-in.
+// PYMETA_LSTM_MMA_STAGED=1 / 0 forces it on / off. bufs: the warps' staging buffers, after the weights (16-byte aligned).
 template <int HB, typename St>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
 forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
@@ -218,9 +239,9 @@ wgrad_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Ls
   lstm_wgrad_store(p, tl, acc, static_cast<T*>(L.workspace), threadIdx.x);
 }
 
-// The tensor-core version (float, H <= 32, sm_80+; opt-in with PYMETA_LSTM_WG_MMA=1 until it
-// is measured on a GPU): one block per chunk for all three C_q, each row read once
-// (lstm_wg_mma_block in lstm_optimizer_mma.cuh).
+// The tensor-core version (float, H <= 32, sm_80+; the default, PYMETA_LSTM_WG_MMA=0 opts out;
+// H100, 2026-11-26, N = 1M: 0.40 vs 1.04 ms at H = 20, 0.96 vs 2.16 at H = 32): one block per
+// chunk for all three C_q, each row read once (lstm_wg_mma_block in lstm_optimizer_mma.cuh).
 template <int HB>
 __global__ void __launch_bounds__(32 * kLstmWgWarps, HB <= 24 ? 2 : 1)
 wgrad_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ LstmWgMmaPlan p,
@@ -318,7 +339,7 @@ int64_t num_chunks(int64_t N) { return (N + kLstmOptCudaChunk - 1) / kLstmOptCud
 // whether they apply).
 static bool wgrad_mma_asked(const LstmOptLaunch& L) {
   const char* env = std::getenv("PYMETA_LSTM_WG_MMA");
-  return env && env[0] == '1' && L.dtype == DType::Float32 && L.H <= 32;
+  return !(env && env[0] == '0') && L.dtype == DType::Float32 && L.H <= 32;
 }
 
 int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
@@ -328,7 +349,7 @@ int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
   return ws_rows_bytes(L) + chunks * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
 }
 
-// The tensor-core weight gradients when asked for (PYMETA_LSTM_WG_MMA=1) and they apply
+// The tensor-core weight gradients unless opted out (PYMETA_LSTM_WG_MMA=0) and where they apply
 // (float, H <= 32, compute capability 8.0+, the two stage buffers fit): launches them and
 // returns their chunk count, or -1 (the caller takes wgrad_kernel); a CUDA error as -2 - err.
 static int64_t wgrad_mma_launch(const LstmOptLaunch& L, cudaStream_t stream) {
@@ -363,7 +384,7 @@ static int64_t wgrad_mma_launch(const LstmOptLaunch& L, cudaStream_t stream) {
   return err ? -2 - int64_t(err) : p.chunks;
 }
 
-// The staged tensor-core forward when asked for (PYMETA_LSTM_MMA_STAGED=1) and it fits: as
+// The staged tensor-core forward (a bfloat16 state, or PYMETA_LSTM_MMA_STAGED=1) where it fits: as
 // many warps per block (one block per SM) as the shared memory holds two staging buffers for,
 // at least 4. 16-byte copies when N and the pointers allow them; else 4-byte copies, which a
 // bfloat16 state can't use. Returns -1 when not applicable.
@@ -371,7 +392,7 @@ template <int HB>
 static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStream_t stream) {
   using S = LstmMmaShape<HB>;
   const char* env = std::getenv("PYMETA_LSTM_MMA_STAGED");
-  if (!(env && env[0] == '1')) return -1;
+  if (env ? env[0] != '1' : !L.state_bf16) return -1;
   const int64_t elems = L.state_bf16 ? 8 : 4;  // state elements per 16 bytes
   const bool vec = L.N % elems == 0 && reinterpret_cast<uintptr_t>(L.grad) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(L.state) % 16 == 0;
@@ -493,10 +514,14 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
       err = 0;
       SmemLaunch s{};
       if constexpr (!(std::is_same<T, double>::value && HP > 32)) {
-        err = plan_smem(backward_smem_kernel<T, HP>, threads, smem_bytes<T, HP>(L), tiles, &s);
+        const char* env = std::getenv("PYMETA_LSTM_BWD_AHEAD");
+        const int mode = HP > 32 ? 0 : env && env[0] == '0' ? 0 : env && env[0] == '2' ? 2 : 1;
+        const auto kernel = mode == 0   ? backward_smem_kernel<T, HP, 0>
+                            : mode == 1 ? backward_smem_kernel<T, HP, (HP > 32 ? 0 : 1)>
+                                        : backward_smem_capped_kernel<T, HP>;
+        err = plan_smem(kernel, threads, smem_bytes<T, HP>(L), tiles, &s);
         if (err) return err;
-        if (s.blocks > 0)
-          backward_smem_kernel<T, HP><<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+        if (s.blocks > 0) kernel<<<s.blocks, s.threads, s.smem, stream>>>(L, P);
       }
       if (s.blocks == 0) {
         const unsigned blocks = static_cast<unsigned>((L.N + kThreads - 1) / kThreads);
@@ -506,7 +531,7 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
     err = static_cast<int>(cudaGetLastError());
     if (err) return err;
 
-    // The weight-gradient partial sums per chunk: the tensor-core kernel when asked for, else
+    // The weight-gradient partial sums per chunk: the tensor-core kernel where it applies, else
     // the CUDA-core tiles.
     int64_t chunks = -1;
     if constexpr (std::is_same<T, float>::value) chunks = wgrad_mma_launch(L, stream);

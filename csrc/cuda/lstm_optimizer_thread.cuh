@@ -247,7 +247,11 @@ PYMETA_HD void lstm_recompute_unit(const T (&z)[4], T& cp, const T& cp_next, T* 
 
 // ---- backward: one coordinate n < N. Same work, order and workspace rows as
 // lstm_opt_backward_coord (pymeta/lstm_optimizer.h), with the weights from shared memory.
-template <int HP, typename T>
+// kAhead: the two backward loops load unit j + 1's inputs (its 4 z rows, c_prev, the incoming
+// d h and d c) before unit j's math, so that their global latency overlaps a unit's work; the
+// compiler can't hoist them itself past unit j's workspace stores (it can't rule out
+// aliasing). The same arithmetic in the same order: the same bits either way.
+template <int HP, typename T, bool kAhead = true>
 PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s, const T* grad,
                                          const T* state, const T* d_update,
                                          const T* d_new_state, T* d_grad, T* d_state, T* ws,
@@ -307,12 +311,26 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
     a1[0][k] = k < H ? d_new_state[at(k)] : T(0);
     a2[0][k] = T(0);
   }
-  for (int j = 0; j < H; ++j) {
-    T z[4], dz[4], dc_prev;
+  // unit j's loads: z (4 rows), d h2 from d_new_state, c2_prev, d c2 from d_new_state
+  T nz[4], nv[3];
+  auto load2 = [&](int j) {
     PYMETA_UNROLL
-    for (int q = 0; q < 4; ++q) z[q] = ws[at(R.dz2 + q * H + j)];
-    const T dh = du * sw[lo.wout + j] + d_new_state[at(2 * H + j)];
-    lstm_cell_backward(z, state[at(3 * H + j)], dh, d_new_state[at(3 * H + j)], dz, dc_prev);
+    for (int q = 0; q < 4; ++q) nz[q] = ws[at(R.dz2 + q * H + j)];
+    nv[0] = d_new_state[at(2 * H + j)];
+    nv[1] = state[at(3 * H + j)];
+    nv[2] = d_new_state[at(3 * H + j)];
+  };
+  if (kAhead) load2(0);
+  for (int j = 0; j < H; ++j) {
+    T z[4], dz[4], dc_prev, v[3];
+    if (!kAhead) load2(j);
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) z[q] = nz[q];
+    PYMETA_UNROLL
+    for (int i = 0; i < 3; ++i) v[i] = nv[i];
+    if (kAhead) load2(j + 1 < H ? j + 1 : j);  // the last unit reloads its own (unused)
+    const T dh = du * sw[lo.wout + j] + v[0];
+    lstm_cell_backward(z, v[1], dh, v[2], dz, dc_prev);
     d_state[at(3 * H + j)] = dc_prev;
     PYMETA_UNROLL
     for (int q = 0; q < 4; ++q) {
@@ -333,11 +351,24 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
 
   // backward, layer 1: a2 accumulates d h1_prev
   T dx[2] = {T(0), T(0)};
-  for (int j = 0; j < H; ++j) {
-    T z[4], dz[4], dc_prev;
+  // unit j's loads: z (4 rows), c1_prev, d h1 (above, in d_state), d c1 from d_new_state
+  auto load1 = [&](int j) {
     PYMETA_UNROLL
-    for (int q = 0; q < 4; ++q) z[q] = ws[at(R.dz1 + q * H + j)];
-    lstm_cell_backward(z, state[at(H + j)], d_state[at(j)], d_new_state[at(H + j)], dz, dc_prev);
+    for (int q = 0; q < 4; ++q) nz[q] = ws[at(R.dz1 + q * H + j)];
+    nv[0] = state[at(H + j)];
+    nv[1] = d_state[at(j)];
+    nv[2] = d_new_state[at(H + j)];
+  };
+  if (kAhead) load1(0);
+  for (int j = 0; j < H; ++j) {
+    T z[4], dz[4], dc_prev, v[3];
+    if (!kAhead) load1(j);
+    PYMETA_UNROLL
+    for (int q = 0; q < 4; ++q) z[q] = nz[q];
+    PYMETA_UNROLL
+    for (int i = 0; i < 3; ++i) v[i] = nv[i];
+    if (kAhead) load1(j + 1 < H ? j + 1 : j);
+    lstm_cell_backward(z, v[0], v[1], v[2], dz, dc_prev);
     d_state[at(H + j)] = dc_prev;
     PYMETA_UNROLL
     for (int q = 0; q < 4; ++q) {

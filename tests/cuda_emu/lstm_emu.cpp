@@ -112,6 +112,16 @@ static void run(int H, int n_in, int64_t N, int block, std::mt19937& rng) {
   expect_close("d_state", ds, ds_ref, rt, at, H, n_in);
   std::vector<T> ws_rows(ws.begin(), ws.begin() + rows_elems);
   expect_close("workspace rows", ws_rows, ws_ref, rt, at, H, n_in);
+  {  // the plain loop (kAhead = false): the same arithmetic, so the same bits
+    std::vector<T> dg0(N, T(-777)), ds0(4 * H * N, T(-777)), ws0(rows_elems, T(-777));
+    for (int64_t n = 0; n < N; ++n)
+      lstm_smem_backward_thread<HP, T, false>(sw.data(), s, grad.data(), state.data(), du.data(),
+                                              dns.data(), dg0.data(), ds0.data(), ws0.data(), N, n);
+    if (dg0 != dg || ds0 != ds || ws0 != ws_rows) {
+      std::printf("FAIL backward: loads ahead differ from the plain loop (H %d)\n", H);
+      ++failures;
+    }
+  }
 
   // weight gradients: every block of the grid (tiles x chunks), stage by stage
   const LstmWgradPlan plan = lstm_wgrad_plan(H, n_in, N, chunk, rows_elems);
