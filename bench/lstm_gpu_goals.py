@@ -132,12 +132,12 @@ def forward_table(H, compile_ref):
 
 def backward_table(H):
     """The backward op alone (per-coordinate pass + weight-gradient blocks + the ordered sum):
-    the default (CUDA-core pass with loads one unit ahead, tensor-core weight gradients) vs the
-    tensor-core pass (PYMETA_LSTM_MMA_BWD=1), the CUDA-core weight-gradient tiles
-    (PYMETA_LSTM_WG_MMA=0), the pass's plain loops (PYMETA_LSTM_BWD_AHEAD=0) and its loads
-    ahead capped at 128 registers (PYMETA_LSTM_BWD_AHEAD=2)."""
+    the default (CUDA-core pass, with loads one unit ahead at H <= 20; tensor-core weight
+    gradients) vs the tensor-core pass (PYMETA_LSTM_MMA_BWD=1), the CUDA-core weight-gradient
+    tiles (PYMETA_LSTM_WG_MMA=0), the pass's plain loops (PYMETA_LSTM_BWD_AHEAD=0) and its
+    loads ahead (PYMETA_LSTM_BWD_AHEAD=1)."""
     print(f"\nbackward op, H={H}, ms per call: default | tensor-core pass | cuda-core wgrad | "
-          "plain loops | ahead, 128 regs")
+          "plain loops | loads ahead")
     for N in SIZES[:2] + (200_000,):
         torch.manual_seed(0)
         net = pymeta.LSTMOptimizerNet(H).to(DEV)
@@ -149,7 +149,7 @@ def backward_table(H):
             du, ds, grad, state, *w, "log_sign", P, OUT_SCALE)
         res = []
         for env in ({}, {"PYMETA_LSTM_MMA_BWD": "1"}, {"PYMETA_LSTM_WG_MMA": "0"},
-                    {"PYMETA_LSTM_BWD_AHEAD": "0"}, {"PYMETA_LSTM_BWD_AHEAD": "2"}):
+                    {"PYMETA_LSTM_BWD_AHEAD": "0"}, {"PYMETA_LSTM_BWD_AHEAD": "1"}):
             os.environ.update(env)
             res.append(timed(op))
             for k in env:
@@ -182,8 +182,7 @@ def unroll_table(H, N=200_000, T=20):
 
     out = {}
     variants = {"cuda-core": {"PYMETA_LSTM_MMA": "0", "PYMETA_LSTM_WG_MMA": "0"},
-                "cc-wgrad": {"PYMETA_LSTM_WG_MMA": "0"}, "plain": {"PYMETA_LSTM_BWD_AHEAD": "0"},
-                "capped": {"PYMETA_LSTM_BWD_AHEAD": "2"}}
+                "cc-wgrad": {"PYMETA_LSTM_WG_MMA": "0"}, "plain": {"PYMETA_LSTM_BWD_AHEAD": "0"}}
     for name, native in (("native", True), ("cuda-core", True), ("bf16", True),
                          ("cc-wgrad", True), ("plain", True), ("eager", False)):
         os.environ.update(variants.get(name, {}))
@@ -223,7 +222,7 @@ def unroll_table(H, N=200_000, T=20):
                 ms = timed(replay, reps=3, repeats=3, warmup=1)
                 print(f"  native unroll replayed from a CUDA graph: {ms:.3f} ms "
                       f"(x {out['eager'][0] / ms:.2f} eager)", flush=True)
-            for name in ("cc-wgrad", "plain", "capped"):
+            for name in ("cc-wgrad", "plain"):
                 os.environ.update(variants[name])
                 replay = cuda_graph(lambda: run(True))
                 if replay is not None:

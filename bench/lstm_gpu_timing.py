@@ -51,7 +51,7 @@ def main():
     if args.compile:
         impls.append(("compiled", torch.compile(ref, dynamic=False)))
 
-    head = f"{'H':>3} {'N':>8} | {'native fwd':>10} {'staged':>8} {'bwd op':>8} {'wg mma':>8} {'fwd+bwd':>8} | " \
+    head = f"{'H':>3} {'N':>8} | {'native fwd':>10} {'staged':>8} {'bwd op':>8} {'cc wg':>8} {'fwd+bwd':>8} | " \
            f"{'ref fwd':>8} {'fwd+bwd':>8} |"
     if args.compile:
         head += f" {'cmp fwd':>8} {'fwd+bwd':>8} |"

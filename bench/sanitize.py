@@ -105,10 +105,10 @@ if not only or "wgrad" in only:
     wgrad(big=not only)
     torch.cuda.synchronize()
     print("sanitize.py: tensor-core weight gradients ran")
-if not only:  # the backward pass's other modes (PYMETA_LSTM_BWD_AHEAD: 0 plain loops, 2 capped)
-    for mode in ("0", "2"):
+if not only:  # the backward pass's two forms (PYMETA_LSTM_BWD_AHEAD: 0 plain loops, 1 ahead)
+    for mode in ("0", "1"):
         os.environ["PYMETA_LSTM_BWD_AHEAD"] = mode
         wgrad(big=False)
         del os.environ["PYMETA_LSTM_BWD_AHEAD"]
     torch.cuda.synchronize()
-    print("sanitize.py: backward pass modes ran")
+    print("sanitize.py: backward pass forms ran")

@@ -289,8 +289,11 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
                         f"not {type(preprocessing).__name__}")
     if _backend.use_native("lstm_optimizer_step", grad.device) and not _needs_reference(
             (grad, state) + weights):
-        return torch.ops.pymeta.lstm_optimizer_step(grad, state, *weights, preprocessing,
-                                                    float(p), float(out_scale))
+        args = (grad, state, *weights, preprocessing, float(p), float(out_scale))
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in args[:12])
+                and not torch.compiler.is_compiling()):
+            return _LstmStepFunction.apply(*args)
+        return torch.ops.pymeta.lstm_optimizer_step(*args)
     return reference.lstm_optimizer_step(grad, state, *weights, preprocessing, float(p),
                                          float(out_scale))
 
@@ -331,6 +334,23 @@ if _backend.NATIVE:
 
     torch.library.register_autograd("pymeta::lstm_optimizer_step", _lstm_backward,
                                     setup_context=_lstm_setup)
+
+    class _LstmStepFunction(torch.autograd.Function):
+        """The same autograd formula as the op's registration above, for the eager front: the
+        registered path costs ~0.1 ms of Python per call on top (torch's fill_defaults
+        rebuilds the 15-argument schema's list ~31 times), about the kernels' own time at N =
+        200k on a GPU. Inside forward, grad mode is off, so the op runs its kernel directly;
+        the backward op keeps its own registered formula (double backward)."""
+
+        @staticmethod
+        def forward(ctx, *args):
+            out = torch.ops.pymeta.lstm_optimizer_step(*args)
+            _lstm_setup(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, d_update, d_new_state):
+            return _lstm_backward(ctx, d_update, d_new_state)
 
     # The backward's own backward (second order, e.g. gradgradcheck): rare, so it runs the
     # reference twice through autograd rather than a kernel of its own.

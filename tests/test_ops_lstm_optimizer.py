@@ -220,6 +220,35 @@ def test_gradgradcheck():
 
 
 @native_only
+@pytest.mark.parametrize("outputs", ["both", "update", "state"])
+def test_eager_front_matches_the_registered_autograd(outputs):
+    """The front's eager autograd path (an autograd.Function, without the registered path's
+    per-call Python costs) and the op's registered formula: the same outputs and gradients, bit
+    for bit, also when one output takes no part in the loss (its incoming gradient is None),
+    and a second derivative through the front (gradgradcheck)."""
+    inputs = _small_inputs(H=5, N=5)
+    results = []
+    for front in (True, False):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with pymeta.use_backend("native"):
+            fn = ops.lstm_optimizer_step if front else OP
+            u, s = fn(*leaves, "log_sign", 10.0, 0.3)
+        assert (type(u.grad_fn).__name__ == "_LstmStepFunctionBackward") == front
+        loss = {"both": u.sum() + (s * s).sum(), "update": (u * u).sum(), "state": s.sum()}[outputs]
+        results.append((u, s, *torch.autograd.grad(loss, leaves)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+    small = [t.requires_grad_() for t in _small_inputs(H=2, N=3)]
+
+    def f(*ts):
+        with pymeta.use_backend("native"):
+            return ops.lstm_optimizer_step(*ts, "log_sign", 10.0, 0.3)
+
+    assert torch.autograd.gradgradcheck(f, small, eps=1e-7, atol=1e-5)
+
+
+@native_only
 def test_opcheck_forward_and_backward():
     inputs = _small_inputs()
     torch.library.opcheck(OP, (*inputs, "log_sign", 10.0, 0.3))
@@ -771,9 +800,10 @@ def test_cuda_wgrad_mma_where_it_does_not_apply(case, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("H", [7, 20, 32, 64])
 def test_cuda_backward_pass_loads_ahead_same_bits(dtype, H, monkeypatch):
-    """The backward's CUDA-core pass in its three modes (PYMETA_LSTM_BWD_AHEAD: 0 plain loops,
-    1 loads one unit ahead, 2 the same at 4 blocks per SM) runs the same arithmetic: every
-    output bit for bit the same, a NaN in d_new_state included."""
+    """The backward's CUDA-core pass in its two forms (PYMETA_LSTM_BWD_AHEAD=0: the plain
+    loops, =1: inputs loaded one unit ahead; unset: the default, ahead for float at H <= 20)
+    runs the same arithmetic: every output bit for bit the same, a NaN in d_new_state
+    included. (H = 64 has only the plain form.)"""
     N = 20_011
     inputs = [t.to(dtype).cuda() for t in _valid(H, N, torch.float64).values()]
     gen = torch.Generator().manual_seed(11)
@@ -781,7 +811,8 @@ def test_cuda_backward_pass_loads_ahead_same_bits(dtype, H, monkeypatch):
     ds = torch.randn(4, H, N, generator=gen, dtype=torch.float64).to(dtype).cuda()
     ds[3, H - 1, 7] = float("nan")
     outs = []
-    for mode in ("0", "1", "2"):
+    outs.append(BWD(du, ds, *inputs, "log_sign", 10.0, 0.1))
+    for mode in ("0", "1"):
         monkeypatch.setenv("PYMETA_LSTM_BWD_AHEAD", mode)
         outs.append(BWD(du, ds, *inputs, "log_sign", 10.0, 0.1))
     assert outs[0][0][7].isnan()  # the NaN reached d_grad of its coordinate

@@ -90,11 +90,14 @@ forward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_consta
   }
 }
 
-// kAhead (PYMETA_LSTM_BWD_AHEAD, same bits in every mode; the modes stay until they are timed
-// on a GPU): 0 the plain loops; 1 (default at HP <= 32) lstm_smem_backward_thread's loads one
-// unit ahead (150 registers at HP = 20: 3 blocks per SM, against 4 at 106 for the plain
-// loops); 2 the same capped at 128 registers, for 4 blocks per SM. HP = 64 runs the plain
-// loops (loads ahead spill there). Mode 2 is backward_smem_capped_kernel.
+// The backward's CUDA-core pass, in two forms with the same arithmetic (the same bits):
+// backward_smem_kernel runs lstm_smem_backward_thread's plain loops (106 registers at HP = 20,
+// 4 blocks per SM); backward_smem_ahead_kernel loads each unit's inputs one unit ahead, held
+// to 128 registers for 4 blocks per SM (uncapped it takes 150, 3 blocks per SM, and measured
+// no faster). The ahead form is the default for float at HP <= 20; PYMETA_LSTM_BWD_AHEAD=0 / 1
+// forces the plain / ahead form (HP <= 32). H100, N = 1M, 2026-11-26: at H = 20 the pass took
+// 1.517 ms ahead vs 1.576 plain (1.588 uncapped); at H = 32 the ahead form spills (160 B) and
+// took 3.18 ms vs 3.09 plain.
 template <typename T, int HP, bool kAhead>
 __device__ __forceinline__ void backward_smem_body(const LstmOptLaunch& L, const Params<T>& P) {
   T* sw = staged_weights<T, HP>(P);
@@ -108,18 +111,18 @@ __device__ __forceinline__ void backward_smem_body(const LstmOptLaunch& L, const
   }
 }
 
-// (no minimum blocks for modes 0 and 1: an explicit minimum of 1 let ptxas take 196 registers
-// for the plain loops at HP = 20, against 106 without)
-template <typename T, int HP, int kAhead>
+// (no minimum of blocks per SM here: an explicit minimum of 1 let ptxas take 196 registers at
+// HP = 20, against 106 without)
+template <typename T, int HP>
 __global__ void __launch_bounds__(smem_threads<HP>())
 backward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<T> P) {
-  backward_smem_body<T, HP, kAhead != 0>(L, P);
+  backward_smem_body<T, HP, false>(L, P);
 }
 
 template <typename T, int HP>
 __global__ void __launch_bounds__(smem_threads<HP>(), 4)
-backward_smem_capped_kernel(const __grid_constant__ LstmOptLaunch L,
-                            const __grid_constant__ Params<T> P) {
+backward_smem_ahead_kernel(const __grid_constant__ LstmOptLaunch L,
+                           const __grid_constant__ Params<T> P) {
   backward_smem_body<T, HP, true>(L, P);
 }
 
@@ -515,10 +518,10 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
       SmemLaunch s{};
       if constexpr (!(std::is_same<T, double>::value && HP > 32)) {
         const char* env = std::getenv("PYMETA_LSTM_BWD_AHEAD");
-        const int mode = HP > 32 ? 0 : env && env[0] == '0' ? 0 : env && env[0] == '2' ? 2 : 1;
-        const auto kernel = mode == 0   ? backward_smem_kernel<T, HP, 0>
-                            : mode == 1 ? backward_smem_kernel<T, HP, (HP > 32 ? 0 : 1)>
-                                        : backward_smem_capped_kernel<T, HP>;
+        const bool ahead = env ? env[0] == '1' : std::is_same<T, float>::value && HP <= 20;
+        auto kernel = backward_smem_kernel<T, HP>;
+        if constexpr (HP <= 32)  // (no ahead form at HP = 64: it would spill)
+          if (ahead) kernel = backward_smem_ahead_kernel<T, HP>;
         err = plan_smem(kernel, threads, smem_bytes<T, HP>(L), tiles, &s);
         if (err) return err;
         if (s.blocks > 0) kernel<<<s.blocks, s.threads, s.smem, stream>>>(L, P);
