@@ -6,7 +6,7 @@
 #   bash bench/gpu_check.sh            # logs and bench.json go to $OUT (or /tmp/pymeta-gpu)
 #   PYMETA_SKIP_BENCH=1 bash bench/gpu_check.sh   # without the inner_update table (~30 s less)
 #   PYMETA_SKIP_MAML=1 ...     # without the MAML timings and profile (~50 s less)
-#   PYMETA_NCU=1 ...           # + Nsight Compute sections of the LSTM kernels (not yet run)
+#   PYMETA_NCU=1 ...           # + Nsight Compute sections of the LSTM kernels (~1 min)
 #   PYMETA_MAML_MEMORY=1 ...   # + MAML peak memory vs inner steps, with checkpoint_steps (~1.5 min)
 #   PYMETA_LSTM_MEMORY=1 ...   # + LSTMOptimizer / unroll memory, float32 vs bfloat16 state (~40 s)
 set -uo pipefail
@@ -79,7 +79,7 @@ if [ "${PYMETA_LSTM_MEMORY:-0}" = 1 ]; then
 fi
 extra_s=$((SECONDS - t0))
 if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons
-  timeout 120 ncu -k regex:"forward_mma_kernel|forward_mma_staged_kernel|backward_smem_kernel|wgrad_kernel|wgrad_mma_kernel" -c 5 \
+  timeout 120 ncu -k regex:"forward_mma_kernel|forward_mma_staged_kernel|backward_smem_kernel|backward_smem_ahead_kernel|wgrad_kernel|wgrad_mma_kernel" -c 6 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
     $PY bench/lstm_ncu.py > "$OUT/ncu.log" 2>&1

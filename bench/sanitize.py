@@ -2,7 +2,8 @@
 (bench/gpu_check.sh): vectorized and scalar paths, several launches, empty tensors,
 every rate form, forward and backward.
   python bench/sanitize.py                # every kernel
-  python bench/sanitize.py staged wgrad   # only the opt-in cp.async kernels (for racecheck)"""
+  python bench/sanitize.py staged wgrad   # only the cp.async kernels: the staged forward and
+                                          # the tensor-core weight gradients (for racecheck)"""
 import os
 import sys
 

@@ -249,6 +249,27 @@ def test_eager_front_matches_the_registered_autograd(outputs):
 
 
 @native_only
+def test_eager_front_under_functorch_transforms():
+    """Under torch.func transforms whose inputs are unrelated to the step (weights are plain
+    requires_grad leaves), the front keeps the registered op: an autograd.Function that sets
+    up in forward would be refused there. Same values as outside the transform."""
+    grad, state, *weights = _small_inputs(H=3, N=5)
+    weights = [w.requires_grad_() for w in weights]
+
+    def f(x):
+        with pymeta.use_backend("native"):
+            u, _ = ops.lstm_optimizer_step(grad, state, *weights, "log_sign", 10.0, 0.3)
+        return u.sum() * x
+
+    with pymeta.use_backend("native"):
+        want = ops.lstm_optimizer_step(grad, state, *weights, "log_sign", 10.0, 0.3)[0].sum()
+    xs = torch.arange(3, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(f)(xs), want.detach() * xs)
+    torch.testing.assert_close(torch.func.grad(f)(torch.tensor(2.0, dtype=torch.float64)),
+                               want.detach())
+
+
+@native_only
 def test_opcheck_forward_and_backward():
     inputs = _small_inputs()
     torch.library.opcheck(OP, (*inputs, "log_sign", 10.0, 0.3))
@@ -632,7 +653,13 @@ def _staged_vs_direct(H, N, kind, monkeypatch, check_ran):
     if kind == "bf16":
         inputs[1] = inputs[1].bfloat16()
     monkeypatch.setenv("PYMETA_LSTM_MMA_STAGED", "0")
-    direct = OP(*inputs, "log_sign", 10.0, 0.1)
+    if check_ran:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            direct = OP(*inputs, "log_sign", 10.0, 0.1)
+            torch.cuda.synchronize()
+        assert not any("forward_mma_staged_kernel" in e.name for e in prof.events())
+    else:
+        direct = OP(*inputs, "log_sign", 10.0, 0.1)
     # float32: opt-in; bfloat16: the default
     if kind == "bf16":
         monkeypatch.delenv("PYMETA_LSTM_MMA_STAGED")
@@ -810,11 +837,22 @@ def test_cuda_backward_pass_loads_ahead_same_bits(dtype, H, monkeypatch):
     du = torch.randn(N, generator=gen, dtype=torch.float64).to(dtype).cuda()
     ds = torch.randn(4, H, N, generator=gen, dtype=torch.float64).to(dtype).cuda()
     ds[3, H - 1, 7] = float("nan")
-    outs = []
-    outs.append(BWD(du, ds, *inputs, "log_sign", 10.0, 0.1))
-    for mode in ("0", "1"):
-        monkeypatch.setenv("PYMETA_LSTM_BWD_AHEAD", mode)
-        outs.append(BWD(du, ds, *inputs, "log_sign", 10.0, 0.1))
+    monkeypatch.delenv("PYMETA_LSTM_BWD_AHEAD", raising=False)
+
+    def run():  # the outputs, and whether the ahead kernel ran
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
+            torch.cuda.synchronize()
+        return out, any("backward_smem_ahead_kernel" in e.name for e in prof.events())
+
+    outs, ran = [], []
+    for mode in (None, "0", "1"):
+        if mode is not None:
+            monkeypatch.setenv("PYMETA_LSTM_BWD_AHEAD", mode)
+        out, ahead = run()
+        outs.append(out)
+        ran.append(ahead)
+    assert ran == [dtype == torch.float32 and H <= 20, False, H <= 32]
     assert outs[0][0][7].isnan()  # the NaN reached d_grad of its coordinate
     for other in outs[1:]:
         for a, b in zip(outs[0], other):

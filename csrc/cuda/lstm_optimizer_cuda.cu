@@ -94,8 +94,9 @@ forward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_consta
 // backward_smem_kernel runs lstm_smem_backward_thread's plain loops (106 registers at HP = 20,
 // 4 blocks per SM); backward_smem_ahead_kernel loads each unit's inputs one unit ahead, held
 // to 128 registers for 4 blocks per SM (uncapped it takes 150, 3 blocks per SM, and measured
-// no faster). The ahead form is the default for float at HP <= 20; PYMETA_LSTM_BWD_AHEAD=0 / 1
-// forces the plain / ahead form (HP <= 32). H100, N = 1M, 2026-11-26: at H = 20 the pass took
+// no faster). The ahead form is the default for float at HP <= 20 (timed at H = 20 only; at
+// HP = 16 it fits in 127 registers too); PYMETA_LSTM_BWD_AHEAD=0 / 1 forces the plain / ahead
+// form (HP <= 32). H100, N = 1M, 2026-11-26 (bench/RESULTS.md run 12): at H = 20 the pass took
 // 1.517 ms ahead vs 1.576 plain (1.588 uncapped); at H = 32 the ahead form spills (160 B) and
 // took 3.18 ms vs 3.09 plain.
 template <typename T, int HP, bool kAhead>
@@ -147,8 +148,9 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
 
 // The same forward with each warp's next step copied into shared memory (cp.async) while the
 // current one computes: lstm_mma_forward_staged. The default for a bfloat16 state (H100,
-// 2026-11-26: 0.273 vs 0.366 ms at N = 1M, 3.36 vs 3.49 at 10M); with a float32 state it
-// measured slower than the direct kernel (4.28 vs 3.93 ms at 10M), so there it is opt-in.
+// 2026-11-26, bench/RESULTS.md runs 11 / 12: 0.273 / 0.277 vs 0.366 / 0.370 ms at N = 1M);
+// with a float32 state it measured slower than the direct kernel (4.28 / 4.36 vs 3.93 / 3.94
+// ms at 10M), so there it is opt-in.
 // PYMETA_LSTM_MMA_STAGED=1 / 0 forces it on / off. bufs: the warps' staging buffers, after the weights (16-byte aligned).
 template <int HB, typename St>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
@@ -336,13 +338,20 @@ int64_t ws_rows_bytes(const LstmOptLaunch& L) {
 
 int64_t num_chunks(int64_t N) { return (N + kLstmOptCudaChunk - 1) / kLstmOptCudaChunk; }
 
+// A PYMETA_LSTM_* switch: -1 unset or empty (the default applies), 0 when it starts with '0',
+// else 1.
+int env_switch(const char* name) {
+  const char* env = std::getenv(name);
+  if (!env || !env[0]) return -1;
+  return env[0] == '0' ? 0 : 1;
+}
+
 }  // namespace
 
 // Whether the backward asks for the tensor-core weight gradients (wgrad_mma_launch decides
 // whether they apply).
 static bool wgrad_mma_asked(const LstmOptLaunch& L) {
-  const char* env = std::getenv("PYMETA_LSTM_WG_MMA");
-  return !(env && env[0] == '0') && L.dtype == DType::Float32 && L.H <= 32;
+  return env_switch("PYMETA_LSTM_WG_MMA") != 0 && L.dtype == DType::Float32 && L.H <= 32;
 }
 
 int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L) {
@@ -394,8 +403,8 @@ static int64_t wgrad_mma_launch(const LstmOptLaunch& L, cudaStream_t stream) {
 template <int HB>
 static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStream_t stream) {
   using S = LstmMmaShape<HB>;
-  const char* env = std::getenv("PYMETA_LSTM_MMA_STAGED");
-  if (env ? env[0] != '1' : !L.state_bf16) return -1;
+  const int on = env_switch("PYMETA_LSTM_MMA_STAGED");
+  if (on == 0 || (on < 0 && !L.state_bf16)) return -1;
   const int64_t elems = L.state_bf16 ? 8 : 4;  // state elements per 16 bytes
   const bool vec = L.N % elems == 0 && reinterpret_cast<uintptr_t>(L.grad) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(L.state) % 16 == 0;
@@ -432,8 +441,8 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
 // takes the CUDA-core kernels).
 static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward) {
   if (L.dtype != DType::Float32 || L.H > 32) return -1;
-  const char* env = std::getenv(backward ? "PYMETA_LSTM_MMA_BWD" : "PYMETA_LSTM_MMA");
-  if (backward ? !(env && env[0] == '1') : (env && env[0] == '0')) return -1;
+  const int on = env_switch(backward ? "PYMETA_LSTM_MMA_BWD" : "PYMETA_LSTM_MMA");
+  if (backward ? on != 1 : on == 0) return -1;
   int dev = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (!err) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
@@ -517,8 +526,8 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
       err = 0;
       SmemLaunch s{};
       if constexpr (!(std::is_same<T, double>::value && HP > 32)) {
-        const char* env = std::getenv("PYMETA_LSTM_BWD_AHEAD");
-        const bool ahead = env ? env[0] == '1' : std::is_same<T, float>::value && HP <= 20;
+        const int on = env_switch("PYMETA_LSTM_BWD_AHEAD");
+        const bool ahead = on < 0 ? std::is_same<T, float>::value && HP <= 20 : on == 1;
         auto kernel = backward_smem_kernel<T, HP>;
         if constexpr (HP <= 32)  // (no ahead form at HP = 64: it would spill)
           if (ahead) kernel = backward_smem_ahead_kernel<T, HP>;
