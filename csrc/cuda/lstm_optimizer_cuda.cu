@@ -17,7 +17,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "lstm_optimizer_mma.cuh"
 #include "lstm_optimizer_thread.cuh"
@@ -298,6 +300,50 @@ int dispatch(const LstmOptLaunch& L, F&& f) {
   return L.dtype == DType::Float64 ? by_h(double{}) : by_h(float{});
 }
 
+// Makes `kernel` launchable with `smem` bytes of dynamic shared memory on device `dev` and,
+// when per_sm is given, returns its resident blocks per SM at `threads` threads. Each CUDA
+// call is made once and remembered: cudaFuncSetAttribute and the occupancy query took ~5-9
+// and ~4 us per call on an H100 host (torch.profiler, bench/RESULTS.md run 11), as much as a
+// 10k-coordinate step's kernel. The attribute is only ever raised, so that a remembered launch
+// stays valid after a smaller one.
+struct KernelMemo {
+  struct Attr { const void* fn; int dev; size_t smem; };
+  struct Occupancy { const void* fn; int dev; int threads; size_t smem; int per_sm; };
+  std::mutex mu;
+  std::vector<Attr> attrs;
+  std::vector<Occupancy> occupancy;
+};
+
+template <typename K>
+cudaError_t kernel_smem(K kernel, int dev, int threads, size_t smem, int* per_sm) {
+  static KernelMemo memo;
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  std::lock_guard<std::mutex> lock(memo.mu);
+  KernelMemo::Attr* attr = nullptr;
+  for (auto& a : memo.attrs)
+    if (a.fn == fn && a.dev == dev) attr = &a;
+  if (!attr || attr->smem < smem) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err) return err;
+    if (attr)
+      attr->smem = smem;
+    else
+      memo.attrs.push_back({fn, dev, smem});
+  }
+  if (!per_sm) return cudaSuccess;
+  for (const auto& o : memo.occupancy)
+    if (o.fn == fn && o.dev == dev && o.threads == threads && o.smem == smem) {
+      *per_sm = o.per_sm;
+      return cudaSuccess;
+    }
+  const cudaError_t err =
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, threads, smem);
+  if (err) return err;
+  memo.occupancy.push_back({fn, dev, threads, smem, *per_sm});
+  return cudaSuccess;
+}
+
 // How a shared-memory kernel is launched: blocks (0: it does not fit, use the fallback).
 struct SmemLaunch {
   unsigned blocks;
@@ -316,9 +362,7 @@ int plan_smem(K kernel, int threads, size_t smem, int64_t tiles, SmemLaunch* out
   if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err) return static_cast<int>(err);
   if (smem > static_cast<size_t>(optin)) return 0;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem));
-  if (!err) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  err = kernel_smem(kernel, dev, threads, smem, &per_sm);
   if (err) return static_cast<int>(err);
   const int64_t most = int64_t(per_sm) * sms;
   out->blocks = static_cast<unsigned>(tiles < most ? tiles : most);
@@ -381,8 +425,7 @@ static int64_t wgrad_mma_launch(const LstmOptLaunch& L, cudaStream_t stream) {
                    reinterpret_cast<uintptr_t>(L.state) % 16 == 0;
   auto launch = [&](auto hb) {
     constexpr int HB = decltype(hb)::value;
-    cudaError_t e = cudaFuncSetAttribute(wgrad_mma_kernel<HB>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaError_t e = kernel_smem(wgrad_mma_kernel<HB>, dev, 32 * kLstmWgWarps, smem, nullptr);
     if (e) return e;
     wgrad_mma_kernel<HB><<<static_cast<unsigned>(p.chunks), 32 * kLstmWgWarps, smem, stream>>>(
         L, p, vec);
@@ -422,9 +465,7 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
   const size_t smem = static_cast<size_t>(weights + int64_t(2) * warps * buf);
   const auto kernel = L.state_bf16 ? forward_mma_staged_kernel<HB, uint16_t>
                                    : forward_mma_staged_kernel<HB, float>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem));
-  if (!err) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * warps, smem);
+  err = kernel_smem(kernel, dev, 32 * warps, smem, &per_sm);
   if (err) return static_cast<int>(err);
   if (per_sm < 1) return -1;
   const int64_t per_block = int64_t(warps) * S::kCoords;
