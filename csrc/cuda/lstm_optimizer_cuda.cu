@@ -305,7 +305,8 @@ int dispatch(const LstmOptLaunch& L, F&& f) {
 // call is made once and remembered: cudaFuncSetAttribute and the occupancy query took ~5-9
 // and ~4 us per call on an H100 host (torch.profiler, bench/RESULTS.md run 11), as much as a
 // 10k-coordinate step's kernel. The attribute is only ever raised, so that a remembered launch
-// stays valid after a smaller one.
+// stays valid after a smaller one. Keyed by device, not context: PyTorch keeps each device's
+// primary context for the process; a cudaDeviceReset in between would void the memo.
 struct KernelMemo {
   struct Attr { const void* fn; int dev; size_t smem; };
   struct Occupancy { const void* fn; int dev; int threads; size_t smem; int per_sm; };
@@ -316,7 +317,7 @@ struct KernelMemo {
 
 template <typename K>
 cudaError_t kernel_smem(K kernel, int dev, int threads, size_t smem, int* per_sm) {
-  static KernelMemo memo;
+  static KernelMemo& memo = *new KernelMemo;  // never destroyed: launches at exit stay safe
   const void* fn = reinterpret_cast<const void*>(kernel);
   std::lock_guard<std::mutex> lock(memo.mu);
   KernelMemo::Attr* attr = nullptr;
