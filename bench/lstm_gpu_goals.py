@@ -135,9 +135,10 @@ def backward_table(H):
     the default (CUDA-core pass, with loads one unit ahead at H <= 20; tensor-core weight
     gradients) vs the tensor-core pass (PYMETA_LSTM_MMA_BWD=1), the CUDA-core weight-gradient
     tiles (PYMETA_LSTM_WG_MMA=0), the pass's plain loops (PYMETA_LSTM_BWD_AHEAD=0) and its
-    loads ahead (PYMETA_LSTM_BWD_AHEAD=1)."""
+    loads ahead (PYMETA_LSTM_BWD_AHEAD=1) and the plain loops at 6 blocks per SM
+    (PYMETA_LSTM_BWD_WIDE=1)."""
     print(f"\nbackward op, H={H}, ms per call: default | tensor-core pass | cuda-core wgrad | "
-          "plain loops | loads ahead")
+          "plain loops | loads ahead | wide")
     for N in SIZES[:2] + (200_000,):
         torch.manual_seed(0)
         net = pymeta.LSTMOptimizerNet(H).to(DEV)
@@ -149,7 +150,8 @@ def backward_table(H):
             du, ds, grad, state, *w, "log_sign", P, OUT_SCALE)
         res = []
         for env in ({}, {"PYMETA_LSTM_MMA_BWD": "1"}, {"PYMETA_LSTM_WG_MMA": "0"},
-                    {"PYMETA_LSTM_BWD_AHEAD": "0"}, {"PYMETA_LSTM_BWD_AHEAD": "1"}):
+                    {"PYMETA_LSTM_BWD_AHEAD": "0"}, {"PYMETA_LSTM_BWD_AHEAD": "1"},
+                    {"PYMETA_LSTM_BWD_WIDE": "1"}):
             os.environ.update(env)
             res.append(timed(op))
             for k in env:
@@ -182,9 +184,11 @@ def unroll_table(H, N=200_000, T=20):
 
     out = {}
     variants = {"cuda-core": {"PYMETA_LSTM_MMA": "0", "PYMETA_LSTM_WG_MMA": "0"},
-                "cc-wgrad": {"PYMETA_LSTM_WG_MMA": "0"}, "plain": {"PYMETA_LSTM_BWD_AHEAD": "0"}}
+                "cc-wgrad": {"PYMETA_LSTM_WG_MMA": "0"}, "plain": {"PYMETA_LSTM_BWD_AHEAD": "0"},
+                "mma-bwd": {"PYMETA_LSTM_MMA_BWD": "1"}, "wide": {"PYMETA_LSTM_BWD_WIDE": "1"}}
     for name, native in (("native", True), ("cuda-core", True), ("bf16", True),
-                         ("cc-wgrad", True), ("plain", True), ("eager", False)):
+                         ("cc-wgrad", True), ("plain", True), ("mma-bwd", True), ("wide", True),
+                         ("eager", False)):
         os.environ.update(variants.get(name, {}))
         sd = torch.bfloat16 if name == "bf16" else None
         with pymeta.use_backend("native" if native else "reference"):
@@ -212,7 +216,8 @@ def unroll_table(H, N=200_000, T=20):
     print(f"  (native with the CUDA-core kernels: {out['cuda-core'][0]:.3f} ms; bf16 state "
           f"{out['bf16'][0]:.3f} ms, peak {out['bf16'][1]:.0f} MiB; CUDA-core weight "
           f"gradients {out['cc-wgrad'][0]:.3f} ms, meta-grad rel err {err_cc:.1e}; the pass's "
-          f"plain loops {out['plain'][0]:.3f} ms)")
+          f"plain loops {out['plain'][0]:.3f} ms; tensor-core pass {out['mma-bwd'][0]:.3f} ms; "
+          f"wide CUDA-core pass {out['wide'][0]:.3f} ms)")
     if DEV == "cuda":  # the unroll's device time: its host work (autograd, launches) removed
         with pymeta.use_backend("native"):
             replay = cuda_graph(lambda: run(True))
@@ -222,7 +227,7 @@ def unroll_table(H, N=200_000, T=20):
                 ms = timed(replay, reps=3, repeats=3, warmup=1)
                 print(f"  native unroll replayed from a CUDA graph: {ms:.3f} ms "
                       f"(x {out['eager'][0] / ms:.2f} eager)", flush=True)
-            for name in ("cc-wgrad", "plain"):
+            for name in ("cc-wgrad", "plain", "mma-bwd", "wide"):
                 os.environ.update(variants[name])
                 replay = cuda_graph(lambda: run(True))
                 if replay is not None:

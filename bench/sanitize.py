@@ -44,6 +44,15 @@ def lstm():
             state = (torch.randn(4, H, N, device=dev, dtype=dtype) * 0.1).requires_grad_()
             upd, new_state = net(grad, state)
             torch.autograd.grad(upd.sum() + new_state.sum(), [grad, state] + list(net.parameters()))
+    # the opt-in tensor-core backward pass (two blocks per SM at H <= 20, one above)
+    os.environ["PYMETA_LSTM_MMA_BWD"] = "1"
+    for H in (7, 20, 32):
+        net = pymeta.LSTMOptimizerNet(H).to(dev)
+        N = 5003
+        state = (torch.randn(4, H, N, device=dev) * 0.1).requires_grad_()
+        upd, new_state = net(torch.randn(N, device=dev), state)
+        torch.autograd.grad(upd.sum() + new_state.sum(), [state] + list(net.parameters()))
+    del os.environ["PYMETA_LSTM_MMA_BWD"]
     # a bfloat16 state: the tensor-core forward reads and writes bfloat16 (H <= 32); H = 64 and
     # the backward convert in chunks
     for H in (7, 20, 64):

@@ -245,6 +245,15 @@ if _backend.NATIVE:
 
 # ---- lstm_optimizer_step -----------------------------------------------------------------------
 
+def _below_autograd(op, args):
+    """op(*args) where no gradient is recorded (grad mode off, or no input requiring grad),
+    eager and outside torch.func transforms: straight to the kernel, as the registered autograd
+    kernel's own no-grad branch does after ~15 us of Python per call (the 2-core VM), which a
+    10k-coordinate step's GPU kernel takes in all."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tensor, b_ih1: Tensor,
                         b_hh1: Tensor, w_ih2: Tensor, w_hh2: Tensor, b_ih2: Tensor, b_hh2: Tensor,
                         w_out: Tensor, b_out: Tensor, preprocessing: str = "log_sign",
@@ -292,10 +301,11 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
         args = (grad, state, *weights, preprocessing, float(p), float(out_scale))
         # (an autograd.Function that sets up in forward is refused under torch.func
         # transforms, even with none of its inputs wrapped: those keep the registered op)
-        if (torch.is_grad_enabled() and any(t.requires_grad for t in args[:12])
-                and not torch.compiler.is_compiling()
+        if (not torch.compiler.is_compiling()
                 and torch._C._functorch.maybe_current_level() is None):
-            return _LstmStepFunction.apply(*args)
+            if torch.is_grad_enabled() and any(t.requires_grad for t in args[:12]):
+                return _LstmStepFunction.apply(*args)
+            return _below_autograd(torch.ops.pymeta.lstm_optimizer_step, args)
         return torch.ops.pymeta.lstm_optimizer_step(*args)
     return reference.lstm_optimizer_step(grad, state, *weights, preprocessing, float(p),
                                          float(out_scale))
@@ -329,9 +339,15 @@ if _backend.NATIVE:
             d_update = grad.new_zeros(grad.shape)
         if d_new_state is None:
             d_new_state = state.new_zeros(state.shape)
-        bwd = (reference.lstm_optimizer_step_backward if _needs_reference((d_update, d_new_state))
-               else torch.ops.pymeta.lstm_optimizer_step_backward)  # as in inner_update's
-        outs = bwd(d_update, d_new_state, grad, state, *weights, *ctx.cfg)
+        args = (d_update, d_new_state, grad, state, *weights, *ctx.cfg)
+        if _needs_reference((d_update, d_new_state)):  # as in inner_update's
+            outs = reference.lstm_optimizer_step_backward(*args)
+        elif (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+              and torch._C._functorch.maybe_current_level() is None):
+            # (the usual backward, without create_graph: no double backward to record)
+            outs = _below_autograd(torch.ops.pymeta.lstm_optimizer_step_backward, args)
+        else:
+            outs = torch.ops.pymeta.lstm_optimizer_step_backward(*args)
         return (*(g if need else None for g, need in zip(outs, ctx.needs_input_grad)),
                 None, None, None)
 
@@ -343,13 +359,13 @@ if _backend.NATIVE:
         registered path's Python wrapper costs about as much as the kernels at N = 200k on a
         GPU: torch's fill_defaults alone rebuilds the 15-argument schema's list ~31 times per
         call (92 us on the 2-core VM), and the 20-step unroll at N = 200k took 22.6 ms through
-        it against 14.3 through this (H100). Inside forward, grad mode is off, so the op runs
-        its kernel directly; the backward op keeps its own registered formula (double
-        backward)."""
+        it against 14.3 through this (H100). Inside forward the op runs below autograd (its
+        output's history is this Function's); the backward op keeps its own registered formula
+        (double backward), used when the backward itself is recorded (create_graph)."""
 
         @staticmethod
         def forward(ctx, *args):
-            out = torch.ops.pymeta.lstm_optimizer_step(*args)
+            out = _below_autograd(torch.ops.pymeta.lstm_optimizer_step, args)
             _lstm_setup(ctx, args, out)
             return out
 

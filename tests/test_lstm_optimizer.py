@@ -30,6 +30,34 @@ def test_parameters_are_lstmcells_and_linear():
     assert torch.equal(net.cell2.weight_hh, plain["cell2"].weight_hh)
 
 
+def test_weights_follow_swaps_and_parametrizations():
+    """weights() reads the parameter dicts directly: the modules' own tensors, those swapped in
+    by torch.func.functional_call, and a parametrized weight's computed value."""
+    net = pymeta.LSTMOptimizerNet(hidden_size=3)
+    names = ["cell1.weight_ih", "cell1.weight_hh", "cell1.bias_ih", "cell1.bias_hh",
+             "cell2.weight_ih", "cell2.weight_hh", "cell2.bias_ih", "cell2.bias_hh",
+             "out.weight", "out.bias"]
+    params = dict(net.named_parameters())
+    assert all(a is params[n] for a, n in zip(net.weights(), names))
+    swapped = {n: torch.randn_like(p) for n, p in params.items()}
+    seen = []
+    net.forward, orig = (lambda: seen.append(net.weights())), net.forward
+    try:
+        torch.func.functional_call(net, swapped, ())
+    finally:
+        net.forward = orig
+    assert all(a is swapped[n] for a, n in zip(seen[0], names))
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.nn.utils.parametrize.register_parametrization(net.cell2, "weight_hh", Doubled())
+    w = net.weights()
+    torch.testing.assert_close(w[5], 2 * net.cell2.parametrizations.weight_hh.original)
+    assert w[0] is net.cell1.weight_ih
+
+
 def test_init_state_and_shapes():
     net = pymeta.LSTMOptimizerNet(hidden_size=5).double()
     s = net.init_state(12)

@@ -249,6 +249,28 @@ def test_eager_front_matches_the_registered_autograd(outputs):
 
 
 @native_only
+def test_eager_front_without_recorded_gradients():
+    """Where no gradient is recorded (no_grad, or no input requiring grad) the front calls the
+    kernel below autograd: the registered op's bits, and outputs without history; a backward
+    without create_graph takes the same shortcut, with create_graph the registered formula
+    (its gradient then has a history: the double backward)."""
+    inputs = _small_inputs(H=4, N=5)
+    with pymeta.use_backend("native"):
+        want = OP(*inputs, "log_sign", 10.0, 0.3)
+        plain = ops.lstm_optimizer_step(*inputs, "log_sign", 10.0, 0.3)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with torch.no_grad():
+            off = ops.lstm_optimizer_step(*leaves, "log_sign", 10.0, 0.3)
+        for got in (plain, off):
+            assert all(torch.equal(a, b) and a.grad_fn is None and not a.requires_grad
+                       for a, b in zip(got, want))
+        u, s = ops.lstm_optimizer_step(*leaves, "log_sign", 10.0, 0.3)
+        g1 = torch.autograd.grad(u.sum() + s.sum(), leaves[2], retain_graph=True)[0]
+        g2 = torch.autograd.grad(u.sum() + s.sum(), leaves[2], create_graph=True)[0]
+    assert torch.equal(g1, g2) and g1.grad_fn is None and g2.grad_fn is not None
+
+
+@native_only
 def test_eager_front_under_functorch_transforms():
     """Under torch.func transforms whose inputs are unrelated to the step (weights are plain
     requires_grad leaves), the front keeps the registered op: an autograd.Function that sets
@@ -712,17 +734,21 @@ def test_cuda_staged_forward_many_steps_per_warp(H, N, kind, monkeypatch):
 @native_only
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("H", [7, 20, 32])
-def test_cuda_tensor_core_backward_matches_cuda_core_backward(H, monkeypatch):
+@pytest.mark.parametrize("H,N", [(7, 10_007), (16, 10_007), (20, 10_007), (24, 10_007),
+                                 (32, 10_007), (20, 200_003)])
+def test_cuda_tensor_core_backward_matches_cuda_core_backward(H, N, monkeypatch):
     """The backward op's per-coordinate pass on the tensor cores (opt-in, PYMETA_LSTM_MMA_BWD=1)
-    against the default CUDA-core kernel: d_grad, d_state and every weight gradient."""
-    N = 10_007
+    against the default CUDA-core kernel: d_grad, d_state and every weight gradient. (At N =
+    200k each warp runs several steps of the persistent loop.) The profiler shows it ran."""
     inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
     gen = torch.Generator().manual_seed(3)
     du = torch.randn(N, generator=gen).cuda()
     ds = torch.randn(4, H, N, generator=gen).cuda()
     monkeypatch.setenv("PYMETA_LSTM_MMA_BWD", "1")
-    fast = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fast = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
+        torch.cuda.synchronize()
+    assert any("backward_mma_kernel" in e.name for e in prof.events())
     monkeypatch.delenv("PYMETA_LSTM_MMA_BWD")
     slow = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
     for a, b in zip(fast, slow):
@@ -827,10 +853,11 @@ def test_cuda_wgrad_mma_where_it_does_not_apply(case, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("H", [7, 20, 32, 64])
 def test_cuda_backward_pass_loads_ahead_same_bits(dtype, H, monkeypatch):
-    """The backward's CUDA-core pass in its two forms (PYMETA_LSTM_BWD_AHEAD=0: the plain
-    loops, =1: inputs loaded one unit ahead; unset: the default, ahead for float at H <= 20)
-    runs the same arithmetic: every output bit for bit the same, a NaN in d_new_state
-    included. (H = 64 has only the plain form.)"""
+    """The backward's CUDA-core pass in its forms (PYMETA_LSTM_BWD_AHEAD=0: the plain loops,
+    =1: inputs loaded one unit ahead; unset: the default, ahead for float at H <= 20;
+    PYMETA_LSTM_BWD_WIDE=1: the plain loops at 6 blocks per SM, float at H <= 20) runs the same
+    arithmetic: every output bit for bit the same, a NaN in d_new_state included. (H = 64 has
+    only the plain form.)"""
     N = 20_011
     inputs = [t.to(dtype).cuda() for t in _valid(H, N, torch.float64).values()]
     gen = torch.Generator().manual_seed(11)
@@ -839,11 +866,11 @@ def test_cuda_backward_pass_loads_ahead_same_bits(dtype, H, monkeypatch):
     ds[3, H - 1, 7] = float("nan")
     monkeypatch.delenv("PYMETA_LSTM_BWD_AHEAD", raising=False)
 
-    def run():  # the outputs, and whether the ahead kernel ran
+    def run(kernel="backward_smem_ahead_kernel"):  # the outputs, and whether `kernel` ran
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
             torch.cuda.synchronize()
-        return out, any("backward_smem_ahead_kernel" in e.name for e in prof.events())
+        return out, any(kernel in e.name for e in prof.events())
 
     outs, ran = [], []
     for mode in (None, "0", "1"):
@@ -853,6 +880,12 @@ def test_cuda_backward_pass_loads_ahead_same_bits(dtype, H, monkeypatch):
         outs.append(out)
         ran.append(ahead)
     assert ran == [dtype == torch.float32 and H <= 20, False, H <= 32]
+    # the plain loops at 6 blocks per SM (PYMETA_LSTM_BWD_WIDE=1: float at H <= 20 only)
+    monkeypatch.setenv("PYMETA_LSTM_BWD_WIDE", "1")
+    out, wide = run("backward_smem_wide_kernel")
+    monkeypatch.delenv("PYMETA_LSTM_BWD_WIDE")
+    assert wide == (dtype == torch.float32 and H <= 20)
+    outs.append(out)
     assert outs[0][0][7].isnan()  # the NaN reached d_grad of its coordinate
     for other in outs[1:]:
         for a, b in zip(outs[0], other):

@@ -129,6 +129,18 @@ backward_smem_ahead_kernel(const __grid_constant__ LstmOptLaunch L,
   backward_smem_body<T, HP, true>(L, P);
 }
 
+// The plain loops held to 80 registers, 6 blocks (24 warps) per SM: opt-in
+// (PYMETA_LSTM_BWD_WIDE=1), float at HP <= 20 only. ptxas -v (sm_90): 88 B of spills at HP =
+// 20. The pass waits on L1TEX for half its cycles at 4 warps per scheduler (ncu, run 12); 6
+// may hide more than the spills cost. Not run on a GPU yet (tenth session). The same bits as
+// the other forms.
+template <typename T, int HP>
+__global__ void __launch_bounds__(smem_threads<HP>(), 6)
+backward_smem_wide_kernel(const __grid_constant__ LstmOptLaunch L,
+                          const __grid_constant__ Params<T> P) {
+  backward_smem_body<T, HP, false>(L, P);
+}
+
 // ---- tensor-core forward (float, H <= 32, sm_80+): lstm_optimizer_mma.cuh ----------------
 // St: the state's storage type, float or uint16_t (bfloat16 bits, L.state_bf16).
 template <int HB, typename St>
@@ -173,14 +185,20 @@ forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
       int64_t(gridDim.x) * warps * step, vec);
 }
 
-// Opt-in (PYMETA_LSTM_MMA_BWD=1): measured slower than the CUDA-core pass at N >= 200k on an
-// H200 (2026-11-26: 1.98 vs 1.64 ms at N = 1M, H = 20): at 255 registers only 8 warps fit per
-// SM and the step's loads are not in flight together (bench/NOTES_lstm.md). Kept, tested and
-// emulated as the base of a pipelined version.
+// Opt-in (PYMETA_LSTM_MMA_BWD=1). Its first form measured slower than the CUDA-core pass at
+// N >= 200k (H100, 2026-11-26: 2.317 vs 2.013 ms for the backward op at N = 1M, H = 20): at 255
+// registers only 8 warps fit per SM. Since the tenth session it keeps each step's row offsets
+// and shared-memory reads where they are used and re-reads c1_prev, so that at H <= 20 it fits
+// 128 registers, two blocks per SM (16 warps): 124 B of spills at HB = 20 (capped at 128
+// before, it spilled 512 B). HB = 24 / 32 stay at one block (255 registers; 152 / 236 B of
+// spills, were 188 / 272). Not run on a GPU yet: the next gpu_check.sh measures it
+// (bench/NOTES_lstm.md, tenth session).
 constexpr int kMmaBwdThreads = 256;
+template <int HB>
+constexpr int mma_bwd_min_blocks() { return HB <= 20 ? 2 : 1; }
 
 template <int HB>
-__global__ void __launch_bounds__(kMmaBwdThreads, 1)
+__global__ void __launch_bounds__(kMmaBwdThreads, mma_bwd_min_blocks<HB>())
 backward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sm = reinterpret_cast<float*>(smem_raw);
@@ -573,6 +591,8 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
         auto kernel = backward_smem_kernel<T, HP>;
         if constexpr (HP <= 32)  // (no ahead form at HP = 64: it would spill)
           if (ahead) kernel = backward_smem_ahead_kernel<T, HP>;
+        if constexpr (std::is_same<T, float>::value && HP <= 20)
+          if (env_switch("PYMETA_LSTM_BWD_WIDE") == 1) kernel = backward_smem_wide_kernel<T, HP>;
         err = plan_smem(kernel, threads, smem_bytes<T, HP>(L), tiles, &s);
         if (err) return err;
         if (s.blocks > 0) kernel<<<s.blocks, s.threads, s.smem, stream>>>(L, P);

@@ -86,6 +86,10 @@ PYMETA_WARP void warp_cp_async_wait() {
 PYMETA_WARP void warp_sync() { __syncwarp(); }
 PYMETA_WARP void block_sync() { __syncthreads(); }
 PYMETA_WARP bool block_sync_or(bool v) { return __syncthreads_or(v) != 0; }
+// v, opaque to the compiler: what is computed from it can't be hoisted above this point.
+PYMETA_WARP int64_t warp_opaque(int64_t v) { asm volatile("" : "+l"(v)); return v; }
+template <typename T>
+PYMETA_WARP T* warp_opaque(T* v) { asm volatile("" : "+l"(v)); return v; }
 #else
 #define PYMETA_WARP inline
 // Provided by the host emulator (tests/cuda_emu/lstm_mma_emu.cpp).
@@ -104,6 +108,9 @@ inline void warp_cp_async_wait() { warp_cp_async_wait_n(pending); }
 void warp_sync();
 void block_sync();
 bool block_sync_or(bool v);  // a block_sync that returns whether any thread passed true
+inline int64_t warp_opaque(int64_t v) { return v; }
+template <typename T>
+inline T* warp_opaque(T* v) { return v; }
 #endif
 
 // The TF32 "hi" part: the top 10 mantissa bits (truncation keeps NaN a NaN and Inf an Inf;
@@ -236,39 +243,56 @@ PYMETA_HD void lstm_mma_stage_transposed(float* sm, const LstmOptWeights<float>&
   }
 }
 
-// acc[mt][n] += A[mt] B over K k-tiles and N n-tiles of one staged matrix (fragment order),
-// 3xTF32 (see the top of the file). a_of(mt, kk, v) gives the thread's 4 A values of k-tile kk
-// (a0: row g, a1: row g + 8, a2 and a3 the same rows 4 columns on).
+// The TF32 parts of the thread's A values of one k-tile (hi: top 10 mantissa bits, lo = v - hi).
+template <int MT>
+PYMETA_WARP void lstm_mma_split(const float (&v)[MT][4], uint32_t (&ahi)[MT][4],
+                                uint32_t (&alo)[MT][4]) {
+  PYMETA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    PYMETA_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const float hi = tf32_hi(v[mt][i]);
+      ahi[mt][i] = f32_bits(hi);
+      alo[mt][i] = f32_bits(v[mt][i] - hi);
+    }
+  }
+}
+
+// acc[mt][n] += A[mt] B over the N n-tiles of k-tile kk of one staged matrix (fragment order),
+// 3xTF32 (see the top of the file), A given as its TF32 parts.
+template <int MT, int N>
+PYMETA_WARP void lstm_mma_ktile(float (&acc)[MT][N][4], const uint32_t (&ahi)[MT][4],
+                                const uint32_t (&alo)[MT][4], const float* frag, int kk,
+                                int lane) {
+  PYMETA_UNROLL
+  for (int n = 0; n < N; ++n) {
+    float b[4];
+    lstm_load4(frag + ((kk * N + n) * 32 + lane) * 4, b);
+    const uint32_t bhi[2] = {f32_bits(b[0]), f32_bits(b[1])};
+    const uint32_t blo[2] = {f32_bits(b[2]), f32_bits(b[3])};
+    PYMETA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) {
+      warp_mma_tf32(acc[mt][n], alo[mt], bhi);  // small terms first
+      warp_mma_tf32(acc[mt][n], ahi[mt], blo);
+      warp_mma_tf32(acc[mt][n], ahi[mt], bhi);
+    }
+  }
+}
+
+// acc[mt][n] += A[mt] B over K k-tiles and N n-tiles of one staged matrix. a_of(mt, kk, v)
+// gives the thread's 4 A values of k-tile kk (a0: row g, a1: row g + 8, a2 and a3 the same
+// rows 4 columns on).
 template <int MT, int K, int N, typename AOf>
 PYMETA_WARP void lstm_mma_tiles(float (&acc)[MT][N][4], const AOf& a_of, const float* frag,
                                 int lane) {
   PYMETA_UNROLL
   for (int kk = 0; kk < K; ++kk) {
+    float v[MT][4];
     uint32_t ahi[MT][4], alo[MT][4];
     PYMETA_UNROLL
-    for (int mt = 0; mt < MT; ++mt) {
-      float v[4];
-      a_of(mt, kk, v);
-      PYMETA_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const float hi = tf32_hi(v[i]);
-        ahi[mt][i] = f32_bits(hi);
-        alo[mt][i] = f32_bits(v[i] - hi);
-      }
-    }
-    PYMETA_UNROLL
-    for (int n = 0; n < N; ++n) {
-      float b[4];
-      lstm_load4(frag + ((kk * N + n) * 32 + lane) * 4, b);
-      const uint32_t bhi[2] = {f32_bits(b[0]), f32_bits(b[1])};
-      const uint32_t blo[2] = {f32_bits(b[2]), f32_bits(b[3])};
-      PYMETA_UNROLL
-      for (int mt = 0; mt < MT; ++mt) {
-        warp_mma_tf32(acc[mt][n], alo[mt], bhi);  // small terms first
-        warp_mma_tf32(acc[mt][n], ahi[mt], blo);
-        warp_mma_tf32(acc[mt][n], ahi[mt], bhi);
-      }
-    }
+    for (int mt = 0; mt < MT; ++mt) a_of(mt, kk, v[mt]);
+    lstm_mma_split<MT>(v, ahi, alo);
+    lstm_mma_ktile<MT, N>(acc, ahi, alo, frag, kk, lane);
   }
 }
 
@@ -307,6 +331,33 @@ PYMETA_WARP void lstm_mma_product_t(
   lstm_mma_tiles<S::MT, S::NT, S::KT>(out, a_of, frag, lane);
 }
 
+// out1 += dz W1 and out2 += dz W2 (two lstm_mma_product_t with one A operand): each k-tile
+// of dz is split into its TF32 parts once and feeds both products.
+template <int HB>
+PYMETA_WARP void lstm_mma_product_t2(
+    float (&out1)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::KT][4],
+    float (&out2)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::KT][4],
+    const float (&dz)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4], const float* frag1,
+    const float* frag2, int lane) {
+  using S = LstmMmaShape<HB>;
+  constexpr int MT = S::MT;
+  PYMETA_UNROLL
+  for (int kk = 0; kk < S::NT; ++kk) {
+    float v[MT][4];
+    uint32_t ahi[MT][4], alo[MT][4];
+    PYMETA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) {  // as lstm_mma_product_t's a_of
+      v[mt][0] = dz[mt][kk][0];
+      v[mt][1] = dz[mt][kk][2];
+      v[mt][2] = dz[mt][kk][1];
+      v[mt][3] = dz[mt][kk][3];
+    }
+    lstm_mma_split<MT>(v, ahi, alo);
+    lstm_mma_ktile<MT, S::KT>(out1, ahi, alo, frag1, kk, lane);
+    lstm_mma_ktile<MT, S::KT>(out2, ahi, alo, frag2, kk, lane);
+  }
+}
+
 // The forward of one warp step, coordinates base .. base + 16 MT - 1 (those >= N are
 // computed on a copy of coordinate N - 1 and never stored). All 32 lanes call it together.
 // St: the state's storage type (float, or uint16_t = bfloat16 bits; the math is float32).
@@ -330,14 +381,19 @@ struct LstmMmaRegs {  // a warp step's per-thread values (unit slots p, row halv
 // 4p + t of a layer's block, so its swizzle is computed once per block). kEager: load every
 // state value before the first product (global memory: the loads of the step are then in
 // flight together); else each value is read where it is used (fewer registers live).
-template <typename St>
+template <typename St, bool kEagerLoads = true>
 struct LstmMmaGlobalSrc {
-  static constexpr bool kEager = true;
+  static constexpr bool kEager = kEagerLoads;
+  static constexpr bool kGlobal = true;
   const float* grad;
   const St* state;
   int64_t N;
   PYMETA_WARP float x(int, int64_t n) const { return grad[n]; }
-  PYMETA_WARP float st(int srow, int64_t n) const { return state_ld(state[int64_t(srow) * N + n]); }
+  PYMETA_WARP float st(int srow, int64_t n) const {
+    // lazy loads (the backward's recompute): the row offset computed where it is used
+    const int64_t rowN = kEagerLoads ? int64_t(srow) * N : int64_t(srow) * warp_opaque(N);
+    return state_ld(state[rowN + n]);
+  }
 };
 
 // A warp's staging buffer (lstm_mma_forward_staged): the grad row (16 floats), then the 4H
@@ -355,6 +411,7 @@ PYMETA_HD int lstm_mma_buf_index(int srow, int col) {
 template <typename St>
 struct LstmMmaStagedSrc {
   static constexpr bool kEager = false;
+  static constexpr bool kGlobal = false;
   const float* grad;  // 16 floats
   const St* state;    // 4H rows, lstm_mma_buf_index
   struct Rows {       // rows r + 4p share bit 1 of r, so one swizzle serves them all
@@ -380,6 +437,12 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
   const int lane = warp_lane(), g = lane >> 2, t = lane & 3;
   const float* cst = sm + 3 * S::kFrag;
   const LstmOptRows R = lstm_opt_rows(H, s.n_in);
+  // row `row` of out at coordinate n (in the backward, the row offset is computed where it is
+  // used: see lstm_mma_backward_warp)
+  auto out_at = [N](int row, int64_t n) {
+    if constexpr (kBwd) return int64_t(row) * warp_opaque(N) + n;
+    else return int64_t(row) * N + n;
+  };
 
   PYMETA_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
@@ -391,8 +454,8 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
       lstm_preprocess(src.x(16 * mt + g + 8 * h, r.nl[mt][h]), s, r.x[mt][h]);
       if constexpr (kBwd) {
         if (t == h && r.ok[mt][h]) {  // threads 0 and 1 store rows g and g + 8
-          out[int64_t(R.x) * N + n] = r.x[mt][h][0];
-          if (s.n_in > 1) out[int64_t(R.x + 1) * N + n] = r.x[mt][h][1];
+          out[out_at(R.x, n)] = r.x[mt][h][0];
+          if (s.n_in > 1) out[out_at(R.x + 1, n)] = r.x[mt][h][1];
         }
       }
     }
@@ -408,7 +471,7 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
       for (int mt = 0; mt < MT; ++mt) {
         PYMETA_UNROLL
         for (int h = 0; h < 2; ++h) {
-          if constexpr (Src::kEager)
+          if constexpr (Src::kGlobal)
             a[mt][h][p] = p < slots && u < H ? src.st(row0 + u, r.nl[mt][h]) : 0.0f;
           else
             a[mt][h][p] = p < slots && u < H ? src.rows(row0 + t).at(p, 16 * mt + g + 8 * h) : 0.0f;
@@ -428,8 +491,9 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
   PYMETA_UNROLL
   for (int p = 0; p < NP; ++p) {
     float c4[4][4];
+    const float* cp = kBwd ? warp_opaque(cst) : cst;  // (read here, not hoisted out of the loop)
     PYMETA_UNROLL
-    for (int j = 0; j < 4; ++j) lstm_load4(cst + (4 * p + t) * S::kConst + 4 * j, c4[j]);
+    for (int j = 0; j < 4; ++j) lstm_load4(cp + (4 * p + t) * S::kConst + 4 * j, c4[j]);
     PYMETA_UNROLL
     for (int mt = 0; mt < MT; ++mt) {
       PYMETA_UNROLL
@@ -453,7 +517,7 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
           if (4 * p + t < H && r.ok[mt][h]) {
             PYMETA_UNROLL
             for (int q = 0; q < 4; ++q)
-              out[int64_t(R.dz1 + q * H + 4 * p + t) * N + r.nl[mt][h]] =
+              out[out_at(R.dz1 + q * H + 4 * p + t, r.nl[mt][h])] =
                   z1[mt][2 * p + (q >> 1)][2 * h + (q & 1)];
           }
         }
@@ -482,7 +546,7 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
           if (u < H && r.ok[mt][h]) {
             const int64_t n = r.nl[mt][h];
             if constexpr (kBwd) {
-              out[int64_t(ws_row + u) * N + n] = hh;
+              out[out_at(ws_row + u, n)] = hh;
             } else {
               state_st(out[int64_t(row_h + u) * N + n], hh);
               state_st(out[int64_t(row_c + u) * N + n], c);
@@ -503,7 +567,7 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
   PYMETA_UNROLL
   for (int p = 0; p < NP; ++p) {
     float b2[4];
-    lstm_load4(cst + (4 * p + t) * S::kConst + 4, b2);
+    lstm_load4((kBwd ? warp_opaque(cst) : cst) + (4 * p + t) * S::kConst + 4, b2);
     PYMETA_UNROLL
     for (int mt = 0; mt < MT; ++mt) {
       PYMETA_UNROLL
@@ -646,10 +710,13 @@ template <int HB>
 PYMETA_WARP void lstm_mma_backward_warp(const float* sm, const LstmOptScalars<float>& s,
                                         const float* grad, const float* state,
                                         const float* d_update, const float* d_new_state,
-                                        float* d_grad, float* d_state, float* ws, int64_t N,
+                                        float* d_grad, float* d_state, float* ws, int64_t N_,
                                         int64_t base) {
   using S = LstmMmaShape<HB>;
   constexpr int MT = S::MT, NP = S::NP, KT = S::KT, NT = S::NT;
+  // Made opaque once per step: the row offsets (row N) and the shared-memory reads of the
+  // persistent loop are the same every step, and hoisted out of it they stay live (and spill).
+  const int64_t N = warp_opaque(N_);
   const int H = s.H;
   const int lane = warp_lane(), t = lane & 3;
   const float* cst = sm + 3 * S::kFrag;
@@ -657,9 +724,12 @@ PYMETA_WARP void lstm_mma_backward_warp(const float* sm, const LstmOptScalars<fl
   const LstmOptRows R = lstm_opt_rows(H, s.n_in);
   LstmMmaRegs<HB> r;
   float z2[MT][NT][4];  // z1 is in the workspace (see lstm_mma_forward_core)
-  lstm_mma_forward_core<HB, true, float>(sm, s, LstmMmaGlobalSrc<float>{grad, state, N}, ws, N,
-                                         base, r, z2, z2);
-  auto at = [N](int row, int64_t n) { return int64_t(row) * N + n; };
+  // Layer 2's state is loaded after layer 1 at HB <= 20 (two blocks per SM, 128 registers:
+  // 124 B of spills at HB = 20, 552 B loading it up front); up front at HB > 20 (one block,
+  // fewer spills that way; ptxas -v, sm_90).
+  using Src = LstmMmaGlobalSrc<float, (HB > 20)>;
+  lstm_mma_forward_core<HB, true, float>(sm, s, Src{grad, state, N}, ws, N, base, r, z2, z2);
+  auto at = [N](int row, int64_t n) { return int64_t(row) * warp_opaque(N) + n; };
 
   // ---- head and layer 2; z2 becomes dz2 in place
   float du[MT][2];
@@ -671,23 +741,21 @@ PYMETA_WARP void lstm_mma_backward_warp(const float* sm, const LstmOptScalars<fl
       if (t == h && r.ok[mt][h]) ws[at(R.du, r.nl[mt][h])] = du[mt][h];
     }
   }
-  float dh1[MT][KT][4], dh2p[MT][KT][4];  // accumulator layout: slot 2m + (i & 1), half i >> 1
+  // accumulator layout: slot 2m + (i & 1), half i >> 1. d h1's direct part (from d_new_state)
+  // is added in layer 1, where it is used.
+  float dh1[MT][KT][4], dh2p[MT][KT][4];
   PYMETA_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
     PYMETA_UNROLL
     for (int m = 0; m < KT; ++m) {
       PYMETA_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int p = 2 * m + (i & 1), h = i >> 1, u = 4 * p + t;
-        dh1[mt][m][i] = u < H ? d_new_state[at(u, r.nl[mt][h])] : 0.0f;  // d h1 (new), direct
-        dh2p[mt][m][i] = 0.0f;
-      }
+      for (int i = 0; i < 4; ++i) dh1[mt][m][i] = dh2p[mt][m][i] = 0.0f;
     }
   }
   PYMETA_UNROLL
   for (int p = 0; p < NP; ++p) {
     const int u = 4 * p + t;
-    const float wo = cst[(4 * p + t) * S::kConst + 16];
+    const float wo = warp_opaque(cst)[(4 * p + t) * S::kConst + 16];
     PYMETA_UNROLL
     for (int mt = 0; mt < MT; ++mt) {
       PYMETA_UNROLL
@@ -713,8 +781,22 @@ PYMETA_WARP void lstm_mma_backward_warp(const float* sm, const LstmOptScalars<fl
       }
     }
   }
-  lstm_mma_product_t<HB>(dh1, z2, tfrag + S::kFrag, lane);       // += dz2 W_ih2
-  lstm_mma_product_t<HB>(dh2p, z2, tfrag + 2 * S::kFrag, lane);  // = dz2 W_hh2
+  // d_state rows row0 .. row0 + H - 1 from a dh product (accumulator layout)
+  auto store_dh = [&](const float (&dh)[MT][KT][4], int row0) {
+    PYMETA_UNROLL
+    for (int mt = 0; mt < MT; ++mt) {
+      PYMETA_UNROLL
+      for (int m = 0; m < KT; ++m) {
+        PYMETA_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int p = 2 * m + (i & 1), h = i >> 1, u = 4 * p + t;
+          if (u < H && r.ok[mt][h]) d_state[at(row0 + u, r.nl[mt][h])] = dh[mt][m][i];
+        }
+      }
+    }
+  };
+  lstm_mma_product_t2<HB>(dh1, dh2p, z2, tfrag + S::kFrag, tfrag + 2 * S::kFrag, lane);
+  store_dh(dh2p, 2 * H);  // complete: stored now, so that it is not live through layer 1
 
   // ---- layer 1: z1 back from the workspace; dz1 goes to z2's registers (dz2 is used up)
   float (&z1)[MT][NT][4] = z2;
@@ -728,21 +810,25 @@ PYMETA_WARP void lstm_mma_backward_warp(const float* sm, const LstmOptScalars<fl
   for (int p = 0; p < NP; ++p) {
     const int u = 4 * p + t;
     float wx[2][4];
-    lstm_load4(cst + (4 * p + t) * S::kConst + 8, wx[0]);
-    lstm_load4(cst + (4 * p + t) * S::kConst + 12, wx[1]);
+    const float* cp = warp_opaque(cst);
+    lstm_load4(cp + (4 * p + t) * S::kConst + 8, wx[0]);
+    lstm_load4(cp + (4 * p + t) * S::kConst + 12, wx[1]);
     PYMETA_UNROLL
     for (int mt = 0; mt < MT; ++mt) {
       PYMETA_UNROLL
       for (int h = 0; h < 2; ++h) {
         const int64_t n = r.nl[mt][h];
         const bool v = u < H;
-        const float dh = dh1[mt][p >> 1][2 * h + (p & 1)];
+        const float dh = dh1[mt][p >> 1][2 * h + (p & 1)] + (v ? d_new_state[at(u, n)] : 0.0f);
         const float dc_in = v ? d_new_state[at(H + u, n)] : 0.0f;
+        // c1_prev read again here (an L1 / L2 hit) rather than kept in registers since the
+        // recompute
+        const float c1p = v ? state[at(H + u, n)] : 0.0f;
         float zq[4];
         PYMETA_UNROLL
         for (int q = 0; q < 4; ++q) zq[q] = v ? ws[at(R.dz1 + q * H + u, n)] : 0.0f;
         float dz[4], dc_prev;
-        lstm_cell_backward(zq, r.c1[mt][h][p], dh, dc_in, dz, dc_prev);
+        lstm_cell_backward(zq, c1p, dh, dc_in, dz, dc_prev);
         if (!v) dz[0] = dz[1] = dz[2] = dz[3] = 0.0f;
         if (v && r.ok[mt][h]) {
           d_state[at(H + u, n)] = dc_prev;
@@ -772,20 +858,10 @@ PYMETA_WARP void lstm_mma_backward_warp(const float* sm, const LstmOptScalars<fl
   }
   lstm_mma_product_t<HB>(dh1p, z1, tfrag, lane);  // = dz1 W_hh1
 
-  // ---- stores: d h1_prev, d h2_prev, d grad
+  // ---- stores: d h1_prev, d grad
+  store_dh(dh1p, 0);
   PYMETA_UNROLL
   for (int mt = 0; mt < MT; ++mt) {
-    PYMETA_UNROLL
-    for (int m = 0; m < KT; ++m) {
-      PYMETA_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int p = 2 * m + (i & 1), h = i >> 1, u = 4 * p + t;
-        if (u < H && r.ok[mt][h]) {
-          d_state[at(u, r.nl[mt][h])] = dh1p[mt][m][i];
-          d_state[at(2 * H + u, r.nl[mt][h])] = dh2p[mt][m][i];
-        }
-      }
-    }
     PYMETA_UNROLL
     for (int h = 0; h < 2; ++h) {
       dx[mt][h][0] = lstm_mma_row_sum(dx[mt][h][0]);
