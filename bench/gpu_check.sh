@@ -108,7 +108,7 @@ echo "cuda tests: rc=$tests_rc ${tests_s}s: $(tail -1 "$OUT/tests.log")"
 echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$OUT/sanitizer.log" | tr '\n' ' ')"
 echo "racecheck:  rc=$race_rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY| ran$' "$OUT/racecheck.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
-cat "$OUT/lstm_goals.log" | tail -22
+cat "$OUT/lstm_goals.log" | tail -23
 cat "$OUT/lstm_timing.log" | tail -8
 grep -E "err vs loop|maml conv4|graph vs eager|capture|peak memory|vs float64" "$OUT/maml.log" 2>/dev/null
 echo "bench:      rc=$bench_rc ${bench_s}s"
