@@ -55,16 +55,17 @@ class LSTMOptimizerNet(nn.Module):
         # them (torch.func.functional_call swaps tensors there too), without its cost (~1 us a
         # name, ~12 us a step on the 2-core VM). A parametrized or replaced submodule takes the
         # attribute path.
-        m = self._modules
-        c1, c2, o = m["cell1"], m["cell2"], m["out"]
-        if type(c1) is nn.LSTMCell and type(c2) is nn.LSTMCell and type(o) is nn.Linear:
-            p1, p2, po = c1._parameters, c2._parameters, o._parameters
-            try:
+        try:
+            m = self._modules
+            c1, c2, o = m["cell1"], m["cell2"], m["out"]
+            if type(c1) is nn.LSTMCell and type(c2) is nn.LSTMCell and type(o) is nn.Linear:
+                p1, p2, po = c1._parameters, c2._parameters, o._parameters
                 return (p1["weight_ih"], p1["weight_hh"], p1["bias_ih"], p1["bias_hh"],
                         p2["weight_ih"], p2["weight_hh"], p2["bias_ih"], p2["bias_hh"],
                         po["weight"], po["bias"])
-            except KeyError:
-                pass
+        except KeyError:
+            pass
+        c1, c2, o = self.cell1, self.cell2, self.out
         return (c1.weight_ih, c1.weight_hh, c1.bias_ih, c1.bias_hh, c2.weight_ih, c2.weight_hh,
                 c2.bias_ih, c2.bias_hh, o.weight, o.bias)
 

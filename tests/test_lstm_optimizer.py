@@ -30,10 +30,17 @@ def test_parameters_are_lstmcells_and_linear():
     assert torch.equal(net.cell2.weight_hh, plain["cell2"].weight_hh)
 
 
-def test_weights_follow_swaps_and_parametrizations():
-    """weights() reads the parameter dicts directly: the modules' own tensors, those swapped in
-    by torch.func.functional_call, and a parametrized weight's computed value."""
+def test_weights_follow_swaps_and_parametrizations(monkeypatch):
+    """weights() reads the parameter dicts directly (no nn.Module.__getattr__ call): the
+    modules' own tensors, those swapped in by torch.func.functional_call, and a parametrized
+    weight's computed value (that one through the attribute path)."""
     net = pymeta.LSTMOptimizerNet(hidden_size=3)
+    looked_up = []
+    getattr_ = nn.Module.__getattr__
+    monkeypatch.setattr(nn.Module, "__getattr__",
+                        lambda self, name: looked_up.append(name) or getattr_(self, name))
+    net.weights()
+    assert looked_up == []
     names = ["cell1.weight_ih", "cell1.weight_hh", "cell1.bias_ih", "cell1.bias_hh",
              "cell2.weight_ih", "cell2.weight_hh", "cell2.bias_ih", "cell2.bias_hh",
              "out.weight", "out.bias"]
@@ -53,7 +60,9 @@ def test_weights_follow_swaps_and_parametrizations():
             return 2 * w
 
     torch.nn.utils.parametrize.register_parametrization(net.cell2, "weight_hh", Doubled())
+    looked_up.clear()
     w = net.weights()
+    assert "weight_hh" in looked_up
     torch.testing.assert_close(w[5], 2 * net.cell2.parametrizations.weight_hh.original)
     assert w[0] is net.cell1.weight_ih
 

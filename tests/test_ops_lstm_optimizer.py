@@ -249,11 +249,16 @@ def test_eager_front_matches_the_registered_autograd(outputs):
 
 
 @native_only
-def test_eager_front_without_recorded_gradients():
+def test_eager_front_without_recorded_gradients(monkeypatch):
     """Where no gradient is recorded (no_grad, or no input requiring grad) the front calls the
-    kernel below autograd: the registered op's bits, and outputs without history; a backward
-    without create_graph takes the same shortcut, with create_graph the registered formula
-    (its gradient then has a history: the double backward)."""
+    kernel below autograd (ops._below_autograd): the registered op's bits, and outputs without
+    history. So does the Function's forward, and a backward without create_graph; with
+    create_graph the backward takes the registered formula (its gradient then has a history:
+    the double backward)."""
+    calls = []
+    below = ops._below_autograd
+    monkeypatch.setattr(ops, "_below_autograd",
+                        lambda op, args: calls.append(op.__name__) or below(op, args))
     inputs = _small_inputs(H=4, N=5)
     with pymeta.use_backend("native"):
         want = OP(*inputs, "log_sign", 10.0, 0.3)
@@ -261,12 +266,16 @@ def test_eager_front_without_recorded_gradients():
         leaves = [t.clone().requires_grad_() for t in inputs]
         with torch.no_grad():
             off = ops.lstm_optimizer_step(*leaves, "log_sign", 10.0, 0.3)
+        assert calls == ["lstm_optimizer_step"] * 2
         for got in (plain, off):
             assert all(torch.equal(a, b) and a.grad_fn is None and not a.requires_grad
                        for a, b in zip(got, want))
         u, s = ops.lstm_optimizer_step(*leaves, "log_sign", 10.0, 0.3)
+        assert calls[2:] == ["lstm_optimizer_step"]  # the Function's forward
         g1 = torch.autograd.grad(u.sum() + s.sum(), leaves[2], retain_graph=True)[0]
+        assert calls[3:] == ["lstm_optimizer_step_backward"]
         g2 = torch.autograd.grad(u.sum() + s.sum(), leaves[2], create_graph=True)[0]
+        assert len(calls) == 4  # recorded: through the registered op
     assert torch.equal(g1, g2) and g1.grad_fn is None and g2.grad_fn is not None
 
 
