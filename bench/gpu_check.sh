@@ -79,12 +79,13 @@ if [ "${PYMETA_LSTM_MEMORY:-0}" = 1 ]; then
 fi
 extra_s=$((SECONDS - t0))
 if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons
-  timeout 120 ncu -k regex:"forward_mma_kernel|forward_mma_staged_kernel|backward_smem_kernel|backward_smem_ahead_kernel|wgrad_kernel|wgrad_mma_kernel" -c 6 \
+  # (the first warm-up round's 10 launches: the 4 backward passes each with their wgrad kernel)
+  timeout 150 ncu -k regex:"forward_mma_kernel|forward_mma_staged_kernel|backward_smem_kernel|backward_smem_ahead_kernel|backward_smem_wide_kernel|backward_mma_kernel|wgrad_kernel|wgrad_mma_kernel" -c 10 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
     $PY bench/lstm_ncu.py > "$OUT/ncu.log" 2>&1
   grep -E "^  [a-z_]+kernel|Duration|Throughput|Achieved Occupancy|Registers|Issue Slots|Eligible" \
-    "$OUT/ncu.log" | head -40
+    "$OUT/ncu.log" | head -60
 fi
 if [ "${PYMETA_PROFILE:-1}" = 1 ]; then  # kernel-time breakdowns, for the next levers
   timeout 90 $PY bench/gpu_profile.py 20 ${PYMETA_SKIP_MAML:+lstm} > "$OUT/profile.log" 2>&1

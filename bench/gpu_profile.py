@@ -37,13 +37,16 @@ for H in (20, 32):
     du, ds = torch.ones(N, device="cuda"), torch.ones(4, H, N, device="cuda")
     show(f"lstm backward op H={H} N={N}", lambda: torch.ops.pymeta.lstm_optimizer_step_backward(
         du, ds, grad, state, *w, "log_sign", 10.0, 0.1))
-    # the CUDA-core pass's two forms, plain loops and loads ahead (same bits)
-    for mode in ("0", "1"):
-        os.environ["PYMETA_LSTM_BWD_AHEAD"] = mode
-        show(f"lstm backward op H={H} N={N}, PYMETA_LSTM_BWD_AHEAD={mode}",
+    # the CUDA-core pass's forms (plain loops, loads ahead, plain at 6 blocks per SM: the same
+    # bits) and the tensor-core pass
+    for env in ("PYMETA_LSTM_BWD_AHEAD=0", "PYMETA_LSTM_BWD_AHEAD=1", "PYMETA_LSTM_BWD_WIDE=1",
+                "PYMETA_LSTM_MMA_BWD=1"):
+        key, value = env.split("=")
+        os.environ[key] = value
+        show(f"lstm backward op H={H} N={N}, {env}",
              lambda: torch.ops.pymeta.lstm_optimizer_step_backward(
                  du, ds, grad, state, *w, "log_sign", 10.0, 0.1))
-        del os.environ["PYMETA_LSTM_BWD_AHEAD"]
+        del os.environ[key]
 
 if "lstm" not in sys.argv[2:]:
     maml, run, data = build_maml("pymeta", GPU_CONV4, False, "cuda")

@@ -1,7 +1,8 @@
 """The LSTM step's kernels once each at N = 1M, H = 20, float32, for Nsight Compute
 (bench/gpu_check.sh with PYMETA_NCU=1 runs it under ncu: speed of light, occupancy, warp
 stall reasons of the tensor-core forward, direct and staged, the backward's CUDA-core pass (loads
-ahead and plain loops) and the weight-gradient blocks, tensor-core and CUDA-core)."""
+ahead, plain loops, plain loops at 6 blocks per SM), its tensor-core pass, and the
+weight-gradient blocks, tensor-core and CUDA-core)."""
 import os
 
 import torch
@@ -24,5 +25,10 @@ for _ in range(2):  # warm-up (ncu skips nothing: the -c and -k filters pick the
     os.environ["PYMETA_LSTM_BWD_AHEAD"] = "0"  # and the pass's plain loops
     torch.ops.pymeta.lstm_optimizer_step_backward(du, ds, grad, state, *w, "log_sign", 10.0, 0.1)
     del os.environ["PYMETA_LSTM_WG_MMA"], os.environ["PYMETA_LSTM_BWD_AHEAD"]
+    for key in ("PYMETA_LSTM_MMA_BWD", "PYMETA_LSTM_BWD_WIDE"):  # the tensor-core pass, and
+        os.environ[key] = "1"                                   # the pass at 6 blocks per SM
+        torch.ops.pymeta.lstm_optimizer_step_backward(du, ds, grad, state, *w, "log_sign", 10.0,
+                                                      0.1)
+        del os.environ[key]
 torch.cuda.synchronize()
 print("lstm_ncu.py: done")
