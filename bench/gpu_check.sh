@@ -48,7 +48,7 @@ tail -25 "$OUT/tests.log"
 
 t0=$SECONDS
 # without torch's caching allocator, so that a read past a tensor's end leaves its allocation
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 110 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY bench/sanitize.py > "$OUT/sanitizer.log" 2>&1
 san_rc=$?
 # shared-memory hazards of the cp.async kernels: the staged LSTM forward (per-warp buffers)
