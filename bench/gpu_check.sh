@@ -65,6 +65,8 @@ timeout 150 $PY bench/lstm_gpu_goals.py > "$OUT/lstm_goals.log" 2>&1
 timeout 90 $PY bench/lstm_gpu_timing.py --H 20 32 64 > "$OUT/lstm_timing.log" 2>&1
 if [ "${PYMETA_SKIP_MAML:-0}" != 1 ]; then  # PYMETA_SKIP_MAML=1: when only the LSTM changed
   timeout 150 $PY bench/gpu_check_maml.py cuda noloop > "$OUT/maml.log" 2>&1
+  # inner_update's eager front vs the registered op (host cost per eager MAML iteration)
+  timeout 60 $PY bench/maml_front_timing.py --device cuda --rounds 6 > "$OUT/maml_front.log" 2>&1
 fi
 if [ "${PYMETA_MAML_MEMORY:-0}" = 1 ]; then
   timeout 150 $PY bench/maml_memory.py --device cuda --steps 1 5 --first-order-steps 5 \
@@ -112,6 +114,7 @@ echo "lstm/maml timing: ${extra_s}s"
 cat "$OUT/lstm_goals.log" | tail -23
 cat "$OUT/lstm_timing.log" | tail -8
 grep -E "err vs loop|maml conv4|graph vs eager|capture|peak memory|vs float64" "$OUT/maml.log" 2>/dev/null
+grep -E "^steps=" "$OUT/maml_front.log" 2>/dev/null
 echo "bench:      rc=$bench_rc ${bench_s}s"
 sed -n '/^$/,$p' "$OUT/bench.log"
 # the logs as one file (the device tool brings back at most 8 files from $OUT)

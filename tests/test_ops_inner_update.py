@@ -288,6 +288,81 @@ def test_transforms_nested_with_vmap():
     assert_close(tan, -0.1 * tG, rtol=1e-12, atol=1e-12)
 
 
+OP = torch.ops.pymeta.inner_update if pymeta.info()["native"] else None
+
+
+@needs_native
+@pytest.mark.parametrize("lr_form", LR_FORMS)
+def test_eager_front_matches_the_registered_autograd(device, lr_form):
+    """The front's eager autograd path (an autograd.Function, without the registered path's
+    per-call Python costs) and the op's registered formula: the same outputs and gradients
+    (params, grads, rates), bit for bit, also when some outputs take no part in the loss
+    (their incoming gradients are None), and with create_graph (second order)."""
+    params, grads, lr = make_case(device, torch.float64, 3, lr_form, 8, shapes=SHAPES[:6])
+    lr_list = lr if isinstance(lr, list) else ([lr] * len(grads) if isinstance(lr, torch.Tensor)
+                                              else None)
+    results = []
+    for front in (True, False):
+        ps = [t.clone().requires_grad_() for t in params]
+        gs = [t.clone().requires_grad_() for t in grads]
+        if isinstance(lr, list):
+            rate = [t.clone().requires_grad_() for t in lr]
+            ls = rate
+        elif isinstance(lr, torch.Tensor):
+            rate = lr.clone().requires_grad_()
+            ls = [rate]
+        else:
+            rate, ls = lr, []
+        with pymeta.use_backend("native"):
+            if front:
+                outs = ops.inner_update(ps, gs, rate)
+            else:
+                outs = OP(ps, gs, None if lr_list is None else
+                          ([rate] * len(gs) if isinstance(rate, torch.Tensor) else rate),
+                          lr if isinstance(lr, float) else 0.0)
+        assert (type(outs[0].grad_fn).__name__ == "_InnerUpdateFunctionBackward") == front
+        loss = _loss(outs[::2])  # every other output unused
+        first = torch.autograd.grad(loss, ps + gs + ls, create_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        second = torch.autograd.grad(sum((f * f).sum() for f in first if f.requires_grad),
+                                     ps + gs + ls, allow_unused=True, materialize_grads=True)
+        results.append((*outs, *first, *second))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_native
+def test_eager_front_without_recorded_gradients(monkeypatch):
+    """Where no gradient is recorded (no_grad, or no input requiring grad) the front calls the
+    kernel below autograd (ops._below_autograd), as do the Function's forward and a backward
+    without create_graph; with create_graph the backward takes the registered op (its
+    gradient then has a history). Same bits either way."""
+    calls = []
+    below = ops._below_autograd
+    monkeypatch.setattr(ops, "_below_autograd",
+                        lambda op, args: calls.append(op.__name__) or below(op, args))
+    params, grads, lr = make_case("cpu", torch.float32, 3, "per_param", 2, shapes=SHAPES[:4])
+    with pymeta.use_backend("native"):
+        want = OP(params, grads, lr, 0.0)
+        plain = ops.inner_update(params, grads, lr)
+        ps = [t.clone().requires_grad_() for t in params]
+        with torch.no_grad():
+            off = ops.inner_update(ps, grads, lr)
+        assert calls == ["inner_update"] * 2
+        for got in (plain, off):
+            assert all(torch.equal(a, b) and a.grad_fn is None and not a.requires_grad
+                       for a, b in zip(got, want))
+        outs = ops.inner_update(ps, grads, lr)
+        assert calls[2:] == ["inner_update"]  # the Function's forward
+        g1 = torch.autograd.grad(_loss(outs), ps, retain_graph=True)
+        assert calls[3:] == ["inner_update_backward"]
+        g2 = torch.autograd.grad(_loss(outs), ps, create_graph=True)
+        assert len(calls) == 4  # recorded: through the registered op
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b) and a.grad_fn is None
+    assert any(b.grad_fn is not None for b in g2)
+
+
 @needs_native
 def test_backward_is_deterministic(device):
     params, grads, lr = make_case(device, torch.float32, 16, "per_tensor", 4,
