@@ -309,6 +309,33 @@ struct Prefetch {
   }
 };
 
+// The backward's next-chunk prefetches: the 12H + 3 rows a chunk touches (state, d_new_state,
+// d_state: 4H each, then grad, d_update, d_grad), issued a few rows at a time between the
+// chunk's unit loops (4H of them, 3 rows each) rather than all at the top of the chunk: ~970
+// lines in one burst waited on the outstanding-miss slots (perf put ~12% of the backward on
+// the burst; spread, the op took 52-55 instead of 59-66 ms at N = 100k, 1 thread). Issuing
+// them all in the recompute's loops (6 rows each) measured in between (57-66 ms).
+template <typename T>
+struct BackwardPrefetch {
+  const T* rows3[3] = {nullptr, nullptr, nullptr};  // state, d_new_state, d_state at column m
+  const T* singles[3] = {nullptr, nullptr, nullptr};  // grad, d_update, d_grad at column m
+  int64_t ld = 0;
+  int r4 = 0, bytes = 0, next = 0;
+  void step(int count) {
+    if (!rows3[0]) return;
+    const int total = 3 * r4 + 3;
+    for (int end = std::min(next + count, total); next < end; ++next) {
+      const int k = next < 3 * r4 ? next / r4 : 3;
+      const T* p = k < 3 ? rows3[k] + int64_t(next - k * r4) * ld : singles[next - 3 * r4];
+      const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+      for (uintptr_t q = a & ~uintptr_t(63); q < a + bytes; q += 64) {
+        if (k == 2 || next == 3 * r4 + 2) __builtin_prefetch(reinterpret_cast<const void*>(q), 1, 2);
+        else __builtin_prefetch(reinterpret_cast<const void*>(q), 0, 2);
+      }
+    }
+  }
+};
+
 // ---- the forward: column chunks, register tiles over the shared cell math --------------------
 // The gate pre-activations of CW = LN * NV consecutive coordinates are small matrix products,
 // Z[4H, CW] = W_hh1 h1[:, chunk] + b + W_ih1 x (layer 1), W_ih2 h1' + W_hh2 h2 + b (layer 2),
@@ -454,7 +481,7 @@ inline void forward_chunks(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
 template <typename T, int LN, int NV>
 inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s, const T* grad,
                            const T* state, const T* d_update, const T* d_new_state, T* d_grad,
-                           T* d_state, T* ws, int64_t ld, int64_t wld) {
+                           T* d_state, T* ws, int64_t ld, int64_t wld, BackwardPrefetch<T>& pf) {
   using V = Lanes<T, LN>;
   constexpr int CW = LN * NV;
   const int H = s.H, n_in = s.n_in;
@@ -484,6 +511,7 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   };
   // forward, layer 1
   for (int j = 0; j < H; ++j) {
+    pf.step(3);
     V z[4][NV];
     gate_init1(z, W, H, n_in, j, x);
     gate_tile(z, W.w_hh1, H, j, state, ld);
@@ -491,6 +519,7 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   }
   // forward, layer 2
   for (int j = 0; j < H; ++j) {
+    pf.step(3);
     V z[4][NV];
     gate_init2(z, W, H, j);
     gate_tile(z, W.w_ih2, H, j, ws + int64_t(R.h1) * wld, wld);
@@ -504,7 +533,8 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
     du[v] = load(d_update, 0, v) * s.out_scale;
     wstore(R.du, v, du[v]);
   }
-  for (int j = 0; j < H; ++j)
+  for (int j = 0; j < H; ++j) {
+    pf.step(3);
     for (int v = 0; v < NV; ++v) {
       V a[4], dz[4], dc_prev;
       for (int q = 0; q < 4; ++q) a[q] = wload(R.dz2 + q * H + j, v);
@@ -514,6 +544,7 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
       store(d_state, 3 * H + j, v, dc_prev);
       for (int q = 0; q < 4; ++q) wstore(R.dz2 + q * H + j, v, dz[q]);
     }
+  }
   // d h1(new) = d_new_state h1 rows + W_ih2^T dz2 (local), d h2_prev = W_hh2^T dz2
   T dh1[kLstmOptMaxHidden * CW];
   const T* dz2 = ws + int64_t(R.dz2) * wld;
@@ -523,7 +554,8 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   // backward, layer 1
   V dx[NV][2];
   for (int v = 0; v < NV; ++v) dx[v][0] = dx[v][1] = V(T(0));
-  for (int j = 0; j < H; ++j)
+  for (int j = 0; j < H; ++j) {
+    pf.step(3);
     for (int v = 0; v < NV; ++v) {
       V a[4], dz[4], dc_prev;
       for (int q = 0; q < 4; ++q) a[q] = wload(R.dz1 + q * H + j, v);
@@ -538,6 +570,8 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
           if (i < n_in) dx[v][i] = dx[v][i] + W.w_ih1[r * n_in + i] * dz[q];
       }
     }
+  }
+  pf.step(3 * 4 * H + 3);  // the rest (none at the usual 3 rows per unit loop)
   // d h1_prev = W_hh1^T dz1
   dh_products<T, LN, NV>(W.w_hh1, H, ws + int64_t(R.dz1) * wld, wld, nullptr, 0, d_state, ld);
   for (int v = 0; v < NV; ++v) store(d_grad, 0, v, lstm_preprocess_backward(g[v], s, dx[v]));
@@ -547,34 +581,27 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
 // last cnt % CW coordinates (only where N ends inside the block) through
 // lstm_opt_backward_coord, LN at a time. The 12H + 3 rows a chunk touches (state, d_new_state,
 // d_state: 4H each; grad, d_update, d_grad) are N elements apart, too many streams for the
-// hardware prefetchers: each chunk prefetches the next chunk's lines (to L2) if they lie
-// before n_end (N, or the block's end where the rows are a staged copy of the block).
+// hardware prefetchers: each chunk prefetches the next chunk's lines (to L2, a few rows per
+// unit loop: BackwardPrefetch) if they lie before n_end (N, or the block's end where the rows
+// are a staged copy of the block).
 template <int HMAX, typename T, int LN, int NV>
 inline void backward_block(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s,
                            const T* grad, const T* state, const T* d_update,
                            const T* d_new_state, T* d_grad, T* d_state, T* ws, int64_t ws_stride,
                            int64_t N, int64_t n0, int64_t cnt, int64_t n_end) {
   constexpr int CW = LN * NV;
-  constexpr int kLine = 64 / sizeof(T);
-  const int64_t r4 = 4 * int64_t(s.H), rows = 3 * r4 + 3;
+  const int64_t r4 = 4 * int64_t(s.H);
   int64_t off = 0;
   for (; off + CW <= cnt; off += CW) {
     const int64_t n = n0 + off, m = n + CW;
+    BackwardPrefetch<T> pf;  // the next chunk's rows, if it lies before n_end
     if (m + CW <= n_end) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* p = r < r4 ? state + r * N
-                     : r < 2 * r4 ? d_new_state + (r - r4) * N
-                     : r < 3 * r4 ? d_state + (r - 2 * r4) * N
-                     : r == 3 * r4 ? grad : r == 3 * r4 + 1 ? d_update : d_grad;
-        const bool write = (r >= 2 * r4 && r < 3 * r4) || r == 3 * r4 + 2;
-        for (int l = 0; l < CW; l += kLine) {
-          if (write) __builtin_prefetch(p + m + l, 1, 2);
-          else __builtin_prefetch(p + m + l, 0, 2);
-        }
-      }
+      pf.rows3[0] = state + m, pf.rows3[1] = d_new_state + m, pf.rows3[2] = d_state + m;
+      pf.singles[0] = grad + m, pf.singles[1] = d_update + m, pf.singles[2] = d_grad + m;
+      pf.ld = N, pf.r4 = static_cast<int>(r4), pf.bytes = CW * int(sizeof(T));
     }
     backward_chunk<T, LN, NV>(W, s, grad + n, state + n, d_update + n, d_new_state + n,
-                              d_grad + n, d_state + n, ws + off, N, ws_stride);
+                              d_grad + n, d_state + n, ws + off, N, ws_stride, pf);
   }
   for (; off < cnt; off += LN) {
     const int64_t n = n0 + off;
