@@ -499,6 +499,41 @@ def test_backward_bitwise_deterministic(device, dtype, monkeypatch):
             assert torch.equal(a, b)
 
 
+@native_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_backward_sums_groups_of_blocks_in_order(dtype):
+    """At N = 40003 the CPU backward keeps its weight-gradient partials per group of 2 blocks
+    (512 coordinates; the last group is one partial block): each weight gradient is the ordered
+    sum, over the groups, of what the op gives on the group's coordinates alone (bit for bit),
+    whatever the thread count, and it matches the reference."""
+    H, N, G = 20, 40_003, 512
+    inputs = [t.to(dtype) for t in _valid(H, N, torch.float64).values()]
+    du = torch.randn(N, dtype=dtype)
+    ds = torch.randn(4, H, N, dtype=dtype)
+    full = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        other = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
+    finally:
+        torch.set_num_threads(threads)
+    want = [torch.zeros_like(w) for w in inputs[2:]]
+    for n0 in range(0, N, G):
+        n1 = min(n0 + G, N)
+        part = BWD(du[n0:n1], ds[:, :, n0:n1].contiguous(), inputs[0][n0:n1],
+                   inputs[1][:, :, n0:n1].contiguous(), *inputs[2:], "log_sign", 10.0, 0.1)
+        assert torch.equal(part[0], full[0][n0:n1]) and torch.equal(part[1], full[1][:, :, n0:n1])
+        want = [a + b for a, b in zip(want, part[2:])]
+    for a, b, c in zip(full[2:], want, other[2:]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    ref = reference.lstm_optimizer_step_backward(du.double(), ds.double(),
+                                                 *(t.double() for t in inputs), "log_sign", 10.0, 0.1)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)
+    for a, r in zip(full[2:], ref[2:]):
+        scale = r.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(a.double() / scale, r / scale, **tol)
+
+
 # ---- bfloat16 state storage ---------------------------------------------------------------------
 
 def _bf16_inputs(H, N, device="cpu", seed=0):

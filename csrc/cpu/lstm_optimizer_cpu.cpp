@@ -6,9 +6,10 @@
 // header's cell math; the backward likewise (recompute, then dh = W^T dz as tiled products
 // around the header's lstm_cell_backward).
 // The backward works in fixed blocks of kLstmOptCpuBlock coordinates: each block keeps its
-// workspace rows in a small local buffer (cache-resident), computes its weight-gradient
-// partial sums as register-tiled matrix products into the shared workspace, and a final pass
-// sums the blocks in order (bitwise the same for any thread count).
+// workspace rows in a small local buffer (cache-resident) and computes its weight-gradient
+// partial sums as register-tiled matrix products, added in order into its group's partial
+// sums in the shared workspace (lstm_opt_cpu_group_blocks blocks per group, a function of N);
+// a final pass sums the groups in order (bitwise the same for any thread count).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -691,14 +692,15 @@ void backward(const LstmOptLaunch& L) {
   const auto* d_new_state = static_cast<const St*>(L.d_new_state);
   auto* d_grad = static_cast<T*>(L.d_grad);
   auto* d_state = static_cast<St*>(L.d_state);
-  auto* partial = static_cast<T*>(L.workspace);  // [blocks, P.off[3]]
+  auto* partial = static_cast<T*>(L.workspace);  // [groups, P.off[3]]
+  const int64_t gb = lstm_opt_cpu_group_blocks(N), groups = (blocks + gb - 1) / gb;
 
   // A^T for the block products: lda = 4H rounded up to 64 bytes of T, rows past 4H are zero.
   const int64_t align = 64 / sizeof(T);
   const int64_t lda = (4 * H + align - 1) / align * align;
   const WgradIsa isa = wgrad_isa();
   const int NRP = wgrad_nr(isa);  // B row lists padded to the path's tile rows
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     std::vector<T> ws(static_cast<size_t>(R.total) * BC);
     std::vector<T> at_buf(static_cast<size_t>(lda) * BC, T(0));
     std::vector<T> ones(BC, T(1)), zeros(BC, T(0));
@@ -707,8 +709,9 @@ void backward(const LstmOptLaunch& L) {
     std::vector<T> ct(static_cast<size_t>(nbpad) * lda);
     std::vector<const T*> brows(nbpad);
     std::vector<T> staged(kConvert ? 3 * 4 * H * BC : 0);  // state, d_new_state, d_state rows
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = g0 * gb; b < std::min(g1 * gb, blocks); ++b) {
       const int64_t n0 = b * BC, cnt = std::min<int64_t>(BC, N - n0);
+      const bool first_in_group = b % gb == 0;
       // The block's view of the inputs: rows ld apart, its first coordinate at column first.
       const T *st, *dns;
       T* ds;
@@ -739,8 +742,10 @@ void backward(const LstmOptLaunch& L) {
                                        end);
       if constexpr (kConvert)
         for (int64_t r = 0; r < 4 * H; ++r) stage_out(d_state + r * N + n0, ds + r * BC, cnt);
-      // This block's share of C_q = A_q B_q^T (see lstm_opt_pairs).
-      T* out = partial + b * P.off[3];
+      // This block's share of C_q = A_q B_q^T (see lstm_opt_pairs), added to its group's
+      // partial sums (blocks in order).
+      T* out = partial + (b / gb) * P.off[3];
+      auto put = [first_in_group](T& o, T v) { o = first_in_group ? v : o + v; };
       auto wrow = [&](int r) -> const T* { return ws.data() + int64_t(r) * BC; };
       auto srow = [&](int r) -> const T* { return st + int64_t(r) * ld + first; };
       for (int q = 0; q < 2; ++q) {
@@ -761,17 +766,18 @@ void backward(const LstmOptLaunch& L) {
                           ct.data());
         T* o = out + P.off[q];
         for (int a = 0; a < ma; ++a)
-          for (int k = 0; k < mb; ++k) o[int64_t(a) * mb + k] = ct[int64_t(k) * lda + a];
+          for (int k = 0; k < mb; ++k) put(o[int64_t(a) * mb + k], ct[int64_t(k) * lda + a]);
       }
       {  // q = 2: one A row (du), H + 1 dot products
         const T* arow = wrow(R.du);
         T* o = out + P.off[2];
-        for (int k = 0; k < P.mb[2]; ++k) o[k] = dot(arow, k < H ? wrow(R.h2 + k) : nullptr, cnt);
+        for (int k = 0; k < P.mb[2]; ++k)
+          put(o[k], dot(arow, k < H ? wrow(R.h2 + k) : nullptr, cnt));
       }
     }
   });
 
-  // Sum the blocks in order, into each weight's gradient.
+  // Sum the groups in order, into each weight's gradient.
   int64_t seg_start[11];
   LstmOptSegment seg[10];
   seg_start[0] = 0;
@@ -779,8 +785,8 @@ void backward(const LstmOptLaunch& L) {
     seg[d] = lstm_opt_segment(d, H, n_in);
     seg_start[d + 1] = seg_start[d] + int64_t(seg[d].rows) * seg[d].cols;
   }
-  // Blocks outer, entries inner: each block's partials are read as runs (one entry at a time
-  // over all blocks was a strided read per value); every entry still sums b = 0, 1, ...
+  // Groups outer, entries inner: each group's partials are read as runs (one entry at a time
+  // over all groups was a strided read per value); every entry still sums g = 0, 1, ...
   at::parallel_for(0, seg_start[10], 256, [&](int64_t e0, int64_t e1) {
     std::vector<int64_t> src(e1 - e0);
     std::vector<T> acc(e1 - e0, T(0));
@@ -795,7 +801,7 @@ void backward(const LstmOptLaunch& L) {
       src[e - e0] = seg[d].src_off + r * seg[d].src_stride + c;
       if (++c == seg[d].cols) c = 0, ++r;
     }
-    for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t b = 0; b < groups; ++b) {
       const T* pb = partial + b * P.off[3];
       for (int64_t e = 0; e < e1 - e0; ++e) acc[e] += pb[src[e]];
     }
@@ -811,8 +817,9 @@ void backward(const LstmOptLaunch& L) {
 
 int64_t lstm_opt_workspace_bytes_cpu(const LstmOptLaunch& L) {
   const int64_t blocks = (L.N + kLstmOptCpuBlock - 1) / kLstmOptCpuBlock;
+  const int64_t groups = (blocks + lstm_opt_cpu_group_blocks(L.N) - 1) / lstm_opt_cpu_group_blocks(L.N);
   const int64_t elem = L.dtype == DType::Float64 ? 8 : 4;
-  return blocks * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
+  return groups * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
 }
 
 void lstm_opt_forward_cpu(const LstmOptLaunch& L) {
