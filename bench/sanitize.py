@@ -53,6 +53,17 @@ def lstm():
         upd, new_state = net(torch.randn(N, device=dev), state)
         torch.autograd.grad(upd.sum() + new_state.sum(), [state] + list(net.parameters()))
     del os.environ["PYMETA_LSTM_MMA_BWD"]
+    # the opt-in 32-bit offsets of the tensor-core forward, float32 and (direct) bfloat16
+    os.environ["PYMETA_LSTM_OFF32"] = "1"
+    os.environ["PYMETA_LSTM_MMA_STAGED"] = "0"
+    for H in (7, 20, 32):
+        net = pymeta.LSTMOptimizerNet(H).to(dev)
+        N = 5003
+        state = torch.randn(4, H, N, device=dev) * 0.1
+        with torch.no_grad():
+            net(torch.randn(N, device=dev), state)
+            net(torch.randn(N, device=dev), state.bfloat16())
+    del os.environ["PYMETA_LSTM_OFF32"], os.environ["PYMETA_LSTM_MMA_STAGED"]
     # a bfloat16 state: the tensor-core forward reads and writes bfloat16 (H <= 32); H = 64 and
     # the backward convert in chunks
     for H in (7, 20, 64):

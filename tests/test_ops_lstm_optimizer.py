@@ -765,6 +765,33 @@ def test_cuda_staged_forward_matches_direct_forward(H, N, kind, monkeypatch):
 @native_only
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("H", [1, 7, 20, 32])
+@pytest.mark.parametrize("N", [1000, 200_003])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_forward_32bit_offsets_same_bits(H, N, bf16, monkeypatch):
+    """PYMETA_LSTM_OFF32=1: the tensor-core forward with 32-bit element offsets gives the
+    default kernel's bits (update and new_state, NaN grads included), and the profiler shows
+    that kernel (its template's last argument true) ran."""
+    inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
+    inputs[0][[3, N - 1]] = float("nan")
+    if bf16:
+        inputs[1] = inputs[1].bfloat16()
+        monkeypatch.setenv("PYMETA_LSTM_MMA_STAGED", "0")  # the direct kernel
+    want = OP(*inputs, "log_sign", 10.0, 0.1)
+    monkeypatch.setenv("PYMETA_LSTM_OFF32", "1")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = OP(*inputs, "log_sign", 10.0, 0.1)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "forward_mma_kernel<" in e.name]
+    assert names and all(", true>" in n for n in names), names
+    for a, b in zip(got, want):
+        assert torch.equal(a.view(torch.int16) if bf16 and a.dim() == 3 else a.view(torch.int32),
+                           b.view(torch.int16) if bf16 and b.dim() == 3 else b.view(torch.int32))
+
+
+@native_only
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("H", [20, 32])
 @pytest.mark.parametrize("N,kind", [(200_000, "f32"), (200_003, "f32"), (200_008, "bf16"),
                                     (200_004, "bf16")])

@@ -142,8 +142,9 @@ backward_smem_wide_kernel(const __grid_constant__ LstmOptLaunch L,
 }
 
 // ---- tensor-core forward (float, H <= 32, sm_80+): lstm_optimizer_mma.cuh ----------------
-// St: the state's storage type, float or uint16_t (bfloat16 bits, L.state_bf16).
-template <int HB, typename St>
+// St: the state's storage type, float or uint16_t (bfloat16 bits, L.state_bf16). kOff32:
+// 32-bit element offsets (the state has fewer than 2^31 elements; PYMETA_LSTM_OFF32=1).
+template <int HB, typename St, bool kOff32 = false>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
 forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -155,7 +156,7 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
   const float b_out = P.W.b_out[0];
   for (int64_t base = (int64_t(blockIdx.x) * warps + threadIdx.x / 32) * step; base < L.N;
        base += int64_t(gridDim.x) * warps * step)  // warp-uniform: the mma needs all 32 lanes
-    lstm_mma_forward_warp<HB, St>(sm, P.s, b_out, static_cast<const float*>(L.grad),
+    lstm_mma_forward_warp<HB, St, kOff32>(sm, P.s, b_out, static_cast<const float*>(L.grad),
                                   static_cast<const St*>(L.state), static_cast<float*>(L.update),
                                   static_cast<St*>(L.new_state), L.N, base);
 }
@@ -521,7 +522,13 @@ static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward
     const int64_t tiles = (L.N + per_block - 1) / per_block;
     SmemLaunch s{};
     const size_t bytes = sizeof(float) * (backward ? S::kTotalBwd : S::kTotal);
-    const auto fwd = L.state_bf16 ? forward_mma_kernel<HB, uint16_t> : forward_mma_kernel<HB, float>;
+    // 32-bit offsets when asked for (PYMETA_LSTM_OFF32=1; fewer instructions per step, not yet
+    // measured on a GPU) and the state has fewer than 2^31 elements
+    const bool off32 = env_switch("PYMETA_LSTM_OFF32") == 1 && 4 * int64_t(L.H) * L.N < (int64_t(1) << 31);
+    const auto fwd = L.state_bf16 ? (off32 ? forward_mma_kernel<HB, uint16_t, true>
+                                           : forward_mma_kernel<HB, uint16_t>)
+                                  : (off32 ? forward_mma_kernel<HB, float, true>
+                                           : forward_mma_kernel<HB, float>);
     int e = backward ? plan_smem(backward_mma_kernel<HB>, threads, bytes, tiles, &s)
                      : plan_smem(fwd, threads, bytes, tiles, &s);
     if (e) return e;

@@ -205,6 +205,20 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
   });
   expect_close("update", u, u_ref, 1e-4, 1e-5, H, n_in);
   expect_close("new_state", ns, ns_ref, 1e-4, 1e-5, H, n_in);
+  {  // 32-bit offsets (PYMETA_LSTM_OFF32): the same bits, every output written
+    std::vector<float> u32(N, -777.0f), ns32(4 * H * N, -777.0f);
+    run_grid([&](int64_t base) {
+      lstm_mma_forward_warp<HB, float, true>(sm.data(), s, W.b_out[0], grad.data(), state.data(),
+                                             u32.data(), ns32.data(), N, base);
+    });
+    for (size_t i = 0; i < ns32.size(); ++i) {
+      if (f32_bits(ns32[i]) != f32_bits(ns[i]) || (i < u32.size() && f32_bits(u32[i]) != f32_bits(u[i]))) {
+        std::printf("FAIL 32-bit offsets (H %d, n_in %d) at %zu\n", H, n_in, i);
+        ++failures;
+        break;
+      }
+    }
+  }
   for (int64_t n = 0; n < N; ++n) {  // NaN only where the reference has it
     if (std::isnan(u[n]) != std::isnan(u_ref[n])) {
       std::printf("FAIL NaN placement (H %d) at %lld\n", H, (long long)n);
@@ -233,6 +247,18 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
       lstm_mma_forward_warp<HB, uint16_t>(sm.data(), s, W.b_out[0], grad.data(), st16.data(),
                                           u16.data(), ns16.data(), N, base);
     });
+    {  // 32-bit offsets with a bfloat16 state: the same bits
+      std::vector<uint16_t> o16(4 * H * N, 0xdeadu);
+      std::vector<float> ou(N, -777.0f);
+      run_grid([&](int64_t base) {
+        lstm_mma_forward_warp<HB, uint16_t, true>(sm.data(), s, W.b_out[0], grad.data(),
+                                                  st16.data(), ou.data(), o16.data(), N, base);
+      });
+      if (o16 != ns16 || std::memcmp(ou.data(), u16.data(), N * sizeof(float)) != 0) {
+        std::printf("FAIL 32-bit offsets, bf16 state (H %d, n_in %d)\n", H, n_in);
+        ++failures;
+      }
+    }
     for (int64_t n = 0; n < N; ++n) {
       if (f32_bits(u16[n]) != f32_bits(u32[n])) {
         std::printf("FAIL bf16 update (H %d, n_in %d) at %lld\n", H, n_in, (long long)n);
