@@ -61,7 +61,7 @@ tail -3 "$OUT/racecheck.log"
 
 
 t0=$SECONDS
-timeout 150 $PY bench/lstm_gpu_goals.py > "$OUT/lstm_goals.log" 2>&1
+timeout 170 $PY bench/lstm_gpu_goals.py > "$OUT/lstm_goals.log" 2>&1
 timeout 90 $PY bench/lstm_gpu_timing.py --H 20 32 64 > "$OUT/lstm_timing.log" 2>&1
 if [ "${PYMETA_SKIP_MAML:-0}" != 1 ]; then  # PYMETA_SKIP_MAML=1: when only the LSTM changed
   timeout 150 $PY bench/gpu_check_maml.py cuda noloop > "$OUT/maml.log" 2>&1
@@ -111,7 +111,7 @@ echo "cuda tests: rc=$tests_rc ${tests_s}s: $(tail -1 "$OUT/tests.log")"
 echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$OUT/sanitizer.log" | tr '\n' ' ')"
 echo "racecheck:  rc=$race_rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY| ran$' "$OUT/racecheck.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
-cat "$OUT/lstm_goals.log" | tail -23
+cat "$OUT/lstm_goals.log" | tail -24
 cat "$OUT/lstm_timing.log" | tail -8
 grep -E "err vs loop|maml conv4|graph vs eager|capture|peak memory|vs float64" "$OUT/maml.log" 2>/dev/null
 grep -E "^steps=" "$OUT/maml_front.log" 2>/dev/null

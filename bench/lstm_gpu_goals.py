@@ -143,10 +143,10 @@ def backward_table(H):
     the default (CUDA-core pass, with loads one unit ahead at H <= 20; tensor-core weight
     gradients) vs the tensor-core pass (PYMETA_LSTM_MMA_BWD=1), the CUDA-core weight-gradient
     tiles (PYMETA_LSTM_WG_MMA=0), the pass's plain loops (PYMETA_LSTM_BWD_AHEAD=0) and its
-    loads ahead (PYMETA_LSTM_BWD_AHEAD=1) and the plain loops at 6 blocks per SM
-    (PYMETA_LSTM_BWD_WIDE=1)."""
+    loads ahead (PYMETA_LSTM_BWD_AHEAD=1), the plain loops at 6 blocks per SM
+    (PYMETA_LSTM_BWD_WIDE=1) and the default form with 32-bit offsets (PYMETA_LSTM_OFF32=1)."""
     print(f"\nbackward op, H={H}, ms per call: default | tensor-core pass | cuda-core wgrad | "
-          "plain loops | loads ahead | wide")
+          "plain loops | loads ahead | wide | off32")
     for N in SIZES[:2] + (200_000,):
         torch.manual_seed(0)
         net = pymeta.LSTMOptimizerNet(H).to(DEV)
@@ -159,7 +159,7 @@ def backward_table(H):
         res = []
         for env in ({}, {"PYMETA_LSTM_MMA_BWD": "1"}, {"PYMETA_LSTM_WG_MMA": "0"},
                     {"PYMETA_LSTM_BWD_AHEAD": "0"}, {"PYMETA_LSTM_BWD_AHEAD": "1"},
-                    {"PYMETA_LSTM_BWD_WIDE": "1"}):
+                    {"PYMETA_LSTM_BWD_WIDE": "1"}, {"PYMETA_LSTM_OFF32": "1"}):
             os.environ.update(env)
             res.append(timed(op))
             for k in env:
@@ -193,10 +193,11 @@ def unroll_table(H, N=200_000, T=20):
     out = {}
     variants = {"cuda-core": {"PYMETA_LSTM_MMA": "0", "PYMETA_LSTM_WG_MMA": "0"},
                 "cc-wgrad": {"PYMETA_LSTM_WG_MMA": "0"}, "plain": {"PYMETA_LSTM_BWD_AHEAD": "0"},
-                "mma-bwd": {"PYMETA_LSTM_MMA_BWD": "1"}, "wide": {"PYMETA_LSTM_BWD_WIDE": "1"}}
+                "mma-bwd": {"PYMETA_LSTM_MMA_BWD": "1"}, "wide": {"PYMETA_LSTM_BWD_WIDE": "1"},
+                "off32": {"PYMETA_LSTM_OFF32": "1"}}
     for name, native in (("native", True), ("cuda-core", True), ("bf16", True),
                          ("cc-wgrad", True), ("plain", True), ("mma-bwd", True), ("wide", True),
-                         ("eager", False)):
+                         ("off32", True), ("eager", False)):
         os.environ.update(variants.get(name, {}))
         sd = torch.bfloat16 if name == "bf16" else None
         with pymeta.use_backend("native" if native else "reference"):
@@ -225,7 +226,8 @@ def unroll_table(H, N=200_000, T=20):
           f"{out['bf16'][0]:.3f} ms, peak {out['bf16'][1]:.0f} MiB; CUDA-core weight "
           f"gradients {out['cc-wgrad'][0]:.3f} ms, meta-grad rel err {err_cc:.1e}; the pass's "
           f"plain loops {out['plain'][0]:.3f} ms; tensor-core pass {out['mma-bwd'][0]:.3f} ms; "
-          f"wide CUDA-core pass {out['wide'][0]:.3f} ms)")
+          f"wide CUDA-core pass {out['wide'][0]:.3f} ms; 32-bit offsets {out['off32'][0]:.3f} ms, "
+          f"same meta-gradient bits {all(torch.equal(a, b) for a, b in zip(out['off32'][2], out['native'][2]))})")
     # The eager reference moved by 16-24% between passes and runs (bench/RESULTS.md, runs
     # 11-13), so the ratio is also taken from alternating pairs: native, eager, native, ...
     pairs = []
@@ -247,7 +249,7 @@ def unroll_table(H, N=200_000, T=20):
                 ms = timed(replay, reps=3, repeats=3, warmup=1)
                 print(f"  native unroll replayed from a CUDA graph: {ms:.3f} ms "
                       f"(x {out['eager'][0] / ms:.2f} eager)", flush=True)
-            for name in ("cc-wgrad", "plain", "mma-bwd", "wide"):
+            for name in ("cc-wgrad", "plain", "mma-bwd", "wide", "off32"):
                 os.environ.update(variants[name])
                 replay = cuda_graph(lambda: run(True))
                 if replay is not None:

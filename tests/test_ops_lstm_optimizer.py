@@ -926,9 +926,9 @@ def test_cuda_wgrad_mma_where_it_does_not_apply(case, monkeypatch):
 def test_cuda_backward_pass_loads_ahead_same_bits(dtype, H, monkeypatch):
     """The backward's CUDA-core pass in its forms (PYMETA_LSTM_BWD_AHEAD=0: the plain loops,
     =1: inputs loaded one unit ahead; unset: the default, ahead for float at H <= 20;
-    PYMETA_LSTM_BWD_WIDE=1: the plain loops at 6 blocks per SM, float at H <= 20) runs the same
-    arithmetic: every output bit for bit the same, a NaN in d_new_state included. (H = 64 has
-    only the plain form.)"""
+    PYMETA_LSTM_BWD_WIDE=1: the plain loops at 6 blocks per SM, float at H <= 20;
+    PYMETA_LSTM_OFF32=1: 32-bit offsets, float) runs the same arithmetic: every output bit for
+    bit the same, a NaN in d_new_state included. (H = 64 has only the plain form.)"""
     N = 20_011
     inputs = [t.to(dtype).cuda() for t in _valid(H, N, torch.float64).values()]
     gen = torch.Generator().manual_seed(11)
@@ -957,6 +957,18 @@ def test_cuda_backward_pass_loads_ahead_same_bits(dtype, H, monkeypatch):
     monkeypatch.delenv("PYMETA_LSTM_BWD_WIDE")
     assert wide == (dtype == torch.float32 and H <= 20)
     outs.append(out)
+    # 32-bit offsets (PYMETA_LSTM_OFF32=1: float only), the plain and the default form; the
+    # profiler names the kernel template's last argument
+    monkeypatch.setenv("PYMETA_LSTM_OFF32", "1")
+    for mode in ("0", None):
+        if mode is None:
+            monkeypatch.delenv("PYMETA_LSTM_BWD_AHEAD")
+        else:
+            monkeypatch.setenv("PYMETA_LSTM_BWD_AHEAD", mode)
+        out, off32 = run(f"{H if H > 20 else (16 if H <= 16 else 20)}, true>")
+        assert off32 == (dtype == torch.float32)
+        outs.append(out)
+    monkeypatch.delenv("PYMETA_LSTM_OFF32")
     assert outs[0][0][7].isnan()  # the NaN reached d_grad of its coordinate
     for other in outs[1:]:
         for a, b in zip(outs[0], other):

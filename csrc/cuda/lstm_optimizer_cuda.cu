@@ -101,13 +101,15 @@ forward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_consta
 // form (HP <= 32). H100, N = 1M, 2026-11-26 (bench/RESULTS.md run 12): at H = 20 the pass took
 // 1.517 ms ahead vs 1.576 plain (1.588 uncapped); at H = 32 the ahead form spills (160 B) and
 // took 3.18 ms vs 3.09 plain.
-template <typename T, int HP, bool kAhead>
+// kOff32: 32-bit offsets (PYMETA_LSTM_OFF32=1 where the workspace rows, R.total N elements,
+// are fewer than 2^31; float only).
+template <typename T, int HP, bool kAhead, bool kOff32 = false>
 __device__ __forceinline__ void backward_smem_body(const LstmOptLaunch& L, const Params<T>& P) {
   T* sw = staged_weights<T, HP>(P);
   const int64_t N = L.N;
   for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
        n += int64_t(gridDim.x) * blockDim.x) {
-    lstm_smem_backward_thread<HP, T, kAhead>(
+    lstm_smem_backward_thread<HP, T, kAhead, kOff32>(
         sw, P.s, static_cast<const T*>(L.grad), static_cast<const T*>(L.state),
         static_cast<const T*>(L.d_update), static_cast<const T*>(L.d_new_state),
         static_cast<T*>(L.d_grad), static_cast<T*>(L.d_state), static_cast<T*>(L.workspace), N, n);
@@ -116,17 +118,17 @@ __device__ __forceinline__ void backward_smem_body(const LstmOptLaunch& L, const
 
 // (no minimum of blocks per SM here: an explicit minimum of 1 let ptxas take 196 registers at
 // HP = 20, against 106 without)
-template <typename T, int HP>
+template <typename T, int HP, bool kOff32 = false>
 __global__ void __launch_bounds__(smem_threads<HP>())
 backward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<T> P) {
-  backward_smem_body<T, HP, false>(L, P);
+  backward_smem_body<T, HP, false, kOff32>(L, P);
 }
 
-template <typename T, int HP>
+template <typename T, int HP, bool kOff32 = false>
 __global__ void __launch_bounds__(smem_threads<HP>(), 4)
 backward_smem_ahead_kernel(const __grid_constant__ LstmOptLaunch L,
                            const __grid_constant__ Params<T> P) {
-  backward_smem_body<T, HP, true>(L, P);
+  backward_smem_body<T, HP, true, kOff32>(L, P);
 }
 
 // The plain loops held to 80 registers, 6 blocks (24 warps) per SM: opt-in
@@ -598,6 +600,14 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
         auto kernel = backward_smem_kernel<T, HP>;
         if constexpr (HP <= 32)  // (no ahead form at HP = 64: it would spill)
           if (ahead) kernel = backward_smem_ahead_kernel<T, HP>;
+        if constexpr (std::is_same<T, float>::value) {  // PYMETA_LSTM_OFF32=1: 32-bit offsets
+          const int64_t rows = lstm_opt_rows(L.H, L.n_in).total;
+          if (env_switch("PYMETA_LSTM_OFF32") == 1 && rows * L.N < (int64_t(1) << 31)) {
+            kernel = backward_smem_kernel<T, HP, true>;
+            if constexpr (HP <= 32)
+              if (ahead) kernel = backward_smem_ahead_kernel<T, HP, true>;
+          }
+        }
         if constexpr (std::is_same<T, float>::value && HP <= 20)
           if (env_switch("PYMETA_LSTM_BWD_WIDE") == 1) kernel = backward_smem_wide_kernel<T, HP>;
         err = plan_smem(kernel, threads, smem_bytes<T, HP>(L), tiles, &s);

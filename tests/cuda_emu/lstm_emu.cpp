@@ -121,6 +121,24 @@ static void run(int H, int n_in, int64_t N, int block, std::mt19937& rng) {
       std::printf("FAIL backward: loads ahead differ from the plain loop (H %d)\n", H);
       ++failures;
     }
+    // 32-bit offsets (PYMETA_LSTM_OFF32), both loop forms: the same bits
+    for (int ahead = 0; ahead < 2; ++ahead) {
+      std::vector<T> dg1(N, T(-777)), ds1(4 * H * N, T(-777)), ws1(rows_elems, T(-777));
+      for (int64_t n = 0; n < N; ++n) {
+        if (ahead)
+          lstm_smem_backward_thread<HP, T, true, true>(sw.data(), s, grad.data(), state.data(),
+                                                       du.data(), dns.data(), dg1.data(),
+                                                       ds1.data(), ws1.data(), N, n);
+        else
+          lstm_smem_backward_thread<HP, T, false, true>(sw.data(), s, grad.data(), state.data(),
+                                                        du.data(), dns.data(), dg1.data(),
+                                                        ds1.data(), ws1.data(), N, n);
+      }
+      if (dg1 != dg || ds1 != ds || ws1 != ws_rows) {
+        std::printf("FAIL backward: 32-bit offsets differ (H %d, ahead %d)\n", H, ahead);
+        ++failures;
+      }
+    }
   }
 
   // weight gradients: every block of the grid (tiles x chunks), stage by stage
