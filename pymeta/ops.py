@@ -99,6 +99,9 @@ def inner_update(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LR) -> l
     if not grads:
         raise ValueError("pymeta.inner_update: params is an empty list" if not params
                          else "pymeta.inner_update: grads is an empty list")
+    if len(params) != len(grads):  # (before _InnerUpdateFunction splits its flat arguments)
+        raise ValueError(f"pymeta.inner_update: params has {len(params)} tensors but grads has "
+                         f"{len(grads)}")
     lr_tensors, lr_scalar = _split_lr(lr, len(grads))
     if lr_tensors is not None and any(_is_vmapped(x) for x in lr_tensors):
         return reference.inner_update(params, grads, lr_tensors, lr_scalar)

@@ -401,9 +401,14 @@ BAD_CASES = {
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "reference"])
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_input_names_the_argument(backend, case):
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+def test_bad_input_names_the_argument(backend, case, requires_grad):
+    """Every bad input raises, naming the argument, and modifies nothing: also where the
+    inputs require grad (the front's autograd.Function path)."""
     make, pattern = BAD_CASES[case]
     p, g = _good()
+    if requires_grad:
+        p = [t.requires_grad_() if t.is_floating_point() else t for t in p]
     args = make(p, g)
     before = [t.clone() for t in p + g]
     with pymeta.use_backend(backend), pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):

@@ -501,12 +501,14 @@ def test_backward_bitwise_deterministic(device, dtype, monkeypatch):
 
 @native_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_backward_sums_groups_of_blocks_in_order(dtype):
-    """At N = 40003 the CPU backward keeps its weight-gradient partials per group of 2 blocks
-    (512 coordinates; the last group is one partial block): each weight gradient is the ordered
-    sum, over the groups, of what the op gives on the group's coordinates alone (bit for bit),
-    whatever the thread count, and it matches the reference."""
-    H, N, G = 20, 40_003, 512
+@pytest.mark.parametrize("N,G", [(40_003, 512), (262_401, 4096)])
+def test_cpu_backward_sums_groups_of_blocks_in_order(dtype, N, G):
+    """The CPU backward keeps its weight-gradient partials per group of blocks: at N = 40003
+    2 blocks (512 coordinates; the last group is one partial block), at N = 262401 16 (the
+    most). Each weight gradient is the ordered sum, over the groups, of what the op gives on the
+    group's coordinates alone (bit for bit), whatever the thread count, and it matches the
+    reference."""
+    H = 20
     inputs = [t.to(dtype) for t in _valid(H, N, torch.float64).values()]
     du = torch.randn(N, dtype=dtype)
     ds = torch.randn(4, H, N, dtype=dtype)
@@ -960,12 +962,14 @@ def test_cuda_backward_pass_loads_ahead_same_bits(dtype, H, monkeypatch):
     # 32-bit offsets (PYMETA_LSTM_OFF32=1: float only), the plain and the default form; the
     # profiler names the kernel template's last argument
     monkeypatch.setenv("PYMETA_LSTM_OFF32", "1")
+    HP = H if H > 20 else (16 if H <= 16 else 20)
     for mode in ("0", None):
         if mode is None:
             monkeypatch.delenv("PYMETA_LSTM_BWD_AHEAD")
         else:
             monkeypatch.setenv("PYMETA_LSTM_BWD_AHEAD", mode)
-        out, off32 = run(f"{H if H > 20 else (16 if H <= 16 else 20)}, true>")
+        form = "backward_smem_ahead_kernel" if mode is None and HP <= 20 else "backward_smem_kernel"
+        out, off32 = run(f"{form}<float, {HP}, true>")
         assert off32 == (dtype == torch.float32)
         outs.append(out)
     monkeypatch.delenv("PYMETA_LSTM_OFF32")

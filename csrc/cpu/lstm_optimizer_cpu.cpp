@@ -817,7 +817,7 @@ void backward(const LstmOptLaunch& L) {
 
 int64_t lstm_opt_workspace_bytes_cpu(const LstmOptLaunch& L) {
   const int64_t blocks = (L.N + kLstmOptCpuBlock - 1) / kLstmOptCpuBlock;
-  const int64_t groups = (blocks + lstm_opt_cpu_group_blocks(L.N) - 1) / lstm_opt_cpu_group_blocks(L.N);
+  const int64_t gb = lstm_opt_cpu_group_blocks(L.N), groups = (blocks + gb - 1) / gb;
   const int64_t elem = L.dtype == DType::Float64 ? 8 : 4;
   return groups * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
 }

@@ -608,6 +608,7 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
               if (ahead) kernel = backward_smem_ahead_kernel<T, HP, true>;
           }
         }
+        // (the wide form has no 32-bit variant: PYMETA_LSTM_BWD_WIDE=1 wins over OFF32)
         if constexpr (std::is_same<T, float>::value && HP <= 20)
           if (env_switch("PYMETA_LSTM_BWD_WIDE") == 1) kernel = backward_smem_wide_kernel<T, HP>;
         err = plan_smem(kernel, threads, smem_bytes<T, HP>(L), tiles, &s);
