@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh            # logs and bench.json go to $OUT (or /tmp/pymeta-gpu)
 #   PYMETA_SKIP_BENCH=1 bash bench/gpu_check.sh   # without the inner_update table (~30 s less)
 #   PYMETA_SKIP_MAML=1 ...     # without the MAML timings and profile (~50 s less)
+#   PYMETA_LSTM_TIMING=0 ...   # without the LSTM H sweep; PYMETA_GOALS_ARGS=--no-compile: no compile column
 #   PYMETA_NCU=1 ...           # + Nsight Compute sections of the LSTM kernels (~1 min)
 #   PYMETA_MAML_MEMORY=1 ...   # + MAML peak memory vs inner steps, with checkpoint_steps (~1.5 min)
 #   PYMETA_LSTM_MEMORY=1 ...   # + LSTMOptimizer / unroll memory, float32 vs bfloat16 state (~40 s)
@@ -61,8 +62,11 @@ tail -3 "$OUT/racecheck.log"
 
 
 t0=$SECONDS
-timeout 170 $PY bench/lstm_gpu_goals.py > "$OUT/lstm_goals.log" 2>&1
-timeout 90 $PY bench/lstm_gpu_timing.py --H 20 32 64 > "$OUT/lstm_timing.log" 2>&1
+# PYMETA_GOALS_ARGS=--no-compile: without torch.compile's reference column (~40 s less)
+timeout 170 $PY bench/lstm_gpu_goals.py ${PYMETA_GOALS_ARGS:-} > "$OUT/lstm_goals.log" 2>&1
+if [ "${PYMETA_LSTM_TIMING:-1}" = 1 ]; then  # PYMETA_LSTM_TIMING=0: without the H sweep (~60 s less)
+  timeout 90 $PY bench/lstm_gpu_timing.py --H 20 32 64 > "$OUT/lstm_timing.log" 2>&1
+fi
 if [ "${PYMETA_SKIP_MAML:-0}" != 1 ]; then  # PYMETA_SKIP_MAML=1: when only the LSTM changed
   timeout 150 $PY bench/gpu_check_maml.py cuda noloop > "$OUT/maml.log" 2>&1
   # inner_update's eager front vs the registered op (host cost per eager MAML iteration)
@@ -112,7 +116,7 @@ echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$
 echo "racecheck:  rc=$race_rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY| ran$' "$OUT/racecheck.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
 cat "$OUT/lstm_goals.log" | tail -24
-cat "$OUT/lstm_timing.log" | tail -8
+tail -8 "$OUT/lstm_timing.log" 2>/dev/null
 grep -E "err vs loop|maml conv4|graph vs eager|capture|peak memory|vs float64" "$OUT/maml.log" 2>/dev/null
 grep -E "^steps=" "$OUT/maml_front.log" 2>/dev/null
 echo "bench:      rc=$bench_rc ${bench_s}s"
