@@ -53,7 +53,8 @@ def lstm():
         upd, new_state = net(torch.randn(N, device=dev), state)
         torch.autograd.grad(upd.sum() + new_state.sum(), [state] + list(net.parameters()))
     del os.environ["PYMETA_LSTM_MMA_BWD"]
-    # the opt-in 32-bit offsets of the tensor-core forward, float32 and (direct) bfloat16
+    # the 32-bit offsets of the tensor-core forward (opt-in for float32; the default for
+    # bfloat16), float32 and (direct) bfloat16
     os.environ["PYMETA_LSTM_OFF32"] = "1"
     os.environ["PYMETA_LSTM_MMA_STAGED"] = "0"
     for H in (7, 20, 32):
@@ -118,8 +119,11 @@ if not only:
     print("sanitize.py: lstm kernels ran")
 if not only or "staged" in only:
     os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
+    os.environ["PYMETA_LSTM_OFF32"] = "0"  # 64-bit store offsets, then 32-bit ones
     staged()
-    del os.environ["PYMETA_LSTM_MMA_STAGED"]
+    os.environ["PYMETA_LSTM_OFF32"] = "1"
+    staged()
+    del os.environ["PYMETA_LSTM_MMA_STAGED"], os.environ["PYMETA_LSTM_OFF32"]
     torch.cuda.synchronize()
     print("sanitize.py: staged forward ran")
 if not only or "wgrad" in only:

@@ -711,7 +711,7 @@ def test_cuda_tensor_core_forward_matches_cuda_core_forward(H, monkeypatch):
     assert torch.equal(fast[1].isnan().any(dim=1), bad.expand(4, N))
 
 
-def _staged_vs_direct(H, N, kind, monkeypatch, check_ran):
+def _staged_vs_direct(H, N, kind, monkeypatch, check_ran, off32=False):
     inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
     inputs[0][[5, N - 1]] = float("nan")
     if kind == "offset":
@@ -733,12 +733,15 @@ def _staged_vs_direct(H, N, kind, monkeypatch, check_ran):
         monkeypatch.delenv("PYMETA_LSTM_MMA_STAGED")
     else:
         monkeypatch.setenv("PYMETA_LSTM_MMA_STAGED", "1")
+    # 32-bit store offsets forced on or off (the default: on for a bfloat16 state only)
+    monkeypatch.setenv("PYMETA_LSTM_OFF32", "1" if off32 else "0")
     if check_ran:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             staged = OP(*inputs, "log_sign", 10.0, 0.1)
             torch.cuda.synchronize()
-        ran = any("forward_mma_staged_kernel" in e.name for e in prof.events())
-        assert ran == (kind != "bf16" or N % 8 == 0)
+        ran = [e.name for e in prof.events() if "forward_mma_staged_kernel" in e.name]
+        assert bool(ran) == (kind != "bf16" or N % 8 == 0)
+        assert all((", true>" in n) == off32 for n in ran), ran
     else:
         staged = OP(*inputs, "log_sign", 10.0, 0.1)
     for a, b in zip(staged, direct):  # same math: the same bits
@@ -754,14 +757,15 @@ def _staged_vs_direct(H, N, kind, monkeypatch, check_ran):
 @pytest.mark.parametrize("H", [1, 7, 20, 24, 32])
 @pytest.mark.parametrize("N,kind", [(10_000, "f32"), (10_007, "f32"), (10_000, "offset"),
                                     (10_000, "bf16"), (10_004, "bf16"), (40, "f32")])
-def test_cuda_staged_forward_matches_direct_forward(H, N, kind, monkeypatch):
+@pytest.mark.parametrize("off32", [False, True])
+def test_cuda_staged_forward_matches_direct_forward(H, N, kind, off32, monkeypatch):
     """The staged tensor-core forward (cp.async of each warp's next step into shared memory:
     the default for a bfloat16 state, opt-in with PYMETA_LSTM_MMA_STAGED=1 for float32)
     against the direct one (PYMETA_LSTM_MMA_STAGED=0): 16-byte copies (N % 4 == 0, or % 8 for
     bfloat16), 4-byte copies (odd N, a state at a storage offset), a bfloat16 state whose N
-    rules out 16-byte copies (the direct kernel runs). Same math: the same bits. NaN stays in
-    its coordinates."""
-    _staged_vs_direct(H, N, kind, monkeypatch, check_ran=False)
+    rules out 16-byte copies (the direct kernel runs); with 32-bit store offsets too
+    (PYMETA_LSTM_OFF32=1). Same math: the same bits. NaN stays in its coordinates."""
+    _staged_vs_direct(H, N, kind, monkeypatch, check_ran=False, off32=off32)
 
 
 @native_only
@@ -779,6 +783,7 @@ def test_cuda_forward_32bit_offsets_same_bits(H, N, bf16, monkeypatch):
     if bf16:
         inputs[1] = inputs[1].bfloat16()
         monkeypatch.setenv("PYMETA_LSTM_MMA_STAGED", "0")  # the direct kernel
+    monkeypatch.setenv("PYMETA_LSTM_OFF32", "0")  # (the default for a bfloat16 state is on)
     want = OP(*inputs, "log_sign", 10.0, 0.1)
     monkeypatch.setenv("PYMETA_LSTM_OFF32", "1")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -794,14 +799,38 @@ def test_cuda_forward_32bit_offsets_same_bits(H, N, bf16, monkeypatch):
 @native_only
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("state_dtype,N,want,off32", [
+    (torch.float32, 100_000, "forward_mma_kernel<20, float", False),
+    (torch.bfloat16, 100_000, "forward_mma_staged_kernel<20, unsigned short", True),
+    (torch.bfloat16, 100_001, "forward_mma_kernel<20, unsigned short", True)])
+def test_cuda_forward_default_kernels(state_dtype, N, want, off32, monkeypatch):
+    """The tensor-core forward's defaults (H100 timings, bench/RESULTS.md): float32, the direct
+    kernel with 64-bit offsets; bfloat16, 32-bit offsets, staged where 16-byte copies apply
+    (N % 8 == 0), else direct."""
+    for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_MMA"):
+        monkeypatch.delenv(key, raising=False)
+    inputs = [t.to(torch.float32).cuda() for t in _valid(20, N, torch.float64).values()]
+    inputs[1] = inputs[1].to(state_dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        OP(*inputs, "log_sign", 10.0, 0.1)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "forward_mma" in e.name]
+    assert names and all(want in n and (", true>" in n) == off32 for n in names), names
+
+
+@native_only
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("H", [20, 32])
 @pytest.mark.parametrize("N,kind", [(200_000, "f32"), (200_003, "f32"), (200_008, "bf16"),
                                     (200_004, "bf16")])
-def test_cuda_staged_forward_many_steps_per_warp(H, N, kind, monkeypatch):
+@pytest.mark.parametrize("off32", [False, True])
+def test_cuda_staged_forward_many_steps_per_warp(H, N, kind, off32, monkeypatch):
     """N large enough for several steps per warp (both staging buffers refilled), and a check
     (torch.profiler) that the staged kernel ran (for a bfloat16 state by default), except for a
-    bfloat16 state with N % 8 != 0."""
-    _staged_vs_direct(H, N, kind, monkeypatch, check_ran=True)
+    bfloat16 state with N % 8 != 0; the kernel with 32-bit store offsets under
+    PYMETA_LSTM_OFF32=1."""
+    _staged_vs_direct(H, N, kind, monkeypatch, check_ran=True, off32=off32)
 
 
 @native_only

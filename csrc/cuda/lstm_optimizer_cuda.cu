@@ -166,23 +166,26 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
 // The same forward with each warp's next step copied into shared memory (cp.async) while the
 // current one computes: lstm_mma_forward_staged. The default for a bfloat16 state (H100,
 // 2026-11-26, bench/RESULTS.md runs 11 / 12: 0.273 / 0.277 vs 0.366 / 0.370 ms at N = 1M);
-// with a float32 state it measured slower than the direct kernel (4.28 / 4.36 vs 3.93 / 3.94
-// ms at 10M), so there it is opt-in.
-// PYMETA_LSTM_MMA_STAGED=1 / 0 forces it on / off. bufs: the warps' staging buffers, after the weights (16-byte aligned).
-template <int HB, typename St>
+// with a float32 state it is slower than the direct kernel at 10M (4.04 vs 3.92 ms since the
+// twelfth session's spill fix, 4.28 before; equal at 1M), so there it is opt-in.
+// PYMETA_LSTM_MMA_STAGED=1 / 0 forces it on / off. Shared memory: the staged weights, b_out
+// (its own 16 bytes: read where it is used, see lstm_mma_b_out), then the warps' staging
+// buffers (16-byte aligned). kOff32: 32-bit offsets for the stores (forward_off32).
+template <int HB, typename St, bool kOff32 = false>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
 forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
                           const __grid_constant__ Params<float> P, int buf_bytes, bool vec) {
+  using S = LstmMmaShape<HB>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sm = reinterpret_cast<float*>(smem_raw);
   lstm_mma_stage<HB>(sm, P.W, P.s.H, P.s.n_in, threadIdx.x, blockDim.x);
+  if (threadIdx.x == 0) sm[S::kTotal] = P.W.b_out[0];
   __syncthreads();
   const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  unsigned char* bufs =
-      smem_raw + sizeof(float) * LstmMmaShape<HB>::kTotal + size_t(2 * warp) * buf_bytes;
-  const int64_t step = LstmMmaShape<HB>::kCoords;
-  lstm_mma_forward_staged<HB, St>(
-      sm, bufs, buf_bytes, P.s, P.W.b_out[0], static_cast<const float*>(L.grad),
+  unsigned char* bufs = smem_raw + sizeof(float) * S::kStagedFloats + size_t(2 * warp) * buf_bytes;
+  const int64_t step = S::kCoords;
+  lstm_mma_forward_staged<HB, St, kOff32>(
+      sm, bufs, buf_bytes, P.s, sm + S::kTotal, static_cast<const float*>(L.grad),
       static_cast<const St*>(L.state), static_cast<float*>(L.update),
       static_cast<St*>(L.new_state), L.N, (int64_t(blockIdx.x) * warps + warp) * step,
       int64_t(gridDim.x) * warps * step, vec);
@@ -461,6 +464,16 @@ static int64_t wgrad_mma_launch(const LstmOptLaunch& L, cudaStream_t stream) {
   return err ? -2 - int64_t(err) : p.chunks;
 }
 
+// The tensor-core forward's 32-bit element offsets (forward_mma_kernel / forward_mma_staged_kernel
+// with kOff32), where the state has fewer than 2^31 elements: by default for a bfloat16 state
+// only. Measured on an H100 (H = 20, bench/RESULTS.md, twelfth session): bfloat16, staged 0.532
+// vs 0.565 ms at N = 2M and 3.22 vs 3.34 at 10M, direct 3.21-3.26 vs 3.55; float32, direct
+// 0.358 vs 0.380 ms at 1M but 5-8% slower at 2M, 4M and 10M. PYMETA_LSTM_OFF32=0 / 1 forces.
+static bool forward_off32(const LstmOptLaunch& L) {
+  const int on = env_switch("PYMETA_LSTM_OFF32");
+  return (on == 1 || (on < 0 && L.state_bf16)) && 4 * int64_t(L.H) * L.N < (int64_t(1) << 31);
+}
+
 // The staged tensor-core forward (a bfloat16 state, or PYMETA_LSTM_MMA_STAGED=1) where it fits: as
 // many warps per block (one block per SM) as the shared memory holds two staging buffers for,
 // at least 4. 16-byte copies when N and the pointers allow them; else 4-byte copies, which a
@@ -480,13 +493,16 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
   if (!err) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err) return static_cast<int>(err);
-  const int64_t weights = int64_t(sizeof(float)) * S::kTotal;
+  const int64_t weights = int64_t(sizeof(float)) * S::kStagedFloats;
   int warps = static_cast<int>((optin - weights) / (2 * buf));
   if (warps > S::kStagedThreads / 32) warps = S::kStagedThreads / 32;
   if (warps < 4) return -1;
   const size_t smem = static_cast<size_t>(weights + int64_t(2) * warps * buf);
-  const auto kernel = L.state_bf16 ? forward_mma_staged_kernel<HB, uint16_t>
-                                   : forward_mma_staged_kernel<HB, float>;
+  const bool off32 = forward_off32(L);  // the stores' offsets
+  const auto kernel = L.state_bf16 ? (off32 ? forward_mma_staged_kernel<HB, uint16_t, true>
+                                            : forward_mma_staged_kernel<HB, uint16_t>)
+                                   : (off32 ? forward_mma_staged_kernel<HB, float, true>
+                                            : forward_mma_staged_kernel<HB, float>);
   err = kernel_smem(kernel, dev, 32 * warps, smem, &per_sm);
   if (err) return static_cast<int>(err);
   if (per_sm < 1) return -1;
@@ -524,9 +540,7 @@ static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward
     const int64_t tiles = (L.N + per_block - 1) / per_block;
     SmemLaunch s{};
     const size_t bytes = sizeof(float) * (backward ? S::kTotalBwd : S::kTotal);
-    // 32-bit offsets when asked for (PYMETA_LSTM_OFF32=1; fewer instructions per step, not yet
-    // measured on a GPU) and the state has fewer than 2^31 elements
-    const bool off32 = env_switch("PYMETA_LSTM_OFF32") == 1 && 4 * int64_t(L.H) * L.N < (int64_t(1) << 31);
+    const bool off32 = forward_off32(L);
     const auto fwd = L.state_bf16 ? (off32 ? forward_mma_kernel<HB, uint16_t, true>
                                            : forward_mma_kernel<HB, uint16_t>)
                                   : (off32 ? forward_mma_kernel<HB, float, true>
@@ -600,7 +614,9 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
         auto kernel = backward_smem_kernel<T, HP>;
         if constexpr (HP <= 32)  // (no ahead form at HP = 64: it would spill)
           if (ahead) kernel = backward_smem_ahead_kernel<T, HP>;
-        if constexpr (std::is_same<T, float>::value) {  // PYMETA_LSTM_OFF32=1: 32-bit offsets
+        // PYMETA_LSTM_OFF32=1: 32-bit offsets, opt-in (H100, twelfth session: 1.958 vs 1.949
+        // ms at 1M, 0.441 vs 0.438 at 200k, for 10% fewer instructions: not issue-bound)
+        if constexpr (std::is_same<T, float>::value) {
           const int64_t rows = lstm_opt_rows(L.H, L.n_in).total;
           if (env_switch("PYMETA_LSTM_OFF32") == 1 && rows * L.N < (int64_t(1) << 31)) {
             kernel = backward_smem_kernel<T, HP, true>;

@@ -145,6 +145,7 @@ struct LstmMmaShape {
   // The staged forward (lstm_mma_forward_staged): one block per SM, since its warps' staging
   // buffers and the weights share the SM's shared memory; the same registers per thread.
   static constexpr int kStagedThreads = HB <= 24 ? 512 : 384;
+  static constexpr int kStagedFloats = kTotal + 4;  // its shared memory before the buffers: + b_out
 };
 
 // Thread `tid` of `nthreads` writes its share of the staged weights (the caller syncs).
@@ -417,11 +418,11 @@ template <typename St>
 PYMETA_HD int lstm_mma_buf_index(int srow, int col) {
   return sizeof(St) == 4 ? srow * 16 + (col ^ ((srow & 2) << 2)) : srow * 16 + col;
 }
-template <typename St>
+template <typename St, bool kOff32 = false>  // kOff32: the stores' offsets (LstmMmaGlobalSrc)
 struct LstmMmaStagedSrc {
   static constexpr bool kEager = false;
   static constexpr bool kGlobal = false;
-  static constexpr bool kOff32Offsets = false;
+  static constexpr bool kOff32Offsets = kOff32;
   const float* grad;  // 16 floats
   const St* state;    // 4H rows, lstm_mma_buf_index
   struct Rows {       // rows r + 4p share bit 1 of r, so one swizzle serves them all
@@ -444,7 +445,10 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
   using S = LstmMmaShape<HB>;
   constexpr int MT = S::MT, NP = S::NP, KS = 2 * S::KT;
   const int H = s.H;
-  const int lane = warp_lane(), g = lane >> 2, t = lane & 3;
+  // staged: the lane enters each step opaque, so the rows and offsets derived from it are
+  // recomputed per step; held across the persistent loop they spilled (bench/NOTES_lstm.md)
+  const int lane = Src::kGlobal ? warp_lane() : int(warp_opaque(int64_t(warp_lane())));
+  const int g = lane >> 2, t = lane & 3;
   const float* cst = sm + 3 * S::kFrag;
   const LstmOptRows R = lstm_opt_rows(H, s.n_in);
   // row `row` of out at coordinate n (in the backward, the row offset is computed where it is
@@ -592,6 +596,12 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
   cells(z2, 2 * H, 3 * H, R.h2, r.c2, r.h2);
 }
 
+// The head's bias: a value, or (the staged forward) read where it is used from shared memory,
+// since a register held across the persistent loop spills there, and with ~200 KB of shared
+// memory beside it the L1 rarely keeps the spill.
+PYMETA_WARP float lstm_mma_b_out(float v) { return v; }
+PYMETA_WARP float lstm_mma_b_out(const float* p) { return *warp_opaque(p); }
+
 // The sum over the 4 threads of a row (fixed order: bitwise the same on every run).
 PYMETA_WARP float lstm_mma_row_sum(float v) {
   v = v + warp_shfl_xor(v, 1);
@@ -600,9 +610,9 @@ PYMETA_WARP float lstm_mma_row_sum(float v) {
 
 // The forward step of one warp (see lstm_mma_forward_core; St the state's storage type), its
 // inputs read from src (LstmMmaGlobalSrc or LstmMmaStagedSrc).
-template <int HB, typename St, typename Src>
+template <int HB, typename St, typename Src, typename BOut>
 PYMETA_WARP void lstm_mma_forward_step(const float* sm, const LstmOptScalars<float>& s,
-                                       float b_out, const Src& src, float* update,
+                                       BOut b_out, const Src& src, float* update,
                                        St* new_state, int64_t N, int64_t base) {
   using S = LstmMmaShape<HB>;
   constexpr int MT = S::MT, NP = S::NP;
@@ -627,7 +637,8 @@ PYMETA_WARP void lstm_mma_forward_step(const float* sm, const LstmOptScalars<flo
     // thread t = 0 stores row g, t = 1 row g + 8 (no runtime array index: o stays in registers)
     const float mine = t == 0 ? o[0] : o[1];
     const bool store = t == 0 ? r.ok[mt][0] : (t == 1 && r.ok[mt][1]);
-    if (store) update[t == 0 ? r.nl[mt][0] : r.nl[mt][1]] = (mine + b_out) * s.out_scale;
+    if (store)
+      update[t == 0 ? r.nl[mt][0] : r.nl[mt][1]] = (mine + lstm_mma_b_out(b_out)) * s.out_scale;
   }
 }
 
@@ -659,6 +670,9 @@ PYMETA_WARP void lstm_mma_stage_rows(unsigned char* buf, const float* grad, cons
                           n < N ? kBytes : 0);
   }
   St* bs = reinterpret_cast<St*>(buf + 64);
+  // the lane's offsets per step: hoisted out of the persistent loop, they spill
+  N = warp_opaque(N);
+  lane = int(warp_opaque(int64_t(lane)));
   const int col = (lane % CPR) * E;
   const bool ok = base + col < N;  // past N: zero-filled, and the source stays at row 0
   const int bytes = ok ? kBytes : 0;
@@ -691,9 +705,9 @@ PYMETA_WARP void lstm_mma_stage_step(unsigned char* buf, const float* grad, cons
 // inputs copied into shared memory (cp.async) while the previous step computes: two staging
 // buffers per warp at bufs and bufs + buf_bytes. Loads no longer wait in registers for their
 // memory latency, so the warp's memory traffic overlaps its math.
-template <int HB, typename St>
+template <int HB, typename St, bool kOff32 = false>
 PYMETA_WARP void lstm_mma_forward_staged(const float* sm, unsigned char* bufs, int buf_bytes,
-                                         const LstmOptScalars<float>& s, float b_out,
+                                         const LstmOptScalars<float>& s, const float* b_out,
                                          const float* grad, const St* state, float* update,
                                          St* new_state, int64_t N, int64_t base, int64_t stride,
                                          bool vec) {
@@ -709,7 +723,7 @@ PYMETA_WARP void lstm_mma_forward_staged(const float* sm, unsigned char* bufs, i
     warp_cp_async_commit();  // possibly empty: the wait below always leaves one group out
     warp_cp_async_wait<1>();  // this lane's copies of step `base` have landed
     warp_sync();              // ... and every lane's
-    const LstmMmaStagedSrc<St> src{reinterpret_cast<const float*>(cur),
+    const LstmMmaStagedSrc<St, kOff32> src{reinterpret_cast<const float*>(cur),
                                    reinterpret_cast<const St*>(cur + 64)};
     lstm_mma_forward_step<HB, St>(sm, s, b_out, src, update, new_state, N, base);
     warp_sync();  // every lane has read `cur` before the next iteration refills it

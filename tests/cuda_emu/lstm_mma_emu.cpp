@@ -289,8 +289,9 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
     const int buf = lstm_mma_buf_bytes<St>(H);
     readable = {{reinterpret_cast<const char*>(grad.data()), grad.size() * sizeof(float)},
                 {reinterpret_cast<const char*>(st_in.data()), st_in.size() * sizeof(St)}};
-    for (int mode = 0; mode < 2; ++mode) {
-      land_at_wait = mode == 1;
+    for (int mode = 0; mode < 4; ++mode) {  // landing at once / at the wait; 64 / 32-bit stores
+      land_at_wait = mode % 2 == 1;
+      const bool off32 = mode >= 2;
       std::vector<float> u2(N, -777.0f);
       std::vector<St> ns2(4 * H * N, St(0x7b));
       std::vector<float4_t> bufv(2 * buf / 16);  // 16-byte aligned
@@ -304,9 +305,15 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
           lanes.emplace_back([&, l, bx] {
             tl_lane = l;
             warp = &wp;
-            lstm_mma_forward_staged<HB, St>(sm.data(), bufs, buf, s, W.b_out[0], grad.data(),
-                                            st_in.data(), u2.data(), ns2.data(), N,
-                                            int64_t(bx) * S::kCoords, grid * S::kCoords, vec);
+            // b_out by pointer, as the kernel passes its shared-memory copy
+            if (off32)
+              lstm_mma_forward_staged<HB, St, true>(
+                  sm.data(), bufs, buf, s, &W.b_out[0], grad.data(), st_in.data(), u2.data(),
+                  ns2.data(), N, int64_t(bx) * S::kCoords, grid * S::kCoords, vec);
+            else
+              lstm_mma_forward_staged<HB, St>(
+                  sm.data(), bufs, buf, s, &W.b_out[0], grad.data(), st_in.data(), u2.data(),
+                  ns2.data(), N, int64_t(bx) * S::kCoords, grid * S::kCoords, vec);
             warp_cp_async_wait_n(0);
           });
         for (auto& th : lanes) th.join();
@@ -314,9 +321,10 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
       land_at_wait = false;
       if (std::memcmp(u2.data(), u_want.data(), N * sizeof(float)) ||
           std::memcmp(ns2.data(), ns_want.data(), ns2.size() * sizeof(St))) {
-        std::printf("FAIL staged forward, %s, %s copies, landing %s (H %d, n_in %d, N %lld)\n",
-                    what, vec ? "16-byte" : "4-byte", mode ? "at the wait" : "at once", H, n_in,
-                    (long long)N);
+        std::printf("FAIL staged forward, %s, %s copies, landing %s, %s stores (H %d, n_in %d, "
+                    "N %lld)\n", what, vec ? "16-byte" : "4-byte",
+                    land_at_wait ? "at the wait" : "at once", off32 ? "32-bit" : "64-bit", H,
+                    n_in, (long long)N);
         ++failures;
       }
     }
