@@ -14,6 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pymeta-gpu}
 mkdir -p "$OUT"
+rm -f "$OUT"/*.log "$OUT"/logs.tgz  # a reused $OUT: no stale log in the summary
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYMETA_CUDA=1
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # just this GPU's architecture: a quicker build
@@ -49,12 +50,12 @@ tail -25 "$OUT/tests.log"
 
 t0=$SECONDS
 # without torch's caching allocator, so that a read past a tensor's end leaves its allocation
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 110 compute-sanitizer --tool memcheck --error-exitcode 9 \
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 130 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY bench/sanitize.py > "$OUT/sanitizer.log" 2>&1
 san_rc=$?
 # shared-memory hazards of the cp.async kernels: the staged LSTM forward (per-warp buffers)
 # and the tensor-core weight gradients (block-wide double buffer)
-timeout 75 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize.py staged wgrad > "$OUT/racecheck.log" 2>&1
+timeout 110 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize.py staged wgrad > "$OUT/racecheck.log" 2>&1
 race_rc=$?
 san_s=$((SECONDS - t0))
 tail -5 "$OUT/sanitizer.log"

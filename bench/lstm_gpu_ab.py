@@ -40,6 +40,8 @@ def main():
                          "is the default")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
+    if args.bf16 and args.op != "forward":
+        ap.error("--bf16 is for --op forward (the backward takes a float32 state)")
     variants = [parse_variant(v) for v in (args.variant or ["default:"])]
     dev = args.device
     torch.manual_seed(0)
@@ -68,13 +70,17 @@ def main():
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for label, env in order:
+                saved = {k: os.environ.get(k) for k in env}
                 os.environ.update(env)
                 try:
                     times[label].append(ms_per_call(call, reps=20, repeats=3, warmup=2,
                                                     device=dev))
-                finally:
-                    for k in env:
-                        del os.environ[k]
+                finally:  # the caller's environment back
+                    for k, v in saved.items():
+                        if v is None:
+                            del os.environ[k]
+                        else:
+                            os.environ[k] = v
         base = times[variants[0][0]]
         print(f"N = {N}:")
         for label, env in variants:

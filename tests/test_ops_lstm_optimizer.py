@@ -775,15 +775,15 @@ def test_cuda_staged_forward_matches_direct_forward(H, N, kind, off32, monkeypat
 @pytest.mark.parametrize("N", [1000, 200_003])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cuda_forward_32bit_offsets_same_bits(H, N, bf16, monkeypatch):
-    """PYMETA_LSTM_OFF32=1: the tensor-core forward with 32-bit element offsets gives the
-    default kernel's bits (update and new_state, NaN grads included), and the profiler shows
-    that kernel (its template's last argument true) ran."""
+    """PYMETA_LSTM_OFF32=1: the tensor-core forward with 32-bit element offsets gives the bits
+    of the 64-bit one (PYMETA_LSTM_OFF32=0): update and new_state, NaN grads included. The
+    profiler shows that kernel (its template's last argument true) ran."""
     inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
     inputs[0][[3, N - 1]] = float("nan")
     if bf16:
         inputs[1] = inputs[1].bfloat16()
         monkeypatch.setenv("PYMETA_LSTM_MMA_STAGED", "0")  # the direct kernel
-    monkeypatch.setenv("PYMETA_LSTM_OFF32", "0")  # (the default for a bfloat16 state is on)
+    monkeypatch.setenv("PYMETA_LSTM_OFF32", "0")  # (on by default: bfloat16 at H <= 20)
     want = OP(*inputs, "log_sign", 10.0, 0.1)
     monkeypatch.setenv("PYMETA_LSTM_OFF32", "1")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -799,17 +799,19 @@ def test_cuda_forward_32bit_offsets_same_bits(H, N, bf16, monkeypatch):
 @native_only
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("state_dtype,N,want,off32", [
-    (torch.float32, 100_000, "forward_mma_kernel<20, float", False),
-    (torch.bfloat16, 100_000, "forward_mma_staged_kernel<20, unsigned short", True),
-    (torch.bfloat16, 100_001, "forward_mma_kernel<20, unsigned short", True)])
-def test_cuda_forward_default_kernels(state_dtype, N, want, off32, monkeypatch):
+@pytest.mark.parametrize("state_dtype,H,N,want,off32", [
+    (torch.float32, 20, 100_000, "forward_mma_kernel<20, float", False),
+    (torch.bfloat16, 20, 100_000, "forward_mma_staged_kernel<20, unsigned short", True),
+    (torch.bfloat16, 20, 100_001, "forward_mma_kernel<20, unsigned short", True),
+    (torch.bfloat16, 32, 100_000, "forward_mma_staged_kernel<32, unsigned short", False)])
+def test_cuda_forward_default_kernels(state_dtype, H, N, want, off32, monkeypatch):
     """The tensor-core forward's defaults (H100 timings, bench/RESULTS.md): float32, the direct
-    kernel with 64-bit offsets; bfloat16, 32-bit offsets, staged where 16-byte copies apply
-    (N % 8 == 0), else direct."""
-    for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_MMA"):
+    kernel with 64-bit offsets; bfloat16, staged where 16-byte copies apply (N % 8 == 0), else
+    direct, with 32-bit offsets at H <= 20 (64-bit above: not timed there)."""
+    for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_MMA",
+                "PYMETA_LSTM_BF16_NATIVE"):
         monkeypatch.delenv(key, raising=False)
-    inputs = [t.to(torch.float32).cuda() for t in _valid(20, N, torch.float64).values()]
+    inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
     inputs[1] = inputs[1].to(state_dtype)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         OP(*inputs, "log_sign", 10.0, 0.1)

@@ -145,7 +145,7 @@ backward_smem_wide_kernel(const __grid_constant__ LstmOptLaunch L,
 
 // ---- tensor-core forward (float, H <= 32, sm_80+): lstm_optimizer_mma.cuh ----------------
 // St: the state's storage type, float or uint16_t (bfloat16 bits, L.state_bf16). kOff32:
-// 32-bit element offsets (the state has fewer than 2^31 elements; PYMETA_LSTM_OFF32=1).
+// 32-bit element offsets (the state has fewer than 2^31 elements; forward_off32).
 template <int HB, typename St, bool kOff32 = false>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
 forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
@@ -168,8 +168,8 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
 // 2026-11-26, bench/RESULTS.md runs 11 / 12: 0.273 / 0.277 vs 0.366 / 0.370 ms at N = 1M);
 // with a float32 state it is slower than the direct kernel at 10M (4.04 vs 3.92 ms since the
 // twelfth session's spill fix, 4.28 before; equal at 1M), so there it is opt-in.
-// PYMETA_LSTM_MMA_STAGED=1 / 0 forces it on / off. Shared memory: the staged weights, b_out
-// (its own 16 bytes: read where it is used, see lstm_mma_b_out), then the warps' staging
+// PYMETA_LSTM_MMA_STAGED=1 / 0 forces it on / off. Shared memory: the staged weights (b_out
+// among their constants, read where it is used: lstm_mma_b_out), then the warps' staging
 // buffers (16-byte aligned). kOff32: 32-bit offsets for the stores (forward_off32).
 template <int HB, typename St, bool kOff32 = false>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
@@ -179,13 +179,12 @@ forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sm = reinterpret_cast<float*>(smem_raw);
   lstm_mma_stage<HB>(sm, P.W, P.s.H, P.s.n_in, threadIdx.x, blockDim.x);
-  if (threadIdx.x == 0) sm[S::kTotal] = P.W.b_out[0];
   __syncthreads();
   const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  unsigned char* bufs = smem_raw + sizeof(float) * S::kStagedFloats + size_t(2 * warp) * buf_bytes;
+  unsigned char* bufs = smem_raw + sizeof(float) * S::kTotal + size_t(2 * warp) * buf_bytes;
   const int64_t step = S::kCoords;
   lstm_mma_forward_staged<HB, St, kOff32>(
-      sm, bufs, buf_bytes, P.s, sm + S::kTotal, static_cast<const float*>(L.grad),
+      sm, bufs, buf_bytes, P.s, lstm_mma_b_out_at<HB>(sm), static_cast<const float*>(L.grad),
       static_cast<const St*>(L.state), static_cast<float*>(L.update),
       static_cast<St*>(L.new_state), L.N, (int64_t(blockIdx.x) * warps + warp) * step,
       int64_t(gridDim.x) * warps * step, vec);
@@ -466,12 +465,15 @@ static int64_t wgrad_mma_launch(const LstmOptLaunch& L, cudaStream_t stream) {
 
 // The tensor-core forward's 32-bit element offsets (forward_mma_kernel / forward_mma_staged_kernel
 // with kOff32), where the state has fewer than 2^31 elements: by default for a bfloat16 state
-// only. Measured on an H100 (H = 20, bench/RESULTS.md, twelfth session): bfloat16, staged 0.532
-// vs 0.565 ms at N = 2M and 3.22 vs 3.34 at 10M, direct 3.21-3.26 vs 3.55; float32, direct
-// 0.358 vs 0.380 ms at 1M but 5-8% slower at 2M, 4M and 10M. PYMETA_LSTM_OFF32=0 / 1 forces.
+// at H <= 20 only. Measured on an H100 (H = 20, bench/RESULTS.md, runs 15-17): bfloat16, staged
+// 0.532 vs 0.565 ms at N = 2M and 3.22 vs 3.34 at 10M, direct 3.21 vs 3.55 at 10M; float32,
+// direct 0.358 vs 0.380 ms at 1M but 5-8% slower at 2M, 4M and 10M. Above H = 20 not timed,
+// and the direct bf16 kernel at HB = 32 spills more with them (84 vs 24 B). PYMETA_LSTM_OFF32=0
+// / 1 forces either width. (The default switch itself has not yet run on a GPU; the kernels have.)
 static bool forward_off32(const LstmOptLaunch& L) {
   const int on = env_switch("PYMETA_LSTM_OFF32");
-  return (on == 1 || (on < 0 && L.state_bf16)) && 4 * int64_t(L.H) * L.N < (int64_t(1) << 31);
+  return (on == 1 || (on < 0 && L.state_bf16 && L.H <= 20)) &&
+         4 * int64_t(L.H) * L.N < (int64_t(1) << 31);
 }
 
 // The staged tensor-core forward (a bfloat16 state, or PYMETA_LSTM_MMA_STAGED=1) where it fits: as
@@ -493,7 +495,7 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
   if (!err) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (!err) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err) return static_cast<int>(err);
-  const int64_t weights = int64_t(sizeof(float)) * S::kStagedFloats;
+  const int64_t weights = int64_t(sizeof(float)) * S::kTotal;
   int warps = static_cast<int>((optin - weights) / (2 * buf));
   if (warps > S::kStagedThreads / 32) warps = S::kStagedThreads / 32;
   if (warps < 4) return -1;

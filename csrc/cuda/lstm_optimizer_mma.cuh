@@ -133,7 +133,7 @@ struct LstmMmaShape {
   // latency-bound at 18% of the copy bandwidth).
   static constexpr int MT = 1;
   static constexpr int kFrag = KT * NT * 32 * 4;  // floats per staged matrix
-  static constexpr int kConst = 20;               // floats per (slot, t): b1, b2, wx0, wx1, wout
+  static constexpr int kConst = 20;  // floats per (slot, t): b1, b2, wx0, wx1, wout, b_out, 0, 0
   static constexpr int kTotal = 3 * kFrag + NP * 4 * kConst;  // floats of shared memory
   static constexpr int kTotalBwd = kTotal + 3 * kFrag;  // + the transposed fragments
   static constexpr int kCoords = 16 * MT;         // coordinates per warp step
@@ -145,12 +145,12 @@ struct LstmMmaShape {
   // The staged forward (lstm_mma_forward_staged): one block per SM, since its warps' staging
   // buffers and the weights share the SM's shared memory; the same registers per thread.
   static constexpr int kStagedThreads = HB <= 24 ? 512 : 384;
-  static constexpr int kStagedFloats = kTotal + 4;  // its shared memory before the buffers: + b_out
 };
 
 // Thread `tid` of `nthreads` writes its share of the staged weights (the caller syncs).
 // Matrices 0, 1, 2: w_hh1, w_ih2, w_hh2. Then per (slot p, t), unit u = 4p + t, gates q:
-// b1[q] = b_ih1 + b_hh1, b2[q], wx0[q] = w_ih1[qH + u, 0], wx1[q] (0 if n_in = 1), wout.
+// b1[q] = b_ih1 + b_hh1, b2[q], wx0[q] = w_ih1[qH + u, 0], wx1[q] (0 if n_in = 1), wout, and
+// b_out in every entry's padding (lstm_mma_b_out_at: where the staged forward reads it).
 template <int HB>
 PYMETA_HD void lstm_mma_stage(float* sm, const LstmOptWeights<float>& W, int H, int n_in,
                               int tid, int nthreads) {
@@ -199,7 +199,8 @@ PYMETA_HD void lstm_mma_stage(float* sm, const LstmOptWeights<float>& W, int H, 
       o[12 + q] = v && n_in > 1 ? W.w_ih1[r * n_in + 1] : 0.0f;
     }
     o[16] = u < H ? W.w_out[u] : 0.0f;
-    o[17] = o[18] = o[19] = 0.0f;
+    o[17] = W.b_out[0];
+    o[18] = o[19] = 0.0f;
   }
 }
 
@@ -597,10 +598,15 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
 }
 
 // The head's bias: a value, or (the staged forward) read where it is used from shared memory,
-// since a register held across the persistent loop spills there, and with ~200 KB of shared
-// memory beside it the L1 rarely keeps the spill.
+// since a register held across the persistent loop spills there, and with ~214 KB of shared
+// memory in use the L1 rarely keeps the spill.
 PYMETA_WARP float lstm_mma_b_out(float v) { return v; }
 PYMETA_WARP float lstm_mma_b_out(const float* p) { return *warp_opaque(p); }
+// Where lstm_mma_stage put b_out in shared memory (the first constants entry's float 17).
+template <int HB>
+PYMETA_HD const float* lstm_mma_b_out_at(const float* sm) {
+  return sm + 3 * LstmMmaShape<HB>::kFrag + 17;
+}
 
 // The sum over the 4 threads of a row (fixed order: bitwise the same on every run).
 PYMETA_WARP float lstm_mma_row_sum(float v) {

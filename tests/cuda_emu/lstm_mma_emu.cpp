@@ -305,15 +305,17 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
           lanes.emplace_back([&, l, bx] {
             tl_lane = l;
             warp = &wp;
-            // b_out by pointer, as the kernel passes its shared-memory copy
+            // b_out read where lstm_mma_stage put it, as the kernel does
             if (off32)
               lstm_mma_forward_staged<HB, St, true>(
-                  sm.data(), bufs, buf, s, &W.b_out[0], grad.data(), st_in.data(), u2.data(),
-                  ns2.data(), N, int64_t(bx) * S::kCoords, grid * S::kCoords, vec);
+                  sm.data(), bufs, buf, s, lstm_mma_b_out_at<HB>(sm.data()), grad.data(),
+                  st_in.data(), u2.data(), ns2.data(), N, int64_t(bx) * S::kCoords,
+                  grid * S::kCoords, vec);
             else
               lstm_mma_forward_staged<HB, St>(
-                  sm.data(), bufs, buf, s, &W.b_out[0], grad.data(), st_in.data(), u2.data(),
-                  ns2.data(), N, int64_t(bx) * S::kCoords, grid * S::kCoords, vec);
+                  sm.data(), bufs, buf, s, lstm_mma_b_out_at<HB>(sm.data()), grad.data(),
+                  st_in.data(), u2.data(), ns2.data(), N, int64_t(bx) * S::kCoords,
+                  grid * S::kCoords, vec);
             warp_cp_async_wait_n(0);
           });
         for (auto& th : lanes) th.join();
@@ -323,7 +325,7 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
           std::memcmp(ns2.data(), ns_want.data(), ns2.size() * sizeof(St))) {
         std::printf("FAIL staged forward, %s, %s copies, landing %s, %s stores (H %d, n_in %d, "
                     "N %lld)\n", what, vec ? "16-byte" : "4-byte",
-                    land_at_wait ? "at the wait" : "at once", off32 ? "32-bit" : "64-bit", H,
+                    mode % 2 ? "at the wait" : "at once", off32 ? "32-bit" : "64-bit", H,
                     n_in, (long long)N);
         ++failures;
       }
@@ -468,7 +470,7 @@ static void run_wgrad(int H, int n_in, int64_t N, bool non_finite, std::mt19937&
             if (!ok) {
               std::printf("FAIL wgrad mma (H %d, n_in %d, N %lld, %d-byte copies landing %s) "
                           "chunk %lld C_%d[%d, %d]: %.9g vs %.9g\n", H, n_in, (long long)N,
-                          vec ? 16 : 4, land_at_wait ? "at the wait" : "at once",
+                          vec ? 16 : 4, mode & 1 ? "at the wait" : "at once",
                           (long long)c, q, a, b, got, sum);
               ++failures;
               bad = 1;
