@@ -10,6 +10,8 @@
 #   PYMETA_NCU=1 ...           # + Nsight Compute sections of the LSTM kernels (~1 min)
 #   PYMETA_MAML_MEMORY=1 ...   # + MAML peak memory vs inner steps, with checkpoint_steps (~1.5 min)
 #   PYMETA_LSTM_MEMORY=1 ...   # + LSTMOptimizer / unroll memory, float32 vs bfloat16 state (~40 s)
+#   PYMETA_MEM_PROBE=0 ...     # without bench/lstm_mem_probe.cu (the step's access patterns) and
+#                              # the sync forward's A / B (~30 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pymeta-gpu}
@@ -57,12 +59,24 @@ san_rc=$?
 # and the tensor-core weight gradients (block-wide double buffer)
 timeout 110 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize.py staged wgrad > "$OUT/racecheck.log" 2>&1
 race_rc=$?
+# barriers: the block-synchronized forward (every warp meets every __syncthreads)
+timeout 40 compute-sanitizer --tool synccheck --error-exitcode 9 $PY bench/sanitize.py sync >> "$OUT/racecheck.log" 2>&1
+sync_rc=$?; [ $race_rc -eq 0 ] && race_rc=$sync_rc
 san_s=$((SECONDS - t0))
 tail -5 "$OUT/sanitizer.log"
 tail -3 "$OUT/racecheck.log"
 
 
 t0=$SECONDS
+if [ "${PYMETA_MEM_PROBE:-1}" = 1 ]; then  # standalone (no torch): the forward's memory patterns
+  arch=sm_${TORCH_CUDA_ARCH_LIST//./}; arch=${arch%%[^a-z0-9_]*}
+  { nvcc -O3 -std=c++17 -arch="$arch" bench/lstm_mem_probe.cu -o "$OUT/mem_probe" &&
+    timeout 90 "$OUT/mem_probe" 10000000 15 16; } > "$OUT/mem_probe.log" 2>&1
+  rm -f "$OUT/mem_probe"
+  # the block-synchronized direct forward against the default, in alternating rounds
+  timeout 60 $PY bench/lstm_gpu_ab.py --op forward --N 1e6 1e7 --variant default: \
+    --variant sync:PYMETA_LSTM_SYNC=1 >> "$OUT/mem_probe.log" 2>&1
+fi
 # PYMETA_GOALS_ARGS=--no-compile: without torch.compile's reference column (~40 s less)
 timeout 170 $PY bench/lstm_gpu_goals.py ${PYMETA_GOALS_ARGS:-} > "$OUT/lstm_goals.log" 2>&1
 if [ "${PYMETA_LSTM_TIMING:-1}" = 1 ]; then  # PYMETA_LSTM_TIMING=0: without the H sweep (~60 s less)
@@ -87,7 +101,7 @@ fi
 extra_s=$((SECONDS - t0))
 if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons
   # (the first warm-up round's 10 launches: the 4 backward passes each with their wgrad kernel)
-  timeout 150 ncu -k regex:"forward_mma_kernel|forward_mma_staged_kernel|backward_smem_kernel|backward_smem_ahead_kernel|backward_smem_wide_kernel|backward_mma_kernel|wgrad_kernel|wgrad_mma_kernel" -c 10 \
+  timeout 150 ncu -k regex:"forward_mma_kernel|forward_mma_sync_kernel|forward_mma_staged_kernel|backward_smem_kernel|backward_smem_ahead_kernel|backward_smem_wide_kernel|backward_mma_kernel|wgrad_kernel|wgrad_mma_kernel" -c 10 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
     $PY bench/lstm_ncu.py > "$OUT/ncu.log" 2>&1
@@ -117,6 +131,7 @@ echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$
 echo "racecheck:  rc=$race_rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY| ran$' "$OUT/racecheck.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
 cat "$OUT/lstm_goals.log" | tail -24
+tail -35 "$OUT/mem_probe.log" 2>/dev/null
 tail -8 "$OUT/lstm_timing.log" 2>/dev/null
 grep -E "err vs loop|maml conv4|graph vs eager|capture|peak memory|vs float64" "$OUT/maml.log" 2>/dev/null
 grep -E "^steps=" "$OUT/maml_front.log" 2>/dev/null

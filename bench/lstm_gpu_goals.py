@@ -3,7 +3,8 @@
   forward (no_grad, float32, log_sign, H = 20) at N = 10k, 1M, 10M:
     native (tensor-core path), native CUDA-core path (PYMETA_LSTM_MMA=0), the staged
     tensor-core forward (PYMETA_LSTM_MMA_STAGED=1: cp.async of each warp's next step), the
-    direct one with 32-bit offsets ("off32", PYMETA_LSTM_OFF32=1; the same bits), native
+    direct one with 32-bit offsets ("off32", PYMETA_LSTM_OFF32=1; the same bits), the direct
+    one with a barrier per block step ("sync", PYMETA_LSTM_SYNC=1, H 17..20; the same bits), native
     on a bfloat16 state ("bf16": the direct tensor-core kernel reading and writing bfloat16,
     PYMETA_LSTM_MMA_STAGED=0; "bf16 stg": the staged one, the default; "bf16 chk": the float32
     kernel on chunks converted around it, PYMETA_LSTM_BF16_NATIVE=0), the eager nn.LSTMCell
@@ -63,6 +64,17 @@ def graph_time(fn, reps=20):
     return timed(replay, reps) if replay is not None else float("nan")
 
 
+def switched(name, fn, reps):
+    """fn timed with the switch `name` (PYMETA_LSTM_*) on, and whether its outputs then have
+    the default's bits."""
+    os.environ[name] = "1"
+    try:
+        ms, out = timed(fn, reps), fn()
+    finally:
+        del os.environ[name]
+    return ms, all(torch.equal(a, b) for a, b in zip(out, fn()))
+
+
 def copy_bandwidth():
     x = torch.empty(1 << (28 if DEV == "cuda" else 20), device=DEV)
     y = torch.empty_like(x)
@@ -73,7 +85,7 @@ def copy_bandwidth():
 def forward_table(H, compile_ref):
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'off32':>8} {'cuda-core':>9} {'staged':>8} {'bf16':>8} "
+    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'off32':>8} {'sync':>8} {'cuda-core':>9} {'staged':>8} {'bf16':>8} "
             f"{'bf16 stg':>8} {'bf16 chk':>8} | {'eager':>8} "
             f"{'compile':>8} {'adam':>7} | {'x eager':>7} {'x cmp':>6} {'x core':>6} | "
             f"{'roofline':>8} | {'err':>7}")
@@ -91,12 +103,8 @@ def forward_table(H, compile_ref):
         with torch.no_grad():
             nat = timed(lambda: native_step(net, grad, state), reps)
             gr = graph_time(lambda: native_step(net, grad, state), reps)
-            os.environ["PYMETA_LSTM_OFF32"] = "1"
-            o32 = timed(lambda: native_step(net, grad, state), reps)
-            out32 = native_step(net, grad, state)
-            del os.environ["PYMETA_LSTM_OFF32"]
-            same32 = all(torch.equal(a, b) for a, b in zip(out32, native_step(net, grad, state)))
-            del out32
+            o32, same32 = switched("PYMETA_LSTM_OFF32", lambda: native_step(net, grad, state), reps)
+            syn, same_syn = switched("PYMETA_LSTM_SYNC", lambda: native_step(net, grad, state), reps)
             os.environ["PYMETA_LSTM_MMA"] = "0"
             core = timed(lambda: native_step(net, grad, state), reps)
             u_core = native_step(net, grad, state)[0]
@@ -127,11 +135,11 @@ def forward_table(H, compile_ref):
         adam = torch.optim.Adam([prm], lr=1e-3, fused=DEV == "cuda")
         ad = timed(adam.step, reps)
         floor = (32 * H + 8) * N / bw * 1e3
-        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {o32:>8.4f} {core:>9.4f} {stg:>8.4f} {b16:>8.4f} {b16s:>8.4f} "
+        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {o32:>8.4f} {syn:>8.4f} {core:>9.4f} {stg:>8.4f} {b16:>8.4f} {b16s:>8.4f} "
               f"{b16c:>8.4f} | {eager:>8.4f} {cmp:>8.4f} "
               f"{ad:>7.4f} | {eager / nat:>7.1f} {cmp / nat:>6.1f} {core / nat:>6.1f} | "
               f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e}, staged vs direct "
-              f"{err_stg:.0e}, bf16 vs upcast {err16:.0e}, off32 same bits {same32}; staged roofline {floor / stg:.0%}, bf16 "
+              f"{err_stg:.0e}, bf16 vs upcast {err16:.0e}, off32 same bits {same32}, sync {same_syn}; staged roofline {floor / stg:.0%}, bf16 "
               f"roofline {(16 * H + 8) * N / bw * 1e3 / min(b16, b16s):.0%})",
               flush=True)
         del net, grad, state, st, prm, adam

@@ -3,7 +3,8 @@
 every rate form, forward and backward.
   python bench/sanitize.py                # every kernel
   python bench/sanitize.py staged wgrad   # only the cp.async kernels: the staged forward and
-                                          # the tensor-core weight gradients (for racecheck)"""
+                                          # the tensor-core weight gradients (for racecheck)
+  python bench/sanitize.py sync           # only the block-synchronized forward (synccheck)"""
 import os
 import sys
 
@@ -78,6 +79,19 @@ def lstm():
     del os.environ["PYMETA_LSTM_OFF32"]
 
 
+def sync():
+    # the block-synchronized direct forward (PYMETA_LSTM_SYNC=1: float32, H 17..20): one block
+    # step (N = 40: 5 of 8 warps idle at the barrier), a partial last block step (5003), and
+    # several block steps per block (100_003)
+    os.environ["PYMETA_LSTM_SYNC"] = "1"
+    for H in (17, 20):
+        net = pymeta.LSTMOptimizerNet(H).to(dev)
+        for N in (40, 5003, 100_003):
+            with torch.no_grad():
+                net(torch.randn(N, device=dev), torch.randn(4, H, N, device=dev) * 0.1)
+    del os.environ["PYMETA_LSTM_SYNC"]
+
+
 def staged():
     # the staged tensor-core forward (PYMETA_LSTM_MMA_STAGED=1; the default for bfloat16): 16-byte copies (N a
     # multiple of 4, or 8 for bfloat16), 4-byte copies (N odd, or a state at a storage offset
@@ -120,6 +134,10 @@ if not only:
     lstm()
     torch.cuda.synchronize()
     print("sanitize.py: lstm kernels ran")
+if not only or "sync" in only:
+    sync()
+    torch.cuda.synchronize()
+    print("sanitize.py: synchronized forward ran")
 if not only or "staged" in only:
     os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
     os.environ["PYMETA_LSTM_OFF32"] = "0"  # 64-bit store offsets, then 32-bit ones

@@ -768,6 +768,17 @@ def test_cuda_staged_forward_matches_direct_forward(H, N, kind, off32, monkeypat
     _staged_vs_direct(H, N, kind, monkeypatch, check_ran=False, off32=off32)
 
 
+def _forward_kernels_under(inputs, monkeypatch, **switches):
+    """The forward op on `inputs` with the PYMETA_LSTM_* `switches` set: its outputs and the
+    names of the tensor-core forward kernels that ran (torch.profiler)."""
+    for key, value in switches.items():
+        monkeypatch.setenv(key, value)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = OP(*inputs, "log_sign", 10.0, 0.1)
+        torch.cuda.synchronize()
+    return got, [e.name for e in prof.events() if "forward_mma" in e.name]
+
+
 @native_only
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -785,15 +796,33 @@ def test_cuda_forward_32bit_offsets_same_bits(H, N, bf16, monkeypatch):
         monkeypatch.setenv("PYMETA_LSTM_MMA_STAGED", "0")  # the direct kernel
     monkeypatch.setenv("PYMETA_LSTM_OFF32", "0")  # (on by default: bfloat16 at H <= 20)
     want = OP(*inputs, "log_sign", 10.0, 0.1)
-    monkeypatch.setenv("PYMETA_LSTM_OFF32", "1")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        got = OP(*inputs, "log_sign", 10.0, 0.1)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if "forward_mma_kernel<" in e.name]
-    assert names and all(", true>" in n for n in names), names
+    got, names = _forward_kernels_under(inputs, monkeypatch, PYMETA_LSTM_OFF32="1")
+    assert names and all("forward_mma_kernel<" in n and ", true>" in n for n in names), names
     for a, b in zip(got, want):
         assert torch.equal(a.view(torch.int16) if bf16 and a.dim() == 3 else a.view(torch.int32),
                            b.view(torch.int16) if bf16 and b.dim() == 3 else b.view(torch.int32))
+
+
+@native_only
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("H", [7, 17, 20, 32])
+@pytest.mark.parametrize("N", [40, 100_003, 1_000_000])
+def test_cuda_forward_sync_same_bits(H, N, monkeypatch):
+    """PYMETA_LSTM_SYNC=1: the direct tensor-core forward with a barrier per block step
+    (forward_mma_sync_kernel; float32 at H 17..20 with 64-bit offsets) gives the default
+    kernel's bits, NaN grads included: one block step with idle warps (N = 40), a partial last
+    block step, many block steps per block. The profiler shows it ran where it applies and
+    only there."""
+    for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_MMA"):
+        monkeypatch.delenv(key, raising=False)
+    inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
+    inputs[0][[3, N - 1]] = float("nan")
+    want = OP(*inputs, "log_sign", 10.0, 0.1)
+    got, names = _forward_kernels_under(inputs, monkeypatch, PYMETA_LSTM_SYNC="1")
+    assert names and all(("forward_mma_sync_kernel" in n) == (17 <= H <= 20) for n in names), names
+    for a, b in zip(got, want):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 @native_only

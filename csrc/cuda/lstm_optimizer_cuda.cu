@@ -146,9 +146,12 @@ backward_smem_wide_kernel(const __grid_constant__ LstmOptLaunch L,
 // ---- tensor-core forward (float, H <= 32, sm_80+): lstm_optimizer_mma.cuh ----------------
 // St: the state's storage type, float or uint16_t (bfloat16 bits, L.state_bf16). kOff32:
 // 32-bit element offsets (the state has fewer than 2^31 elements; forward_off32).
-template <int HB, typename St, bool kOff32 = false>
-__global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
-forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
+// kSync (forward_mma_sync_kernel): a barrier after every step, so that the block's 8 warps
+// work on one block step (8 x 16 adjacent coordinates) at a time and each state row is read
+// and written in 512-byte runs together, where free-running warps drift apart and leave
+// 64-byte pieces of every row to the memory system (bench/NOTES_lstm.md, thirteenth session).
+template <int HB, typename St, bool kOff32, bool kSync>
+__device__ __forceinline__ void forward_mma_body(const LstmOptLaunch& L, const Params<float>& P) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sm = reinterpret_cast<float*>(smem_raw);
   lstm_mma_stage<HB>(sm, P.W, P.s.H, P.s.n_in, threadIdx.x, blockDim.x);
@@ -156,11 +159,41 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
   const int warps = blockDim.x / 32;
   const int64_t step = LstmMmaShape<HB>::kCoords;
   const float b_out = P.W.b_out[0];
-  for (int64_t base = (int64_t(blockIdx.x) * warps + threadIdx.x / 32) * step; base < L.N;
-       base += int64_t(gridDim.x) * warps * step)  // warp-uniform: the mma needs all 32 lanes
+  auto warp_step = [&](int64_t base) {
     lstm_mma_forward_warp<HB, St, kOff32>(sm, P.s, b_out, static_cast<const float*>(L.grad),
-                                  static_cast<const St*>(L.state), static_cast<float*>(L.update),
-                                  static_cast<St*>(L.new_state), L.N, base);
+                                          static_cast<const St*>(L.state),
+                                          static_cast<float*>(L.update),
+                                          static_cast<St*>(L.new_state), L.N, base);
+  };
+  const int64_t stride = int64_t(gridDim.x) * warps * step;
+  if constexpr (kSync) {  // a block-uniform trip count: every warp meets every barrier
+    const int64_t wofs = int64_t(threadIdx.x / 32) * step;
+    for (int64_t bb = int64_t(blockIdx.x) * warps * step; bb < L.N; bb += stride) {
+      if (bb + wofs < L.N) warp_step(bb + wofs);  // warp-uniform: the mma needs all 32 lanes
+      __syncthreads();
+    }
+  } else {
+    for (int64_t base = (int64_t(blockIdx.x) * warps + threadIdx.x / 32) * step; base < L.N;
+         base += stride)  // warp-uniform: the mma needs all 32 lanes
+      warp_step(base);
+  }
+}
+
+template <int HB, typename St, bool kOff32 = false>
+__global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
+forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
+  forward_mma_body<HB, St, kOff32, false>(L, P);
+}
+
+// Opt-in (PYMETA_LSTM_SYNC=1), float32 at H in 17..20 with 64-bit offsets only (the default
+// kernel there), as one more instance is ~5 s of the file's build. ptxas (sm_90): 128
+// registers, 4 B of spills, as forward_mma_kernel; 2355 vs 2298 instructions per warp step.
+// Not run on a GPU yet (thirteenth session): bench/lstm_mem_probe.cu measures the idea.
+template <int HB, typename St, bool kOff32 = false>
+__global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
+forward_mma_sync_kernel(const __grid_constant__ LstmOptLaunch L,
+                        const __grid_constant__ Params<float> P) {
+  forward_mma_body<HB, St, kOff32, true>(L, P);
 }
 
 // The same forward with each warp's next step copied into shared memory (cp.async) while the
@@ -543,10 +576,13 @@ static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward
     SmemLaunch s{};
     const size_t bytes = sizeof(float) * (backward ? S::kTotalBwd : S::kTotal);
     const bool off32 = forward_off32(L);
-    const auto fwd = L.state_bf16 ? (off32 ? forward_mma_kernel<HB, uint16_t, true>
-                                           : forward_mma_kernel<HB, uint16_t>)
-                                  : (off32 ? forward_mma_kernel<HB, float, true>
-                                           : forward_mma_kernel<HB, float>);
+    auto fwd = L.state_bf16 ? (off32 ? forward_mma_kernel<HB, uint16_t, true>
+                                     : forward_mma_kernel<HB, uint16_t>)
+                            : (off32 ? forward_mma_kernel<HB, float, true>
+                                     : forward_mma_kernel<HB, float>);
+    if constexpr (HB == 20)  // opt-in: the block's warps a step at a time (forward_mma_sync_kernel)
+      if (!backward && !L.state_bf16 && !off32 && env_switch("PYMETA_LSTM_SYNC") == 1)
+        fwd = forward_mma_sync_kernel<20, float>;
     int e = backward ? plan_smem(backward_mma_kernel<HB>, threads, bytes, tiles, &s)
                      : plan_smem(fwd, threads, bytes, tiles, &s);
     if (e) return e;
