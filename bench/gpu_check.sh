@@ -59,22 +59,30 @@ san_rc=$?
 # and the tensor-core weight gradients (block-wide double buffer)
 timeout 110 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize.py staged wgrad > "$OUT/racecheck.log" 2>&1
 race_rc=$?
-# barriers: the block-synchronized forward (every warp meets every __syncthreads)
-timeout 40 compute-sanitizer --tool synccheck --error-exitcode 9 $PY bench/sanitize.py sync >> "$OUT/racecheck.log" 2>&1
-sync_rc=$?; [ $race_rc -eq 0 ] && race_rc=$sync_rc
+# barriers: the block-synchronized forwards (every warp meets every __syncthreads)
+timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 $PY bench/sanitize.py sync > "$OUT/synccheck.log" 2>&1
+sync_rc=$?
 san_s=$((SECONDS - t0))
 tail -5 "$OUT/sanitizer.log"
 tail -3 "$OUT/racecheck.log"
+tail -2 "$OUT/synccheck.log"
 
 
 t0=$SECONDS
 if [ "${PYMETA_MEM_PROBE:-1}" = 1 ]; then  # standalone (no torch): the forward's memory patterns
-  arch=sm_${TORCH_CUDA_ARCH_LIST//./}; arch=${arch%%[^a-z0-9_]*}
-  { nvcc -O3 -std=c++17 -arch="$arch" bench/lstm_mem_probe.cu -o "$OUT/mem_probe" &&
+  # this GPU's architecture, and the nvcc and host compiler the build used
+  cap=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+  nvcc_bin=$(sed -n 's/^CMAKE_CUDA_COMPILER:[A-Z]*=//p' build-gpu/CMakeCache.txt 2>/dev/null)
+  { "${nvcc_bin:-nvcc}" -ccbin "${CXX:-g++}" -O3 -std=c++17 -arch="sm_$cap" \
+      bench/lstm_mem_probe.cu -o "$OUT/mem_probe" &&
     timeout 90 "$OUT/mem_probe" 10000000 15 16; } > "$OUT/mem_probe.log" 2>&1
   rm -f "$OUT/mem_probe"
-  # the block-synchronized direct forward against the default, in alternating rounds
-  timeout 60 $PY bench/lstm_gpu_ab.py --op forward --N 1e6 1e7 --variant default: \
+  # the block-synchronized kernels (forward direct and staged, backward pass) against their
+  # free-running forms, in alternating rounds
+  timeout 90 $PY bench/lstm_gpu_ab.py --op forward --N 1e6 1e7 --variant default: \
+    --variant sync:PYMETA_LSTM_SYNC=1 --variant staged:PYMETA_LSTM_MMA_STAGED=1 \
+    --variant stg_sync:PYMETA_LSTM_MMA_STAGED=1,PYMETA_LSTM_SYNC=1 >> "$OUT/mem_probe.log" 2>&1
+  timeout 60 $PY bench/lstm_gpu_ab.py --op backward --N 2e5 1e6 --variant default: \
     --variant sync:PYMETA_LSTM_SYNC=1 >> "$OUT/mem_probe.log" 2>&1
 fi
 # PYMETA_GOALS_ARGS=--no-compile: without torch.compile's reference column (~40 s less)
@@ -101,7 +109,7 @@ fi
 extra_s=$((SECONDS - t0))
 if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons
   # (the first warm-up round's 10 launches: the 4 backward passes each with their wgrad kernel)
-  timeout 150 ncu -k regex:"forward_mma_kernel|forward_mma_sync_kernel|forward_mma_staged_kernel|backward_smem_kernel|backward_smem_ahead_kernel|backward_smem_wide_kernel|backward_mma_kernel|wgrad_kernel|wgrad_mma_kernel" -c 10 \
+  timeout 150 ncu -k regex:"forward_mma_kernel|forward_mma_sync_kernel|forward_mma_staged_kernel|backward_smem_kernel|backward_smem_ahead_kernel|backward_smem_ahead_sync_kernel|backward_smem_wide_kernel|backward_mma_kernel|wgrad_kernel|wgrad_mma_kernel" -c 10 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
     $PY bench/lstm_ncu.py > "$OUT/ncu.log" 2>&1
@@ -129,9 +137,10 @@ echo "build:      ${build_s}s (archs $TORCH_CUDA_ARCH_LIST)"
 echo "cuda tests: rc=$tests_rc ${tests_s}s: $(tail -1 "$OUT/tests.log")"
 echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$OUT/sanitizer.log" | tr '\n' ' ')"
 echo "racecheck:  rc=$race_rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY| ran$' "$OUT/racecheck.log" | tr '\n' ' ')"
+echo "synccheck:  rc=$sync_rc: $(grep -E 'ERROR SUMMARY| ran$' "$OUT/synccheck.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
 cat "$OUT/lstm_goals.log" | tail -24
-tail -35 "$OUT/mem_probe.log" 2>/dev/null
+tail -33 "$OUT/mem_probe.log" 2>/dev/null
 tail -8 "$OUT/lstm_timing.log" 2>/dev/null
 grep -E "err vs loop|maml conv4|graph vs eager|capture|peak memory|vs float64" "$OUT/maml.log" 2>/dev/null
 grep -E "^steps=" "$OUT/maml_front.log" 2>/dev/null
@@ -139,4 +148,4 @@ echo "bench:      rc=$bench_rc ${bench_s}s"
 sed -n '/^$/,$p' "$OUT/bench.log"
 # the logs as one file (the device tool brings back at most 8 files from $OUT)
 (cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./* && find . -maxdepth 1 -type f ! -name logs.tgz -delete)
-[ $tests_rc -eq 0 ] && [ $san_rc -eq 0 ] && [ $race_rc -eq 0 ] && [ $bench_rc -eq 0 ]
+[ $tests_rc -eq 0 ] && [ $san_rc -eq 0 ] && [ $race_rc -eq 0 ] && [ $sync_rc -eq 0 ] && [ $bench_rc -eq 0 ]

@@ -66,13 +66,19 @@ def graph_time(fn, reps=20):
 
 def switched(name, fn, reps):
     """fn timed with the switch `name` (PYMETA_LSTM_*) on, and whether its outputs then have
-    the default's bits."""
+    the bits they have with it off."""
+    saved = os.environ.get(name)
     os.environ[name] = "1"
     try:
         ms, out = timed(fn, reps), fn()
-    finally:
-        del os.environ[name]
-    return ms, all(torch.equal(a, b) for a, b in zip(out, fn()))
+        os.environ[name] = "0"
+        same = all(torch.equal(a, b) for a, b in zip(out, fn()))
+    finally:  # the caller's environment back
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+    return ms, same
 
 
 def copy_bandwidth():
@@ -152,9 +158,10 @@ def backward_table(H):
     gradients) vs the tensor-core pass (PYMETA_LSTM_MMA_BWD=1), the CUDA-core weight-gradient
     tiles (PYMETA_LSTM_WG_MMA=0), the pass's plain loops (PYMETA_LSTM_BWD_AHEAD=0) and its
     loads ahead (PYMETA_LSTM_BWD_AHEAD=1), the plain loops at 6 blocks per SM
-    (PYMETA_LSTM_BWD_WIDE=1) and the default form with 32-bit offsets (PYMETA_LSTM_OFF32=1)."""
+    (PYMETA_LSTM_BWD_WIDE=1), the default form with 32-bit offsets (PYMETA_LSTM_OFF32=1) and
+    with a barrier per coordinate round (PYMETA_LSTM_SYNC=1, H 17..20)."""
     print(f"\nbackward op, H={H}, ms per call: default | tensor-core pass | cuda-core wgrad | "
-          "plain loops | loads ahead | wide | off32")
+          "plain loops | loads ahead | wide | off32 | sync")
     for N in SIZES[:2] + (200_000,):
         torch.manual_seed(0)
         net = pymeta.LSTMOptimizerNet(H).to(DEV)
@@ -167,7 +174,8 @@ def backward_table(H):
         res = []
         for env in ({}, {"PYMETA_LSTM_MMA_BWD": "1"}, {"PYMETA_LSTM_WG_MMA": "0"},
                     {"PYMETA_LSTM_BWD_AHEAD": "0"}, {"PYMETA_LSTM_BWD_AHEAD": "1"},
-                    {"PYMETA_LSTM_BWD_WIDE": "1"}, {"PYMETA_LSTM_OFF32": "1"}):
+                    {"PYMETA_LSTM_BWD_WIDE": "1"}, {"PYMETA_LSTM_OFF32": "1"},
+                    {"PYMETA_LSTM_SYNC": "1"}):
             os.environ.update(env)
             res.append(timed(op))
             for k in env:
@@ -202,10 +210,10 @@ def unroll_table(H, N=200_000, T=20):
     variants = {"cuda-core": {"PYMETA_LSTM_MMA": "0", "PYMETA_LSTM_WG_MMA": "0"},
                 "cc-wgrad": {"PYMETA_LSTM_WG_MMA": "0"}, "plain": {"PYMETA_LSTM_BWD_AHEAD": "0"},
                 "mma-bwd": {"PYMETA_LSTM_MMA_BWD": "1"}, "wide": {"PYMETA_LSTM_BWD_WIDE": "1"},
-                "off32": {"PYMETA_LSTM_OFF32": "1"}}
+                "off32": {"PYMETA_LSTM_OFF32": "1"}, "sync": {"PYMETA_LSTM_SYNC": "1"}}
     for name, native in (("native", True), ("cuda-core", True), ("bf16", True),
                          ("cc-wgrad", True), ("plain", True), ("mma-bwd", True), ("wide", True),
-                         ("off32", True), ("eager", False)):
+                         ("off32", True), ("sync", True), ("eager", False)):
         os.environ.update(variants.get(name, {}))
         sd = torch.bfloat16 if name == "bf16" else None
         with pymeta.use_backend("native" if native else "reference"):
@@ -235,7 +243,9 @@ def unroll_table(H, N=200_000, T=20):
           f"gradients {out['cc-wgrad'][0]:.3f} ms, meta-grad rel err {err_cc:.1e}; the pass's "
           f"plain loops {out['plain'][0]:.3f} ms; tensor-core pass {out['mma-bwd'][0]:.3f} ms; "
           f"wide CUDA-core pass {out['wide'][0]:.3f} ms; 32-bit offsets {out['off32'][0]:.3f} ms, "
-          f"same meta-gradient bits {all(torch.equal(a, b) for a, b in zip(out['off32'][2], out['native'][2]))})")
+          f"same meta-gradient bits {all(torch.equal(a, b) for a, b in zip(out['off32'][2], out['native'][2]))}; "
+          f"a barrier per block step {out['sync'][0]:.3f} ms, same bits "
+          f"{all(torch.equal(a, b) for a, b in zip(out['sync'][2], out['native'][2]))})")
     # The eager reference moved by 16-24% between passes and runs (bench/RESULTS.md, runs
     # 11-13), so the ratio is also taken from alternating pairs: native, eager, native, ...
     pairs = []

@@ -113,7 +113,7 @@ struct Step {
 // each state row) reach the memory system together.
 enum Mode { kPlain = 0, kPrefetch = 1, kSync = 2 };
 template <int MT, int layout, int mode>
-__global__ void __launch_bounds__(256) direct_kernel(Args a) {
+__global__ void __launch_bounds__(256, 2) direct_kernel(Args a) {  // 16 warps per SM, as the real one
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
   const long long W = (long long)gridDim.x * (blockDim.x >> 5);
   const long long stride = 16LL * MT * W;
@@ -152,7 +152,8 @@ __global__ void __launch_bounds__(256) direct_kernel(Args a) {
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes)
+               : "memory");
 }
 
 // The staged pattern: per warp two buffers of 16 grads + 80 rows x 16 floats (row halves
@@ -167,11 +168,11 @@ __device__ __forceinline__ void stage(float* buf, const Args& a, long long base,
   const bool ok = base + col < a.N;
   for (int row = lane >> 2; row < kRows; row += 8)
     cp_async16(buf + buf_index(row, col), a.state + (ok ? row * a.N + base + col : 0), ok ? 16 : 0);
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
 template <bool kSync>  // kSync: stagedsync, a barrier per step as in fm16sync
-__global__ void __launch_bounds__(256) staged_kernel(Args a) {
+__global__ void __launch_bounds__(512, 1) staged_kernel(Args a) {  // one 16-warp block per SM, as the real one
   extern __shared__ __align__(16) float smem[];
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
   float* bufs = smem + 2 * kBufFloats * warp;
@@ -183,8 +184,8 @@ __global__ void __launch_bounds__(256) staged_kernel(Args a) {
   for (long long bb = first, k = 0; (kSync ? bb : base) < a.N; bb += stride, base += stride, k ^= 1) {
     if (base < a.N) {
       if (base + stride < a.N) stage(bufs + (k ^ 1) * kBufFloats, a, base + stride, lane);
-      else asm volatile("cp.async.commit_group;\n" ::);
-      asm volatile("cp.async.wait_group 1;\n" ::);
+      else asm volatile("cp.async.commit_group;\n" ::: "memory");
+      asm volatile("cp.async.wait_group 1;\n" ::: "memory");
       __syncwarp();
       const float* b = bufs + k * kBufFloats;
       Step<1, kFM> cur;
@@ -216,22 +217,24 @@ struct Buffers {
 };
 
 // Fills the state and grad of the first n coordinates (and the blocked layout's slack past
-// them) and clears the outputs there.
+// them; the grad with values no state element has) and sets the outputs there to NaN.
 static size_t extent(long long n) { return size_t(kRows) * n + 16 * kRows; }
 static void fill(const Buffers& b, long long n) {
   std::vector<float> h(extent(n));
   for (size_t i = 0; i < h.size(); ++i) h[i] = float(int((i * 2654435761u) % 20011u) - 10005) * 1e-3f;
   CK(cudaMemcpy(b.state, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+  for (long long i = 0; i < n; ++i) h[i] += 100.0f;
   CK(cudaMemcpy(b.grad, h.data(), n * 4, cudaMemcpyHostToDevice));
-  CK(cudaMemset(b.out, 0, h.size() * 4));
-  CK(cudaMemset(b.update, 0, n * 4));
+  CK(cudaMemset(b.out, 0xff, h.size() * 4));
+  CK(cudaMemset(b.update, 0xff, n * 4));
 }
 
 struct Variant {
   const char* name;
   const void* fn;  // the kernel (occupancy); nullptr: the copy
-  int layout;  // where the check reads the state
+  int layout;      // where the check reads the state
   void (*launch)(const Args&, int blocks, int threads, size_t smem);
+  int threads;     // per block
   size_t smem_per_warp;
 };
 
@@ -249,10 +252,19 @@ static void launch_copy(const Args& a, int blocks, int threads, size_t) {
                                    reinterpret_cast<float4*>(a.update), a.N / 4);
 }
 
-static bool check(const Variant& v, const Buffers& b, long long N, int K, int blocks, int threads) {
+// Blocks per SM for a variant: as many as fit (registers, shared memory), at most what
+// `warps_per_sm` asks for; the copy: 8 blocks of 256.
+static int blocks_per_sm(const Variant& v, int warps_per_sm) {
+  if (!v.fn) return 8;
+  int per_sm = 0;
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, v.fn, v.threads, v.smem_per_warp * (v.threads / 32)));
+  return std::max(1, std::min(per_sm, warps_per_sm / (v.threads / 32)));
+}
+
+static bool check(const Variant& v, const Buffers& b, long long N, int K) {
   fill(b, N);
   Args a{b.grad, b.state, b.update, b.out, N, K, 0.0f};
-  v.launch(a, blocks, threads, v.smem_per_warp * (threads / 32));
+  v.launch(a, 8, v.threads, v.smem_per_warp * (v.threads / 32));  // 8 blocks: many steps each
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());
   std::vector<float> s(extent(N)), o(s.size()), g(N), u(N);
@@ -268,51 +280,55 @@ static bool check(const Variant& v, const Buffers& b, long long N, int K, int bl
       bad += o[i] != s[i];
     }
   }
-  if (bad) std::printf("CHECK FAILED %s N=%lld K=%d: %lld wrong values\n", v.name, N, K, bad);
+  if (bad) std::printf("CHECK FAILED %s N=%lld K=%d: %lld wrong values (not timed)\n", v.name, N, K, bad);
   return bad == 0;
 }
 
 int main(int argc, char** argv) {
+  setvbuf(stdout, nullptr, _IOLBF, 0);  // each line reaches the log even if a timeout kills us
   const long long N = argc > 1 ? std::atoll(argv[1]) : 10000000LL;
   const int reps = argc > 2 ? std::atoi(argv[2]) : 15;
   const int warps_per_sm = argc > 3 ? std::atoi(argv[3]) : 16;
-  if (N < 16 || N % 16 || reps < 1 || warps_per_sm < 8 || warps_per_sm % 8) {
-    std::fprintf(stderr, "usage: probe [N: a multiple of 16] [reps >= 1] [warps per SM: a multiple of 8]\n");
+  if (N < 16 || N % 16 || reps < 1 || warps_per_sm < 16 || warps_per_sm % 16) {
+    std::fprintf(stderr, "usage: probe [N: a multiple of 16] [reps >= 1] [warps per SM: a multiple of 16]\n");
     return 2;
   }
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const size_t staged_smem = 2 * kBufFloats * 4;  // per warp
-  CK(cudaFuncSetAttribute(staged_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(8 * staged_smem)));
-  CK(cudaFuncSetAttribute(staged_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(8 * staged_smem)));
-  std::printf("%s, %d SMs, N = %lld, %d warps per SM requested, H = %d float32\n", prop.name,
-              prop.multiProcessorCount, N, warps_per_sm, kH);
+  CK(cudaFuncSetAttribute(staged_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(16 * staged_smem)));
+  CK(cudaFuncSetAttribute(staged_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(16 * staged_smem)));
+  std::printf("%s, %d SMs, N = %lld, H = %d float32, up to %d warps per SM; ms per launch "
+              "(median of %d) at K rounds of synthetic math per warp step\n", prop.name,
+              prop.multiProcessorCount, N, kH, warps_per_sm, reps);
 
   const Variant variants[] = {
-      {"copy", nullptr, kFM, launch_copy, 0},
-      {"fm16", (const void*)direct_kernel<1, kFM, kPlain>, kFM, launch_direct<1, kFM, kPlain>, 0},
-      {"fm16pf", (const void*)direct_kernel<1, kFM, kPrefetch>, kFM, launch_direct<1, kFM, kPrefetch>, 0},
-      {"fm16sync", (const void*)direct_kernel<1, kFM, kSync>, kFM, launch_direct<1, kFM, kSync>, 0},
-      {"fm32", (const void*)direct_kernel<2, kFM, kPlain>, kFM, launch_direct<2, kFM, kPlain>, 0},
-      {"staged", (const void*)staged_kernel<false>, kFM, launch_staged<false>, staged_smem},
-      {"stagedsync", (const void*)staged_kernel<true>, kFM, launch_staged<true>, staged_smem},
-      {"blk16", (const void*)direct_kernel<1, kBLK, kPlain>, kBLK, launch_direct<1, kBLK, kPlain>, 0},
+      {"copy", nullptr, kFM, launch_copy, 256, 0},
+      {"fm16", (const void*)direct_kernel<1, kFM, kPlain>, kFM, launch_direct<1, kFM, kPlain>, 256, 0},
+      {"fm16pf", (const void*)direct_kernel<1, kFM, kPrefetch>, kFM, launch_direct<1, kFM, kPrefetch>, 256, 0},
+      {"fm16sync", (const void*)direct_kernel<1, kFM, kSync>, kFM, launch_direct<1, kFM, kSync>, 256, 0},
+      {"fm32", (const void*)direct_kernel<2, kFM, kPlain>, kFM, launch_direct<2, kFM, kPlain>, 256, 0},
+      {"staged", (const void*)staged_kernel<false>, kFM, launch_staged<false>, 512, staged_smem},
+      {"stagedsync", (const void*)staged_kernel<true>, kFM, launch_staged<true>, 512, staged_smem},
+      {"blk16", (const void*)direct_kernel<1, kBLK, kPlain>, kBLK, launch_direct<1, kBLK, kPlain>, 256, 0},
   };
+  constexpr int nv = sizeof(variants) / sizeof(variants[0]);
 
   Buffers b{};
   CK(cudaMalloc(&b.grad, N * 4));
   CK(cudaMalloc(&b.update, N * 4));
   CK(cudaMalloc(&b.state, extent(N) * 4));
   CK(cudaMalloc(&b.out, extent(N) * 4));
-  const int threads = 256;
 
-  // correctness first, on a short N with a partial last step for the direct kernels
-  bool ok = true;
-  for (const Variant& v : variants)
-    for (long long n : {16LL * 1000, 16LL * 20000 + (v.launch == launch_copy ? 0 : 4)})
-      for (int K : {0, 3}) ok = check(v, b, n, K, 8, threads) && ok;
-  if (!ok) return 1;
-  std::printf("checks: every variant copies exactly (N = 16000, 320004; K = 0, 3)\n");
+  // correctness first, on short N: 16000, and 320004 (a partial last step; 320000 for the copy)
+  bool ok[nv];
+  for (int i = 0; i < nv; ++i) {
+    ok[i] = true;
+    for (long long n : {16LL * 1000, 16LL * 20000 + (variants[i].fn ? 4 : 0)})
+      for (int K : {0, 3}) ok[i] = check(variants[i], b, n, K) && ok[i];
+  }
+  std::printf("checks: %s\n", std::all_of(ok, ok + nv, [](bool x) { return x; })
+                                  ? "every variant copies exactly" : "FAILED (see above)");
   CK(cudaMemset(b.state, 0, extent(N) * 4));
   CK(cudaMemset(b.grad, 0, N * 4));
 
@@ -320,60 +336,50 @@ int main(int argc, char** argv) {
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
-  std::printf("%-10s %5s %6s %9s %7s %8s\n", "variant", "K", "warps", "ms", "TB/s", "x copy");
-  {  // cudaMemcpy of the same bytes, for scale
+  auto median_ms = [&](auto&& launch) {
     std::vector<float> ms;
     for (int r = 0; r < reps + 2; ++r) {
       CK(cudaEventRecord(e0));
-      CK(cudaMemcpyAsync(b.out, b.state, size_t(kRows) * N * 4, cudaMemcpyDeviceToDevice));
-      CK(cudaMemcpyAsync(b.update, b.grad, N * 4, cudaMemcpyDeviceToDevice));
+      launch();
       CK(cudaEventRecord(e1));
       CK(cudaEventSynchronize(e1));
       float x;
       CK(cudaEventElapsedTime(&x, e0, e1));
       if (r >= 2) ms.push_back(x);
     }
+    CK(cudaGetLastError());
     std::sort(ms.begin(), ms.end());
-    std::printf("%-10s %5d %6s %9.3f %7.2f\n", "memcpy", 0, "-", ms[ms.size() / 2],
-                bytes / (ms[ms.size() / 2] * 1e-3) / 1e12);
-  }
-  float copy_ms = 0;
-  for (const Variant& v : variants) {
-    for (int K : {0, 140, 280}) {
-      if (v.launch == launch_copy && K) continue;
-      const size_t smem = v.smem_per_warp * (threads / 32);
-      // the copy: 64 warps per SM; the others: as requested, or what fits (registers, smem)
-      int per_sm = 8;
-      if (v.fn) CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, v.fn, threads, smem));
-      if (v.fn) per_sm = std::min(per_sm, warps_per_sm / 8);
-      const int nblocks = prop.multiProcessorCount * per_sm;
-      Args a{b.grad, b.state, b.update, b.out, N, K, 0.0f};
-      std::vector<float> ms;
-      for (int r = 0; r < reps + 2; ++r) {
-        CK(cudaEventRecord(e0));
-        v.launch(a, nblocks, threads, smem);
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float x;
-        CK(cudaEventElapsedTime(&x, e0, e1));
-        if (r >= 2) ms.push_back(x);
-      }
-      CK(cudaGetLastError());
-      std::sort(ms.begin(), ms.end());
-      const float med = ms[ms.size() / 2];
-      if (v.launch == launch_copy) copy_ms = med;
-      std::printf("%-10s %5d %6d %9.3f %7.2f %8.2f\n", v.name, K, per_sm * 8,
-                  med, bytes / (med * 1e-3) / 1e12, med / copy_ms);
+    return ms[ms.size() / 2];
+  };
+  const float mc = median_ms([&] {  // cudaMemcpy of the same bytes, for scale
+    CK(cudaMemcpyAsync(b.out, b.state, size_t(kRows) * N * 4, cudaMemcpyDeviceToDevice));
+    CK(cudaMemcpyAsync(b.update, b.grad, N * 4, cudaMemcpyDeviceToDevice));
+  });
+  std::printf("cudaMemcpy of the same bytes: %.3f ms (%.2f TB/s)\n", mc, bytes / (mc * 1e-3) / 1e12);
+  const int Ks[] = {0, 280, 560, 840};
+  std::printf("%-10s %5s %4s | %8s %6s | %8s %8s %8s   (ms at K = 280, 560, 840)\n", "variant",
+              "warps", "regs", "K=0 ms", "TB/s", "K=280", "K=560", "K=840");
+  for (int i = 0; i < nv; ++i) {
+    const Variant& v = variants[i];
+    if (!ok[i]) continue;
+    const int per_sm = blocks_per_sm(v, warps_per_sm);
+    const int nblocks = prop.multiProcessorCount * per_sm;
+    const size_t smem = v.smem_per_warp * (v.threads / 32);
+    int regs = 0;
+    if (v.fn) {
+      cudaFuncAttributes fa;
+      CK(cudaFuncGetAttributes(&fa, v.fn));
+      regs = fa.numRegs;
     }
+    std::printf("%-10s %5d %4d |", v.name, per_sm * v.threads / 32, regs);
+    for (int K : Ks) {
+      if (!v.fn && K) continue;
+      const Args a{b.grad, b.state, b.update, b.out, N, K, 0.0f};
+      const float ms = median_ms([&] { v.launch(a, nblocks, v.threads, smem); });
+      if (K == 0) std::printf(" %8.3f %6.2f |", ms, bytes / (ms * 1e-3) / 1e12);
+      else std::printf(" %8.3f", ms);
+    }
+    std::printf("\n");
   }
-  // registers per thread (16 warps per SM need <= 128)
-  std::printf("registers:");
-  for (const Variant& v : variants) {
-    if (!v.fn) continue;
-    cudaFuncAttributes fa;
-    CK(cudaFuncGetAttributes(&fa, v.fn));
-    std::printf(" %s %d", v.name, fa.numRegs);
-  }
-  std::printf("\n");
   return 0;
 }

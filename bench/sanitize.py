@@ -4,7 +4,7 @@ every rate form, forward and backward.
   python bench/sanitize.py                # every kernel
   python bench/sanitize.py staged wgrad   # only the cp.async kernels: the staged forward and
                                           # the tensor-core weight gradients (for racecheck)
-  python bench/sanitize.py sync           # only the block-synchronized forward (synccheck)"""
+  python bench/sanitize.py sync           # only the block-synchronized kernels (synccheck)"""
 import os
 import sys
 
@@ -80,15 +80,28 @@ def lstm():
 
 
 def sync():
-    # the block-synchronized direct forward (PYMETA_LSTM_SYNC=1: float32, H 17..20): one block
-    # step (N = 40: 5 of 8 warps idle at the barrier), a partial last block step (5003), and
-    # several block steps per block (100_003)
+    # the block-synchronized kernels (PYMETA_LSTM_SYNC=1: float32, H 17..20): one block step
+    # (N = 40: most warps idle at the barrier), a partial last block step (5003), and several
+    # block steps per block (100_003)
+    # the staged kernel's sync form too (PYMETA_LSTM_MMA_STAGED=1: 16-byte copies at N = 40,
+    # 4-byte ones at 5003 and 100_003)
     os.environ["PYMETA_LSTM_SYNC"] = "1"
+    for staged in ("0", "1"):
+        os.environ["PYMETA_LSTM_MMA_STAGED"] = staged
+        for H in (17, 20):
+            net = pymeta.LSTMOptimizerNet(H).to(dev)
+            for N in (40, 5003, 100_003):
+                with torch.no_grad():
+                    net(torch.randn(N, device=dev), torch.randn(4, H, N, device=dev) * 0.1)
+    del os.environ["PYMETA_LSTM_MMA_STAGED"]
+    # the backward's CUDA-core pass with a barrier per coordinate round (float, H 17..20)
     for H in (17, 20):
-        net = pymeta.LSTMOptimizerNet(H).to(dev)
-        for N in (40, 5003, 100_003):
-            with torch.no_grad():
-                net(torch.randn(N, device=dev), torch.randn(4, H, N, device=dev) * 0.1)
+        w = [x.detach() for x in pymeta.LSTMOptimizerNet(H).to(dev).weights()]
+        for N in (40, 5003):
+            torch.ops.pymeta.lstm_optimizer_step_backward(
+                torch.randn(N, device=dev), torch.randn(4, H, N, device=dev),
+                torch.randn(N, device=dev), torch.randn(4, H, N, device=dev) * 0.1, *w,
+                "log_sign", 10.0, 0.1)
     del os.environ["PYMETA_LSTM_SYNC"]
 
 

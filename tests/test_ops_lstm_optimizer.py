@@ -808,19 +808,23 @@ def test_cuda_forward_32bit_offsets_same_bits(H, N, bf16, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("H", [7, 17, 20, 32])
 @pytest.mark.parametrize("N", [40, 100_003, 1_000_000])
-def test_cuda_forward_sync_same_bits(H, N, monkeypatch):
-    """PYMETA_LSTM_SYNC=1: the direct tensor-core forward with a barrier per block step
-    (forward_mma_sync_kernel; float32 at H 17..20 with 64-bit offsets) gives the default
-    kernel's bits, NaN grads included: one block step with idle warps (N = 40), a partial last
-    block step, many block steps per block. The profiler shows it ran where it applies and
-    only there."""
-    for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_MMA"):
+@pytest.mark.parametrize("staged", [False, True])
+def test_cuda_forward_sync_same_bits(H, N, staged, monkeypatch):
+    """PYMETA_LSTM_SYNC=1: the tensor-core forward with a barrier per block step (float32 at
+    H 17..20 with 64-bit offsets: forward_mma_sync_kernel, or with PYMETA_LSTM_MMA_STAGED=1
+    forward_mma_staged_sync_kernel) gives the bits of the same kernel without it, NaN grads
+    included: one block step with idle warps (N = 40), a partial last block step (and 4-byte
+    copies in the staged kernel), many block steps per block. The profiler shows the sync
+    kernel ran where it applies and only there."""
+    for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA", "PYMETA_LSTM_SYNC"):
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PYMETA_LSTM_MMA_STAGED", "1" if staged else "0")
     inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
     inputs[0][[3, N - 1]] = float("nan")
     want = OP(*inputs, "log_sign", 10.0, 0.1)
     got, names = _forward_kernels_under(inputs, monkeypatch, PYMETA_LSTM_SYNC="1")
-    assert names and all(("forward_mma_sync_kernel" in n) == (17 <= H <= 20) for n in names), names
+    assert names and all(("forward_mma_staged" in n) == staged for n in names), names
+    assert all(("sync_kernel" in n) == (17 <= H <= 20) for n in names), names
     for a, b in zip(got, want):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
@@ -978,6 +982,38 @@ def test_cuda_wgrad_mma_where_it_does_not_apply(case, monkeypatch):
             torch.testing.assert_close(b / scale, a / scale, rtol=1e-4, atol=1e-5)
         else:
             assert torch.equal(a, b)
+
+
+@native_only
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("H", [7, 17, 20, 32])
+@pytest.mark.parametrize("N", [40, 20_011, 1_000_003])
+def test_cuda_backward_pass_sync_same_bits(H, N, monkeypatch):
+    """PYMETA_LSTM_SYNC=1: the backward's CUDA-core pass with a barrier per coordinate round
+    (backward_smem_ahead_sync_kernel; float at H 17..20, where the ahead form runs) gives the
+    default's bits, a NaN in d_new_state included: one round with idle threads (N = 40), a
+    partial last round, many rounds per block. The profiler shows it ran where it applies
+    and only there."""
+    for key in ("PYMETA_LSTM_BWD_AHEAD", "PYMETA_LSTM_BWD_WIDE", "PYMETA_LSTM_OFF32",
+                "PYMETA_LSTM_MMA_BWD", "PYMETA_LSTM_SYNC"):
+        monkeypatch.delenv(key, raising=False)
+    inputs = [t.float().cuda() for t in _valid(H, N, torch.float64).values()]
+    gen = torch.Generator().manual_seed(12)
+    du = torch.randn(N, generator=gen).cuda()
+    ds = torch.randn(4, H, N, generator=gen).cuda()
+    ds[3, H - 1, N // 2] = float("nan")
+    want = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
+    monkeypatch.setenv("PYMETA_LSTM_SYNC", "1")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
+        torch.cuda.synchronize()
+    ran = any("backward_smem_ahead_sync_kernel" in e.name for e in prof.events())
+    assert ran == (17 <= H <= 20)
+    assert got[0][N // 2].isnan()  # the NaN reached d_grad of its coordinate
+    for a, b in zip(got, want):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(a.nan_to_num().view(torch.int32), b.nan_to_num().view(torch.int32))
 
 
 @native_only

@@ -103,16 +103,29 @@ forward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_consta
 // took 3.18 ms vs 3.09 plain.
 // kOff32: 32-bit offsets (PYMETA_LSTM_OFF32=1 where the workspace rows, R.total N elements,
 // are fewer than 2^31; float only).
-template <typename T, int HP, bool kAhead, bool kOff32 = false>
+// kSync (backward_smem_ahead_sync_kernel): a barrier after each of the block's coordinate
+// rounds, as in forward_mma_sync_kernel: a block's 4 warps then read and write each row in
+// 512-byte runs at about the same time instead of 128-byte pieces at unrelated times.
+template <typename T, int HP, bool kAhead, bool kOff32 = false, bool kSync = false>
 __device__ __forceinline__ void backward_smem_body(const LstmOptLaunch& L, const Params<T>& P) {
   T* sw = staged_weights<T, HP>(P);
   const int64_t N = L.N;
-  for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
-       n += int64_t(gridDim.x) * blockDim.x) {
+  auto coord = [&](int64_t n) {
     lstm_smem_backward_thread<HP, T, kAhead, kOff32>(
         sw, P.s, static_cast<const T*>(L.grad), static_cast<const T*>(L.state),
         static_cast<const T*>(L.d_update), static_cast<const T*>(L.d_new_state),
         static_cast<T*>(L.d_grad), static_cast<T*>(L.d_state), static_cast<T*>(L.workspace), N, n);
+  };
+  if constexpr (kSync) {  // a block-uniform trip count: every thread meets every barrier
+    for (int64_t b0 = int64_t(blockIdx.x) * blockDim.x; b0 < N;
+         b0 += int64_t(gridDim.x) * blockDim.x) {
+      if (b0 + threadIdx.x < N) coord(b0 + threadIdx.x);
+      __syncthreads();
+    }
+  } else {
+    for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
+         n += int64_t(gridDim.x) * blockDim.x)
+      coord(n);
   }
 }
 
@@ -129,6 +142,16 @@ __global__ void __launch_bounds__(smem_threads<HP>(), 4)
 backward_smem_ahead_kernel(const __grid_constant__ LstmOptLaunch L,
                            const __grid_constant__ Params<T> P) {
   backward_smem_body<T, HP, true, kOff32>(L, P);
+}
+
+// The ahead form with a barrier per coordinate round: PYMETA_LSTM_SYNC=1, float at HP = 20
+// where the ahead form runs (64-bit offsets). Same bits. Not run on a GPU yet (thirteenth
+// session; bench/NOTES_lstm.md).
+template <typename T, int HP>
+__global__ void __launch_bounds__(smem_threads<HP>(), 4)
+backward_smem_ahead_sync_kernel(const __grid_constant__ LstmOptLaunch L,
+                                const __grid_constant__ Params<T> P) {
+  backward_smem_body<T, HP, true, false, true>(L, P);
 }
 
 // The plain loops held to 80 registers, 6 blocks (24 warps) per SM: opt-in
@@ -185,9 +208,10 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
   forward_mma_body<HB, St, kOff32, false>(L, P);
 }
 
-// Opt-in (PYMETA_LSTM_SYNC=1), float32 at H in 17..20 with 64-bit offsets only (the default
-// kernel there), as one more instance is ~5 s of the file's build. ptxas (sm_90): 128
-// registers, 4 B of spills, as forward_mma_kernel; 2355 vs 2298 instructions per warp step.
+// Opt-in (PYMETA_LSTM_SYNC=1; with PYMETA_LSTM_MMA_STAGED=1 the staged kernel's sync form runs
+// instead), float32 at H in 17..20 with 64-bit offsets only (the default kernel there), as
+// one more instance is ~5 s of the file's build. ptxas (sm_90): 127 registers, 16 B of spills
+// (forward_mma_kernel: 128, 4 B); 2365 vs 2298 instructions per warp step.
 // Not run on a GPU yet (thirteenth session): bench/lstm_mem_probe.cu measures the idea.
 template <int HB, typename St, bool kOff32 = false>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
@@ -204,10 +228,10 @@ forward_mma_sync_kernel(const __grid_constant__ LstmOptLaunch L,
 // PYMETA_LSTM_MMA_STAGED=1 / 0 forces it on / off. Shared memory: the staged weights (b_out
 // among their constants, read where it is used: lstm_mma_b_out), then the warps' staging
 // buffers (16-byte aligned). kOff32: 32-bit offsets for the stores (forward_off32).
-template <int HB, typename St, bool kOff32 = false>
-__global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
-forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
-                          const __grid_constant__ Params<float> P, int buf_bytes, bool vec) {
+template <int HB, typename St, bool kOff32, bool kSync>
+__device__ __forceinline__ void forward_mma_staged_body(const LstmOptLaunch& L,
+                                                        const Params<float>& P, int buf_bytes,
+                                                        bool vec) {
   using S = LstmMmaShape<HB>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sm = reinterpret_cast<float*>(smem_raw);
@@ -216,11 +240,30 @@ forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
   const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
   unsigned char* bufs = smem_raw + sizeof(float) * S::kTotal + size_t(2 * warp) * buf_bytes;
   const int64_t step = S::kCoords;
-  lstm_mma_forward_staged<HB, St, kOff32>(
+  lstm_mma_forward_staged<HB, St, kOff32, kSync>(
       sm, bufs, buf_bytes, P.s, lstm_mma_b_out_at<HB>(sm), static_cast<const float*>(L.grad),
       static_cast<const St*>(L.state), static_cast<float*>(L.update),
       static_cast<St*>(L.new_state), L.N, (int64_t(blockIdx.x) * warps + warp) * step,
-      int64_t(gridDim.x) * warps * step, vec);
+      int64_t(gridDim.x) * warps * step, vec, warp * step);
+}
+
+template <int HB, typename St, bool kOff32 = false>
+__global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
+forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
+                          const __grid_constant__ Params<float> P, int buf_bytes, bool vec) {
+  forward_mma_staged_body<HB, St, kOff32, false>(L, P, buf_bytes, vec);
+}
+
+// The staged forward with a barrier per block step (the block's 16 warps copy a state row's
+// next 256 coordinates together, as in forward_mma_sync_kernel): PYMETA_LSTM_SYNC=1 with
+// PYMETA_LSTM_MMA_STAGED=1, float32 at H 17..20 with 64-bit offsets. ptxas (sm_90): 128
+// registers, 32 B of spills (the float32 staged kernel: 28), 2461 vs 2445 instructions per
+// step. Not run on a GPU yet (thirteenth session).
+template <int HB, typename St, bool kOff32 = false>
+__global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
+forward_mma_staged_sync_kernel(const __grid_constant__ LstmOptLaunch L,
+                               const __grid_constant__ Params<float> P, int buf_bytes, bool vec) {
+  forward_mma_staged_body<HB, St, kOff32, true>(L, P, buf_bytes, vec);
 }
 
 // Opt-in (PYMETA_LSTM_MMA_BWD=1). Its first form measured slower than the CUDA-core pass at
@@ -534,10 +577,13 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
   if (warps < 4) return -1;
   const size_t smem = static_cast<size_t>(weights + int64_t(2) * warps * buf);
   const bool off32 = forward_off32(L);  // the stores' offsets
-  const auto kernel = L.state_bf16 ? (off32 ? forward_mma_staged_kernel<HB, uint16_t, true>
-                                            : forward_mma_staged_kernel<HB, uint16_t>)
-                                   : (off32 ? forward_mma_staged_kernel<HB, float, true>
-                                            : forward_mma_staged_kernel<HB, float>);
+  auto kernel = L.state_bf16 ? (off32 ? forward_mma_staged_kernel<HB, uint16_t, true>
+                                      : forward_mma_staged_kernel<HB, uint16_t>)
+                             : (off32 ? forward_mma_staged_kernel<HB, float, true>
+                                      : forward_mma_staged_kernel<HB, float>);
+  if constexpr (HB == 20)  // opt-in: a barrier per block step (forward_mma_staged_sync_kernel)
+    if (!L.state_bf16 && !off32 && env_switch("PYMETA_LSTM_SYNC") == 1)
+      kernel = forward_mma_staged_sync_kernel<20, float>;
   err = kernel_smem(kernel, dev, 32 * warps, smem, &per_sm);
   if (err) return static_cast<int>(err);
   if (per_sm < 1) return -1;
@@ -665,6 +711,9 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
         // (the wide form has no 32-bit variant: PYMETA_LSTM_BWD_WIDE=1 wins over OFF32)
         if constexpr (std::is_same<T, float>::value && HP <= 20)
           if (env_switch("PYMETA_LSTM_BWD_WIDE") == 1) kernel = backward_smem_wide_kernel<T, HP>;
+        if constexpr (std::is_same<T, float>::value && HP == 20)  // opt-in: a barrier per round
+          if (kernel == backward_smem_ahead_kernel<T, HP> && env_switch("PYMETA_LSTM_SYNC") == 1)
+            kernel = backward_smem_ahead_sync_kernel<T, HP>;
         err = plan_smem(kernel, threads, smem_bytes<T, HP>(L), tiles, &s);
         if (err) return err;
         if (s.blocks > 0) kernel<<<s.blocks, s.threads, s.smem, stream>>>(L, P);

@@ -711,28 +711,35 @@ PYMETA_WARP void lstm_mma_stage_step(unsigned char* buf, const float* grad, cons
 // inputs copied into shared memory (cp.async) while the previous step computes: two staging
 // buffers per warp at bufs and bufs + buf_bytes. Loads no longer wait in registers for their
 // memory latency, so the warp's memory traffic overlaps its math.
-template <int HB, typename St, bool kOff32 = false>
+// kSync: a block_sync after every step, the block's warps walking block steps together (their
+// copies of a state row then reach the memory system as one run: forward_mma_sync_kernel's
+// idea). `lead` (kSync only) is this warp's offset from the block's first step, so that the
+// trip count, (N - (base - lead)) / stride rounded up, is the same for every warp of the block.
+template <int HB, typename St, bool kOff32 = false, bool kSync = false>
 PYMETA_WARP void lstm_mma_forward_staged(const float* sm, unsigned char* bufs, int buf_bytes,
                                          const LstmOptScalars<float>& s, const float* b_out,
                                          const float* grad, const St* state, float* update,
                                          St* new_state, int64_t N, int64_t base, int64_t stride,
-                                         bool vec) {
+                                         bool vec, int64_t lead = 0) {
   const int lane = warp_lane();
-  if (base >= N) return;
-  lstm_mma_stage_step<St, HB>(bufs, grad, state, s.H, N, base, vec, lane);
+  if (!kSync && base >= N) return;
+  if (base < N) lstm_mma_stage_step<St, HB>(bufs, grad, state, s.H, N, base, vec, lane);
   warp_cp_async_commit();
-  for (int k = 0; base < N; base += stride, k ^= 1) {
-    unsigned char* cur = bufs + k * buf_bytes;
-    if (base + stride < N)
-      lstm_mma_stage_step<St, HB>(bufs + (k ^ 1) * buf_bytes, grad, state, s.H, N, base + stride,
-                              vec, lane);
-    warp_cp_async_commit();  // possibly empty: the wait below always leaves one group out
-    warp_cp_async_wait<1>();  // this lane's copies of step `base` have landed
-    warp_sync();              // ... and every lane's
-    const LstmMmaStagedSrc<St, kOff32> src{reinterpret_cast<const float*>(cur),
-                                   reinterpret_cast<const St*>(cur + 64)};
-    lstm_mma_forward_step<HB, St>(sm, s, b_out, src, update, new_state, N, base);
-    warp_sync();  // every lane has read `cur` before the next iteration refills it
+  for (int k = 0; (kSync ? base - lead : base) < N; base += stride, k ^= 1) {
+    if (!kSync || base < N) {  // (a warp past N with kSync: only the barriers)
+      unsigned char* cur = bufs + k * buf_bytes;
+      if (base + stride < N)
+        lstm_mma_stage_step<St, HB>(bufs + (k ^ 1) * buf_bytes, grad, state, s.H, N,
+                                    base + stride, vec, lane);
+      warp_cp_async_commit();  // possibly empty: the wait below always leaves one group out
+      warp_cp_async_wait<1>();  // this lane's copies of step `base` have landed
+      warp_sync();              // ... and every lane's
+      const LstmMmaStagedSrc<St, kOff32> src{reinterpret_cast<const float*>(cur),
+                                             reinterpret_cast<const St*>(cur + 64)};
+      lstm_mma_forward_step<HB, St>(sm, s, b_out, src, update, new_state, N, base);
+      warp_sync();  // every lane has read `cur` before the next iteration refills it
+    }
+    if constexpr (kSync) block_sync();
   }
 }
 

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <thread>
 #include <vector>
@@ -108,6 +109,25 @@ bool block_sync_or(bool v) {
   if (tl_tid == 0) block_or.store(0);
   block_bar->arrive_and_wait();
   return r;
+}
+
+// Runs body(tid) on 32 * nwarps host threads as one block (lanes, warps and __syncthreads
+// emulated); each thread's cp.async copies land before it ends.
+template <typename F>
+static void run_block(int nwarps, F&& body) {
+  std::unique_ptr<Warp[]> warps(new Warp[nwarps]);
+  std::barrier<> bar(32 * nwarps);
+  block_bar = &bar;
+  std::vector<std::thread> th;
+  for (int tid = 0; tid < 32 * nwarps; ++tid)
+    th.emplace_back([&, tid] {
+      tl_lane = tid & 31;
+      tl_tid = tid;
+      warp = &warps[tid >> 5];
+      body(tid);
+      warp_cp_async_wait_n(0);
+    });
+  for (auto& x : th) x.join();
 }
 
 // The PTX ISA fragment layouts of mma.m16n8k8 .tf32 (g = lane / 4, t = lane % 4):
@@ -333,6 +353,40 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
   };
   staged(float{}, state, u, ns, true, "float32");
   staged(float{}, state, u, ns, false, "float32");
+
+  // the staged forward with a barrier per block step (kSync, as forward_mma_staged_sync_kernel
+  // runs it): blocks of 2 warps walking block steps of 32 coordinates, where N can leave one
+  // warp of a block without a step (it still meets every barrier: a miscount deadlocks, and the
+  // test's time limit fails it); float32, 16- and 4-byte copies, landing at once / at the wait
+  for (int mode = 0; mode < 4; ++mode) {
+    const bool vec = mode >= 2;
+    if (vec && N % 4) continue;
+    land_at_wait = mode % 2 == 1;
+    const int buf = lstm_mma_buf_bytes<float>(H), grid = 2, wpb = 2;
+    readable = {{reinterpret_cast<const char*>(grad.data()), grad.size() * sizeof(float)},
+                {reinterpret_cast<const char*>(state.data()), state.size() * sizeof(float)}};
+    std::vector<float> u2(N, -777.0f), ns2(4 * H * N, -777.0f);
+    for (int bx = 0; bx < grid; ++bx) {
+      std::vector<float4_t> bufv(wpb * 2 * buf / 16);
+      unsigned char* bufs = reinterpret_cast<unsigned char*>(bufv.data());
+      std::memset(bufs, 0xff, wpb * 2 * buf);
+      run_block(wpb, [&](int tid) {
+        const int w = tid >> 5;
+        lstm_mma_forward_staged<HB, float, false, true>(
+            sm.data(), bufs + 2 * w * buf, buf, s, lstm_mma_b_out_at<HB>(sm.data()),
+            grad.data(), state.data(), u2.data(), ns2.data(), N,
+            (int64_t(bx) * wpb + w) * S::kCoords, grid * wpb * S::kCoords, vec, w * S::kCoords);
+      });
+    }
+    land_at_wait = false;
+    if (std::memcmp(u2.data(), u.data(), N * sizeof(float)) ||
+        std::memcmp(ns2.data(), ns.data(), ns2.size() * sizeof(float))) {
+      std::printf("FAIL staged forward with block barriers, %s copies, landing %s (H %d, n_in %d, "
+                  "N %lld)\n", vec ? "16-byte" : "4-byte", mode % 2 ? "at the wait" : "at once", H,
+                  n_in, (long long)N);
+      ++failures;
+    }
+  }
   staged(uint16_t{}, bf16_state, bf16_u, bf16_ns, true, "bfloat16");
 
   // backward: the header's per-coordinate math vs the warp code, as backward_mma_kernel runs it
@@ -428,19 +482,9 @@ static void run_wgrad(int H, int n_in, int64_t N, bool non_finite, std::mt19937&
     for (int64_t c = 0; c < p.chunks; ++c) {
       // finite garbage (12.07): NaN would be re-summed from global memory and hide the read
       std::memset(sm, 0x41, bytes);
-      Warp warps[kLstmWgWarps];
-      std::barrier<> bar(32 * kLstmWgWarps);
-      block_bar = &bar;
-      std::vector<std::thread> th;
-      for (int tid = 0; tid < 32 * kLstmWgWarps; ++tid)
-        th.emplace_back([&, tid, c] {
-          tl_lane = tid & 31;
-          tl_tid = tid;
-          warp = &warps[tid >> 5];
-          lstm_wg_mma_block<HB>(p, ws.data(), state.data(), ws.data(), sm, c, tid, vec);
-          warp_cp_async_wait_n(0);
-        });
-      for (auto& x : th) x.join();
+      run_block(kLstmWgWarps, [&](int tid) {
+        lstm_wg_mma_block<HB>(p, ws.data(), state.data(), ws.data(), sm, c, tid, vec);
+      });
       voted[c] = block_or_true.exchange(0) > 0;
     }
     land_at_wait = false;
