@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared script for a machine with an NVIDIA GPU and no network (e.g. the lent
 # H100/H200, whose python3 has torch, pybind11, cmake, ninja, nvcc and compute-sanitizer).
-# In under 6 minutes: builds pymeta in place for that GPU, runs the CUDA tests, runs every
-# kernel under compute-sanitizer, runs the CUDA benchmarks, and prints a short table last.
+# In about 6 minutes with the skips below (PYMETA_SKIP_MAML=1 PYMETA_SKIP_BENCH=1
+# PYMETA_LSTM_TIMING=0 PYMETA_PROFILE=0 PYMETA_GOALS_ARGS=--no-compile; more without): builds
+# pymeta in place for that GPU, runs the CUDA tests, runs every kernel under
+# compute-sanitizer, runs the CUDA benchmarks, and prints a short table last.
 #   bash bench/gpu_check.sh            # logs and bench.json go to $OUT (or /tmp/pymeta-gpu)
 #   PYMETA_SKIP_BENCH=1 bash bench/gpu_check.sh   # without the inner_update table (~30 s less)
 #   PYMETA_SKIP_MAML=1 ...     # without the MAML timings and profile (~50 s less)
@@ -11,7 +13,7 @@
 #   PYMETA_MAML_MEMORY=1 ...   # + MAML peak memory vs inner steps, with checkpoint_steps (~1.5 min)
 #   PYMETA_LSTM_MEMORY=1 ...   # + LSTMOptimizer / unroll memory, float32 vs bfloat16 state (~40 s)
 #   PYMETA_MEM_PROBE=0 ...     # without bench/lstm_mem_probe.cu (the step's access patterns) and
-#                              # the sync forward's A / B (~30 s)
+#                              # the sync kernels' A / B rounds (~60 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pymeta-gpu}
@@ -45,7 +47,7 @@ build_s=$((SECONDS - t0))
 grep -iE "registers|spill|stack" "$OUT/build.log" | head -20
 
 t0=$SECONDS
-timeout 150 $PY -m pytest tests -q -m cuda -p no:cacheprovider > "$OUT/tests.log" 2>&1
+timeout 240 $PY -m pytest tests -q -m cuda -p no:cacheprovider > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tests_s=$((SECONDS - t0))
 tail -25 "$OUT/tests.log"
@@ -59,7 +61,7 @@ san_rc=$?
 # and the tensor-core weight gradients (block-wide double buffer)
 timeout 110 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize.py staged wgrad > "$OUT/racecheck.log" 2>&1
 race_rc=$?
-# barriers: the block-synchronized forwards (every warp meets every __syncthreads)
+# barriers: the block-synchronized kernels (every warp meets every __syncthreads)
 timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 $PY bench/sanitize.py sync > "$OUT/synccheck.log" 2>&1
 sync_rc=$?
 san_s=$((SECONDS - t0))
@@ -109,7 +111,7 @@ fi
 extra_s=$((SECONDS - t0))
 if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons
   # (the first warm-up round's 10 launches: the 4 backward passes each with their wgrad kernel)
-  timeout 150 ncu -k regex:"forward_mma_kernel|forward_mma_sync_kernel|forward_mma_staged_kernel|backward_smem_kernel|backward_smem_ahead_kernel|backward_smem_ahead_sync_kernel|backward_smem_wide_kernel|backward_mma_kernel|wgrad_kernel|wgrad_mma_kernel" -c 10 \
+  timeout 150 ncu -k regex:"forward_mma_kernel|forward_mma_sync_kernel|forward_mma_staged_kernel|forward_mma_staged_sync_kernel|backward_smem_kernel|backward_smem_ahead_kernel|backward_smem_ahead_sync_kernel|backward_smem_wide_kernel|backward_mma_kernel|wgrad_kernel|wgrad_mma_kernel" -c 10 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
     $PY bench/lstm_ncu.py > "$OUT/ncu.log" 2>&1
@@ -140,7 +142,7 @@ echo "racecheck:  rc=$race_rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY| ran$'
 echo "synccheck:  rc=$sync_rc: $(grep -E 'ERROR SUMMARY| ran$' "$OUT/synccheck.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
 cat "$OUT/lstm_goals.log" | tail -24
-tail -33 "$OUT/mem_probe.log" 2>/dev/null
+tail -36 "$OUT/mem_probe.log" 2>/dev/null
 tail -8 "$OUT/lstm_timing.log" 2>/dev/null
 grep -E "err vs loop|maml conv4|graph vs eager|capture|peak memory|vs float64" "$OUT/maml.log" 2>/dev/null
 grep -E "^steps=" "$OUT/maml_front.log" 2>/dev/null

@@ -2,7 +2,7 @@
 // tensor-core forward's access pattern move the step's bytes, and what does one DRAM round trip
 // per warp step cost once a fixed amount of arithmetic sits between the loads and the stores?
 // Standalone (no torch): nvcc -O3 -std=c++17 -arch=sm_90 bench/lstm_mem_probe.cu -o probe
-//   ./probe [N=10000000] [reps=15] [warps per SM=16]
+//   ./probe [N=10000000] [reps=15] [warps per SM=16]   (N a multiple of 16)
 // bench/gpu_check.sh builds and runs it (a few seconds). bench/NOTES_lstm.md says what it is for.
 //
 // Every variant moves the forward's bytes for H = 20, float32: grad (N) and the state (80 rows
@@ -21,8 +21,12 @@
 //             the next step into a per-warp shared-memory buffer while this step computes
 //   stagedsync  the same, with a barrier per step as in fm16sync
 //   blk16     a blocked layout [N / 16][80][16]: a warp step's state is one contiguous 5 KB
-// K = the synthetic arithmetic per warp step: K rounds of 8 independent FMA chains (K = 280 is
-// about the direct forward's 2298 instructions per warp step at H = 20).
+//   thr32     one thread per coordinate (the CUDA-core kernels', and the backward pass's, pattern:
+//             128-byte pieces of each row per warp); thr32sync: a barrier per block round
+// The synthetic arithmetic per warp step: K rounds of 8 independent FMA chains (K = 210 is about
+// the direct forward's 2298 instructions per warp step at H = 20), and optionally a __nanosleep
+// after the first use of the loads (the warp busy without issuing: the real kernel issues at
+// ~0.43 per cycle per scheduler, latency-bound, where the FMA chains alone issue at ~1).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -50,6 +54,7 @@ struct Args {
   long long N;
   int K;
   float zero;  // 0: the stores are exact copies, yet depend on the arithmetic
+  unsigned sleep_ns;  // per step, after the first use: the warp busy without issuing
 };
 
 enum Layout { kFM = 0, kBLK = 1 };
@@ -60,12 +65,13 @@ __device__ __forceinline__ long long at(int layout, int row, long long n, long l
 // The synthetic arithmetic: every loaded value is used first (as the step's first products
 // use the state), then K rounds of 8 independent chains.
 template <int V>
-__device__ __forceinline__ void work(const float (&v)[V], float (&acc)[8], int K) {
+__device__ __forceinline__ void work(const float (&v)[V], float (&acc)[8], const Args& a) {
 #pragma unroll
   for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
 #pragma unroll
   for (int i = 0; i < V; ++i) acc[i & 7] += v[i];
-  for (int k = 0; k < K; ++k) {
+  if (a.sleep_ns) __nanosleep(a.sleep_ns);
+  for (int k = 0; k < a.K; ++k) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[j] = fmaf(acc[j], 0.999f, 1e-3f);
   }
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(256, 2) direct_kernel(Args a) {  // 16 warps p
     for (long long bb = base - 16LL * MT * warp; bb < a.N; bb += stride, base += stride) {
       if (base < a.N) {
         cur.load(a, base, g, t);
-        work(cur.v, acc, a.K);
+        work(cur.v, acc, a);
         cur.store(a, base, g, t, acc);
       }
       __syncthreads();
@@ -137,16 +143,38 @@ __global__ void __launch_bounds__(256, 2) direct_kernel(Args a) {  // 16 warps p
     for (; base < a.N; base += stride) {
       Step<MT, layout> nxt;
       if (base + stride < a.N) nxt.load(a, base + stride, g, t);
-      work(cur.v, acc, a.K);
+      work(cur.v, acc, a);
       cur.store(a, base, g, t, acc);
       cur = nxt;
     }
   } else {
     for (; base < a.N; base += stride) {
       cur.load(a, base, g, t);
-      work(cur.v, acc, a.K);
+      work(cur.v, acc, a);
       cur.store(a, base, g, t, acc);
     }
+  }
+}
+
+// One thread per coordinate (the CUDA-core kernels' and the backward pass's pattern): a warp
+// loads each row as one 128-byte piece (32 adjacent coordinates). thr32: free-running;
+// thr32sync: a barrier per round of the block's 256 coordinates.
+template <bool kSync>
+__global__ void __launch_bounds__(256, 2) thread_kernel(Args a) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long b0 = (long long)blockIdx.x * blockDim.x; b0 < a.N; b0 += stride) {
+    const long long n = b0 + threadIdx.x;  // (b0: the same for the whole block)
+    if (n < a.N) {
+      float v[kRows + 1], acc[8];
+      v[0] = a.grad[n];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) v[1 + r] = a.state[r * a.N + n];
+      work(v, acc, a);
+      a.update[n] = v[0] + a.zero * acc[0];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) a.out[r * a.N + n] = v[1 + r] + a.zero * acc[(r + 1) & 7];
+    }
+    if (kSync) __syncthreads();
   }
 }
 
@@ -197,7 +225,7 @@ __global__ void __launch_bounds__(512, 1) staged_kernel(Args a) {  // one 16-war
         for (int p = 0; p < kH; ++p) w[1 + p] = b[buf_index(4 * p + t, g + 8 * h)];
       }
       float acc[8];
-      work(cur.v, acc, a.K);
+      work(cur.v, acc, a);
       cur.store(a, base, g, t, acc);
       __syncwarp();
     }
@@ -243,6 +271,10 @@ static void launch_direct(const Args& a, int blocks, int threads, size_t) {
   direct_kernel<MT, layout, kPf><<<blocks, threads>>>(a);
 }
 template <bool kSync>
+static void launch_thread(const Args& a, int blocks, int threads, size_t) {
+  thread_kernel<kSync><<<blocks, threads>>>(a);
+}
+template <bool kSync>
 static void launch_staged(const Args& a, int blocks, int threads, size_t smem) {
   staged_kernel<kSync><<<blocks, threads, smem>>>(a);
 }
@@ -263,7 +295,7 @@ static int blocks_per_sm(const Variant& v, int warps_per_sm) {
 
 static bool check(const Variant& v, const Buffers& b, long long N, int K) {
   fill(b, N);
-  Args a{b.grad, b.state, b.update, b.out, N, K, 0.0f};
+  Args a{b.grad, b.state, b.update, b.out, N, K, 0.0f, K ? 200u : 0u};
   v.launch(a, 8, v.threads, v.smem_per_warp * (v.threads / 32));  // 8 blocks: many steps each
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());
@@ -296,8 +328,12 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const size_t staged_smem = 2 * kBufFloats * 4;  // per warp
-  CK(cudaFuncSetAttribute(staged_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(16 * staged_smem)));
-  CK(cudaFuncSetAttribute(staged_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(16 * staged_smem)));
+  // (a GPU with less shared memory per block than 16 warps' buffers: the staged variants fail
+  // their check and are left out)
+  const bool staged_fits =
+      cudaFuncSetAttribute(staged_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(16 * staged_smem)) == cudaSuccess &&
+      cudaFuncSetAttribute(staged_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(16 * staged_smem)) == cudaSuccess;
+  cudaGetLastError();
   std::printf("%s, %d SMs, N = %lld, H = %d float32, up to %d warps per SM; ms per launch "
               "(median of %d) at K rounds of synthetic math per warp step\n", prop.name,
               prop.multiProcessorCount, N, kH, warps_per_sm, reps);
@@ -311,6 +347,8 @@ int main(int argc, char** argv) {
       {"staged", (const void*)staged_kernel<false>, kFM, launch_staged<false>, 512, staged_smem},
       {"stagedsync", (const void*)staged_kernel<true>, kFM, launch_staged<true>, 512, staged_smem},
       {"blk16", (const void*)direct_kernel<1, kBLK, kPlain>, kBLK, launch_direct<1, kBLK, kPlain>, 256, 0},
+      {"thr32", (const void*)thread_kernel<false>, kFM, launch_thread<false>, 256, 0},
+      {"thr32sync", (const void*)thread_kernel<true>, kFM, launch_thread<true>, 256, 0},
   };
   constexpr int nv = sizeof(variants) / sizeof(variants[0]);
 
@@ -323,7 +361,11 @@ int main(int argc, char** argv) {
   // correctness first, on short N: 16000, and 320004 (a partial last step; 320000 for the copy)
   bool ok[nv];
   for (int i = 0; i < nv; ++i) {
-    ok[i] = true;
+    ok[i] = staged_fits || !variants[i].smem_per_warp;
+    if (!ok[i]) {
+      std::printf("%s left out: 16 warps' staging buffers exceed this GPU's shared memory\n", variants[i].name);
+      continue;
+    }
     for (long long n : {16LL * 1000, 16LL * 20000 + (variants[i].fn ? 4 : 0)})
       for (int K : {0, 3}) ok[i] = check(variants[i], b, n, K) && ok[i];
   }
@@ -356,9 +398,14 @@ int main(int argc, char** argv) {
     CK(cudaMemcpyAsync(b.update, b.grad, N * 4, cudaMemcpyDeviceToDevice));
   });
   std::printf("cudaMemcpy of the same bytes: %.3f ms (%.2f TB/s)\n", mc, bytes / (mc * 1e-3) / 1e12);
-  const int Ks[] = {0, 280, 560, 840};
-  std::printf("%-10s %5s %4s | %8s %6s | %8s %8s %8s   (ms at K = 280, 560, 840)\n", "variant",
-              "warps", "regs", "K=0 ms", "TB/s", "K=280", "K=560", "K=840");
+  // (K, sleep): none; K = 210 rounds of 8 FMA chains, about the real kernel's 2298 instructions
+  // per warp step (35 instructions per 4 rounds + ~430 for the loads, stores and addresses);
+  // the same plus 4 or 8 us of __nanosleep per step, the warp busy without issuing, as the
+  // real kernel is at ~0.43 instructions per cycle per scheduler (its ~21.6k cycles per step)
+  const int Ks[] = {0, 210, 210, 210};
+  const unsigned sleeps[] = {0, 0, 4000, 8000};
+  std::printf("%-10s %5s %4s | %8s %6s | %8s %8s %8s   (ms: K = 210; + 4 us, + 8 us asleep per step)\n",
+              "variant", "warps", "regs", "none ms", "TB/s", "K=210", "+4us", "+8us");
   for (int i = 0; i < nv; ++i) {
     const Variant& v = variants[i];
     if (!ok[i]) continue;
@@ -372,11 +419,11 @@ int main(int argc, char** argv) {
       regs = fa.numRegs;
     }
     std::printf("%-10s %5d %4d |", v.name, per_sm * v.threads / 32, regs);
-    for (int K : Ks) {
-      if (!v.fn && K) continue;
-      const Args a{b.grad, b.state, b.update, b.out, N, K, 0.0f};
+    for (int c = 0; c < 4; ++c) {
+      if (!v.fn && c) continue;
+      const Args a{b.grad, b.state, b.update, b.out, N, Ks[c], 0.0f, sleeps[c]};
       const float ms = median_ms([&] { v.launch(a, nblocks, v.threads, smem); });
-      if (K == 0) std::printf(" %8.3f %6.2f |", ms, bytes / (ms * 1e-3) / 1e12);
+      if (c == 0) std::printf(" %8.3f %6.2f |", ms, bytes / (ms * 1e-3) / 1e12);
       else std::printf(" %8.3f", ms);
     }
     std::printf("\n");

@@ -10,7 +10,8 @@ Launches (each an op call under its PYMETA_LSTM_* switches): fwd (the default fo
 fwd_staged, fwd32 / fwd64 (32-bit / 64-bit offsets: the default is 32-bit for a bfloat16 state
 at H <= 20), fwd_direct32 (the direct kernel with 32-bit offsets, also for a
 bfloat16 state, --bf16), fwd_sync (the direct float32 kernel with a barrier per block step,
-PYMETA_LSTM_SYNC=1), bwd (the default backward op), bwd_sync (its pass with a barrier per
+PYMETA_LSTM_SYNC=1), fwd_stg_sync (the staged one's sync form), bwd (the default backward
+op), bwd_sync (its pass with a barrier per
 coordinate round, PYMETA_LSTM_SYNC=1), bwd_cc (CUDA-core weight
 gradients and the pass's plain loops), bwd32, bwd_mma (the tensor-core pass), bwd_wide.
 """
@@ -28,6 +29,7 @@ LAUNCHES = {
     "fwd64": ("forward", {"PYMETA_LSTM_OFF32": "0"}),
     "fwd_direct32": ("forward", {"PYMETA_LSTM_MMA_STAGED": "0", "PYMETA_LSTM_OFF32": "1"}),
     "fwd_sync": ("forward", {"PYMETA_LSTM_SYNC": "1"}),
+    "fwd_stg_sync": ("forward", {"PYMETA_LSTM_SYNC": "1", "PYMETA_LSTM_MMA_STAGED": "1"}),
     "bwd": ("backward", {}),
     "bwd_sync": ("backward", {"PYMETA_LSTM_SYNC": "1"}),
     "bwd_cc": ("backward", {"PYMETA_LSTM_WG_MMA": "0", "PYMETA_LSTM_BWD_AHEAD": "0"}),

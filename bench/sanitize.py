@@ -97,7 +97,7 @@ def sync():
     # the backward's CUDA-core pass with a barrier per coordinate round (float, H 17..20)
     for H in (17, 20):
         w = [x.detach() for x in pymeta.LSTMOptimizerNet(H).to(dev).weights()]
-        for N in (40, 5003):
+        for N in (40, 5003, 100_003):  # (100_003: several rounds per block)
             torch.ops.pymeta.lstm_optimizer_step_backward(
                 torch.randn(N, device=dev), torch.randn(4, H, N, device=dev),
                 torch.randn(N, device=dev), torch.randn(4, H, N, device=dev) * 0.1, *w,
@@ -150,7 +150,7 @@ if not only:
 if not only or "sync" in only:
     sync()
     torch.cuda.synchronize()
-    print("sanitize.py: synchronized forward ran")
+    print("sanitize.py: synchronized kernels ran")
 if not only or "staged" in only:
     os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
     os.environ["PYMETA_LSTM_OFF32"] = "0"  # 64-bit store offsets, then 32-bit ones

@@ -768,11 +768,20 @@ def test_cuda_staged_forward_matches_direct_forward(H, N, kind, off32, monkeypat
     _staged_vs_direct(H, N, kind, monkeypatch, check_ran=False, off32=off32)
 
 
+def _poison_allocator(like):
+    """NaN-filled tensors the sizes of `like`'s, freed at once: the caching allocator hands
+    their blocks to the next call's outputs, so an output element the kernel never writes
+    shows as NaN instead of keeping the bits an earlier identical call left there."""
+    junk = [torch.full_like(t, float("nan")) for t in like]
+    del junk
+
+
 def _forward_kernels_under(inputs, monkeypatch, **switches):
     """The forward op on `inputs` with the PYMETA_LSTM_* `switches` set: its outputs and the
     names of the tensor-core forward kernels that ran (torch.profiler)."""
     for key, value in switches.items():
         monkeypatch.setenv(key, value)
+    _poison_allocator([inputs[0], inputs[1]])  # the sizes of update and new_state
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         got = OP(*inputs, "log_sign", 10.0, 0.1)
         torch.cuda.synchronize()
@@ -807,7 +816,7 @@ def test_cuda_forward_32bit_offsets_same_bits(H, N, bf16, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("H", [7, 17, 20, 32])
-@pytest.mark.parametrize("N", [40, 100_003, 1_000_000])
+@pytest.mark.parametrize("N", [40, 100_003, 300_000])
 @pytest.mark.parametrize("staged", [False, True])
 def test_cuda_forward_sync_same_bits(H, N, staged, monkeypatch):
     """PYMETA_LSTM_SYNC=1: the tensor-core forward with a barrier per block step (float32 at
@@ -988,7 +997,7 @@ def test_cuda_wgrad_mma_where_it_does_not_apply(case, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("H", [7, 17, 20, 32])
-@pytest.mark.parametrize("N", [40, 20_011, 1_000_003])
+@pytest.mark.parametrize("N", [40, 20_011, 300_007])
 def test_cuda_backward_pass_sync_same_bits(H, N, monkeypatch):
     """PYMETA_LSTM_SYNC=1: the backward's CUDA-core pass with a barrier per coordinate round
     (backward_smem_ahead_sync_kernel; float at H 17..20, where the ahead form runs) gives the
@@ -1005,6 +1014,7 @@ def test_cuda_backward_pass_sync_same_bits(H, N, monkeypatch):
     ds[3, H - 1, N // 2] = float("nan")
     want = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
     monkeypatch.setenv("PYMETA_LSTM_SYNC", "1")
+    _poison_allocator(want)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         got = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
         torch.cuda.synchronize()

@@ -254,8 +254,8 @@ forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
   forward_mma_staged_body<HB, St, kOff32, false>(L, P, buf_bytes, vec);
 }
 
-// The staged forward with a barrier per block step (the block's 16 warps copy a state row's
-// next 256 coordinates together, as in forward_mma_sync_kernel): PYMETA_LSTM_SYNC=1 with
+// The staged forward with a barrier per block step (the block's warps, up to 16, copy a state
+// row's next 16 x warps coordinates together, as in forward_mma_sync_kernel): PYMETA_LSTM_SYNC=1 with
 // PYMETA_LSTM_MMA_STAGED=1, float32 at H 17..20 with 64-bit offsets. ptxas (sm_90): 128
 // registers, 32 B of spills (the float32 staged kernel: 28), 2461 vs 2445 instructions per
 // step. Not run on a GPU yet (thirteenth session).
