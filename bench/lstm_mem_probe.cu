@@ -119,7 +119,7 @@ struct Step {
 // each state row) reach the memory system together.
 enum Mode { kPlain = 0, kPrefetch = 1, kSync = 2 };
 template <int MT, int layout, int mode>
-__global__ void __launch_bounds__(256, 2) direct_kernel(Args a) {  // 16 warps per SM, as the real one
+__global__ void __launch_bounds__(256, 2) direct_kernel(Args a) {  // 16 warps per SM, as the real
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
   const long long W = (long long)gridDim.x * (blockDim.x >> 5);
   const long long stride = 16LL * MT * W;
@@ -187,7 +187,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
 // The staged pattern: per warp two buffers of 16 grads + 80 rows x 16 floats (row halves
 // swizzled as the real kernel does); N a multiple of 4.
 constexpr int kBufFloats = 16 + kRows * 16;
-__device__ __forceinline__ int buf_index(int row, int col) { return 16 + row * 16 + (col ^ ((row & 2) << 2)); }
+__device__ __forceinline__ int buf_index(int row, int col) {
+  return 16 + row * 16 + (col ^ ((row & 2) << 2));
+}
 
 __device__ __forceinline__ void stage(float* buf, const Args& a, long long base, int lane) {
   const long long gn = base + 4 * lane;
@@ -200,7 +202,7 @@ __device__ __forceinline__ void stage(float* buf, const Args& a, long long base,
 }
 
 template <bool kSync>  // kSync: stagedsync, a barrier per step as in fm16sync
-__global__ void __launch_bounds__(512, 1) staged_kernel(Args a) {  // one 16-warp block per SM, as the real one
+__global__ void __launch_bounds__(512, 1) staged_kernel(Args a) {  // one 16-warp block per SM
   extern __shared__ __align__(16) float smem[];
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
   float* bufs = smem + 2 * kBufFloats * warp;
@@ -209,7 +211,8 @@ __global__ void __launch_bounds__(512, 1) staged_kernel(Args a) {  // one 16-war
   const long long first = base - 16 * warp;  // the block's first step (block-uniform)
   if (!kSync && base >= a.N) return;
   if (base < a.N) stage(bufs, a, base, lane);
-  for (long long bb = first, k = 0; (kSync ? bb : base) < a.N; bb += stride, base += stride, k ^= 1) {
+  for (long long bb = first, k = 0; (kSync ? bb : base) < a.N;
+       bb += stride, base += stride, k ^= 1) {
     if (base < a.N) {
       if (base + stride < a.N) stage(bufs + (k ^ 1) * kBufFloats, a, base + stride, lane);
       else asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -235,7 +238,8 @@ __global__ void __launch_bounds__(512, 1) staged_kernel(Args a) {  // one 16-war
 
 __global__ void copy_kernel(const float4* __restrict__ s, float4* __restrict__ d, long long n4,
                             const float4* __restrict__ gs, float4* __restrict__ gd, long long g4) {
-  const long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
+  const long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long step = (long long)gridDim.x * blockDim.x;
   for (long long i = i0; i < n4; i += step) d[i] = s[i];
   for (long long i = i0; i < g4; i += step) gd[i] = gs[i];
 }
@@ -249,7 +253,8 @@ struct Buffers {
 static size_t extent(long long n) { return size_t(kRows) * n + 16 * kRows; }
 static void fill(const Buffers& b, long long n) {
   std::vector<float> h(extent(n));
-  for (size_t i = 0; i < h.size(); ++i) h[i] = float(int((i * 2654435761u) % 20011u) - 10005) * 1e-3f;
+  for (size_t i = 0; i < h.size(); ++i)
+    h[i] = float(int((i * 2654435761u) % 20011u) - 10005) * 1e-3f;
   CK(cudaMemcpy(b.state, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
   for (long long i = 0; i < n; ++i) h[i] += 100.0f;
   CK(cudaMemcpy(b.grad, h.data(), n * 4, cudaMemcpyHostToDevice));
@@ -279,9 +284,9 @@ static void launch_staged(const Args& a, int blocks, int threads, size_t smem) {
   staged_kernel<kSync><<<blocks, threads, smem>>>(a);
 }
 static void launch_copy(const Args& a, int blocks, int threads, size_t) {
-  copy_kernel<<<blocks, threads>>>(reinterpret_cast<const float4*>(a.state), reinterpret_cast<float4*>(a.out),
-                                   kRows * a.N / 4, reinterpret_cast<const float4*>(a.grad),
-                                   reinterpret_cast<float4*>(a.update), a.N / 4);
+  copy_kernel<<<blocks, threads>>>(
+      reinterpret_cast<const float4*>(a.state), reinterpret_cast<float4*>(a.out), kRows * a.N / 4,
+      reinterpret_cast<const float4*>(a.grad), reinterpret_cast<float4*>(a.update), a.N / 4);
 }
 
 // Blocks per SM for a variant: as many as fit (registers, shared memory), at most what
@@ -289,7 +294,8 @@ static void launch_copy(const Args& a, int blocks, int threads, size_t) {
 static int blocks_per_sm(const Variant& v, int warps_per_sm) {
   if (!v.fn) return 8;
   int per_sm = 0;
-  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, v.fn, v.threads, v.smem_per_warp * (v.threads / 32)));
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, v.fn, v.threads,
+                                                   v.smem_per_warp * (v.threads / 32)));
   return std::max(1, std::min(per_sm, warps_per_sm / (v.threads / 32)));
 }
 
@@ -330,9 +336,10 @@ int main(int argc, char** argv) {
   const size_t staged_smem = 2 * kBufFloats * 4;  // per warp
   // (a GPU with less shared memory per block than 16 warps' buffers: the staged variants fail
   // their check and are left out)
+  const auto max_smem = cudaFuncAttributeMaxDynamicSharedMemorySize;
   const bool staged_fits =
-      cudaFuncSetAttribute(staged_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(16 * staged_smem)) == cudaSuccess &&
-      cudaFuncSetAttribute(staged_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(16 * staged_smem)) == cudaSuccess;
+      cudaFuncSetAttribute(staged_kernel<false>, max_smem, int(16 * staged_smem)) == cudaSuccess &&
+      cudaFuncSetAttribute(staged_kernel<true>, max_smem, int(16 * staged_smem)) == cudaSuccess;
   cudaGetLastError();
   std::printf("%s, %d SMs, N = %lld, H = %d float32, up to %d warps per SM; ms per launch "
               "(median of %d) at K rounds of synthetic math per warp step\n", prop.name,

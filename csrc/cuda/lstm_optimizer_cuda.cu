@@ -254,11 +254,11 @@ forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
   forward_mma_staged_body<HB, St, kOff32, false>(L, P, buf_bytes, vec);
 }
 
-// The staged forward with a barrier per block step (the block's warps, up to 16, copy a state
-// row's next 16 x warps coordinates together, as in forward_mma_sync_kernel): PYMETA_LSTM_SYNC=1 with
-// PYMETA_LSTM_MMA_STAGED=1, float32 at H 17..20 with 64-bit offsets. ptxas (sm_90): 128
-// registers, 32 B of spills (the float32 staged kernel: 28), 2461 vs 2445 instructions per
-// step. Not run on a GPU yet (thirteenth session).
+// The staged forward with a barrier per block step (the block's warps, up to 16, copy the
+// next 16 x warps coordinates of a state row together, as in forward_mma_sync_kernel):
+// PYMETA_LSTM_SYNC=1 with PYMETA_LSTM_MMA_STAGED=1, float32 at H 17..20 with 64-bit offsets.
+// ptxas (sm_90): 128 registers, 32 B of spills (the float32 staged kernel: 28), 2461 vs 2445
+// instructions per step. Not run on a GPU yet (thirteenth session).
 template <int HB, typename St, bool kOff32 = false>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
 forward_mma_staged_sync_kernel(const __grid_constant__ LstmOptLaunch L,
