@@ -12,8 +12,7 @@
 #   PYMETA_NCU=1 ...           # + Nsight Compute sections of the LSTM kernels (~1 min)
 #   PYMETA_MAML_MEMORY=1 ...   # + MAML peak memory vs inner steps, with checkpoint_steps (~1.5 min)
 #   PYMETA_LSTM_MEMORY=1 ...   # + LSTMOptimizer / unroll memory, float32 vs bfloat16 state (~40 s)
-#   PYMETA_MEM_PROBE=0 ...     # without bench/lstm_mem_probe.cu (the step's access patterns) and
-#                              # the sync kernels' A / B rounds (~60 s)
+#   PYMETA_MEM_PROBE=1 ...     # + bench/lstm_mem_probe.cu (the step's access patterns, ~25 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pymeta-gpu}
@@ -61,7 +60,7 @@ san_rc=$?
 # and the tensor-core weight gradients (block-wide double buffer)
 timeout 110 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize.py staged wgrad > "$OUT/racecheck.log" 2>&1
 race_rc=$?
-# barriers: the block-synchronized kernels (every warp meets every __syncthreads)
+# barriers: the staged forward's sync form (every warp of a group meets every barrier)
 timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 $PY bench/sanitize.py sync > "$OUT/synccheck.log" 2>&1
 sync_rc=$?
 san_s=$((SECONDS - t0))
@@ -71,7 +70,7 @@ tail -2 "$OUT/synccheck.log"
 
 
 t0=$SECONDS
-if [ "${PYMETA_MEM_PROBE:-1}" = 1 ]; then  # standalone (no torch): the forward's memory patterns
+if [ "${PYMETA_MEM_PROBE:-0}" = 1 ]; then  # standalone (no torch): the forward's memory patterns
   # this GPU's architecture, and the nvcc and host compiler the build used
   cap=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
   nvcc_bin=$(sed -n 's/^CMAKE_CUDA_COMPILER:[A-Z]*=//p' build-gpu/CMakeCache.txt 2>/dev/null)
@@ -79,14 +78,17 @@ if [ "${PYMETA_MEM_PROBE:-1}" = 1 ]; then  # standalone (no torch): the forward'
       bench/lstm_mem_probe.cu -o "$OUT/mem_probe" &&
     timeout 90 "$OUT/mem_probe" 10000000 15 16; } > "$OUT/mem_probe.log" 2>&1
   rm -f "$OUT/mem_probe"
-  # the block-synchronized kernels (forward direct and staged, backward pass) against their
-  # free-running forms, in alternating rounds
-  timeout 90 $PY bench/lstm_gpu_ab.py --op forward --N 1e6 1e7 --variant default: \
-    --variant sync:PYMETA_LSTM_SYNC=1 --variant staged:PYMETA_LSTM_MMA_STAGED=1 \
-    --variant stg_sync:PYMETA_LSTM_MMA_STAGED=1,PYMETA_LSTM_SYNC=1 >> "$OUT/mem_probe.log" 2>&1
-  timeout 60 $PY bench/lstm_gpu_ab.py --op backward --N 2e5 1e6 --variant default: \
-    --variant sync:PYMETA_LSTM_SYNC=1 >> "$OUT/mem_probe.log" 2>&1
 fi
+# the forward's kernels in alternating rounds (H 20): the default (float32: the staged kernel's
+# sync form, barrier groups of the whole block) against its barrier groups of 8 / 4 / 2 warps,
+# the free-running staged kernel and the direct one; bfloat16: staged against its sync forms
+{ timeout 90 $PY bench/lstm_gpu_ab.py --op forward --N 1e4 1e6 1e7 --variant default: \
+    --variant sw8:PYMETA_LSTM_SYNC_WARPS=8 --variant sw4:PYMETA_LSTM_SYNC_WARPS=4 \
+    --variant sw2:PYMETA_LSTM_SYNC_WARPS=2 --variant staged:PYMETA_LSTM_MMA_STAGED=1,PYMETA_LSTM_SYNC=0 \
+    --variant direct:PYMETA_LSTM_MMA_STAGED=0
+  timeout 60 $PY bench/lstm_gpu_ab.py --op forward --bf16 --N 1e6 1e7 --variant default: \
+    --variant sync:PYMETA_LSTM_SYNC=1 --variant sync8:PYMETA_LSTM_SYNC=1,PYMETA_LSTM_SYNC_WARPS=8
+} > "$OUT/lstm_ab.log" 2>&1
 # PYMETA_GOALS_ARGS=--no-compile: without torch.compile's reference column (~40 s less)
 timeout 170 $PY bench/lstm_gpu_goals.py ${PYMETA_GOALS_ARGS:-} > "$OUT/lstm_goals.log" 2>&1
 if [ "${PYMETA_LSTM_TIMING:-1}" = 1 ]; then  # PYMETA_LSTM_TIMING=0: without the H sweep (~60 s less)
@@ -110,8 +112,8 @@ if [ "${PYMETA_LSTM_MEMORY:-0}" = 1 ]; then
 fi
 extra_s=$((SECONDS - t0))
 if [ "${PYMETA_NCU:-0}" = 1 ]; then  # Nsight Compute on the LSTM kernels (~1 min): stall reasons
-  # (the first warm-up round's 10 launches: the 4 backward passes each with their wgrad kernel)
-  timeout 150 ncu -k regex:"forward_mma_kernel|forward_mma_sync_kernel|forward_mma_staged_kernel|forward_mma_staged_sync_kernel|backward_smem_kernel|backward_smem_ahead_kernel|backward_smem_ahead_sync_kernel|backward_smem_wide_kernel|backward_mma_kernel|wgrad_kernel|wgrad_mma_kernel" -c 10 \
+  # (the first warm-up round's 11 launches: 3 forwards, the 4 backward passes each with their wgrad kernel)
+  timeout 150 ncu -k regex:"forward_mma_kernel|forward_mma_staged_kernel|forward_mma_staged_sync_kernel|backward_smem_kernel|backward_smem_ahead_kernel|backward_smem_wide_kernel|backward_mma_kernel|wgrad_kernel|wgrad_mma_kernel" -c 11 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
     $PY bench/lstm_ncu.py > "$OUT/ncu.log" 2>&1
@@ -143,6 +145,7 @@ echo "synccheck:  rc=$sync_rc: $(grep -E 'ERROR SUMMARY| ran$' "$OUT/synccheck.l
 echo "lstm/maml timing: ${extra_s}s"
 cat "$OUT/lstm_goals.log" | tail -24
 tail -36 "$OUT/mem_probe.log" 2>/dev/null
+grep -vE "^$" "$OUT/lstm_ab.log" 2>/dev/null | tail -40
 tail -8 "$OUT/lstm_timing.log" 2>/dev/null
 grep -E "err vs loop|maml conv4|graph vs eager|capture|peak memory|vs float64" "$OUT/maml.log" 2>/dev/null
 grep -E "^steps=" "$OUT/maml_front.log" 2>/dev/null

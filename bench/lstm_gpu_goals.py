@@ -1,13 +1,15 @@
 """The goals table of the fused LSTM optimizer step (issue 3) on a CUDA GPU, in one run:
 
   forward (no_grad, float32, log_sign, H = 20) at N = 10k, 1M, 10M:
-    native (tensor-core path), native CUDA-core path (PYMETA_LSTM_MMA=0), the staged
-    tensor-core forward (PYMETA_LSTM_MMA_STAGED=1: cp.async of each warp's next step), the
-    direct one with 32-bit offsets ("off32", PYMETA_LSTM_OFF32=1; the same bits), the direct
-    one with a barrier per block step ("sync", PYMETA_LSTM_SYNC=1, H 17..20; the same bits), native
-    on a bfloat16 state ("bf16": the direct tensor-core kernel reading and writing bfloat16,
-    PYMETA_LSTM_MMA_STAGED=0; "bf16 stg": the staged one, the default; "bf16 chk": the float32
-    kernel on chunks converted around it, PYMETA_LSTM_BF16_NATIVE=0), the eager nn.LSTMCell
+    native (tensor-core path: at H 17..20 the staged forward in its sync form, a barrier per
+    block step), native CUDA-core path (PYMETA_LSTM_MMA=0), the free-running staged
+    tensor-core forward ("staged", PYMETA_LSTM_MMA_STAGED=1 PYMETA_LSTM_SYNC=0: cp.async of each
+    warp's next step), the direct one ("direct", PYMETA_LSTM_MMA_STAGED=0; the default before
+    the fourteenth session) and with 32-bit offsets ("off32", PYMETA_LSTM_OFF32=1), each with
+    whether it gives native's bits, native on a bfloat16 state ("bf16": the direct
+    tensor-core kernel reading and writing bfloat16, PYMETA_LSTM_MMA_STAGED=0; "bf16 stg": the
+    staged one, the default; "bf16 syn": its sync form, PYMETA_LSTM_SYNC=1; "bf16 chk": the
+    float32 kernel on chunks converted around it, PYMETA_LSTM_BF16_NATIVE=0), the eager nn.LSTMCell
     reference (state kept in LSTMCell's own [N, H] layout, no transposes), torch.compile of it,
     torch.optim.Adam(fused=DEV == "cuda") for scale; and the native step replayed from a CUDA graph
     (device time without Python's per-call cost). Roofline: bytes moved (32 H + 8 per
@@ -64,21 +66,21 @@ def graph_time(fn, reps=20):
     return timed(replay, reps) if replay is not None else float("nan")
 
 
-def switched(name, fn, reps):
-    """fn timed with the switch `name` (PYMETA_LSTM_*) on, and whether its outputs then have
-    the bits they have with it off."""
-    saved = os.environ.get(name)
-    os.environ[name] = "1"
+def variant(env, fn, reps):
+    """fn timed with the PYMETA_LSTM_* switches `env` set, and whether its outputs then have
+    the bits they have without them."""
+    want = fn()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         ms, out = timed(fn, reps), fn()
-        os.environ[name] = "0"
-        same = all(torch.equal(a, b) for a, b in zip(out, fn()))
     finally:  # the caller's environment back
-        if saved is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = saved
-    return ms, same
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+    return ms, all(torch.equal(a, b) for a, b in zip(out, want))
 
 
 def copy_bandwidth():
@@ -91,8 +93,8 @@ def copy_bandwidth():
 def forward_table(H, compile_ref):
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'off32':>8} {'sync':>8} {'cuda-core':>9} {'staged':>8} {'bf16':>8} "
-            f"{'bf16 stg':>8} {'bf16 chk':>8} | {'eager':>8} "
+    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'direct':>8} {'off32':>8} {'cuda-core':>9} {'staged':>8} {'bf16':>8} "
+            f"{'bf16 stg':>8} {'bf16 syn':>8} {'bf16 chk':>8} | {'eager':>8} "
             f"{'compile':>8} {'adam':>7} | {'x eager':>7} {'x cmp':>6} {'x core':>6} | "
             f"{'roofline':>8} | {'err':>7}")
     print(f"forward, H={H}, float32, log_sign, ms per call")
@@ -109,19 +111,19 @@ def forward_table(H, compile_ref):
         with torch.no_grad():
             nat = timed(lambda: native_step(net, grad, state), reps)
             gr = graph_time(lambda: native_step(net, grad, state), reps)
-            o32, same32 = switched("PYMETA_LSTM_OFF32", lambda: native_step(net, grad, state), reps)
-            syn, same_syn = switched("PYMETA_LSTM_SYNC", lambda: native_step(net, grad, state), reps)
+            step = lambda: native_step(net, grad, state)  # noqa: E731
+            o32, same32 = variant({"PYMETA_LSTM_OFF32": "1"}, step, reps)
+            dir_, same_dir = variant({"PYMETA_LSTM_MMA_STAGED": "0"}, step, reps)
+            stg, same_stg = variant({"PYMETA_LSTM_MMA_STAGED": "1", "PYMETA_LSTM_SYNC": "0"},
+                                    step, reps)
             os.environ["PYMETA_LSTM_MMA"] = "0"
             core = timed(lambda: native_step(net, grad, state), reps)
             u_core = native_step(net, grad, state)[0]
             del os.environ["PYMETA_LSTM_MMA"]
-            os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
-            stg = timed(lambda: native_step(net, grad, state), reps)
-            u_stg = native_step(net, grad, state)[0]
-            del os.environ["PYMETA_LSTM_MMA_STAGED"]
-            err_stg = (u_stg - native_step(net, grad, state)[0]).abs().max().item()
             state16 = state.bfloat16()
             b16s = timed(lambda: native_step(net, grad, state16), reps)
+            b16y, same16y = variant({"PYMETA_LSTM_SYNC": "1"},
+                                    lambda: native_step(net, grad, state16), reps)
             os.environ["PYMETA_LSTM_MMA_STAGED"] = "0"
             b16 = timed(lambda: native_step(net, grad, state16), reps)
             del os.environ["PYMETA_LSTM_MMA_STAGED"]
@@ -141,12 +143,13 @@ def forward_table(H, compile_ref):
         adam = torch.optim.Adam([prm], lr=1e-3, fused=DEV == "cuda")
         ad = timed(adam.step, reps)
         floor = (32 * H + 8) * N / bw * 1e3
-        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {o32:>8.4f} {syn:>8.4f} {core:>9.4f} {stg:>8.4f} {b16:>8.4f} {b16s:>8.4f} "
-              f"{b16c:>8.4f} | {eager:>8.4f} {cmp:>8.4f} "
+        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {dir_:>8.4f} {o32:>8.4f} {core:>9.4f} {stg:>8.4f} {b16:>8.4f} {b16s:>8.4f} "
+              f"{b16y:>8.4f} {b16c:>8.4f} | {eager:>8.4f} {cmp:>8.4f} "
               f"{ad:>7.4f} | {eager / nat:>7.1f} {cmp / nat:>6.1f} {core / nat:>6.1f} | "
-              f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e}, staged vs direct "
-              f"{err_stg:.0e}, bf16 vs upcast {err16:.0e}, off32 same bits {same32}, sync {same_syn}; staged roofline {floor / stg:.0%}, bf16 "
-              f"roofline {(16 * H + 8) * N / bw * 1e3 / min(b16, b16s):.0%})",
+              f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e}, same bits as "
+              f"native: direct {same_dir}, off32 {same32}, staged {same_stg}, bf16 sync vs bf16 "
+              f"stg {same16y}; bf16 vs upcast {err16:.0e}; direct roofline {floor / dir_:.0%}, "
+              f"bf16 roofline {(16 * H + 8) * N / bw * 1e3 / min(b16, b16s, b16y):.0%})",
               flush=True)
         del net, grad, state, st, prm, adam
         torch.cuda.empty_cache()
@@ -158,10 +161,9 @@ def backward_table(H):
     gradients) vs the tensor-core pass (PYMETA_LSTM_MMA_BWD=1), the CUDA-core weight-gradient
     tiles (PYMETA_LSTM_WG_MMA=0), the pass's plain loops (PYMETA_LSTM_BWD_AHEAD=0) and its
     loads ahead (PYMETA_LSTM_BWD_AHEAD=1), the plain loops at 6 blocks per SM
-    (PYMETA_LSTM_BWD_WIDE=1), the default form with 32-bit offsets (PYMETA_LSTM_OFF32=1) and
-    with a barrier per coordinate round (PYMETA_LSTM_SYNC=1, H 17..20)."""
+    (PYMETA_LSTM_BWD_WIDE=1), the default form with 32-bit offsets (PYMETA_LSTM_OFF32=1)."""
     print(f"\nbackward op, H={H}, ms per call: default | tensor-core pass | cuda-core wgrad | "
-          "plain loops | loads ahead | wide | off32 | sync")
+          "plain loops | loads ahead | wide | off32")
     for N in SIZES[:2] + (200_000,):
         torch.manual_seed(0)
         net = pymeta.LSTMOptimizerNet(H).to(DEV)
@@ -174,8 +176,7 @@ def backward_table(H):
         res = []
         for env in ({}, {"PYMETA_LSTM_MMA_BWD": "1"}, {"PYMETA_LSTM_WG_MMA": "0"},
                     {"PYMETA_LSTM_BWD_AHEAD": "0"}, {"PYMETA_LSTM_BWD_AHEAD": "1"},
-                    {"PYMETA_LSTM_BWD_WIDE": "1"}, {"PYMETA_LSTM_OFF32": "1"},
-                    {"PYMETA_LSTM_SYNC": "1"}):
+                    {"PYMETA_LSTM_BWD_WIDE": "1"}, {"PYMETA_LSTM_OFF32": "1"}):
             os.environ.update(env)
             res.append(timed(op))
             for k in env:
@@ -210,10 +211,10 @@ def unroll_table(H, N=200_000, T=20):
     variants = {"cuda-core": {"PYMETA_LSTM_MMA": "0", "PYMETA_LSTM_WG_MMA": "0"},
                 "cc-wgrad": {"PYMETA_LSTM_WG_MMA": "0"}, "plain": {"PYMETA_LSTM_BWD_AHEAD": "0"},
                 "mma-bwd": {"PYMETA_LSTM_MMA_BWD": "1"}, "wide": {"PYMETA_LSTM_BWD_WIDE": "1"},
-                "off32": {"PYMETA_LSTM_OFF32": "1"}, "sync": {"PYMETA_LSTM_SYNC": "1"}}
+                "off32": {"PYMETA_LSTM_OFF32": "1"}, "direct": {"PYMETA_LSTM_MMA_STAGED": "0"}}
     for name, native in (("native", True), ("cuda-core", True), ("bf16", True),
                          ("cc-wgrad", True), ("plain", True), ("mma-bwd", True), ("wide", True),
-                         ("off32", True), ("sync", True), ("eager", False)):
+                         ("off32", True), ("direct", True), ("eager", False)):
         os.environ.update(variants.get(name, {}))
         sd = torch.bfloat16 if name == "bf16" else None
         with pymeta.use_backend("native" if native else "reference"):
@@ -244,8 +245,8 @@ def unroll_table(H, N=200_000, T=20):
           f"plain loops {out['plain'][0]:.3f} ms; tensor-core pass {out['mma-bwd'][0]:.3f} ms; "
           f"wide CUDA-core pass {out['wide'][0]:.3f} ms; 32-bit offsets {out['off32'][0]:.3f} ms, "
           f"same meta-gradient bits {all(torch.equal(a, b) for a, b in zip(out['off32'][2], out['native'][2]))}; "
-          f"a barrier per block step {out['sync'][0]:.3f} ms, same bits "
-          f"{all(torch.equal(a, b) for a, b in zip(out['sync'][2], out['native'][2]))})")
+          f"the direct forward {out['direct'][0]:.3f} ms, same bits "
+          f"{all(torch.equal(a, b) for a, b in zip(out['direct'][2], out['native'][2]))})")
     # The eager reference moved by 16-24% between passes and runs (bench/RESULTS.md, runs
     # 11-13), so the ratio is also taken from alternating pairs: native, eager, native, ...
     pairs = []
@@ -267,7 +268,7 @@ def unroll_table(H, N=200_000, T=20):
                 ms = timed(replay, reps=3, repeats=3, warmup=1)
                 print(f"  native unroll replayed from a CUDA graph: {ms:.3f} ms "
                       f"(x {out['eager'][0] / ms:.2f} eager)", flush=True)
-            for name in ("cc-wgrad", "plain", "mma-bwd", "wide", "off32"):
+            for name in ("cc-wgrad", "plain", "mma-bwd", "wide", "off32", "direct"):
                 os.environ.update(variants[name])
                 replay = cuda_graph(lambda: run(True))
                 if replay is not None:

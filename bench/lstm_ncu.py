@@ -6,14 +6,13 @@ tensor-core pass, and the weight-gradient blocks, tensor-core and CUDA-core.
 
   python bench/lstm_ncu.py [--N 1000000] [--launches fwd,fwd32,bwd,bwd32]
 
-Launches (each an op call under its PYMETA_LSTM_* switches): fwd (the default forward),
-fwd_staged, fwd32 / fwd64 (32-bit / 64-bit offsets: the default is 32-bit for a bfloat16 state
-at H <= 20), fwd_direct32 (the direct kernel with 32-bit offsets, also for a
-bfloat16 state, --bf16), fwd_sync (the direct float32 kernel with a barrier per block step,
-PYMETA_LSTM_SYNC=1), fwd_stg_sync (the staged one's sync form), bwd (the default backward
-op), bwd_sync (its pass with a barrier per
-coordinate round, PYMETA_LSTM_SYNC=1), bwd_cc (CUDA-core weight
-gradients and the pass's plain loops), bwd32, bwd_mma (the tensor-core pass), bwd_wide.
+Launches (each an op call under its PYMETA_LSTM_* switches): fwd (the default forward: for
+float32 at H 17..20 the staged kernel's sync form), fwd_staged (the free-running staged
+kernel), fwd_direct (the direct kernel), fwd_sw8 (the sync form in barrier groups of 8 warps),
+fwd32 / fwd64 (32-bit / 64-bit offsets: the default is 32-bit for a bfloat16 state at
+H <= 20), fwd_direct32 (the direct kernel with 32-bit offsets, also for a bfloat16 state,
+--bf16), bwd (the default backward op), bwd_cc (CUDA-core weight gradients and the pass's
+plain loops), bwd32, bwd_mma (the tensor-core pass), bwd_wide.
 """
 import argparse
 import os
@@ -24,20 +23,19 @@ import pymeta
 
 LAUNCHES = {
     "fwd": ("forward", {}),
-    "fwd_staged": ("forward", {"PYMETA_LSTM_MMA_STAGED": "1"}),
+    "fwd_staged": ("forward", {"PYMETA_LSTM_MMA_STAGED": "1", "PYMETA_LSTM_SYNC": "0"}),
+    "fwd_direct": ("forward", {"PYMETA_LSTM_MMA_STAGED": "0"}),
+    "fwd_sw8": ("forward", {"PYMETA_LSTM_SYNC_WARPS": "8"}),
     "fwd32": ("forward", {"PYMETA_LSTM_OFF32": "1"}),
     "fwd64": ("forward", {"PYMETA_LSTM_OFF32": "0"}),
     "fwd_direct32": ("forward", {"PYMETA_LSTM_MMA_STAGED": "0", "PYMETA_LSTM_OFF32": "1"}),
-    "fwd_sync": ("forward", {"PYMETA_LSTM_SYNC": "1"}),
-    "fwd_stg_sync": ("forward", {"PYMETA_LSTM_SYNC": "1", "PYMETA_LSTM_MMA_STAGED": "1"}),
     "bwd": ("backward", {}),
-    "bwd_sync": ("backward", {"PYMETA_LSTM_SYNC": "1"}),
     "bwd_cc": ("backward", {"PYMETA_LSTM_WG_MMA": "0", "PYMETA_LSTM_BWD_AHEAD": "0"}),
     "bwd32": ("backward", {"PYMETA_LSTM_OFF32": "1"}),
     "bwd_mma": ("backward", {"PYMETA_LSTM_MMA_BWD": "1"}),
     "bwd_wide": ("backward", {"PYMETA_LSTM_BWD_WIDE": "1"}),
 }
-DEFAULT = "fwd,fwd_staged,bwd,bwd_cc,bwd_mma,bwd_wide"
+DEFAULT = "fwd,fwd_staged,fwd_direct,bwd,bwd_cc,bwd_mma,bwd_wide"
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--N", type=int, default=1_000_000)

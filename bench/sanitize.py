@@ -4,7 +4,7 @@ every rate form, forward and backward.
   python bench/sanitize.py                # every kernel
   python bench/sanitize.py staged wgrad   # only the cp.async kernels: the staged forward and
                                           # the tensor-core weight gradients (for racecheck)
-  python bench/sanitize.py sync           # only the block-synchronized kernels (synccheck)"""
+  python bench/sanitize.py sync           # only the barrier-synchronized kernels (synccheck)"""
 import os
 import sys
 
@@ -80,29 +80,23 @@ def lstm():
 
 
 def sync():
-    # the block-synchronized kernels (PYMETA_LSTM_SYNC=1: float32, H 17..20): one block step
-    # (N = 40: most warps idle at the barrier), a partial last block step (5003), and several
-    # block steps per block (100_003)
-    # the staged kernel's sync form too (PYMETA_LSTM_MMA_STAGED=1: 16-byte copies at N = 40,
-    # 4-byte ones at 5003 and 100_003)
+    # the staged forward's sync form (forward_mma_staged_sync_kernel, H 17..20: float32, the
+    # default; bfloat16, PYMETA_LSTM_SYNC=1) in barrier groups of the whole block, 8 and 3
+    # warps (a smaller last group): one step with idle warps and groups (N = 40), a partial
+    # last step (5003: 4-byte copies for float32), several steps per warp (100_000)
     os.environ["PYMETA_LSTM_SYNC"] = "1"
-    for staged in ("0", "1"):
-        os.environ["PYMETA_LSTM_MMA_STAGED"] = staged
+    os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
+    for warps in ("", "8", "3"):
+        os.environ["PYMETA_LSTM_SYNC_WARPS"] = warps
         for H in (17, 20):
             net = pymeta.LSTMOptimizerNet(H).to(dev)
-            for N in (40, 5003, 100_003):
-                with torch.no_grad():
-                    net(torch.randn(N, device=dev), torch.randn(4, H, N, device=dev) * 0.1)
-    del os.environ["PYMETA_LSTM_MMA_STAGED"]
-    # the backward's CUDA-core pass with a barrier per coordinate round (float, H 17..20)
-    for H in (17, 20):
-        w = [x.detach() for x in pymeta.LSTMOptimizerNet(H).to(dev).weights()]
-        for N in (40, 5003, 100_003):  # (100_003: several rounds per block)
-            torch.ops.pymeta.lstm_optimizer_step_backward(
-                torch.randn(N, device=dev), torch.randn(4, H, N, device=dev),
-                torch.randn(N, device=dev), torch.randn(4, H, N, device=dev) * 0.1, *w,
-                "log_sign", 10.0, 0.1)
-    del os.environ["PYMETA_LSTM_SYNC"]
+            for N in (40, 5003, 100_000):
+                for dtype in (torch.float32, torch.bfloat16):
+                    state = (torch.randn(4, H, N, device=dev) * 0.1).to(dtype)
+                    with torch.no_grad():
+                        net(torch.randn(N, device=dev), state)
+    for key in ("PYMETA_LSTM_SYNC", "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_SYNC_WARPS"):
+        del os.environ[key]
 
 
 def staged():

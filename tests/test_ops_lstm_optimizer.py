@@ -735,6 +735,7 @@ def _staged_vs_direct(H, N, kind, monkeypatch, check_ran, off32=False):
         monkeypatch.setenv("PYMETA_LSTM_MMA_STAGED", "1")
     # 32-bit store offsets forced on or off (the default: on for a bfloat16 state only)
     monkeypatch.setenv("PYMETA_LSTM_OFF32", "1" if off32 else "0")
+    monkeypatch.setenv("PYMETA_LSTM_SYNC", "0")  # the free-running form (sync: its own test)
     if check_ran:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             staged = OP(*inputs, "log_sign", 10.0, 0.1)
@@ -817,41 +818,55 @@ def test_cuda_forward_32bit_offsets_same_bits(H, N, bf16, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("H", [7, 17, 20, 32])
 @pytest.mark.parametrize("N", [40, 100_003, 300_000])
-@pytest.mark.parametrize("staged", [False, True])
-def test_cuda_forward_sync_same_bits(H, N, staged, monkeypatch):
-    """PYMETA_LSTM_SYNC=1: the tensor-core forward with a barrier per block step (float32 at
-    H 17..20 with 64-bit offsets: forward_mma_sync_kernel, or with PYMETA_LSTM_MMA_STAGED=1
-    forward_mma_staged_sync_kernel) gives the bits of the same kernel without it, NaN grads
-    included: one block step with idle warps (N = 40), a partial last block step (and 4-byte
-    copies in the staged kernel), many block steps per block. The profiler shows the sync
-    kernel ran where it applies and only there."""
-    for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA", "PYMETA_LSTM_SYNC"):
+@pytest.mark.parametrize("sync_warps", [None, 8, 3])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_forward_sync_same_bits(H, N, sync_warps, bf16, monkeypatch):
+    """The staged tensor-core forward with a barrier per step in each barrier group
+    (forward_mma_staged_sync_kernel: PYMETA_LSTM_SYNC=1, groups of PYMETA_LSTM_SYNC_WARPS warps,
+    the whole block by default; H 17..20, float32 with 64-bit offsets or bfloat16 with 32-bit
+    ones) gives the bits of its free-running form (PYMETA_LSTM_SYNC=0), NaN grads included: one
+    step with idle warps and groups (N = 40), a partial last step (4-byte copies for float32;
+    the direct kernel for bfloat16), many steps per warp, a smaller last group (3 warps per
+    group). The profiler shows the sync kernel ran where it applies and only there."""
+    for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA", "PYMETA_LSTM_SYNC_WARPS"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("PYMETA_LSTM_MMA_STAGED", "1" if staged else "0")
+    monkeypatch.setenv("PYMETA_LSTM_MMA_STAGED", "1")
+    monkeypatch.setenv("PYMETA_LSTM_SYNC", "0")
     inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
     inputs[0][[3, N - 1]] = float("nan")
+    if bf16:
+        inputs[1] = inputs[1].bfloat16()
     want = OP(*inputs, "log_sign", 10.0, 0.1)
-    got, names = _forward_kernels_under(inputs, monkeypatch, PYMETA_LSTM_SYNC="1")
-    assert names and all(("forward_mma_staged" in n) == staged for n in names), names
-    assert all(("sync_kernel" in n) == (17 <= H <= 20) for n in names), names
-    for a, b in zip(got, want):
-        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    switches = {"PYMETA_LSTM_SYNC": "1"}
+    if sync_warps:
+        switches["PYMETA_LSTM_SYNC_WARPS"] = str(sync_warps)
+    got, names = _forward_kernels_under(inputs, monkeypatch, **switches)
+    applies = 17 <= H <= 20 and not (bf16 and N % 8)
+    assert names and all(("sync_kernel" in n) == applies for n in names), names
+    bits = torch.int16 if bf16 else torch.int32
+    assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32))
+    assert torch.equal(got[1].view(bits), want[1].view(bits))
 
 
 @native_only
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("state_dtype,H,N,want,off32", [
-    (torch.float32, 20, 100_000, "forward_mma_kernel<20, float", False),
+    (torch.float32, 20, 100_000, "forward_mma_staged_sync_kernel<20, float", False),
+    (torch.float32, 17, 100_000, "forward_mma_staged_sync_kernel<20, float", False),
+    (torch.float32, 20, 100_001, "forward_mma_kernel<20, float", False),
+    (torch.float32, 16, 100_000, "forward_mma_kernel<16, float", False),
+    (torch.float32, 32, 100_000, "forward_mma_kernel<32, float", False),
     (torch.bfloat16, 20, 100_000, "forward_mma_staged_kernel<20, unsigned short", True),
     (torch.bfloat16, 20, 100_001, "forward_mma_kernel<20, unsigned short", True),
     (torch.bfloat16, 32, 100_000, "forward_mma_staged_kernel<32, unsigned short", False)])
 def test_cuda_forward_default_kernels(state_dtype, H, N, want, off32, monkeypatch):
-    """The tensor-core forward's defaults (H100 timings, bench/RESULTS.md): float32, the direct
-    kernel with 64-bit offsets; bfloat16, staged where 16-byte copies apply (N % 8 == 0), else
+    """The tensor-core forward's defaults (H100 timings, bench/RESULTS.md): float32 with 64-bit
+    offsets, the staged kernel's sync form at H 17..20 where 16-byte copies apply (N % 4 == 0),
+    else the direct kernel; bfloat16, staged where 16-byte copies apply (N % 8 == 0), else
     direct, with 32-bit offsets at H <= 20 (64-bit above: not timed there)."""
     for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_MMA",
-                "PYMETA_LSTM_BF16_NATIVE"):
+                "PYMETA_LSTM_BF16_NATIVE", "PYMETA_LSTM_SYNC", "PYMETA_LSTM_SYNC_WARPS"):
         monkeypatch.delenv(key, raising=False)
     inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
     inputs[1] = inputs[1].to(state_dtype)
@@ -991,39 +1006,6 @@ def test_cuda_wgrad_mma_where_it_does_not_apply(case, monkeypatch):
             torch.testing.assert_close(b / scale, a / scale, rtol=1e-4, atol=1e-5)
         else:
             assert torch.equal(a, b)
-
-
-@native_only
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("H", [7, 17, 20, 32])
-@pytest.mark.parametrize("N", [40, 20_011, 300_007])
-def test_cuda_backward_pass_sync_same_bits(H, N, monkeypatch):
-    """PYMETA_LSTM_SYNC=1: the backward's CUDA-core pass with a barrier per coordinate round
-    (backward_smem_ahead_sync_kernel; float at H 17..20, where the ahead form runs) gives the
-    default's bits, a NaN in d_new_state included: one round with idle threads (N = 40), a
-    partial last round, many rounds per block. The profiler shows it ran where it applies
-    and only there."""
-    for key in ("PYMETA_LSTM_BWD_AHEAD", "PYMETA_LSTM_BWD_WIDE", "PYMETA_LSTM_OFF32",
-                "PYMETA_LSTM_MMA_BWD", "PYMETA_LSTM_SYNC"):
-        monkeypatch.delenv(key, raising=False)
-    inputs = [t.float().cuda() for t in _valid(H, N, torch.float64).values()]
-    gen = torch.Generator().manual_seed(12)
-    du = torch.randn(N, generator=gen).cuda()
-    ds = torch.randn(4, H, N, generator=gen).cuda()
-    ds[3, H - 1, N // 2] = float("nan")
-    want = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
-    monkeypatch.setenv("PYMETA_LSTM_SYNC", "1")
-    _poison_allocator(want)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        got = BWD(du, ds, *inputs, "log_sign", 10.0, 0.1)
-        torch.cuda.synchronize()
-    ran = any("backward_smem_ahead_sync_kernel" in e.name for e in prof.events())
-    assert ran == (17 <= H <= 20)
-    assert got[0][N // 2].isnan()  # the NaN reached d_grad of its coordinate
-    for a, b in zip(got, want):
-        assert torch.equal(a.isnan(), b.isnan())
-        assert torch.equal(a.nan_to_num().view(torch.int32), b.nan_to_num().view(torch.int32))
 
 
 @native_only

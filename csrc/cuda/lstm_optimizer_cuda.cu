@@ -14,6 +14,7 @@
 //   3. per weight-gradient entry: the sum over chunks in a fixed order.
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -103,29 +104,16 @@ forward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_consta
 // took 3.18 ms vs 3.09 plain.
 // kOff32: 32-bit offsets (PYMETA_LSTM_OFF32=1 where the workspace rows, R.total N elements,
 // are fewer than 2^31; float only).
-// kSync (backward_smem_ahead_sync_kernel): a barrier after each of the block's coordinate
-// rounds, as in forward_mma_sync_kernel: a block's 4 warps then read and write each row in
-// 512-byte runs at about the same time instead of 128-byte pieces at unrelated times.
-template <typename T, int HP, bool kAhead, bool kOff32 = false, bool kSync = false>
+template <typename T, int HP, bool kAhead, bool kOff32 = false>
 __device__ __forceinline__ void backward_smem_body(const LstmOptLaunch& L, const Params<T>& P) {
   T* sw = staged_weights<T, HP>(P);
   const int64_t N = L.N;
-  auto coord = [&](int64_t n) {
+  for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
+       n += int64_t(gridDim.x) * blockDim.x) {
     lstm_smem_backward_thread<HP, T, kAhead, kOff32>(
         sw, P.s, static_cast<const T*>(L.grad), static_cast<const T*>(L.state),
         static_cast<const T*>(L.d_update), static_cast<const T*>(L.d_new_state),
         static_cast<T*>(L.d_grad), static_cast<T*>(L.d_state), static_cast<T*>(L.workspace), N, n);
-  };
-  if constexpr (kSync) {  // a block-uniform trip count: every thread meets every barrier
-    for (int64_t b0 = int64_t(blockIdx.x) * blockDim.x; b0 < N;
-         b0 += int64_t(gridDim.x) * blockDim.x) {
-      if (b0 + threadIdx.x < N) coord(b0 + threadIdx.x);
-      __syncthreads();
-    }
-  } else {
-    for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
-         n += int64_t(gridDim.x) * blockDim.x)
-      coord(n);
   }
 }
 
@@ -144,16 +132,6 @@ backward_smem_ahead_kernel(const __grid_constant__ LstmOptLaunch L,
   backward_smem_body<T, HP, true, kOff32>(L, P);
 }
 
-// The ahead form with a barrier per coordinate round: PYMETA_LSTM_SYNC=1, float at HP = 20
-// where the ahead form runs (64-bit offsets). Same bits. Not run on a GPU yet (thirteenth
-// session; bench/NOTES_lstm.md).
-template <typename T, int HP>
-__global__ void __launch_bounds__(smem_threads<HP>(), 4)
-backward_smem_ahead_sync_kernel(const __grid_constant__ LstmOptLaunch L,
-                                const __grid_constant__ Params<T> P) {
-  backward_smem_body<T, HP, true, false, true>(L, P);
-}
-
 // The plain loops held to 80 registers, 6 blocks (24 warps) per SM: opt-in
 // (PYMETA_LSTM_BWD_WIDE=1), float at HP <= 20 only. ptxas -v (sm_90): 88 B of spills at HP =
 // 20. The pass waits on L1TEX for half its cycles at 4 warps per scheduler (ncu, run 12); 6
@@ -169,12 +147,9 @@ backward_smem_wide_kernel(const __grid_constant__ LstmOptLaunch L,
 // ---- tensor-core forward (float, H <= 32, sm_80+): lstm_optimizer_mma.cuh ----------------
 // St: the state's storage type, float or uint16_t (bfloat16 bits, L.state_bf16). kOff32:
 // 32-bit element offsets (the state has fewer than 2^31 elements; forward_off32).
-// kSync (forward_mma_sync_kernel): a barrier after every step, so that the block's 8 warps
-// work on one block step (8 x 16 adjacent coordinates) at a time and each state row is read
-// and written in 512-byte runs together, where free-running warps drift apart and leave
-// 64-byte pieces of every row to the memory system (bench/NOTES_lstm.md, thirteenth session).
-template <int HB, typename St, bool kOff32, bool kSync>
-__device__ __forceinline__ void forward_mma_body(const LstmOptLaunch& L, const Params<float>& P) {
+template <int HB, typename St, bool kOff32 = false>
+__global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
+forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sm = reinterpret_cast<float*>(smem_raw);
   lstm_mma_stage<HB>(sm, P.W, P.s.H, P.s.n_in, threadIdx.x, blockDim.x);
@@ -182,56 +157,27 @@ __device__ __forceinline__ void forward_mma_body(const LstmOptLaunch& L, const P
   const int warps = blockDim.x / 32;
   const int64_t step = LstmMmaShape<HB>::kCoords;
   const float b_out = P.W.b_out[0];
-  auto warp_step = [&](int64_t base) {
+  for (int64_t base = (int64_t(blockIdx.x) * warps + threadIdx.x / 32) * step; base < L.N;
+       base += int64_t(gridDim.x) * warps * step)  // warp-uniform: the mma needs all 32 lanes
     lstm_mma_forward_warp<HB, St, kOff32>(sm, P.s, b_out, static_cast<const float*>(L.grad),
-                                          static_cast<const St*>(L.state),
-                                          static_cast<float*>(L.update),
-                                          static_cast<St*>(L.new_state), L.N, base);
-  };
-  const int64_t stride = int64_t(gridDim.x) * warps * step;
-  if constexpr (kSync) {  // a block-uniform trip count: every warp meets every barrier
-    const int64_t wofs = int64_t(threadIdx.x / 32) * step;
-    for (int64_t bb = int64_t(blockIdx.x) * warps * step; bb < L.N; bb += stride) {
-      if (bb + wofs < L.N) warp_step(bb + wofs);  // warp-uniform: the mma needs all 32 lanes
-      __syncthreads();
-    }
-  } else {
-    for (int64_t base = (int64_t(blockIdx.x) * warps + threadIdx.x / 32) * step; base < L.N;
-         base += stride)  // warp-uniform: the mma needs all 32 lanes
-      warp_step(base);
-  }
-}
-
-template <int HB, typename St, bool kOff32 = false>
-__global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
-forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
-  forward_mma_body<HB, St, kOff32, false>(L, P);
-}
-
-// Opt-in (PYMETA_LSTM_SYNC=1; with PYMETA_LSTM_MMA_STAGED=1 the staged kernel's sync form runs
-// instead), float32 at H in 17..20 with 64-bit offsets only (the default kernel there), as
-// one more instance is ~5 s of the file's build. ptxas (sm_90): 127 registers, 16 B of spills
-// (forward_mma_kernel: 128, 4 B); 2365 vs 2298 instructions per warp step.
-// Not run on a GPU yet (thirteenth session): bench/lstm_mem_probe.cu measures the idea.
-template <int HB, typename St, bool kOff32 = false>
-__global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
-forward_mma_sync_kernel(const __grid_constant__ LstmOptLaunch L,
-                        const __grid_constant__ Params<float> P) {
-  forward_mma_body<HB, St, kOff32, true>(L, P);
+                                  static_cast<const St*>(L.state), static_cast<float*>(L.update),
+                                  static_cast<St*>(L.new_state), L.N, base);
 }
 
 // The same forward with each warp's next step copied into shared memory (cp.async) while the
-// current one computes: lstm_mma_forward_staged. The default for a bfloat16 state (H100,
-// 2026-11-26, bench/RESULTS.md runs 11 / 12: 0.273 / 0.277 vs 0.366 / 0.370 ms at N = 1M);
-// with a float32 state it is slower than the direct kernel at 10M (4.04 vs 3.92 ms since the
-// twelfth session's spill fix, 4.28 before; equal at 1M), so there it is opt-in.
-// PYMETA_LSTM_MMA_STAGED=1 / 0 forces it on / off. Shared memory: the staged weights (b_out
+// current one computes: lstm_mma_forward_staged. Shared memory: the staged weights (b_out
 // among their constants, read where it is used: lstm_mma_b_out), then the warps' staging
 // buffers (16-byte aligned). kOff32: 32-bit offsets for the stores (forward_off32).
+// kSync (forward_mma_staged_sync_kernel): the block's warps in barrier groups of sync_warps
+// (named barrier 1 + group), each group walking its steps together with a barrier per step,
+// so that the group's copies of a state row reach DRAM as one run of 64 x sync_warps bytes
+// (float32) where free-running warps leave 64-byte pieces at unrelated times
+// (bench/NOTES_lstm.md, thirteenth and fourteenth sessions). Where and why each is the
+// default: staged_launch.
 template <int HB, typename St, bool kOff32, bool kSync>
 __device__ __forceinline__ void forward_mma_staged_body(const LstmOptLaunch& L,
                                                         const Params<float>& P, int buf_bytes,
-                                                        bool vec) {
+                                                        bool vec, int sync_warps) {
   using S = LstmMmaShape<HB>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sm = reinterpret_cast<float*>(smem_raw);
@@ -240,30 +186,31 @@ __device__ __forceinline__ void forward_mma_staged_body(const LstmOptLaunch& L,
   const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
   unsigned char* bufs = smem_raw + sizeof(float) * S::kTotal + size_t(2 * warp) * buf_bytes;
   const int64_t step = S::kCoords;
+  const LstmSyncGroup g = kSync ? lstm_sync_group(warp, warps, sync_warps) : LstmSyncGroup{};
   lstm_mma_forward_staged<HB, St, kOff32, kSync>(
       sm, bufs, buf_bytes, P.s, lstm_mma_b_out_at<HB>(sm), static_cast<const float*>(L.grad),
       static_cast<const St*>(L.state), static_cast<float*>(L.update),
       static_cast<St*>(L.new_state), L.N, (int64_t(blockIdx.x) * warps + warp) * step,
-      int64_t(gridDim.x) * warps * step, vec, warp * step);
+      int64_t(gridDim.x) * warps * step, vec, g.lead * step, g.bar_id, g.bar_threads);
 }
 
 template <int HB, typename St, bool kOff32 = false>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
 forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
-                          const __grid_constant__ Params<float> P, int buf_bytes, bool vec) {
-  forward_mma_staged_body<HB, St, kOff32, false>(L, P, buf_bytes, vec);
+                          const __grid_constant__ Params<float> P, int buf_bytes, bool vec,
+                          int sync_warps) {
+  forward_mma_staged_body<HB, St, kOff32, false>(L, P, buf_bytes, vec, sync_warps);
 }
 
-// The staged forward with a barrier per block step (the block's warps, up to 16, copy the
-// next 16 x warps coordinates of a state row together, as in forward_mma_sync_kernel):
-// PYMETA_LSTM_SYNC=1 with PYMETA_LSTM_MMA_STAGED=1, float32 at H 17..20 with 64-bit offsets.
-// ptxas (sm_90): 128 registers, 32 B of spills (the float32 staged kernel: 28), 2461 vs 2445
-// instructions per step. Not run on a GPU yet (thirteenth session).
+// At HB = 20 only: float32 with 64-bit offsets (the default there), bfloat16 with 32-bit
+// offsets (opt-in). ptxas (sm_90), float32: 128 registers, 32 B of spill loads (the free-running
+// staged kernel: 28), 2461 vs 2445 instructions per step.
 template <int HB, typename St, bool kOff32 = false>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
 forward_mma_staged_sync_kernel(const __grid_constant__ LstmOptLaunch L,
-                               const __grid_constant__ Params<float> P, int buf_bytes, bool vec) {
-  forward_mma_staged_body<HB, St, kOff32, true>(L, P, buf_bytes, vec);
+                               const __grid_constant__ Params<float> P, int buf_bytes, bool vec,
+                               int sync_warps) {
+  forward_mma_staged_body<HB, St, kOff32, true>(L, P, buf_bytes, vec, sync_warps);
 }
 
 // Opt-in (PYMETA_LSTM_MMA_BWD=1). Its first form measured slower than the CUDA-core pass at
@@ -490,6 +437,15 @@ int env_switch(const char* name) {
   return env[0] == '0' ? 0 : 1;
 }
 
+// A PYMETA_LSTM_* number: `fallback` when unset, empty or not a number.
+int env_int(const char* name, int fallback) {
+  const char* env = std::getenv(name);
+  if (!env || !env[0]) return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  return *end || v < INT_MIN || v > INT_MAX ? fallback : static_cast<int>(v);
+}
+
 }  // namespace
 
 // Whether the backward asks for the tensor-core weight gradients (wgrad_mma_launch decides
@@ -552,18 +508,31 @@ static bool forward_off32(const LstmOptLaunch& L) {
          4 * int64_t(L.H) * L.N < (int64_t(1) << 31);
 }
 
-// The staged tensor-core forward (a bfloat16 state, or PYMETA_LSTM_MMA_STAGED=1) where it fits: as
-// many warps per block (one block per SM) as the shared memory holds two staging buffers for,
-// at least 4. 16-byte copies when N and the pointers allow them; else 4-byte copies, which a
-// bfloat16 state can't use. Returns -1 when not applicable.
+// The staged tensor-core forward where it fits: as many warps per block (one block per SM) as
+// the shared memory holds two staging buffers for, at least 4. 16-byte copies when N and the
+// pointers allow them (vec); else 4-byte copies, which a bfloat16 state can't use. The default
+// (H100, bench/RESULTS.md):
+// - for a bfloat16 state: free-running (runs 11 / 12: 0.273 / 0.277 vs 0.366 / 0.370 ms for
+//   the direct kernel at N = 1M);
+// - for a float32 state at H 17..20 with 64-bit offsets and vec: the sync form (run 18: 3.49 vs
+//   3.95 ms at 10M, 0.319 vs 0.377 at 1M against the direct kernel, which stays the default
+//   elsewhere: the free-running staged kernel took 4.04 vs 3.92 ms at 10M).
+// PYMETA_LSTM_MMA_STAGED=1 / 0 forces the staged kernel on / off. PYMETA_LSTM_SYNC=1 / 0 forces
+// the sync form on / off where it is built (HB = 20: float32 with 64-bit offsets, bfloat16 with
+// 32-bit ones); PYMETA_LSTM_SYNC_WARPS=k (2 .. warps) sets its barrier groups (default: the
+// whole block). Returns -1 when not applicable.
 template <int HB>
 static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStream_t stream) {
   using S = LstmMmaShape<HB>;
-  const int on = env_switch("PYMETA_LSTM_MMA_STAGED");
-  if (on == 0 || (on < 0 && !L.state_bf16)) return -1;
   const int64_t elems = L.state_bf16 ? 8 : 4;  // state elements per 16 bytes
   const bool vec = L.N % elems == 0 && reinterpret_cast<uintptr_t>(L.grad) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(L.state) % 16 == 0;
+  const bool off32 = forward_off32(L);  // the stores' offsets
+  const int sync_on = env_switch("PYMETA_LSTM_SYNC");
+  const bool has_sync = HB == 20 && (L.state_bf16 ? off32 : !off32);
+  const bool sync = has_sync && (sync_on == 1 || (sync_on < 0 && !L.state_bf16));
+  const int on = env_switch("PYMETA_LSTM_MMA_STAGED");
+  if (on == 0 || (on < 0 && !L.state_bf16 && !(sync && vec))) return -1;
   if (!vec && L.state_bf16) return -1;
   const int buf = L.state_bf16 ? lstm_mma_buf_bytes<uint16_t>(L.H) : lstm_mma_buf_bytes<float>(L.H);
   int dev = 0, optin = 0, sms = 0, per_sm = 0;
@@ -576,21 +545,26 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
   if (warps > S::kStagedThreads / 32) warps = S::kStagedThreads / 32;
   if (warps < 4) return -1;
   const size_t smem = static_cast<size_t>(weights + int64_t(2) * warps * buf);
-  const bool off32 = forward_off32(L);  // the stores' offsets
   auto kernel = L.state_bf16 ? (off32 ? forward_mma_staged_kernel<HB, uint16_t, true>
                                       : forward_mma_staged_kernel<HB, uint16_t>)
                              : (off32 ? forward_mma_staged_kernel<HB, float, true>
                                       : forward_mma_staged_kernel<HB, float>);
-  if constexpr (HB == 20)  // opt-in: a barrier per block step (forward_mma_staged_sync_kernel)
-    if (!L.state_bf16 && !off32 && env_switch("PYMETA_LSTM_SYNC") == 1)
-      kernel = forward_mma_staged_sync_kernel<20, float>;
+  int sync_warps = warps;  // (named barriers 1 .. 8: at most 8 groups)
+  if constexpr (HB == 20) {
+    if (sync) {
+      kernel = L.state_bf16 ? forward_mma_staged_sync_kernel<20, uint16_t, true>
+                            : forward_mma_staged_sync_kernel<20, float>;
+      sync_warps = env_int("PYMETA_LSTM_SYNC_WARPS", warps);
+      sync_warps = sync_warps < 2 ? 2 : sync_warps > warps ? warps : sync_warps;
+    }
+  }
   err = kernel_smem(kernel, dev, 32 * warps, smem, &per_sm);
   if (err) return static_cast<int>(err);
   if (per_sm < 1) return -1;
   const int64_t per_block = int64_t(warps) * S::kCoords;
   const int64_t tiles = (L.N + per_block - 1) / per_block;
   const unsigned blocks = static_cast<unsigned>(tiles < sms ? tiles : sms);
-  kernel<<<blocks, 32 * warps, smem, stream>>>(L, P, buf, vec);
+  kernel<<<blocks, 32 * warps, smem, stream>>>(L, P, buf, vec, sync_warps);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -622,13 +596,10 @@ static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward
     SmemLaunch s{};
     const size_t bytes = sizeof(float) * (backward ? S::kTotalBwd : S::kTotal);
     const bool off32 = forward_off32(L);
-    auto fwd = L.state_bf16 ? (off32 ? forward_mma_kernel<HB, uint16_t, true>
-                                     : forward_mma_kernel<HB, uint16_t>)
-                            : (off32 ? forward_mma_kernel<HB, float, true>
-                                     : forward_mma_kernel<HB, float>);
-    if constexpr (HB == 20)  // opt-in: the block's warps a step at a time (forward_mma_sync_kernel)
-      if (!backward && !L.state_bf16 && !off32 && env_switch("PYMETA_LSTM_SYNC") == 1)
-        fwd = forward_mma_sync_kernel<20, float>;
+    const auto fwd = L.state_bf16 ? (off32 ? forward_mma_kernel<HB, uint16_t, true>
+                                           : forward_mma_kernel<HB, uint16_t>)
+                                  : (off32 ? forward_mma_kernel<HB, float, true>
+                                           : forward_mma_kernel<HB, float>);
     int e = backward ? plan_smem(backward_mma_kernel<HB>, threads, bytes, tiles, &s)
                      : plan_smem(fwd, threads, bytes, tiles, &s);
     if (e) return e;
@@ -711,9 +682,6 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
         // (the wide form has no 32-bit variant: PYMETA_LSTM_BWD_WIDE=1 wins over OFF32)
         if constexpr (std::is_same<T, float>::value && HP <= 20)
           if (env_switch("PYMETA_LSTM_BWD_WIDE") == 1) kernel = backward_smem_wide_kernel<T, HP>;
-        if constexpr (std::is_same<T, float>::value && HP == 20)  // opt-in: a barrier per round
-          if (kernel == backward_smem_ahead_kernel<T, HP> && env_switch("PYMETA_LSTM_SYNC") == 1)
-            kernel = backward_smem_ahead_sync_kernel<T, HP>;
         err = plan_smem(kernel, threads, smem_bytes<T, HP>(L), tiles, &s);
         if (err) return err;
         if (s.blocks > 0) kernel<<<s.blocks, s.threads, s.smem, stream>>>(L, P);

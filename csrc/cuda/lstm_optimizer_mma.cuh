@@ -85,6 +85,11 @@ PYMETA_WARP void warp_cp_async_wait() {
 }
 PYMETA_WARP void warp_sync() { __syncwarp(); }
 PYMETA_WARP void block_sync() { __syncthreads(); }
+// A barrier of `threads` threads (whole warps) of the block on named barrier `id` (1 .. 15;
+// 0 is __syncthreads').
+PYMETA_WARP void group_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
 PYMETA_WARP bool block_sync_or(bool v) { return __syncthreads_or(v) != 0; }
 // v, opaque to the compiler: what is computed from it can't be hoisted above this point.
 // A shared-memory pointer passed through it loses its address space: its loads become generic
@@ -111,6 +116,7 @@ template <int pending>
 inline void warp_cp_async_wait() { warp_cp_async_wait_n(pending); }
 void warp_sync();
 void block_sync();
+void group_sync(int id, int threads);
 bool block_sync_or(bool v);  // a block_sync that returns whether any thread passed true
 inline int64_t warp_opaque(int64_t v) { return v; }
 template <typename T>
@@ -711,16 +717,30 @@ PYMETA_WARP void lstm_mma_stage_step(unsigned char* buf, const float* grad, cons
 // inputs copied into shared memory (cp.async) while the previous step computes: two staging
 // buffers per warp at bufs and bufs + buf_bytes. Loads no longer wait in registers for their
 // memory latency, so the warp's memory traffic overlaps its math.
-// kSync: a block_sync after every step, the block's warps walking block steps together (their
-// copies of a state row then reach the memory system as one run: forward_mma_sync_kernel's
-// idea). `lead` (kSync only) is this warp's offset from the block's first step, so that the
-// trip count, (N - (base - lead)) / stride rounded up, is the same for every warp of the block.
+// The barrier group of warp `warp` of a block of `warps` (forward_mma_staged_sync_kernel): warps
+// [g sync_warps, (g + 1) sync_warps) form group g, on named barrier 1 + g, the last group
+// possibly smaller; lead: the warp's place in its group.
+struct LstmSyncGroup {
+  int lead, bar_id, bar_threads;
+};
+PYMETA_HD LstmSyncGroup lstm_sync_group(int warp, int warps, int sync_warps) {
+  const int group = warp / sync_warps, first = group * sync_warps;
+  const int members = warps - first < sync_warps ? warps - first : sync_warps;
+  return {warp - first, 1 + group, 32 * members};
+}
+
+// kSync: a barrier after every step (group_sync(bar_id, bar_threads): the warps of one barrier
+// group), the group's warps walking their steps together (their copies of a state row then
+// reach the memory system as one run: forward_mma_staged_sync_kernel). `lead` (kSync only) is
+// this warp's offset from its group's first warp's step, so that the trip count,
+// (N - (base - lead)) / stride rounded up, is the same for every warp of the group.
 template <int HB, typename St, bool kOff32 = false, bool kSync = false>
 PYMETA_WARP void lstm_mma_forward_staged(const float* sm, unsigned char* bufs, int buf_bytes,
                                          const LstmOptScalars<float>& s, const float* b_out,
                                          const float* grad, const St* state, float* update,
                                          St* new_state, int64_t N, int64_t base, int64_t stride,
-                                         bool vec, int64_t lead = 0) {
+                                         bool vec, int64_t lead = 0, int bar_id = 0,
+                                         int bar_threads = 0) {
   const int lane = warp_lane();
   if (!kSync && base >= N) return;
   if (base < N) lstm_mma_stage_step<St, HB>(bufs, grad, state, s.H, N, base, vec, lane);
@@ -739,7 +759,7 @@ PYMETA_WARP void lstm_mma_forward_staged(const float* sm, unsigned char* bufs, i
       lstm_mma_forward_step<HB, St>(sm, s, b_out, src, update, new_state, N, base);
       warp_sync();  // every lane has read `cur` before the next iteration refills it
     }
-    if constexpr (kSync) block_sync();
+    if constexpr (kSync) group_sync(bar_id, bar_threads);
   }
 }
 

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -31,6 +32,9 @@ struct Warp {
 };
 thread_local Warp* warp = nullptr;  // the calling lane's warp
 std::barrier<>* block_bar = nullptr;  // __syncthreads of the block being emulated
+// named barriers 1, 2, ... of the block being emulated: group g's warps [g gw, (g + 1) gw)
+std::vector<std::unique_ptr<std::barrier<>>>* group_bars = nullptr;
+int group_warps = 0, block_warps = 0;
 std::atomic<int> block_or{0};         // __syncthreads_or's vote
 std::atomic<int> block_or_true{0};    // threads that saw a vote come out true
 thread_local int tl_tid = 0;          // the thread's index in the block
@@ -100,6 +104,20 @@ void warp_cp_async_wait_n(int pending) {
 }
 void warp_sync() { warp->bar.arrive_and_wait(); }
 void block_sync() { block_bar->arrive_and_wait(); }
+// bar.sync id, threads: the calling warp's group's barrier, with that group's thread count (a
+// wrong id or count would hang or release the wrong warps on a GPU: a failure here)
+void group_sync(int id, int threads) {
+  const int g = (tl_tid >> 5) / group_warps;
+  const int want = int(32 * std::min<std::ptrdiff_t>(
+      group_warps, std::ptrdiff_t(block_warps) - std::ptrdiff_t(g) * group_warps));
+  if (id != 1 + g || threads != want) {
+    std::printf("FAIL group_sync(%d, %d) from warp %d: want (%d, %d)\n", id, threads,
+                tl_tid >> 5, 1 + g, want);
+    std::fflush(stdout);
+    std::abort();  // (the other warps would wait forever)
+  }
+  (*group_bars)[g]->arrive_and_wait();
+}
 bool block_sync_or(bool v) {
   if (v) block_or.store(1);
   block_bar->arrive_and_wait();
@@ -114,10 +132,16 @@ bool block_sync_or(bool v) {
 // Runs body(tid) on 32 * nwarps host threads as one block (lanes, warps and __syncthreads
 // emulated); each thread's cp.async copies land before it ends.
 template <typename F>
-static void run_block(int nwarps, F&& body) {
+static void run_block(int nwarps, F&& body, int gwarps = 0) {
   std::unique_ptr<Warp[]> warps(new Warp[nwarps]);
   std::barrier<> bar(32 * nwarps);
   block_bar = &bar;
+  block_warps = nwarps;
+  group_warps = gwarps > 0 ? gwarps : nwarps;
+  std::vector<std::unique_ptr<std::barrier<>>> bars;
+  for (int first = 0; first < nwarps; first += group_warps)
+    bars.push_back(std::make_unique<std::barrier<>>(32 * std::min(group_warps, nwarps - first)));
+  group_bars = &bars;
   std::vector<std::thread> th;
   for (int tid = 0; tid < 32 * nwarps; ++tid)
     th.emplace_back([&, tid] {
@@ -354,39 +378,45 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
   staged(float{}, state, u, ns, true, "float32");
   staged(float{}, state, u, ns, false, "float32");
 
-  // the staged forward with a barrier per block step (kSync, as forward_mma_staged_sync_kernel
-  // runs it): blocks of 2 warps walking block steps of 32 coordinates, where N can leave one
-  // warp of a block without a step (it still meets every barrier: a miscount deadlocks, and the
-  // test's time limit fails it); float32, 16- and 4-byte copies, each landing only at the
-  // wait (the stricter mode: the staged test above covers landing at once)
-  for (int mode = 1; mode < 4; mode += 2) {
-    const bool vec = mode >= 2;
-    if (vec && N % 4) continue;
-    land_at_wait = true;
-    const int buf = lstm_mma_buf_bytes<float>(H), grid = 2, wpb = 2;
-    readable = {{reinterpret_cast<const char*>(grad.data()), grad.size() * sizeof(float)},
-                {reinterpret_cast<const char*>(state.data()), state.size() * sizeof(float)}};
-    std::vector<float> u2(N, -777.0f), ns2(4 * H * N, -777.0f);
-    for (int bx = 0; bx < grid; ++bx) {
-      std::vector<float4_t> bufv(wpb * 2 * buf / 16);
-      unsigned char* bufs = reinterpret_cast<unsigned char*>(bufv.data());
-      std::memset(bufs, 0xff, wpb * 2 * buf);
-      run_block(wpb, [&](int tid) {
-        const int w = tid >> 5;
-        lstm_mma_forward_staged<HB, float, false, true>(
-            sm.data(), bufs + 2 * w * buf, buf, s, lstm_mma_b_out_at<HB>(sm.data()),
-            grad.data(), state.data(), u2.data(), ns2.data(), N,
-            (int64_t(bx) * wpb + w) * S::kCoords, grid * wpb * S::kCoords, vec, w * S::kCoords);
-      });
+  // the staged forward with a barrier per step in each barrier group (kSync, as
+  // forward_mma_staged_sync_kernel runs it, lstm_sync_group placing the warps): blocks of wpb
+  // warps in groups of sw, the last group possibly smaller, where N can leave warps of a group
+  // without a step (they still meet every barrier: a miscount deadlocks, and the test's time
+  // limit fails it); float32, 16- and 4-byte copies, each landing only at the wait (the
+  // stricter mode: the staged test above covers landing at once)
+  struct SyncShape { int grid, wpb, sw; };
+  for (const SyncShape sh : {SyncShape{2, 2, 2}, SyncShape{1, 4, 2}, SyncShape{2, 3, 2}})
+    for (int mode = 1; mode < 4; mode += 2) {
+      const bool vec = mode >= 2;
+      if (vec && N % 4) continue;
+      land_at_wait = true;
+      const int buf = lstm_mma_buf_bytes<float>(H), grid = sh.grid, wpb = sh.wpb;
+      readable = {{reinterpret_cast<const char*>(grad.data()), grad.size() * sizeof(float)},
+                  {reinterpret_cast<const char*>(state.data()), state.size() * sizeof(float)}};
+      std::vector<float> u2(N, -777.0f), ns2(4 * H * N, -777.0f);
+      for (int bx = 0; bx < grid; ++bx) {
+        std::vector<float4_t> bufv(wpb * 2 * buf / 16);
+        unsigned char* bufs = reinterpret_cast<unsigned char*>(bufv.data());
+        std::memset(bufs, 0xff, wpb * 2 * buf);
+        run_block(wpb, [&](int tid) {
+          const int w = tid >> 5;
+          const LstmSyncGroup g = lstm_sync_group(w, wpb, sh.sw);
+          lstm_mma_forward_staged<HB, float, false, true>(
+              sm.data(), bufs + 2 * w * buf, buf, s, lstm_mma_b_out_at<HB>(sm.data()),
+              grad.data(), state.data(), u2.data(), ns2.data(), N,
+              (int64_t(bx) * wpb + w) * S::kCoords, grid * wpb * S::kCoords, vec,
+              g.lead * S::kCoords, g.bar_id, g.bar_threads);
+        }, sh.sw);
+      }
+      land_at_wait = false;
+      if (std::memcmp(u2.data(), u.data(), N * sizeof(float)) ||
+          std::memcmp(ns2.data(), ns.data(), ns2.size() * sizeof(float))) {
+        std::printf("FAIL staged forward with barrier groups (grid %d, %d warps per block, "
+                    "groups of %d), %s copies (H %d, n_in %d, N %lld)\n", grid, wpb, sh.sw,
+                    vec ? "16-byte" : "4-byte", H, n_in, (long long)N);
+        ++failures;
+      }
     }
-    land_at_wait = false;
-    if (std::memcmp(u2.data(), u.data(), N * sizeof(float)) ||
-        std::memcmp(ns2.data(), ns.data(), ns2.size() * sizeof(float))) {
-      std::printf("FAIL staged forward with block barriers, %s copies (H %d, n_in %d, N %lld)\n",
-                  vec ? "16-byte" : "4-byte", H, n_in, (long long)N);
-      ++failures;
-    }
-  }
   staged(uint16_t{}, bf16_state, bf16_u, bf16_ns, true, "bfloat16");
 
   // backward: the header's per-coordinate math vs the warp code, as backward_mma_kernel runs it
