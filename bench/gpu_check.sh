@@ -80,10 +80,12 @@ if [ "${PYMETA_MEM_PROBE:-0}" = 1 ]; then  # standalone (no torch): the forward'
   rm -f "$OUT/mem_probe"
 fi
 # the forward's kernels in alternating rounds (H 20): the default (float32: the staged kernel's
-# sync form, barrier groups of the whole block) against its barrier groups of 8 / 4 / 2 warps,
-# the free-running staged kernel and the direct one; bfloat16: staged against its sync forms
+# sync form in barrier groups of 4 warps; at 10k, with fewer block steps than SMs, the direct
+# kernel, as for the sw variants) against groups of the whole block (16 warps on an H100), 8
+# and 2 warps, the free-running staged kernel and the direct one; bfloat16: staged against its
+# sync forms
 { timeout 90 $PY bench/lstm_gpu_ab.py --op forward --N 1e4 1e6 1e7 --variant default: \
-    --variant sw8:PYMETA_LSTM_SYNC_WARPS=8 --variant sw4:PYMETA_LSTM_SYNC_WARPS=4 \
+    --variant sw16:PYMETA_LSTM_SYNC_WARPS=16 --variant sw8:PYMETA_LSTM_SYNC_WARPS=8 \
     --variant sw2:PYMETA_LSTM_SYNC_WARPS=2 --variant staged:PYMETA_LSTM_MMA_STAGED=1,PYMETA_LSTM_SYNC=0 \
     --variant direct:PYMETA_LSTM_MMA_STAGED=0
   timeout 60 $PY bench/lstm_gpu_ab.py --op forward --bf16 --N 1e6 1e7 --variant default: \

@@ -1,8 +1,8 @@
 """The goals table of the fused LSTM optimizer step (issue 3) on a CUDA GPU, in one run:
 
   forward (no_grad, float32, log_sign, H = 20) at N = 10k, 1M, 10M:
-    native (tensor-core path: at H 17..20 the staged forward in its sync form, a barrier per
-    block step), native CUDA-core path (PYMETA_LSTM_MMA=0), the free-running staged
+    native (tensor-core path: at H 17..20 from 34k coordinates on an H100, the staged forward
+    in its sync form, a barrier per step of each group of 4 warps), native CUDA-core path (PYMETA_LSTM_MMA=0), the free-running staged
     tensor-core forward ("staged", PYMETA_LSTM_MMA_STAGED=1 PYMETA_LSTM_SYNC=0: cp.async of each
     warp's next step), the direct one ("direct", PYMETA_LSTM_MMA_STAGED=0; the default before
     the fourteenth session) and with 32-bit offsets ("off32", PYMETA_LSTM_OFF32=1), each with

@@ -81,12 +81,13 @@ def lstm():
 
 def sync():
     # the staged forward's sync form (forward_mma_staged_sync_kernel, H 17..20: float32, the
-    # default; bfloat16, PYMETA_LSTM_SYNC=1) in barrier groups of the whole block, 8 and 3
-    # warps (a smaller last group): one step with idle warps and groups (N = 40), a partial
-    # last step (5003: 4-byte copies for float32), several steps per warp (100_000)
+    # default; bfloat16, PYMETA_LSTM_SYNC=1) in barrier groups of 4 warps (the default), the
+    # whole block, 8, 3 (a smaller last group) and 2 warps (barrier ids up to 8): one step with
+    # idle warps and groups (N = 40), a partial last step (5003: 4-byte copies for float32),
+    # several steps per warp (100_000)
     os.environ["PYMETA_LSTM_SYNC"] = "1"
     os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
-    for warps in ("", "8", "3"):
+    for warps in ("", "16", "8", "3", "2"):
         os.environ["PYMETA_LSTM_SYNC_WARPS"] = warps
         for H in (17, 20):
             net = pymeta.LSTMOptimizerNet(H).to(dev)
@@ -149,6 +150,9 @@ if not only or "staged" in only:
     os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
     os.environ["PYMETA_LSTM_OFF32"] = "0"  # 64-bit store offsets, then 32-bit ones
     staged()
+    os.environ["PYMETA_LSTM_SYNC"] = "0"  # the free-running float32 kernel at H = 20 too
+    staged()
+    del os.environ["PYMETA_LSTM_SYNC"]
     os.environ["PYMETA_LSTM_OFF32"] = "1"
     staged()
     del os.environ["PYMETA_LSTM_MMA_STAGED"], os.environ["PYMETA_LSTM_OFF32"]

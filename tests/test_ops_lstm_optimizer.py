@@ -818,16 +818,17 @@ def test_cuda_forward_32bit_offsets_same_bits(H, N, bf16, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("H", [7, 17, 20, 32])
 @pytest.mark.parametrize("N", [40, 100_003, 300_000])
-@pytest.mark.parametrize("sync_warps", [None, 8, 3])
+@pytest.mark.parametrize("sync_warps", [None, 16, 8, 3, 2])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cuda_forward_sync_same_bits(H, N, sync_warps, bf16, monkeypatch):
     """The staged tensor-core forward with a barrier per step in each barrier group
     (forward_mma_staged_sync_kernel: PYMETA_LSTM_SYNC=1, groups of PYMETA_LSTM_SYNC_WARPS warps,
-    the whole block by default; H 17..20, float32 with 64-bit offsets or bfloat16 with 32-bit
-    ones) gives the bits of its free-running form (PYMETA_LSTM_SYNC=0), NaN grads included: one
-    step with idle warps and groups (N = 40), a partial last step (4-byte copies for float32;
-    the direct kernel for bfloat16), many steps per warp, a smaller last group (3 warps per
-    group). The profiler shows the sync kernel ran where it applies and only there."""
+    4 by default; H 17..20, float32 with 64-bit offsets or bfloat16 with 32-bit ones) gives the
+    bits of its free-running form (PYMETA_LSTM_SYNC=0), NaN grads included: one step with idle
+    warps and groups (N = 40), a partial last step (4-byte copies for float32; the direct
+    kernel for bfloat16), many steps per warp; groups of the whole block (16 warps on an H100:
+    one group), a smaller last group (3 warps per group), 8 groups (2 warps: barrier ids up
+    to 8). The profiler shows the sync kernel ran where it applies and only there."""
     for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA", "PYMETA_LSTM_SYNC_WARPS"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("PYMETA_LSTM_MMA_STAGED", "1")
@@ -855,6 +856,7 @@ def test_cuda_forward_sync_same_bits(H, N, sync_warps, bf16, monkeypatch):
     (torch.float32, 20, 100_000, "forward_mma_staged_sync_kernel<20, float", False),
     (torch.float32, 17, 100_000, "forward_mma_staged_sync_kernel<20, float", False),
     (torch.float32, 20, 100_001, "forward_mma_kernel<20, float", False),
+    (torch.float32, 20, 2_000, "forward_mma_kernel<20, float", False),
     (torch.float32, 16, 100_000, "forward_mma_kernel<16, float", False),
     (torch.float32, 32, 100_000, "forward_mma_kernel<32, float", False),
     (torch.bfloat16, 20, 100_000, "forward_mma_staged_kernel<20, unsigned short", True),
@@ -862,9 +864,10 @@ def test_cuda_forward_sync_same_bits(H, N, sync_warps, bf16, monkeypatch):
     (torch.bfloat16, 32, 100_000, "forward_mma_staged_kernel<32, unsigned short", False)])
 def test_cuda_forward_default_kernels(state_dtype, H, N, want, off32, monkeypatch):
     """The tensor-core forward's defaults (H100 timings, bench/RESULTS.md): float32 with 64-bit
-    offsets, the staged kernel's sync form at H 17..20 where 16-byte copies apply (N % 4 == 0),
-    else the direct kernel; bfloat16, staged where 16-byte copies apply (N % 8 == 0), else
-    direct, with 32-bit offsets at H <= 20 (64-bit above: not timed there)."""
+    offsets, the staged kernel's sync form at H 17..20 where 16-byte copies apply (N % 4 == 0)
+    and every SM gets a block step (N = 2000 does not), else the direct kernel; bfloat16,
+    staged where 16-byte copies apply (N % 8 == 0), else direct, with 32-bit offsets at
+    H <= 20 (64-bit above: not timed there)."""
     for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_MMA",
                 "PYMETA_LSTM_BF16_NATIVE", "PYMETA_LSTM_SYNC", "PYMETA_LSTM_SYNC_WARPS"):
         monkeypatch.delenv(key, raising=False)

@@ -513,14 +513,22 @@ static bool forward_off32(const LstmOptLaunch& L) {
 // pointers allow them (vec); else 4-byte copies, which a bfloat16 state can't use. The default
 // (H100, bench/RESULTS.md):
 // - for a bfloat16 state: free-running (runs 11 / 12: 0.273 / 0.277 vs 0.366 / 0.370 ms for
-//   the direct kernel at N = 1M);
-// - for a float32 state at H 17..20 with 64-bit offsets and vec: the sync form (run 18: 3.49 vs
-//   3.95 ms at 10M, 0.319 vs 0.377 at 1M against the direct kernel, which stays the default
-//   elsewhere: the free-running staged kernel took 4.04 vs 3.92 ms at 10M).
-// PYMETA_LSTM_MMA_STAGED=1 / 0 forces the staged kernel on / off. PYMETA_LSTM_SYNC=1 / 0 forces
-// the sync form on / off where it is built (HB = 20: float32 with 64-bit offsets, bfloat16 with
-// 32-bit ones); PYMETA_LSTM_SYNC_WARPS=k (2 .. warps) sets its barrier groups (default: the
-// whole block). Returns -1 when not applicable.
+//   the direct kernel at N = 1M; run 19: its sync form lost, 1.35x at 1M, 1.08x at 10M, and
+//   in groups of 8 warps 1.24x at 1M, 0.95x at 10M);
+// - for a float32 state at H 17..20 with 64-bit offsets and vec, where every SM gets a block
+//   step: the sync form in barrier groups of 4 warps (run 19: 3.29 vs 3.97 ms for the direct
+//   kernel at 10M, 0.313 vs 0.386 at 1M; whole-block groups 3.50 / 0.350, groups of 8
+//   3.38 / 0.327, of 2 3.35 / 0.312). The direct kernel stays the default elsewhere: the
+//   free-running staged kernel took 3.89 vs 3.97 ms at 10M, and with fewer block steps than
+//   SMs the staged kernel's 16-warp blocks fill half as many SMs as the direct kernel's 8-warp
+//   ones (a CUDA graph of the whole-block sync form took 0.0150 ms at 10k, run 19; of the
+//   direct kernel 0.0123, run 18).
+// PYMETA_LSTM_MMA_STAGED=1 / 0 forces the staged kernel on / off (=1 alone: float32 at H 17..20
+// gets the sync form). PYMETA_LSTM_SYNC=1 / 0 forces the sync form on / off where it is built
+// (HB = 20: float32 with 64-bit offsets, bfloat16 with 32-bit ones; =0 with float32 leaves the
+// direct kernel unless PYMETA_LSTM_MMA_STAGED=1); PYMETA_LSTM_SYNC_WARPS=k (2 .. warps) sets
+// its barrier groups (default 4).
+// Returns -1 when not applicable.
 template <int HB>
 static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStream_t stream) {
   using S = LstmMmaShape<HB>;
@@ -532,7 +540,10 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
   const bool has_sync = HB == 20 && (L.state_bf16 ? off32 : !off32);
   const bool sync = has_sync && (sync_on == 1 || (sync_on < 0 && !L.state_bf16));
   const int on = env_switch("PYMETA_LSTM_MMA_STAGED");
-  if (on == 0 || (on < 0 && !L.state_bf16 && !(sync && vec))) return -1;
+  // float32 takes the staged kernel for its sync form only: by default with 16-byte copies and
+  // at least a block step per SM, whatever the copies and N with PYMETA_LSTM_SYNC=1
+  if (on == 0 || (on < 0 && !L.state_bf16 && !(sync && (vec || sync_on == 1)))) return -1;
+  const bool by_default = on < 0 && sync_on < 0 && !L.state_bf16;
   if (!vec && L.state_bf16) return -1;
   const int buf = L.state_bf16 ? lstm_mma_buf_bytes<uint16_t>(L.H) : lstm_mma_buf_bytes<float>(L.H);
   int dev = 0, optin = 0, sms = 0, per_sm = 0;
@@ -544,25 +555,26 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
   int warps = static_cast<int>((optin - weights) / (2 * buf));
   if (warps > S::kStagedThreads / 32) warps = S::kStagedThreads / 32;
   if (warps < 4) return -1;
+  const int64_t per_block = int64_t(warps) * S::kCoords;
+  const int64_t tiles = (L.N + per_block - 1) / per_block;
+  if (by_default && tiles < sms) return -1;  // fewer block steps than SMs: the direct kernel
   const size_t smem = static_cast<size_t>(weights + int64_t(2) * warps * buf);
   auto kernel = L.state_bf16 ? (off32 ? forward_mma_staged_kernel<HB, uint16_t, true>
                                       : forward_mma_staged_kernel<HB, uint16_t>)
                              : (off32 ? forward_mma_staged_kernel<HB, float, true>
                                       : forward_mma_staged_kernel<HB, float>);
-  int sync_warps = warps;  // (named barriers 1 .. 8: at most 8 groups)
+  int sync_warps = warps;  // (>= 2: named barriers 1 .. 8, at most 8 groups)
   if constexpr (HB == 20) {
     if (sync) {
       kernel = L.state_bf16 ? forward_mma_staged_sync_kernel<20, uint16_t, true>
                             : forward_mma_staged_sync_kernel<20, float>;
-      sync_warps = env_int("PYMETA_LSTM_SYNC_WARPS", warps);
+      sync_warps = env_int("PYMETA_LSTM_SYNC_WARPS", 4);
       sync_warps = sync_warps < 2 ? 2 : sync_warps > warps ? warps : sync_warps;
     }
   }
   err = kernel_smem(kernel, dev, 32 * warps, smem, &per_sm);
   if (err) return static_cast<int>(err);
   if (per_sm < 1) return -1;
-  const int64_t per_block = int64_t(warps) * S::kCoords;
-  const int64_t tiles = (L.N + per_block - 1) / per_block;
   const unsigned blocks = static_cast<unsigned>(tiles < sms ? tiles : sms);
   kernel<<<blocks, 32 * warps, smem, stream>>>(L, P, buf, vec, sync_warps);
   return static_cast<int>(cudaGetLastError());

@@ -380,20 +380,26 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
 
   // the staged forward with a barrier per step in each barrier group (kSync, as
   // forward_mma_staged_sync_kernel runs it, lstm_sync_group placing the warps): blocks of wpb
-  // warps in groups of sw, the last group possibly smaller, where N can leave warps of a group
-  // without a step (they still meet every barrier: a miscount deadlocks, and the test's time
-  // limit fails it); float32, 16- and 4-byte copies, each landing only at the wait (the
-  // stricter mode: the staged test above covers landing at once)
-  struct SyncShape { int grid, wpb, sw; };
-  for (const SyncShape sh : {SyncShape{2, 2, 2}, SyncShape{1, 4, 2}, SyncShape{2, 3, 2}})
-    for (int mode = 1; mode < 4; mode += 2) {
-      const bool vec = mode >= 2;
-      if (vec && N % 4) continue;
+  // warps in groups of sw, the last group possibly smaller, up to 16 warps in 8 groups (barrier
+  // ids 1 .. 8), where N can leave warps of a group without a step (they still meet every
+  // barrier: a miscount deadlocks, and the test's time limit fails it); float32 with 64-bit
+  // stores (16- and 4-byte copies) and bfloat16 with 32-bit ones (16-byte copies), as the two
+  // instances are built; each copy landing only at the wait (the stricter mode: the staged
+  // test above covers landing at once)
+  auto synced = [&](auto tag, const auto& st_in, const std::vector<float>& u_want,
+                    const auto& ns_want, bool vec, const char* what) {
+    using St = decltype(tag);
+    constexpr bool kOff32 = sizeof(St) == 2;
+    if (vec && N % (16 / int64_t(sizeof(St)))) return;
+    struct SyncShape { int grid, wpb, sw; };
+    for (const SyncShape sh : {SyncShape{2, 2, 2}, SyncShape{1, 4, 2}, SyncShape{2, 3, 2},
+                               SyncShape{1, 16, 2}}) {
       land_at_wait = true;
-      const int buf = lstm_mma_buf_bytes<float>(H), grid = sh.grid, wpb = sh.wpb;
+      const int buf = lstm_mma_buf_bytes<St>(H), grid = sh.grid, wpb = sh.wpb;
       readable = {{reinterpret_cast<const char*>(grad.data()), grad.size() * sizeof(float)},
-                  {reinterpret_cast<const char*>(state.data()), state.size() * sizeof(float)}};
-      std::vector<float> u2(N, -777.0f), ns2(4 * H * N, -777.0f);
+                  {reinterpret_cast<const char*>(st_in.data()), st_in.size() * sizeof(St)}};
+      std::vector<float> u2(N, -777.0f);
+      std::vector<St> ns2(4 * H * N, St(0x7b));
       for (int bx = 0; bx < grid; ++bx) {
         std::vector<float4_t> bufv(wpb * 2 * buf / 16);
         unsigned char* bufs = reinterpret_cast<unsigned char*>(bufv.data());
@@ -401,22 +407,26 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
         run_block(wpb, [&](int tid) {
           const int w = tid >> 5;
           const LstmSyncGroup g = lstm_sync_group(w, wpb, sh.sw);
-          lstm_mma_forward_staged<HB, float, false, true>(
+          lstm_mma_forward_staged<HB, St, kOff32, true>(
               sm.data(), bufs + 2 * w * buf, buf, s, lstm_mma_b_out_at<HB>(sm.data()),
-              grad.data(), state.data(), u2.data(), ns2.data(), N,
+              grad.data(), st_in.data(), u2.data(), ns2.data(), N,
               (int64_t(bx) * wpb + w) * S::kCoords, grid * wpb * S::kCoords, vec,
               g.lead * S::kCoords, g.bar_id, g.bar_threads);
         }, sh.sw);
       }
       land_at_wait = false;
-      if (std::memcmp(u2.data(), u.data(), N * sizeof(float)) ||
-          std::memcmp(ns2.data(), ns.data(), ns2.size() * sizeof(float))) {
-        std::printf("FAIL staged forward with barrier groups (grid %d, %d warps per block, "
-                    "groups of %d), %s copies (H %d, n_in %d, N %lld)\n", grid, wpb, sh.sw,
-                    vec ? "16-byte" : "4-byte", H, n_in, (long long)N);
+      if (std::memcmp(u2.data(), u_want.data(), N * sizeof(float)) ||
+          std::memcmp(ns2.data(), ns_want.data(), ns2.size() * sizeof(St))) {
+        std::printf("FAIL staged forward with barrier groups, %s (grid %d, %d warps per block, "
+                    "groups of %d), %s copies (H %d, n_in %d, N %lld)\n", what, grid, wpb,
+                    sh.sw, vec ? "16-byte" : "4-byte", H, n_in, (long long)N);
         ++failures;
       }
     }
+  };
+  synced(float{}, state, u, ns, true, "float32");
+  synced(float{}, state, u, ns, false, "float32");
+  synced(uint16_t{}, bf16_state, bf16_u, bf16_ns, true, "bfloat16");
   staged(uint16_t{}, bf16_state, bf16_u, bf16_ns, true, "bfloat16");
 
   // backward: the header's per-coordinate math vs the warp code, as backward_mma_kernel runs it
