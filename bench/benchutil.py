@@ -1,5 +1,7 @@
 """Shared by the pytest-benchmark suites and the GPU timing scripts."""
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +45,22 @@ def ms_per_call(fn, reps=20, repeats=5, warmup=3, device="cuda"):
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) / reps)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def env_switches(env):
+    """os.environ with the variables of `env` set (e.g. PYMETA_LSTM_* switches) inside the
+    block; the caller's values, or their absence, back afterwards, also on an exception."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def json_child(script, argv, env):

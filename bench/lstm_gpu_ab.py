@@ -13,11 +13,10 @@ rounds and the median of its per-round ratio to the first variant.
 backward op (lstm_optimizer_step_backward) on random incoming gradients. H = 20 unless --H.
 """
 import argparse
-import os
 import statistics
 
 import torch
-from benchutil import ms_per_call
+from benchutil import env_switches, ms_per_call
 
 import pymeta
 
@@ -70,17 +69,9 @@ def main():
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for label, env in order:
-                saved = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)
-                try:
+                with env_switches(env):
                     times[label].append(ms_per_call(call, reps=20, repeats=3, warmup=2,
                                                     device=dev))
-                finally:  # the caller's environment back
-                    for k, v in saved.items():
-                        if v is None:
-                            del os.environ[k]
-                        else:
-                            os.environ[k] = v
         base = times[variants[0][0]]
         print(f"N = {N}:")
         for label, env in variants:

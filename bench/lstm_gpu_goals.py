@@ -27,7 +27,7 @@ import math
 import os
 
 import torch
-from benchutil import ms_per_call
+from benchutil import env_switches, ms_per_call
 
 import pymeta
 from pymeta.benchmark import cuda_graph
@@ -70,16 +70,8 @@ def variant(env, fn, reps):
     """fn timed with the PYMETA_LSTM_* switches `env` set, and whether its outputs then have
     the bits they have without them."""
     want = fn()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with env_switches(env):
         ms, out = timed(fn, reps), fn()
-    finally:  # the caller's environment back
-        for k, v in saved.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
     return ms, all(torch.equal(a, b) for a, b in zip(out, want))
 
 
