@@ -58,7 +58,7 @@ PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 130 compute-sanitizer --tool memcheck -
 san_rc=$?
 # shared-memory hazards of the cp.async kernels: the staged LSTM forward (per-warp buffers)
 # and the tensor-core weight gradients (block-wide double buffer)
-timeout 110 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize.py staged wgrad > "$OUT/racecheck.log" 2>&1
+timeout 130 compute-sanitizer --tool racecheck --error-exitcode 9 $PY bench/sanitize.py staged wgrad blocked > "$OUT/racecheck.log" 2>&1
 race_rc=$?
 # barriers: the staged forward's sync form (every warp of a group meets every barrier)
 timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 $PY bench/sanitize.py sync > "$OUT/synccheck.log" 2>&1
@@ -79,17 +79,17 @@ if [ "${PYMETA_MEM_PROBE:-0}" = 1 ]; then  # standalone (no torch): the forward'
     timeout 90 "$OUT/mem_probe" 10000000 15 16; } > "$OUT/mem_probe.log" 2>&1
   rm -f "$OUT/mem_probe"
 fi
-# the forward's kernels in alternating rounds (H 20): the default (float32: the staged kernel's
-# sync form in barrier groups of 4 warps; at 10k, with fewer block steps than SMs, the direct
-# kernel, as for the sw variants) against groups of the whole block (16 warps on an H100), 8
-# and 2 warps, the free-running staged kernel and the direct one; bfloat16: staged against its
-# sync forms
+# the forward's kernels in alternating rounds (H 20): the feature-major default (float32: the
+# staged kernel's sync form in barrier groups of 4 warps; at 10k, with fewer block steps than
+# SMs, the direct kernel) and the direct kernel, against the blocked state layout's kernels:
+# direct (its default), staged free-running, staged in barrier groups of 4; bfloat16: the
+# feature-major default (staged) against the blocked direct and staged kernels
 { timeout 90 $PY bench/lstm_gpu_ab.py --op forward --N 1e4 1e6 1e7 --variant default: \
-    --variant sw16:PYMETA_LSTM_SYNC_WARPS=16 --variant sw8:PYMETA_LSTM_SYNC_WARPS=8 \
-    --variant sw2:PYMETA_LSTM_SYNC_WARPS=2 --variant staged:PYMETA_LSTM_MMA_STAGED=1,PYMETA_LSTM_SYNC=0 \
-    --variant direct:PYMETA_LSTM_MMA_STAGED=0
+    --variant direct:PYMETA_LSTM_MMA_STAGED=0 --variant blk:LAYOUT=blocked \
+    --variant blkstaged:LAYOUT=blocked,PYMETA_LSTM_BLK_STAGED=1,PYMETA_LSTM_SYNC=0 \
+    --variant blksync:LAYOUT=blocked,PYMETA_LSTM_BLK_STAGED=1,PYMETA_LSTM_SYNC=1
   timeout 60 $PY bench/lstm_gpu_ab.py --op forward --bf16 --N 1e6 1e7 --variant default: \
-    --variant sync:PYMETA_LSTM_SYNC=1 --variant sync8:PYMETA_LSTM_SYNC=1,PYMETA_LSTM_SYNC_WARPS=8
+    --variant blk:LAYOUT=blocked --variant blkstaged:LAYOUT=blocked,PYMETA_LSTM_BLK_STAGED=1
 } > "$OUT/lstm_ab.log" 2>&1
 # PYMETA_GOALS_ARGS=--no-compile: without torch.compile's reference column (~40 s less)
 timeout 170 $PY bench/lstm_gpu_goals.py ${PYMETA_GOALS_ARGS:-} > "$OUT/lstm_goals.log" 2>&1

@@ -11,6 +11,8 @@ rounds and the median of its per-round ratio to the first variant.
 
 --op forward: lstm_optimizer_step (no_grad, float32 state unless --bf16); backward: the
 backward op (lstm_optimizer_step_backward) on random incoming gradients. H = 20 unless --H.
+LAYOUT=blocked among a variant's switches gives it the blocked state layout
+[ceil(N / 16), 4, H, 16] (the same values), e.g. --variant blk:LAYOUT=blocked.
 """
 import argparse
 import statistics
@@ -24,7 +26,10 @@ import pymeta
 def parse_variant(text):
     label, _, envs = text.partition(":")
     env = dict(kv.split("=", 1) for kv in envs.split(",") if kv)
-    return label, env
+    layout = env.pop("LAYOUT", "feature_major")
+    if layout not in ("feature_major", "blocked"):
+        raise SystemExit(f"variant {label}: LAYOUT must be feature_major or blocked")
+    return label, env, layout
 
 
 def main():
@@ -53,28 +58,35 @@ def main():
         N = int(n)
         grad = torch.randn(N, device=dev) * torch.logspace(-8, 1, N, device=dev)
         sdt = torch.bfloat16 if args.bf16 else torch.float32
-        state = (torch.randn(4, args.H, N, device=dev) * 0.5).to(sdt)
-        if args.op == "forward":
-            def call():
-                with torch.no_grad():
-                    return torch.ops.pymeta.lstm_optimizer_step(grad, state, *w, "log_sign",
-                                                                10.0, 0.1)
-        else:
-            du, ds = torch.randn(N, device=dev), torch.randn(4, args.H, N, device=dev)
+        states = {"feature_major": (torch.randn(4, args.H, N, device=dev) * 0.5).to(sdt)}
+        if any(layout == "blocked" for _, _, layout in variants):
+            states["blocked"] = pymeta.reference.lstm_state_to_blocked(states["feature_major"])
+        du = torch.randn(N, device=dev) if args.op == "backward" else None
 
-            def call():
-                return torch.ops.pymeta.lstm_optimizer_step_backward(
-                    du, ds, grad, state, *w, "log_sign", 10.0, 0.1)
-        times = {label: [] for label, _ in variants}
+        def caller(state):
+            if args.op == "forward":
+                def call():
+                    with torch.no_grad():
+                        return torch.ops.pymeta.lstm_optimizer_step(grad, state, *w,
+                                                                    "log_sign", 10.0, 0.1)
+            else:
+                ds = torch.randn(state.shape, device=dev)
+
+                def call():
+                    return torch.ops.pymeta.lstm_optimizer_step_backward(
+                        du, ds, grad, state, *w, "log_sign", 10.0, 0.1)
+            return call
+        calls = {layout: caller(st) for layout, st in states.items()}
+        times = {label: [] for label, _, _ in variants}
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
-            for label, env in order:
+            for label, env, layout in order:
                 with env_switches(env):
-                    times[label].append(ms_per_call(call, reps=20, repeats=3, warmup=2,
-                                                    device=dev))
+                    times[label].append(ms_per_call(calls[layout], reps=20, repeats=3,
+                                                    warmup=2, device=dev))
         base = times[variants[0][0]]
         print(f"N = {N}:")
-        for label, env in variants:
+        for label, _, _ in variants:
             t = times[label]
             ratio = statistics.median(a / b for a, b in zip(t, base))
             print(f"  {label:>10}: median {statistics.median(t):.4f} ms (range {min(t):.4f}-"

@@ -5,11 +5,12 @@
     in its sync form, a barrier per step of each group of 4 warps), native CUDA-core path (PYMETA_LSTM_MMA=0), the free-running staged
     tensor-core forward ("staged", PYMETA_LSTM_MMA_STAGED=1 PYMETA_LSTM_SYNC=0: cp.async of each
     warp's next step), the direct one ("direct", PYMETA_LSTM_MMA_STAGED=0; the default before
-    the fourteenth session) and with 32-bit offsets ("off32", PYMETA_LSTM_OFF32=1), each with
-    whether it gives native's bits, native on a bfloat16 state ("bf16": the direct
-    tensor-core kernel reading and writing bfloat16, PYMETA_LSTM_MMA_STAGED=0; "bf16 stg": the
-    staged one, the default; "bf16 syn": its sync form, PYMETA_LSTM_SYNC=1; "bf16 chk": the
-    float32 kernel on chunks converted around it, PYMETA_LSTM_BF16_NATIVE=0), the eager nn.LSTMCell
+    the fourteenth session), each with whether it gives native's bits, native on the blocked
+    state layout ("blocked": [ceil(N / 16), 4, H, 16], the direct kernel reading it; "blk
+    graph": from a CUDA graph; whether it gives native's bits), native on a bfloat16 state
+    ("bf16": the direct tensor-core kernel reading and writing bfloat16,
+    PYMETA_LSTM_MMA_STAGED=0; "bf16 stg": the staged one, the default; "bf16 blk": blocked;
+    "bf16 chk": the float32 kernel on chunks converted around it, PYMETA_LSTM_BF16_NATIVE=0), the eager nn.LSTMCell
     reference (state kept in LSTMCell's own [N, H] layout, no transposes), torch.compile of it,
     torch.optim.Adam(fused=DEV == "cuda") for scale; and the native step replayed from a CUDA graph
     (device time without Python's per-call cost). Roofline: bytes moved (32 H + 8 per
@@ -85,8 +86,9 @@ def copy_bandwidth():
 def forward_table(H, compile_ref):
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'direct':>8} {'off32':>8} {'cuda-core':>9} {'staged':>8} {'bf16':>8} "
-            f"{'bf16 stg':>8} {'bf16 syn':>8} {'bf16 chk':>8} | {'eager':>8} "
+    head = (f"{'N':>9} | {'native':>8} {'graph':>8} {'direct':>8} {'blocked':>8} {'blk graph':>9} "
+            f"{'cuda-core':>9} {'staged':>8} {'bf16':>8} "
+            f"{'bf16 stg':>8} {'bf16 blk':>8} {'bf16 chk':>8} | {'eager':>8} "
             f"{'compile':>8} {'adam':>7} | {'x eager':>7} {'x cmp':>6} {'x core':>6} | "
             f"{'roofline':>8} | {'err':>7}")
     print(f"forward, H={H}, float32, log_sign, ms per call")
@@ -104,7 +106,14 @@ def forward_table(H, compile_ref):
             nat = timed(lambda: native_step(net, grad, state), reps)
             gr = graph_time(lambda: native_step(net, grad, state), reps)
             step = lambda: native_step(net, grad, state)  # noqa: E731
-            o32, same32 = variant({"PYMETA_LSTM_OFF32": "1"}, step, reps)
+            blocked = pymeta.reference.lstm_state_to_blocked(state)
+            blk = timed(lambda: native_step(net, grad, blocked), reps)
+            blkg = graph_time(lambda: native_step(net, grad, blocked), reps)
+            u_blk, ns_blk = native_step(net, grad, blocked)
+            u_nat, ns_nat = step()
+            same_blk = torch.equal(u_blk, u_nat) and torch.equal(
+                pymeta.reference.lstm_state_to_feature_major(ns_blk)[:, :, :N], ns_nat)
+            del blocked, u_blk, ns_blk, u_nat, ns_nat
             dir_, same_dir = variant({"PYMETA_LSTM_MMA_STAGED": "0"}, step, reps)
             stg, same_stg = variant({"PYMETA_LSTM_MMA_STAGED": "1", "PYMETA_LSTM_SYNC": "0"},
                                     step, reps)
@@ -114,8 +123,9 @@ def forward_table(H, compile_ref):
             del os.environ["PYMETA_LSTM_MMA"]
             state16 = state.bfloat16()
             b16s = timed(lambda: native_step(net, grad, state16), reps)
-            b16y, same16y = variant({"PYMETA_LSTM_SYNC": "1"},
-                                    lambda: native_step(net, grad, state16), reps)
+            blocked16 = pymeta.reference.lstm_state_to_blocked(state16)
+            b16b = timed(lambda: native_step(net, grad, blocked16), reps)
+            del blocked16
             os.environ["PYMETA_LSTM_MMA_STAGED"] = "0"
             b16 = timed(lambda: native_step(net, grad, state16), reps)
             del os.environ["PYMETA_LSTM_MMA_STAGED"]
@@ -135,13 +145,15 @@ def forward_table(H, compile_ref):
         adam = torch.optim.Adam([prm], lr=1e-3, fused=DEV == "cuda")
         ad = timed(adam.step, reps)
         floor = (32 * H + 8) * N / bw * 1e3
-        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {dir_:>8.4f} {o32:>8.4f} {core:>9.4f} {stg:>8.4f} {b16:>8.4f} {b16s:>8.4f} "
-              f"{b16y:>8.4f} {b16c:>8.4f} | {eager:>8.4f} {cmp:>8.4f} "
+        print(f"{N:>9} | {nat:>8.4f} {gr:>8.4f} {dir_:>8.4f} {blk:>8.4f} {blkg:>9.4f} {core:>9.4f} "
+              f"{stg:>8.4f} {b16:>8.4f} {b16s:>8.4f} "
+              f"{b16b:>8.4f} {b16c:>8.4f} | {eager:>8.4f} {cmp:>8.4f} "
               f"{ad:>7.4f} | {eager / nat:>7.1f} {cmp / nat:>6.1f} {core / nat:>6.1f} | "
               f"{floor / min(nat, gr if gr == gr else nat):>8.0%} | {err:>7.1e} (cuda-core {err_core:.1e}, same bits as "
-              f"native: direct {same_dir}, off32 {same32}, staged {same_stg}, bf16 sync vs bf16 "
-              f"stg {same16y}; bf16 vs upcast {err16:.0e}; direct roofline {floor / dir_:.0%}, "
-              f"bf16 roofline {(16 * H + 8) * N / bw * 1e3 / min(b16, b16s, b16y):.0%})",
+              f"native: direct {same_dir}, blocked {same_blk}, staged {same_stg}; "
+              f"bf16 vs upcast {err16:.0e}; direct roofline {floor / dir_:.0%}, blocked "
+              f"roofline {floor / blk:.0%}, x eager {eager / blk:.1f}; "
+              f"bf16 roofline {(16 * H + 8) * N / bw * 1e3 / min(b16, b16s, b16b):.0%})",
               flush=True)
         del net, grad, state, st, prm, adam
         torch.cuda.empty_cache()

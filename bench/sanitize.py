@@ -4,7 +4,8 @@ every rate form, forward and backward.
   python bench/sanitize.py                # every kernel
   python bench/sanitize.py staged wgrad   # only the cp.async kernels: the staged forward and
                                           # the tensor-core weight gradients (for racecheck)
-  python bench/sanitize.py sync           # only the barrier-synchronized kernels (synccheck)"""
+  python bench/sanitize.py sync           # only the barrier-synchronized kernels (synccheck)
+  python bench/sanitize.py blocked        # only the blocked state layout's kernels"""
 import os
 import sys
 
@@ -117,6 +118,29 @@ def staged():
                 net(torch.randn(N, device=dev), state.bfloat16() if kind == "bf16" else state)
 
 
+def blocked(sync_only=False):
+    # the blocked state layout [ceil(N / 16), 4, H, 16] (kBlk; H 17..20 and 32): the direct
+    # kernel (the default), the staged one (PYMETA_LSTM_BLK_STAGED=1, H 17..20) and its float32
+    # sync form; a partial last block (N = 40, 5003: padding coordinates read and written),
+    # several steps per warp (100_000); float32 and bfloat16 state. Tensors of exactly their
+    # size, so a read or write past the last block shows.
+    forms = [{"PYMETA_LSTM_BLK_STAGED": "1", "PYMETA_LSTM_SYNC": "1"}]
+    if not sync_only:
+        forms = [{}, {"PYMETA_LSTM_BLK_STAGED": "1"}] + forms
+    for env in forms:
+        os.environ.update(env)
+        for H in ((17, 20) if env else (17, 20, 32)):
+            net = pymeta.LSTMOptimizerNet(H).to(dev)
+            for N in (40, 5003, 100_000):
+                for dtype in (torch.float32, torch.bfloat16):
+                    state = net.init_state(N, dtype=dtype, layout="blocked")
+                    state.copy_(torch.randn(state.shape, device=dev) * 0.1)
+                    with torch.no_grad():
+                        net(torch.randn(N, device=dev), state)
+        for key in env:
+            del os.environ[key]
+
+
 def wgrad(big):
     # the tensor-core weight gradients (the default at float32, H <= 32): one chunk ending
     # mid-stage (N = 300: 16-byte copies, 301: 4-byte ones), several chunks of 256 (5004,
@@ -144,8 +168,13 @@ if not only:
     print("sanitize.py: lstm kernels ran")
 if not only or "sync" in only:
     sync()
+    blocked(sync_only=True)
     torch.cuda.synchronize()
     print("sanitize.py: synchronized kernels ran")
+if not only or "blocked" in only:
+    blocked()
+    torch.cuda.synchronize()
+    print("sanitize.py: blocked layout kernels ran")
 if not only or "staged" in only:
     os.environ["PYMETA_LSTM_MMA_STAGED"] = "1"
     os.environ["PYMETA_LSTM_OFF32"] = "0"  # 64-bit store offsets, then 32-bit ones

@@ -41,6 +41,7 @@ struct Dims {
   int64_t H;
   int64_t n_in;
   LstmPreproc preproc;
+  bool blocked;  // state [ceil(N / 16), 4, H, 16] (see lstm_optimizer_step below)
 };
 
 std::vector<int64_t> weight_shape(int d, int64_t H, int64_t n_in) {
@@ -85,14 +86,23 @@ Dims check_args(const char* op, const Tensor& grad, const Tensor& state,
                    "(bfloat16 storage, float32 math)");
   TORCH_CHECK_VALUE(state.device() == device, op, ": state is on ", state.device(),
                     " but grad is on ", device, "; all tensors of one call share a device");
-  TORCH_CHECK_VALUE(state.dim() == 3 && state.size(0) == 4 && state.size(2) == d.N, op,
-                    ": state has shape ", shape_str(state.sizes()),
-                    "; expected [4, H, N] with N = ", d.N, " (h1, c1, h2, c2, feature-major)");
-  d.H = state.size(1);
+  // feature-major [4, H, N], or blocked [ceil(N / 16), 4, H, 16]: told apart by the rank
+  d.blocked = state.dim() == 4;
+  const int64_t blocks = (d.N + 15) / 16;
+  TORCH_CHECK_VALUE(d.blocked ? state.size(0) == blocks && state.size(1) == 4 &&
+                                    state.size(3) == 16
+                              : state.dim() == 3 && state.size(0) == 4 && state.size(2) == d.N,
+                    op, ": state has shape ", shape_str(state.sizes()),
+                    "; expected [4, H, N] with N = ", d.N,
+                    " (h1, c1, h2, c2, feature-major), or the blocked layout [", blocks,
+                    ", 4, H, 16] ([ceil(N / 16), 4, H, 16])");
+  d.H = state.size(d.blocked ? 2 : 1);
   TORCH_CHECK_VALUE(d.H >= 1 && d.H <= kLstmOptMaxHidden, op, ": hidden size H = ", d.H,
-                    " (state.shape[1]) is not supported; 1 <= H <= ", kLstmOptMaxHidden);
-  TORCH_CHECK_VALUE(state.is_contiguous(), op,
-                    ": state must be contiguous (layout [4, H, N], feature-major)");
+                    d.blocked ? " (state.shape[2])" : " (state.shape[1])",
+                    " is not supported; 1 <= H <= ", kLstmOptMaxHidden);
+  TORCH_CHECK_VALUE(state.is_contiguous(), op, ": state must be contiguous (layout ",
+                    d.blocked ? "[ceil(N / 16), 4, H, 16], blocked" : "[4, H, N], feature-major",
+                    ")");
   TORCH_CHECK_VALUE(w.size() == 10, op, ": expected 10 weight tensors, got ", w.size());
   for (int i = 0; i < 10; ++i) {
     same(w[i], kWeightNames[i]);
@@ -194,6 +204,28 @@ bool run_forward(const Dims& d, const Tensor& grad, const Tensor& state,
   return true;
 }
 
+// ---- the blocked state layout -----------------------------------------------------------------
+// state [B, 4, H, 16], B = ceil(N / 16): the 4H rows of coordinates 16 b .. 16 b + 15 in one
+// block, so that the GPU's warp step of 16 coordinates reads and writes one contiguous run
+// (feature-major, it touches 4H separate 64-byte pieces). The op is defined as the
+// feature-major op on the 16 B coordinates with grad padded by zeros: padding coordinates
+// have state of their own, stepped with a zero grad, and never reach update. Where no kernel
+// reads it (the CPU, the backward, float64, other H), these convert around the feature-major
+// kernels.
+Tensor to_feature_major(const Tensor& blocked) {  // [B, 4, H, 16] -> [4, H, 16 B]
+  return blocked.permute({1, 2, 0, 3}).reshape({4, blocked.size(2), 16 * blocked.size(0)});
+}
+Tensor to_blocked(const Tensor& fm) {  // [4, H, 16 B] -> [B, 4, H, 16]
+  return fm.view({4, fm.size(1), fm.size(2) / 16, 16}).permute({2, 0, 1, 3}).contiguous();
+}
+Tensor pad_to_blocks(const Tensor& v) {  // [N] -> [16 ceil(N / 16)], zeros past N
+  const int64_t N = v.size(0), pad = (N + 15) / 16 * 16 - N;
+  return pad ? at::constant_pad_nd(v, {0, pad}, 0) : v;
+}
+Tensor first_n(const Tensor& v, int64_t N) {  // a tensor of its own (an op's output)
+  return v.size(0) == N ? v : v.narrow(0, 0, N).clone();
+}
+
 std::tuple<Tensor, Tensor> lstm_optimizer_step(
     const Tensor& grad_in, const Tensor& state, const Tensor& w_ih1, const Tensor& w_hh1,
     const Tensor& b_ih1, const Tensor& b_hh1, const Tensor& w_ih2, const Tensor& w_hh2,
@@ -205,6 +237,29 @@ std::tuple<Tensor, Tensor> lstm_optimizer_step(
   PYMETA_DEVICE_GUARD(grad_in);
   const Tensor grad = grad_in.contiguous();
   const auto w = contiguous_weights(w_in);
+  if (d.blocked) {
+#ifdef PYMETA_WITH_CUDA
+    if (grad.is_cuda() && d.N > 0) {  // a kernel that reads the blocked layout, if one applies
+      Tensor update = at::empty({d.N}, grad.options());
+      Tensor new_state = at::empty(state.sizes(), state.options());
+      LstmOptLaunch L = make_launch(d, grad, state, w, p, out_scale);
+      L.update = update.data_ptr();
+      L.new_state = new_state.data_ptr();
+      L.state_bf16 = state.scalar_type() == at::kBFloat16;
+      L.blocked = 1;
+      const int err = lstm_opt_forward_cuda(
+          L, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream());
+      if (err != kLstmOptNoKernel) {
+        C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+        return {update, new_state};
+      }
+    }
+#endif
+    auto [update, new_state] = lstm_optimizer_step(
+        pad_to_blocks(grad), to_feature_major(state), w[0], w[1], w[2], w[3], w[4], w[5], w[6],
+        w[7], w[8], w[9], preprocessing, p, out_scale);
+    return {first_n(update, d.N), to_blocked(new_state)};
+  }
   Tensor update = at::empty({d.N}, grad.options());
   Tensor new_state = at::empty({4, d.H, d.N}, state.options());
   if ((state.scalar_type() == grad.scalar_type() || bf16_direct()) &&
@@ -283,12 +338,21 @@ BackwardResult lstm_optimizer_step_backward(
                       "; expected ", shape_str(shape));
   };
   same(grad_update_in, "grad_update", grad_in, "grad", {d.N});
-  same(grad_new_state_in, "grad_new_state", state, "state", {4, d.H, d.N});
+  same(grad_new_state_in, "grad_new_state", state, "state", state.sizes());
   PYMETA_DEVICE_GUARD(grad_in);
   const Tensor grad = grad_in.contiguous();
   const Tensor grad_update = grad_update_in.contiguous();
   const Tensor grad_new_state = grad_new_state_in.contiguous();
   const auto w = contiguous_weights(w_in);
+  if (d.blocked) {  // through the feature-major backward (see to_feature_major)
+    auto r = lstm_optimizer_step_backward(
+        pad_to_blocks(grad_update), to_feature_major(grad_new_state), pad_to_blocks(grad),
+        to_feature_major(state), w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9],
+        preprocessing, p, out_scale);
+    std::get<0>(r) = first_n(std::get<0>(r), d.N);
+    std::get<1>(r) = to_blocked(std::get<1>(r));
+    return r;
+  }
 
   Tensor d_grad = at::empty({d.N}, grad.options());
   Tensor d_state = at::empty({4, d.H, d.N}, state.options());

@@ -29,7 +29,8 @@ class LSTMOptimizerNet(nn.Module):
     ``"none"``), so state_dicts of that shape load. The step itself runs as one fused op,
     ``pymeta.ops.lstm_optimizer_step`` (native kernel or reference, per ``pymeta.set_backend``).
 
-    State: ``[4, H, N]`` = (h1, c1, h2, c2), feature-major (see ``init_state``).
+    State: ``[4, H, N]`` = (h1, c1, h2, c2), feature-major, or the blocked layout
+    ``[ceil(N / 16), 4, H, 16]`` (see ``init_state``).
     """
 
     def __init__(self, hidden_size: int = 20, preprocessing: str = "log_sign", p: float = 10.0,
@@ -69,16 +70,28 @@ class LSTMOptimizerNet(nn.Module):
         return (c1.weight_ih, c1.weight_hh, c1.bias_ih, c1.bias_hh, c2.weight_ih, c2.weight_hh,
                 c2.bias_ih, c2.bias_hh, o.weight, o.bias)
 
-    def init_state(self, n: int, device=None, dtype=None) -> Tensor:
-        """Zero state for n coordinates: ``[4, H, n]`` (h1, c1, h2, c2). Device and dtype
-        default to the parameters'."""
+    def init_state(self, n: int, device=None, dtype=None, layout: str = "feature_major") -> Tensor:
+        """Zero state for n coordinates (h1, c1, h2, c2). Device and dtype default to the
+        parameters'.
+
+        layout: ``"feature_major"``, ``[4, H, n]``; or ``"blocked"``, ``[ceil(n / 16), 4, H,
+        16]``, the rows of 16 coordinates together (the GPU forward's faster layout at H 17..20
+        and 25..32: see ``pymeta.ops.lstm_optimizer_step``). The op keeps the layout it is given.
+        """
         w = self.out.weight
-        return torch.zeros(4, self.hidden_size, n, device=device if device is not None else w.device,
-                           dtype=dtype if dtype is not None else w.dtype)
+        device = device if device is not None else w.device
+        dtype = dtype if dtype is not None else w.dtype
+        if layout == "blocked":
+            return torch.zeros((n + 15) // 16, 4, self.hidden_size, 16, device=device,
+                               dtype=dtype)
+        if layout != "feature_major":
+            raise ValueError(f"LSTMOptimizerNet.init_state: layout must be 'feature_major' or "
+                             f"'blocked', not {layout!r}")
+        return torch.zeros(4, self.hidden_size, n, device=device, dtype=dtype)
 
     def forward(self, grad: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """grad of any shape (N elements), state ``[4, H, N]`` -> (update of grad's shape,
-        new_state ``[4, H, N]``)."""
+        """grad of any shape (N elements), state ``[4, H, N]`` or ``[ceil(N / 16), 4, H, 16]``
+        -> (update of grad's shape, new_state of state's shape)."""
         update, new_state = ops.lstm_optimizer_step(
             grad.reshape(-1), state, *self.weights(), self.preprocessing, self.p, self.out_scale)
         return update.reshape(grad.shape), new_state

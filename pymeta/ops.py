@@ -322,6 +322,13 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
             of the state: 8 H bytes per coordinate instead of 16 H), float32 math; new_state is then the
             float32 result rounded to bfloat16 (nearest even), and the gradient w.r.t. state
             is bfloat16 too.
+            Or the blocked layout ``[ceil(N / 16), 4, H, 16]``, contiguous: the 4H rows of
+            coordinates 16 b .. 16 b + 15 together (``reference.lstm_state_to_blocked``), so
+            that a GPU warp's 16 coordinates are one contiguous run. The step is then the
+            feature-major step on the 16 ceil(N / 16) coordinates with grad padded by zeros
+            (padding coordinates keep state of their own and never reach update). The CUDA
+            forward reads it directly at H 17..20 and 25..32 (float32 math); elsewhere (the
+            CPU, the backward) the op converts around the feature-major kernels.
         w_ih1 ``[4H, n_in]``, w_hh1 ``[4H, H]``, b_ih1, b_hh1 ``[4H]``: layer 1, as
             ``nn.LSTMCell(n_in, H)``; w_ih2, w_hh2 ``[4H, H]``, b_ih2, b_hh2 ``[4H]``: layer 2,
             as ``nn.LSTMCell(H, H)``; w_out ``[1, H]``, b_out ``[1]``: ``nn.Linear(H, 1)``.
@@ -331,8 +338,8 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
         out_scale: the factor of the head's output.
 
     Returns:
-        ``(update [N], new_state [4, H, N])``, new tensors (update of grad's dtype, new_state
-        of state's).
+        ``(update [N], new_state)``, new tensors (update of grad's dtype, new_state of state's
+        dtype and shape).
 
     Differentiable w.r.t. every tensor (truncated BPTT through many steps). The backward
     recomputes the step from its inputs (the saved memory of a step is its inputs), and sums
@@ -366,16 +373,16 @@ if _backend.NATIVE:
     @torch.library.register_fake("pymeta::lstm_optimizer_step")
     def _lstm_optimizer_step_fake(grad, state, *args):
         weights, (preprocessing, p, _) = args[:10], args[10:]
-        N, H, _ = reference.check_lstm_optimizer_args(
+        N, _, _ = reference.check_lstm_optimizer_args(
             "pymeta.lstm_optimizer_step", grad, state, weights, preprocessing, p)
-        return grad.new_empty([N]), state.new_empty([4, H, N])
+        return grad.new_empty([N]), state.new_empty(state.shape)
 
     @torch.library.register_fake("pymeta::lstm_optimizer_step_backward")
     def _lstm_optimizer_step_backward_fake(grad_update, grad_new_state, grad, state, *args):
         weights, (preprocessing, p, _) = args[:10], args[10:]
-        N, H, _ = reference.check_lstm_optimizer_backward_args(
+        N, _, _ = reference.check_lstm_optimizer_backward_args(
             grad_update, grad_new_state, grad, state, weights, preprocessing, p)
-        return (grad.new_empty([N]), state.new_empty([4, H, N]),
+        return (grad.new_empty([N]), state.new_empty(state.shape),
                 *(w.new_empty(w.shape) for w in weights))
 
     def _lstm_setup(ctx, inputs, output):

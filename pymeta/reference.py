@@ -149,15 +149,19 @@ def check_lstm_optimizer_args(op: str, grad: Tensor, state: Tensor, weights: Seq
                         f"shares grad's dtype, or is bfloat16 with float32 grad (bfloat16 "
                         f"storage, float32 math)")
     _check_same(op, state, "state", state.dtype, "grad", grad.device, "grad")
-    if state.dim() != 3 or state.shape[0] != 4 or state.shape[2] != N:
+    blocked, blocks = state.dim() == 4, (N + 15) // 16  # (see lstm_state_to_feature_major)
+    if not (list(state.shape[::3]) == [blocks, 16] and state.shape[1] == 4 if blocked else
+            state.dim() == 3 and state.shape[0] == 4 and state.shape[2] == N):
         raise ValueError(f"{op}: state has shape {_shape(state)}; expected [4, H, N] with N = {N} "
-                         f"(h1, c1, h2, c2, feature-major)")
-    H = state.shape[1]
+                         f"(h1, c1, h2, c2, feature-major), or the blocked layout "
+                         f"[{blocks}, 4, H, 16] ([ceil(N / 16), 4, H, 16])")
+    H = state.shape[2 if blocked else 1]
     if not 1 <= H <= LSTM_MAX_HIDDEN:
-        raise ValueError(f"{op}: hidden size H = {H} (state.shape[1]) is not supported; "
-                         f"1 <= H <= {LSTM_MAX_HIDDEN}")
+        raise ValueError(f"{op}: hidden size H = {H} (state.shape[{2 if blocked else 1}]) is not "
+                         f"supported; 1 <= H <= {LSTM_MAX_HIDDEN}")
     if not state.is_contiguous():
-        raise ValueError(f"{op}: state must be contiguous (layout [4, H, N], feature-major)")
+        layout = "[ceil(N / 16), 4, H, 16], blocked" if blocked else "[4, H, N], feature-major"
+        raise ValueError(f"{op}: state must be contiguous (layout {layout})")
     if len(weights) != 10:
         raise ValueError(f"{op}: expected 10 weight tensors, got {len(weights)}")
     for name, w, shape in zip(LSTM_WEIGHT_NAMES, weights, lstm_weight_shapes(H, n_in)):
@@ -188,15 +192,41 @@ def _lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+def lstm_state_to_feature_major(state: Tensor) -> Tensor:
+    """The blocked state layout [B, 4, H, 16] -> feature-major [4, H, 16 B] (a copy;
+    differentiable). Blocked, the 4H rows of coordinates 16 b .. 16 b + 15 lie together, so the
+    GPU's warp step of 16 coordinates reads and writes one contiguous run. The op on a blocked
+    state is the feature-major op on 16 B = 16 ceil(N / 16) coordinates, with grad padded by
+    zeros: padding coordinates have state of their own and never reach update."""
+    return state.permute(1, 2, 0, 3).reshape(4, state.shape[2], 16 * state.shape[0])
+
+
+def lstm_state_to_blocked(state: Tensor) -> Tensor:
+    """Feature-major [4, H, N] -> the blocked layout [ceil(N / 16), 4, H, 16] (a copy;
+    differentiable), padding coordinates zero (the zero state of init_state)."""
+    H, N = state.shape[1], state.shape[2]
+    pad = -N % 16
+    if pad:
+        state = torch.nn.functional.pad(state, (0, pad))
+    return state.reshape(4, H, (N + pad) // 16, 16).permute(2, 0, 1, 3).contiguous()
+
+
 def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tensor, b_ih1: Tensor,
                         b_hh1: Tensor, w_ih2: Tensor, w_hh2: Tensor, b_ih2: Tensor, b_hh2: Tensor,
                         w_out: Tensor, b_out: Tensor, preprocessing: str, p: float,
                         out_scale: float) -> tuple[Tensor, Tensor]:
     """One coordinatewise LSTM optimizer step (see pymeta.ops.lstm_optimizer_step).
-    grad [N], state [4, H, N] -> (update [N], new_state [4, H, N] of state's dtype).
-    Differentiable. A bfloat16 state is computed in float32 and new_state rounded back."""
+    grad [N], state [4, H, N] or blocked [ceil(N / 16), 4, H, 16] -> (update [N], new_state of
+    state's shape and dtype). Differentiable. A bfloat16 state is computed in float32 and
+    new_state rounded back."""
     weights = (w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, w_out, b_out)
-    check_lstm_optimizer_args("pymeta.lstm_optimizer_step", grad, state, weights, preprocessing, p)
+    N, _, _ = check_lstm_optimizer_args("pymeta.lstm_optimizer_step", grad, state, weights,
+                                        preprocessing, p)
+    if state.dim() == 4:  # blocked: the feature-major step on the padded coordinates
+        update, new_state = lstm_optimizer_step(
+            torch.nn.functional.pad(grad, (0, -N % 16)), lstm_state_to_feature_major(state),
+            *weights, preprocessing, p, out_scale)
+        return update[:N], lstm_state_to_blocked(new_state)
     x = lstm_preprocess(grad, preprocessing, p)
     h1, c1, h2, c2 = (s.t() for s in state.to(grad.dtype).unbind(0))  # [N, H] each
     h1, c1 = _lstm_cell(x, h1, c1, w_ih1, w_hh1, b_ih1, b_hh1)
@@ -215,7 +245,7 @@ def check_lstm_optimizer_backward_args(grad_update: Tensor, grad_new_state: Tens
     N, H, n_in = check_lstm_optimizer_args(op, grad, state, weights, preprocessing, p)
     for name, t, like, like_name, shape in (
             ("grad_update", grad_update, grad, "grad", [N]),
-            ("grad_new_state", grad_new_state, state, "state", [4, H, N])):
+            ("grad_new_state", grad_new_state, state, "state", list(state.shape))):
         if t.dtype != like.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but {like_name} has {like.dtype}; "
                             f"the gradient of an output has that output's dtype")

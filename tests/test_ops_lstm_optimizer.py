@@ -403,6 +403,13 @@ def _bad_cases():
         ("state", lambda a: a["state"].transpose(1, 2).contiguous().transpose(1, 2),
          ValueError, "state must be contiguous"),
         ("state", lambda a: torch.zeros(4, 65, 6), ValueError, "hidden size H = 65"),
+        # the blocked layout [ceil(N / 16), 4, H, 16]: N = 6 is one block
+        ("state", lambda a: torch.zeros(2, 4, 4, 16), ValueError, r"state has shape.*\[1, 4, H, 16\]"),
+        ("state", lambda a: torch.zeros(1, 4, 4, 8), ValueError, "state has shape"),
+        ("state", lambda a: torch.zeros(1, 3, 4, 16), ValueError, "state has shape"),
+        ("state", lambda a: torch.zeros(1, 4, 16, 4).transpose(2, 3), ValueError,
+         r"state must be contiguous \(layout \[ceil\(N / 16\), 4, H, 16\], blocked"),
+        ("state", lambda a: torch.zeros(1, 4, 65, 16), ValueError, r"H = 65 \(state.shape\[2\]"),
     ]
     for name in reference.LSTM_WEIGHT_NAMES:
         cases.append((name, lambda a, n=name: a[n].double(), TypeError, f"{name} has dtype"))
@@ -466,6 +473,165 @@ def test_device_mismatch_is_named(device, backend):
     args["w_hh2"] = args["w_hh2"].to(device)
     with pymeta.use_backend(backend), pytest.raises(ValueError, match="w_hh2 is on"):
         ops.lstm_optimizer_step(*args.values())
+
+
+# ---- the blocked state layout [ceil(N / 16), 4, H, 16] -------------------------------------------
+
+def _blocked_inputs(H, N, dtype=torch.float64, state_dtype=None, device="cpu", seed=0):
+    """(grad [N], blocked state, weights) and the feature-major problem it is defined as:
+    (grad padded by zeros to 16 ceil(N / 16), the state of those coordinates [4, H, 16 B]).
+    Padding coordinates get random state of their own (not zeros), NaN grads at 3 and N - 1."""
+    net = make_net(H, dtype=dtype, seed=seed)
+    B = (N + 15) // 16
+    gen = torch.Generator().manual_seed(seed + 1)
+    fm = (torch.randn(4, H, 16 * B, generator=gen, dtype=torch.float64) * 0.5).to(
+        device=device, dtype=state_dtype or dtype)
+    grad = make_grad(N, dtype, device, seed)
+    grad[[min(3, N - 1), N - 1]] = float("nan")
+    weights = [w.detach().clone().to(device) for w in net.weights()]
+    blocked = fm.reshape(4, H, B, 16).permute(2, 0, 1, 3).contiguous()
+    grad_pad = torch.cat([grad, grad.new_zeros(16 * B - N)])
+    return (grad, blocked, *weights), (grad_pad, fm, *weights)
+
+
+def _same_bits(a, b):
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(bits), b.view(bits))
+
+
+@native_only
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, "bf16_state"])
+@pytest.mark.parametrize("H", [7, 20, 32])
+@pytest.mark.parametrize("N", [1, 16, 37, 1000])
+def test_blocked_state_is_the_padded_feature_major_step(device, dtype, H, N):
+    """A blocked state gives, bit for bit, the feature-major step on the padded problem: update
+    [:N], new_state re-blocked (padding coordinates stepped with a zero grad, their state
+    written); and the reference agrees within tolerance."""
+    state_dtype = torch.bfloat16 if dtype == "bf16_state" else None
+    dtype = torch.float32 if dtype == "bf16_state" else dtype
+    blk, fm = _blocked_inputs(H, N, dtype, state_dtype, device)
+    _poison_allocator([blk[0], blk[1]])
+    u, ns = OP(*blk, "log_sign", 10.0, 0.1)
+    u_fm, ns_fm = OP(*fm, "log_sign", 10.0, 0.1)
+    assert _same_bits(u, u_fm[:N].contiguous())
+    assert _same_bits(ns, reference.lstm_state_to_blocked(ns_fm))
+    assert torch.equal(reference.lstm_state_to_feature_major(blk[1]), fm[1])
+    u_ref, ns_ref = reference.lstm_optimizer_step(*blk, "log_sign", 10.0, 0.1)
+    t = tol(dtype) if state_dtype is None else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(u, u_ref, **t, equal_nan=True)
+    torch.testing.assert_close(ns.float(), ns_ref.float(), **t, equal_nan=True)
+
+
+@native_only
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocked_state_backward_is_the_padded_feature_major_backward(device):
+    """The backward op on a blocked state: the feature-major backward on the padded problem
+    (d_grad [:N], d_state re-blocked, the weights' gradients summed over padding coordinates
+    too), bit for bit; and gradients through ops.lstm_optimizer_step match the reference's."""
+    H, N = 20, 37
+    blk, fm = _blocked_inputs(H, N, torch.float32, device=device)
+    blk[0][:] = torch.nan_to_num(blk[0])
+    fm[0][:N] = blk[0]
+    du = torch.randn(N, device=device)
+    ds = torch.randn(blk[1].shape, device=device)
+    got = BWD(du, ds, *blk, "log_sign", 10.0, 0.1)
+    want = BWD(torch.cat([du, du.new_zeros(16 * 3 - N)]),
+               reference.lstm_state_to_feature_major(ds), *fm, "log_sign", 10.0, 0.1)
+    assert _same_bits(got[0], want[0][:N].contiguous())
+    assert _same_bits(got[1], reference.lstm_state_to_blocked(want[1]))
+    for a, b in zip(got[2:], want[2:]):
+        assert _same_bits(a, b)
+
+    def loss(backend, *ts):
+        with pymeta.use_backend(backend):
+            u, ns = ops.lstm_optimizer_step(*ts, "log_sign", 10.0, 0.1)
+        return (u * du).sum() + (ns * ds).sum()
+
+    leaves = [t.clone().requires_grad_() for t in blk]
+    g_native = torch.autograd.grad(loss("native", *leaves), leaves)
+    g_ref = torch.autograd.grad(loss("reference", *leaves), leaves)
+    for a, b in zip(g_native, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@native_only
+def test_blocked_state_gradcheck_opcheck_compile():
+    """float64 gradcheck of every input through a blocked state (N = 5: 11 padding coordinates),
+    opcheck of both ops with it, and torch.compile (the fake kernels keep the state's shape)."""
+    flat = _small_inputs()
+    blocked = reference.lstm_state_to_blocked(flat[1])
+    inputs = [t.clone().requires_grad_() for t in [flat[0], blocked, *flat[2:]]]
+
+    def f(*ts):
+        with pymeta.use_backend("native"):
+            return ops.lstm_optimizer_step(*ts, "log_sign", 10.0, 0.3)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6)
+    plain = [t.detach() for t in inputs]
+    torch.library.opcheck(OP, (*plain, "log_sign", 10.0, 0.3))
+    torch.library.opcheck(BWD, (torch.randn(5, dtype=torch.float64),
+                                torch.randn(blocked.shape, dtype=torch.float64), *plain,
+                                "log_sign", 10.0, 0.3))
+    compiled = torch.compile(lambda *ts: OP(*ts, "log_sign", 10.0, 0.3), fullgraph=True)
+    for a, b in zip(compiled(*plain), OP(*plain, "log_sign", 10.0, 0.3)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_init_state_layouts():
+    net = pymeta.LSTMOptimizerNet(hidden_size=5)
+    assert net.init_state(37).shape == (4, 5, 37)
+    blocked = net.init_state(37, layout="blocked")
+    assert blocked.shape == (3, 4, 5, 16) and not blocked.any()
+    assert net.init_state(0, layout="blocked").shape == (0, 4, 5, 16)
+    with pytest.raises(ValueError, match="layout must be 'feature_major' or 'blocked'"):
+        net.init_state(3, layout="row_major")
+    grad = make_grad(37, torch.float32)
+    u_fm, s_fm = net(grad, net.init_state(37))
+    u_b, s_b = net(grad, blocked)
+    torch.testing.assert_close(u_b, u_fm, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(reference.lstm_state_to_feature_major(s_b)[:, :, :37], s_fm,
+                               rtol=1e-6, atol=1e-7)
+
+
+@native_only
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("H", [7, 17, 20, 24, 32])
+@pytest.mark.parametrize("N", [40, 100_003, 300_000])
+@pytest.mark.parametrize("form", ["default", "staged", "staged_sync"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_blocked_kernels_same_bits(H, N, form, bf16, monkeypatch):
+    """The tensor-core forward on a blocked state (kBlk: H 17..20 and 25..32) gives the bits of
+    the feature-major forward on the padded problem, NaN grads included, every output element
+    written (outputs from a NaN-poisoned allocator): the direct kernel (the default), the
+    staged one (PYMETA_LSTM_BLK_STAGED=1, H 17..20; 16-byte copies where N % 4 == 0, or 8 for
+    bfloat16, else 4-byte copies or, bfloat16, the direct kernel) and its float32 sync form
+    (PYMETA_LSTM_SYNC=1). Elsewhere the op converts (no blocked kernel runs)."""
+    for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA", "PYMETA_LSTM_SYNC_WARPS",
+                "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_SYNC", "PYMETA_LSTM_BLK_STAGED"):
+        monkeypatch.delenv(key, raising=False)
+    blk, fm = _blocked_inputs(H, N, torch.float32, torch.bfloat16 if bf16 else None, "cuda")
+    want_u, want_ns = OP(*fm, "log_sign", 10.0, 0.1)
+    switches = {}
+    if form != "default":
+        switches["PYMETA_LSTM_BLK_STAGED"] = "1"
+    if form == "staged_sync":
+        switches["PYMETA_LSTM_SYNC"] = "1"
+    (u, ns), names = _forward_kernels_under(list(blk), monkeypatch, **switches)
+    assert _same_bits(u, want_u[:N].contiguous())
+    assert _same_bits(ns, reference.lstm_state_to_blocked(want_ns))
+    native = 17 <= H <= 20 or 25 <= H <= 32
+    staged = native and form != "default" and H <= 20 and not (bf16 and N % 8)
+    sync = staged and form == "staged_sync" and not bf16
+    assert names, names
+    ran = [n for n in names if n.endswith("false, true>")]  # kOff32 = false, kBlk = true
+    if not native:
+        assert not ran, names
+        return
+    assert ran == names, names
+    assert all(("staged" in n) == staged and ("sync" in n) == sync for n in names), names
 
 
 # ---- determinism ------------------------------------------------------------------------------
@@ -742,7 +908,7 @@ def _staged_vs_direct(H, N, kind, monkeypatch, check_ran, off32=False):
             torch.cuda.synchronize()
         ran = [e.name for e in prof.events() if "forward_mma_staged_kernel" in e.name]
         assert bool(ran) == (kind != "bf16" or N % 8 == 0)
-        assert all((", true>" in n) == off32 for n in ran), ran
+        assert all((", true, false>" in n) == off32 for n in ran), ran
     else:
         staged = OP(*inputs, "log_sign", 10.0, 0.1)
     for a, b in zip(staged, direct):  # same math: the same bits
@@ -807,7 +973,7 @@ def test_cuda_forward_32bit_offsets_same_bits(H, N, bf16, monkeypatch):
     monkeypatch.setenv("PYMETA_LSTM_OFF32", "0")  # (on by default: bfloat16 at H <= 20)
     want = OP(*inputs, "log_sign", 10.0, 0.1)
     got, names = _forward_kernels_under(inputs, monkeypatch, PYMETA_LSTM_OFF32="1")
-    assert names and all("forward_mma_kernel<" in n and ", true>" in n for n in names), names
+    assert names and all("forward_mma_kernel<" in n and ", true, false>" in n for n in names), names
     for a, b in zip(got, want):
         assert torch.equal(a.view(torch.int16) if bf16 and a.dim() == 3 else a.view(torch.int32),
                            b.view(torch.int16) if bf16 and b.dim() == 3 else b.view(torch.int32))
@@ -877,7 +1043,7 @@ def test_cuda_forward_default_kernels(state_dtype, H, N, want, off32, monkeypatc
         OP(*inputs, "log_sign", 10.0, 0.1)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if "forward_mma" in e.name]
-    assert names and all(want in n and (", true>" in n) == off32 for n in names), names
+    assert names and all(want in n and (", true, false>" in n) == off32 for n in names), names
 
 
 @native_only

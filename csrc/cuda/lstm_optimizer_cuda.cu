@@ -147,7 +147,8 @@ backward_smem_wide_kernel(const __grid_constant__ LstmOptLaunch L,
 // ---- tensor-core forward (float, H <= 32, sm_80+): lstm_optimizer_mma.cuh ----------------
 // St: the state's storage type, float or uint16_t (bfloat16 bits, L.state_bf16). kOff32:
 // 32-bit element offsets (the state has fewer than 2^31 elements; forward_off32).
-template <int HB, typename St, bool kOff32 = false>
+// kBlk: the blocked state layout (L.blocked; lstm_mma_state_at), at HB = 20 and 32 only.
+template <int HB, typename St, bool kOff32 = false, bool kBlk = false>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kThreads, LstmMmaShape<HB>::kMinBlocks)
 forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<float> P) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -159,7 +160,7 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
   const float b_out = P.W.b_out[0];
   for (int64_t base = (int64_t(blockIdx.x) * warps + threadIdx.x / 32) * step; base < L.N;
        base += int64_t(gridDim.x) * warps * step)  // warp-uniform: the mma needs all 32 lanes
-    lstm_mma_forward_warp<HB, St, kOff32>(sm, P.s, b_out, static_cast<const float*>(L.grad),
+    lstm_mma_forward_warp<HB, St, kOff32, kBlk>(sm, P.s, b_out, static_cast<const float*>(L.grad),
                                   static_cast<const St*>(L.state), static_cast<float*>(L.update),
                                   static_cast<St*>(L.new_state), L.N, base);
 }
@@ -174,7 +175,7 @@ forward_mma_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constan
 // (float32) where free-running warps leave 64-byte pieces at unrelated times
 // (bench/NOTES_lstm.md, thirteenth and fourteenth sessions). Where and why each is the
 // default: staged_launch.
-template <int HB, typename St, bool kOff32, bool kSync>
+template <int HB, typename St, bool kOff32, bool kSync, bool kBlk>
 __device__ __forceinline__ void forward_mma_staged_body(const LstmOptLaunch& L,
                                                         const Params<float>& P, int buf_bytes,
                                                         bool vec, int sync_warps) {
@@ -187,31 +188,31 @@ __device__ __forceinline__ void forward_mma_staged_body(const LstmOptLaunch& L,
   unsigned char* bufs = smem_raw + sizeof(float) * S::kTotal + size_t(2 * warp) * buf_bytes;
   const int64_t step = S::kCoords;
   const LstmSyncGroup g = kSync ? lstm_sync_group(warp, warps, sync_warps) : LstmSyncGroup{};
-  lstm_mma_forward_staged<HB, St, kOff32, kSync>(
+  lstm_mma_forward_staged<HB, St, kOff32, kSync, kBlk>(
       sm, bufs, buf_bytes, P.s, lstm_mma_b_out_at<HB>(sm), static_cast<const float*>(L.grad),
       static_cast<const St*>(L.state), static_cast<float*>(L.update),
       static_cast<St*>(L.new_state), L.N, (int64_t(blockIdx.x) * warps + warp) * step,
       int64_t(gridDim.x) * warps * step, vec, g.lead * step, g.bar_id, g.bar_threads);
 }
 
-template <int HB, typename St, bool kOff32 = false>
+template <int HB, typename St, bool kOff32 = false, bool kBlk = false>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
 forward_mma_staged_kernel(const __grid_constant__ LstmOptLaunch L,
                           const __grid_constant__ Params<float> P, int buf_bytes, bool vec,
                           int sync_warps) {
-  forward_mma_staged_body<HB, St, kOff32, false>(L, P, buf_bytes, vec, sync_warps);
+  forward_mma_staged_body<HB, St, kOff32, false, kBlk>(L, P, buf_bytes, vec, sync_warps);
 }
 
 // A kernel of its own (not a template flag of the one above): the tests, the profiler checks
 // and gpu_check.sh's ncu filter find it by name. At HB = 20 only: float32 with 64-bit offsets
 // (the default there), bfloat16 with 32-bit offsets (opt-in). ptxas (sm_90): float32 128
 // registers, 20 / 24 B of spill stores / loads; bfloat16 128 registers, 12 / 12 B.
-template <int HB, typename St, bool kOff32 = false>
+template <int HB, typename St, bool kOff32 = false, bool kBlk = false>
 __global__ void __launch_bounds__(LstmMmaShape<HB>::kStagedThreads, 1)
 forward_mma_staged_sync_kernel(const __grid_constant__ LstmOptLaunch L,
                                const __grid_constant__ Params<float> P, int buf_bytes, bool vec,
                                int sync_warps) {
-  forward_mma_staged_body<HB, St, kOff32, true>(L, P, buf_bytes, vec, sync_warps);
+  forward_mma_staged_body<HB, St, kOff32, true, kBlk>(L, P, buf_bytes, vec, sync_warps);
 }
 
 // Opt-in (PYMETA_LSTM_MMA_BWD=1). Its first form measured slower than the CUDA-core pass at
@@ -529,6 +530,8 @@ static bool forward_off32(const LstmOptLaunch& L) {
 // (HB = 20: float32 with 64-bit offsets, bfloat16 with 32-bit ones; =0 with float32 leaves the
 // direct kernel unless PYMETA_LSTM_MMA_STAGED=1); PYMETA_LSTM_SYNC_WARPS=k (2 .. warps) sets
 // its barrier groups (default 4).
+// A blocked state (L.blocked) takes the staged kernel only with PYMETA_LSTM_BLK_STAGED=1, at
+// HB = 20: free-running, or (float32) with PYMETA_LSTM_SYNC=1 the sync form.
 // Returns -1 when not applicable.
 template <int HB>
 static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStream_t stream) {
@@ -536,11 +539,12 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
   const int64_t elems = L.state_bf16 ? 8 : 4;  // state elements per 16 bytes
   const bool vec = L.N % elems == 0 && reinterpret_cast<uintptr_t>(L.grad) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(L.state) % 16 == 0;
-  const bool off32 = forward_off32(L);  // the stores' offsets
+  const bool off32 = !L.blocked && forward_off32(L);  // the stores' offsets
   const int sync_on = env_switch("PYMETA_LSTM_SYNC");
-  const bool has_sync = HB == 20 && (L.state_bf16 ? off32 : !off32);
-  const bool sync = has_sync && (sync_on == 1 || (sync_on < 0 && !L.state_bf16));
-  const int on = env_switch("PYMETA_LSTM_MMA_STAGED");
+  const bool has_sync = HB == 20 && (L.blocked ? !L.state_bf16 : (L.state_bf16 ? off32 : !off32));
+  const bool sync = has_sync && (sync_on == 1 || (sync_on < 0 && !L.state_bf16 && !L.blocked));
+  if (L.blocked && (HB != 20 || env_switch("PYMETA_LSTM_BLK_STAGED") != 1)) return -1;
+  const int on = L.blocked ? 1 : env_switch("PYMETA_LSTM_MMA_STAGED");
   // float32 takes the staged kernel for its sync form only: by default with 16-byte copies and
   // at least a block step per SM, whatever the copies and N with PYMETA_LSTM_SYNC=1
   if (on == 0 || (on < 0 && !L.state_bf16 && !(sync && (vec || sync_on == 1)))) return -1;
@@ -566,9 +570,13 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
                                       : forward_mma_staged_kernel<HB, float>);
   int sync_warps = warps;  // (>= 2: named barriers 1 .. 8, at most 8 groups)
   if constexpr (HB == 20) {
+    if (L.blocked)
+      kernel = L.state_bf16 ? forward_mma_staged_kernel<20, uint16_t, false, true>
+                            : forward_mma_staged_kernel<20, float, false, true>;
     if (sync) {
-      kernel = L.state_bf16 ? forward_mma_staged_sync_kernel<20, uint16_t, true>
-                            : forward_mma_staged_sync_kernel<20, float>;
+      kernel = L.blocked      ? forward_mma_staged_sync_kernel<20, float, false, true>
+               : L.state_bf16 ? forward_mma_staged_sync_kernel<20, uint16_t, true>
+                              : forward_mma_staged_sync_kernel<20, float>;
       sync_warps = env_int("PYMETA_LSTM_SYNC_WARPS", 4);
       sync_warps = sync_warps < 2 ? 2 : sync_warps > warps ? warps : sync_warps;
     }
@@ -586,8 +594,12 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
 // PYMETA_LSTM_MMA=0, the backward only with
 // PYMETA_LSTM_MMA_BWD=1 (see backward_mma_kernel). Returns -1 when not applicable (the caller
 // takes the CUDA-core kernels).
+// A blocked state (L.blocked, the forward only) takes them at H 17..20 and 25..32 (HB = 20
+// and 32): by default the direct kernel (8 warps, two blocks per SM), whose warp step reads
+// and writes one contiguous run of 64 H elements; -1 elsewhere.
 static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward) {
   if (L.dtype != DType::Float32 || L.H > 32) return -1;
+  if (L.blocked && (backward || L.H <= 16 || (L.H > 20 && L.H <= 24))) return -1;
   const int on = env_switch(backward ? "PYMETA_LSTM_MMA_BWD" : "PYMETA_LSTM_MMA");
   if (backward ? on != 1 : on == 0) return -1;
   int dev = 0, major = 0;
@@ -609,10 +621,15 @@ static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward
     SmemLaunch s{};
     const size_t bytes = sizeof(float) * (backward ? S::kTotalBwd : S::kTotal);
     const bool off32 = forward_off32(L);
-    const auto fwd = L.state_bf16 ? (off32 ? forward_mma_kernel<HB, uint16_t, true>
-                                           : forward_mma_kernel<HB, uint16_t>)
-                                  : (off32 ? forward_mma_kernel<HB, float, true>
-                                           : forward_mma_kernel<HB, float>);
+    auto fwd = L.state_bf16 ? (off32 ? forward_mma_kernel<HB, uint16_t, true>
+                                     : forward_mma_kernel<HB, uint16_t>)
+                            : (off32 ? forward_mma_kernel<HB, float, true>
+                                     : forward_mma_kernel<HB, float>);
+    if constexpr (HB == 20 || HB == 32) {
+      if (L.blocked)
+        fwd = L.state_bf16 ? forward_mma_kernel<HB, uint16_t, false, true>
+                           : forward_mma_kernel<HB, float, false, true>;
+    }
     int e = backward ? plan_smem(backward_mma_kernel<HB>, threads, bytes, tiles, &s)
                      : plan_smem(fwd, threads, bytes, tiles, &s);
     if (e) return e;
@@ -634,6 +651,7 @@ int lstm_opt_forward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
   if (L.N == 0) return 0;
   const int mma = mma_launch(L, stream, false);
   if (mma >= 0) return mma;
+  if (L.blocked) return kLstmOptNoKernel;  // only the tensor-core kernels read it
   if (L.state_bf16) return kLstmOptNoKernel;  // only the tensor-core kernel reads bfloat16
   return dispatch(L, [&](auto tag, auto hp) {
     using T = decltype(tag);

@@ -377,6 +377,16 @@ PYMETA_WARP void lstm_mma_product_t2(
 // kBwd = true (the backward's recompute): out = the workspace gets z1 (in the dz1 rows) and
 // the rows the weight gradients need (x, h1, h2; lstm_opt_rows); z2 is kept for the caller.
 // z1 and z2 may be the same array (z1 is dead once layer 1's cells ran).
+// Element (state row srow, coordinate n) of a state of N coordinates: feature-major
+// [4H][N], srow N + n; blocked (kBlk) [ceil(N / 16)][4H][16], the 4H rows of 16 coordinates
+// in one 64 H-element block, so that a warp step (16 coordinates) reads and writes one
+// contiguous run (bench/NOTES_lstm.md, fifteenth session).
+template <bool kBlk>
+PYMETA_HD int64_t lstm_mma_state_at(int srow, int64_t n, int64_t N, int H) {
+  if constexpr (kBlk) return (n >> 4) * (int64_t(64) * H) + (srow * 16 + int(n & 15));
+  else return int64_t(srow) * N + n;
+}
+
 template <int HB>
 struct LstmMmaRegs {  // a warp step's per-thread values (unit slots p, row halves h)
   using S = LstmMmaShape<HB>;
@@ -396,16 +406,22 @@ struct LstmMmaRegs {  // a warp step's per-thread values (unit slots p, row halv
 // kOff32 (the forward, where 4 H N < 2^31): 32-bit offsets row * N + n, one IMAD and one
 // IMAD.WIDE per access instead of a 64-bit product and a LEA pair (sm_90, H = 20: 1925 vs
 // 2298 instructions per warp step). The forward's stores follow Src::kOff32 too.
-template <typename St, bool kEagerLoads = true, bool kOff32 = false>
+// kBlk: the blocked state layout [ceil(N / 16)][4H][16] (lstm_mma_state_at), whose padding
+// coordinates N .. 16 ceil(N / 16) - 1 are stepped with a zero grad (the forward's stores follow
+// Src::kBlocked too).
+template <typename St, bool kEagerLoads = true, bool kOff32 = false, bool kBlk = false>
 struct LstmMmaGlobalSrc {
   static constexpr bool kEager = kEagerLoads;
   static constexpr bool kGlobal = true;
   static constexpr bool kOff32Offsets = kOff32;
+  static constexpr bool kBlocked = kBlk;
   const float* grad;
   const St* state;
   int64_t N;
+  int H;  // (read with kBlk only)
   PYMETA_WARP float x(int, int64_t n) const { return grad[n]; }
   PYMETA_WARP float st(int srow, int64_t n) const {
+    if constexpr (kBlk) return state_ld(state[lstm_mma_state_at<true>(srow, n, N, H)]);
     if constexpr (kOff32) return state_ld(state[srow * int(N) + int(n)]);
     // lazy loads (the backward's recompute): the row offset computed where it is used
     const int64_t rowN = kEagerLoads ? int64_t(srow) * N : int64_t(srow) * warp_opaque(N);
@@ -425,11 +441,13 @@ template <typename St>
 PYMETA_HD int lstm_mma_buf_index(int srow, int col) {
   return sizeof(St) == 4 ? srow * 16 + (col ^ ((srow & 2) << 2)) : srow * 16 + col;
 }
-template <typename St, bool kOff32 = false>  // kOff32: the stores' offsets (LstmMmaGlobalSrc)
+// kOff32, kBlk: the stores' offsets and layout (LstmMmaGlobalSrc)
+template <typename St, bool kOff32 = false, bool kBlk = false>
 struct LstmMmaStagedSrc {
   static constexpr bool kEager = false;
   static constexpr bool kGlobal = false;
   static constexpr bool kOff32Offsets = kOff32;
+  static constexpr bool kBlocked = kBlk;
   const float* grad;  // 16 floats
   const St* state;    // 4H rows, lstm_mma_buf_index
   struct Rows {       // rows r + 4p share bit 1 of r, so one swizzle serves them all
@@ -471,8 +489,10 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
     for (int h = 0; h < 2; ++h) {
       const int64_t n = base + 16 * mt + g + 8 * h;
       r.ok[mt][h] = n < N;
-      r.nl[mt][h] = n < N ? n : N - 1;
-      lstm_preprocess(src.x(16 * mt + g + 8 * h, r.nl[mt][h]), s, r.x[mt][h]);
+      // blocked: a padding coordinate has state of its own, and a zero grad
+      r.nl[mt][h] = n < N || Src::kBlocked ? n : N - 1;
+      lstm_preprocess(Src::kBlocked && n >= N ? 0.0f : src.x(16 * mt + g + 8 * h, r.nl[mt][h]),
+                      s, r.x[mt][h]);
       if constexpr (kBwd) {
         if (t == h && r.ok[mt][h]) {  // threads 0 and 1 store rows g and g + 8
           out[out_at(R.x, n)] = r.x[mt][h][0];
@@ -564,10 +584,13 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
                                z[mt][2 * p + 1][2 * h], z[mt][2 * p + 1][2 * h + 1]};
           float c, hh;
           lstm_cell(zq, cprev[mt][h][p], c, hh);
-          if (u < H && r.ok[mt][h]) {
+          if (u < H && (r.ok[mt][h] || (!kBwd && Src::kBlocked))) {
             const int64_t n = r.nl[mt][h];
             if constexpr (kBwd) {
               out[out_at(ws_row + u, n)] = hh;
+            } else if constexpr (Src::kBlocked) {
+              state_st(out[lstm_mma_state_at<true>(row_h + u, n, N, H)], hh);
+              state_st(out[lstm_mma_state_at<true>(row_c + u, n, N, H)], c);
             } else if constexpr (Src::kOff32Offsets) {
               state_st(out[(row_h + u) * int(N) + int(n)], hh);
               state_st(out[(row_c + u) * int(N) + int(n)], c);
@@ -656,20 +679,23 @@ PYMETA_WARP void lstm_mma_forward_step(const float* sm, const LstmOptScalars<flo
 
 // The forward step of one warp, read straight from global memory (kOff32: 32-bit offsets,
 // for a state of fewer than 2^31 elements).
-template <int HB, typename St = float, bool kOff32 = false>
+template <int HB, typename St = float, bool kOff32 = false, bool kBlk = false>
 PYMETA_WARP void lstm_mma_forward_warp(const float* sm, const LstmOptScalars<float>& s,
                                        float b_out, const float* grad, const St* state,
                                        float* update, St* new_state, int64_t N,
                                        int64_t base) {
-  lstm_mma_forward_step<HB, St>(sm, s, b_out, LstmMmaGlobalSrc<St, true, kOff32>{grad, state, N},
-                                update, new_state, N, base);
+  lstm_mma_forward_step<HB, St>(
+      sm, s, b_out, LstmMmaGlobalSrc<St, true, kOff32, kBlk>{grad, state, N, s.H}, update,
+      new_state, N, base);
 }
 
 // This lane's share of the copies of step `base` (16 coordinates) into a staging buffer
 // (lstm_mma_buf_bytes), kBytes per copy. Lane l copies column chunk l % CPR of state rows
 // l / CPR, + RPI, + 2 RPI, ...: its column, hence whether it lies past N, and its source stride
 // are the same for all its rows, so each copy costs a compare, the copy and two additions.
-template <typename St, int kBytes, int HB>
+// kBlk: the blocked layout (lstm_mma_state_at), whose step is one run of 64 H elements, every
+// column present (padding coordinates have state).
+template <typename St, int kBytes, int HB, bool kBlk = false>
 PYMETA_WARP void lstm_mma_stage_rows(unsigned char* buf, const float* grad, const St* state,
                                      int H, int64_t N, int64_t base, int lane) {
   constexpr int E = kBytes / int(sizeof(St));  // state elements per copy
@@ -686,11 +712,11 @@ PYMETA_WARP void lstm_mma_stage_rows(unsigned char* buf, const float* grad, cons
   N = warp_opaque(N);
   lane = int(warp_opaque(int64_t(lane)));
   const int col = (lane % CPR) * E;
-  const bool ok = base + col < N;  // past N: zero-filled, and the source stays at row 0
+  const bool ok = kBlk || base + col < N;  // past N: zero-filled, the source stays at row 0
   const int bytes = ok ? kBytes : 0;
   int row = lane / CPR;
-  const St* src = state + (ok ? int64_t(row) * N + base + col : 0);
-  const int64_t stride = ok ? int64_t(RPI) * N : 0;
+  const St* src = state + (ok ? lstm_mma_state_at<kBlk>(row, base + col, N, H) : 0);
+  const int64_t stride = ok ? (kBlk ? int64_t(RPI) * 16 : int64_t(RPI) * N) : 0;
   if constexpr (kBytes == 16) {  // <= 16 copies per lane: unrolled
     PYMETA_UNROLL
     for (int i = 0; i < (4 * HB + RPI - 1) / RPI; ++i, row += RPI, src += stride)
@@ -704,13 +730,13 @@ PYMETA_WARP void lstm_mma_stage_rows(unsigned char* buf, const float* grad, cons
 // The copies of step `base`: 16 bytes each where N is a multiple of 16 / sizeof(St) and grad
 // and state are 16-byte aligned (vec), else 4 bytes each, which only a float state can take
 // (staged_launch never runs a bfloat16 state without vec).
-template <typename St, int HB>
+template <typename St, int HB, bool kBlk = false>
 PYMETA_WARP void lstm_mma_stage_step(unsigned char* buf, const float* grad, const St* state,
                                      int H, int64_t N, int64_t base, bool vec, int lane) {
   if (vec)
-    lstm_mma_stage_rows<St, 16, HB>(buf, grad, state, H, N, base, lane);
+    lstm_mma_stage_rows<St, 16, HB, kBlk>(buf, grad, state, H, N, base, lane);
   else if constexpr (sizeof(St) == 4)
-    lstm_mma_stage_rows<St, 4, HB>(buf, grad, state, H, N, base, lane);
+    lstm_mma_stage_rows<St, 4, HB, kBlk>(buf, grad, state, H, N, base, lane);
 }
 
 // The forward of one warp over its steps base, base + stride, ... < N, with each step's
@@ -734,7 +760,8 @@ PYMETA_HD LstmSyncGroup lstm_sync_group(int warp, int warps, int sync_warps) {
 // reach the memory system as one run: forward_mma_staged_sync_kernel). `lead` (kSync only) is
 // this warp's offset from its group's first warp's step, so that the trip count,
 // (N - (base - lead)) / stride rounded up, is the same for every warp of the group.
-template <int HB, typename St, bool kOff32 = false, bool kSync = false>
+// kBlk: the blocked state layout (lstm_mma_state_at).
+template <int HB, typename St, bool kOff32 = false, bool kSync = false, bool kBlk = false>
 PYMETA_WARP void lstm_mma_forward_staged(const float* sm, unsigned char* bufs, int buf_bytes,
                                          const LstmOptScalars<float>& s, const float* b_out,
                                          const float* grad, const St* state, float* update,
@@ -743,19 +770,19 @@ PYMETA_WARP void lstm_mma_forward_staged(const float* sm, unsigned char* bufs, i
                                          int bar_threads = 0) {
   const int lane = warp_lane();
   if (!kSync && base >= N) return;
-  if (base < N) lstm_mma_stage_step<St, HB>(bufs, grad, state, s.H, N, base, vec, lane);
+  if (base < N) lstm_mma_stage_step<St, HB, kBlk>(bufs, grad, state, s.H, N, base, vec, lane);
   warp_cp_async_commit();
   for (int k = 0; (kSync ? base - lead : base) < N; base += stride, k ^= 1) {
     if (!kSync || base < N) {  // (a warp past N with kSync: only the barriers)
       unsigned char* cur = bufs + k * buf_bytes;
       if (base + stride < N)
-        lstm_mma_stage_step<St, HB>(bufs + (k ^ 1) * buf_bytes, grad, state, s.H, N,
-                                    base + stride, vec, lane);
+        lstm_mma_stage_step<St, HB, kBlk>(bufs + (k ^ 1) * buf_bytes, grad, state, s.H, N,
+                                          base + stride, vec, lane);
       warp_cp_async_commit();  // possibly empty: the wait below always leaves one group out
       warp_cp_async_wait<1>();  // this lane's copies of step `base` have landed
       warp_sync();              // ... and every lane's
-      const LstmMmaStagedSrc<St, kOff32> src{reinterpret_cast<const float*>(cur),
-                                             reinterpret_cast<const St*>(cur + 64)};
+      const LstmMmaStagedSrc<St, kOff32, kBlk> src{reinterpret_cast<const float*>(cur),
+                                                   reinterpret_cast<const St*>(cur + 64)};
       lstm_mma_forward_step<HB, St>(sm, s, b_out, src, update, new_state, N, base);
       warp_sync();  // every lane has read `cur` before the next iteration refills it
     }
@@ -789,7 +816,7 @@ PYMETA_WARP void lstm_mma_backward_warp(const float* sm, const LstmOptScalars<fl
   // 124 B of spills at HB = 20, 552 B loading it up front); up front at HB > 20 (one block,
   // fewer spills that way; ptxas -v, sm_90).
   using Src = LstmMmaGlobalSrc<float, (HB > 20)>;
-  lstm_mma_forward_core<HB, true, float>(sm, s, Src{grad, state, N}, ws, N, base, r, z2, z2);
+  lstm_mma_forward_core<HB, true, float>(sm, s, Src{grad, state, N, s.H}, ws, N, base, r, z2, z2);
   auto at = [N](int row, int64_t n) { return int64_t(row) * warp_opaque(N) + n; };
 
   // ---- head and layer 2; z2 becomes dz2 in place

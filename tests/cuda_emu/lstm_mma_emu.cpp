@@ -429,6 +429,94 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
   synced(uint16_t{}, bf16_state, bf16_u, bf16_ns, true, "bfloat16");
   staged(uint16_t{}, bf16_state, bf16_u, bf16_ns, true, "bfloat16");
 
+  // the blocked state layout [B][4H][16] (kBlk, B = ceil(N / 16)): bit for bit the direct warp
+  // code on the feature-major state of the 16 B coordinates with grad padded by zeros, every
+  // element of new_state written (padding coordinates included, the update's only below N);
+  // the direct kernel's warp code, the staged one free-running (16- and 4-byte copies) and in
+  // barrier groups, float32 and bfloat16 (as forward_mma_kernel / forward_mma_staged*_kernel
+  // run them with kBlk)
+  auto blocked = [&](auto tag) {
+    using St = decltype(tag);
+    const int64_t B = (N + 15) / 16, Np = 16 * B, R = 4 * H;
+    std::vector<float> gp(Np, 0.0f), sp(R * Np);
+    std::copy(grad.begin(), grad.end(), gp.begin());
+    const std::vector<float> pad = rnd(R * Np, 0.5);
+    std::vector<St> st_fm(R * Np), st_blk(R * Np);
+    for (int64_t row = 0; row < R; ++row)
+      for (int64_t n = 0; n < Np; ++n) {
+        state_st(st_fm[row * Np + n], n < N ? state[row * N + n] : pad[row * Np + n]);
+        st_blk[lstm_mma_state_at<true>(int(row), n, N, H)] = st_fm[row * Np + n];
+      }
+    std::vector<float> u_fm(Np, -777.0f);
+    std::vector<St> ns_fm(R * Np, St(0x7b));
+    run_grid([&](int64_t base) {  // (N here is the grid's bound: steps below N only)
+      lstm_mma_forward_warp<HB, St>(sm.data(), s, W.b_out[0], gp.data(), st_fm.data(),
+                                    u_fm.data(), ns_fm.data(), Np, base);
+    });
+    std::vector<St> ns_want(R * Np);
+    for (int64_t row = 0; row < R; ++row)
+      for (int64_t n = 0; n < Np; ++n)
+        ns_want[lstm_mma_state_at<true>(int(row), n, N, H)] = ns_fm[row * Np + n];
+    const char* what = sizeof(St) == 4 ? "float32" : "bfloat16";
+    auto check = [&](const std::vector<float>& ub, const std::vector<St>& nsb, const char* form) {
+      if (std::memcmp(ub.data(), u_fm.data(), N * sizeof(float)) ||
+          std::memcmp(nsb.data(), ns_want.data(), nsb.size() * sizeof(St))) {
+        std::printf("FAIL blocked layout, %s, %s (H %d, n_in %d, N %lld)\n", form, what, H, n_in,
+                    (long long)N);
+        ++failures;
+      }
+    };
+    {
+      std::vector<float> ub(N, -777.0f);
+      std::vector<St> nsb(R * Np, St(0x7b));
+      run_grid([&](int64_t base) {
+        lstm_mma_forward_warp<HB, St, false, true>(sm.data(), s, W.b_out[0], grad.data(),
+                                                   st_blk.data(), ub.data(), nsb.data(), N, base);
+      });
+      check(ub, nsb, "direct");
+    }
+    readable = {{reinterpret_cast<const char*>(grad.data()), grad.size() * sizeof(float)},
+                {reinterpret_cast<const char*>(st_blk.data()), st_blk.size() * sizeof(St)}};
+    struct Form { int grid, wpb, sw; bool vec; };  // sw 0: free-running
+    for (const Form f : {Form{3, 1, 0, true}, Form{3, 1, 0, false}, Form{2, 3, 2, true},
+                         Form{1, 4, 4, false}}) {
+      if ((f.vec && N % (16 / int64_t(sizeof(St)))) || (!f.vec && sizeof(St) == 2)) continue;
+      land_at_wait = true;
+      const int buf = lstm_mma_buf_bytes<St>(H);
+      std::vector<float> ub(N, -777.0f);
+      std::vector<St> nsb(R * Np, St(0x7b));
+      for (int bx = 0; bx < f.grid; ++bx) {
+        std::vector<float4_t> bufv(f.wpb * 2 * buf / 16);
+        unsigned char* bufs = reinterpret_cast<unsigned char*>(bufv.data());
+        std::memset(bufs, 0xff, f.wpb * 2 * buf);
+        run_block(f.wpb, [&](int tid) {
+          const int w = tid >> 5;
+          const int64_t base = (int64_t(bx) * f.wpb + w) * S::kCoords;
+          const int64_t stride = int64_t(f.grid) * f.wpb * S::kCoords;
+          const float* bo = lstm_mma_b_out_at<HB>(sm.data());
+          if (f.sw) {
+            const LstmSyncGroup g = lstm_sync_group(w, f.wpb, f.sw);
+            lstm_mma_forward_staged<HB, St, false, true, true>(
+                sm.data(), bufs + 2 * w * buf, buf, s, bo, grad.data(), st_blk.data(), ub.data(),
+                nsb.data(), N, base, stride, f.vec, g.lead * S::kCoords, g.bar_id,
+                g.bar_threads);
+          } else {
+            lstm_mma_forward_staged<HB, St, false, false, true>(
+                sm.data(), bufs + 2 * w * buf, buf, s, bo, grad.data(), st_blk.data(), ub.data(),
+                nsb.data(), N, base, stride, f.vec);
+          }
+        }, f.sw);
+      }
+      land_at_wait = false;
+      char form[96];
+      std::snprintf(form, sizeof form, "staged (%d blocks of %d warps, groups of %d, %s copies)",
+                    f.grid, f.wpb, f.sw, f.vec ? "16-byte" : "4-byte");
+      check(ub, nsb, form);
+    }
+  };
+  blocked(float{});
+  blocked(uint16_t{});
+
   // backward: the header's per-coordinate math vs the warp code, as backward_mma_kernel runs it
   std::vector<float> du = rnd(N, 1.0), dns = rnd(4 * H * N, 1.0);
   const LstmOptRows R = lstm_opt_rows(H, n_in);

@@ -749,6 +749,11 @@ struct LstmOptLaunch {
   // forward take it; lstm_opt_forward_cuda returns kLstmOptNoKernel where no bfloat16 kernel
   // applies (the caller converts instead); the CUDA backward never gets it.
   int32_t state_bf16;
+  // Forward only: state and new_state in the blocked layout [ceil(N / 16)][4H][16] (16
+  // coordinates' 4H rows together; the padding coordinates N .. 16 ceil(N / 16) - 1 are
+  // stepped with a zero grad). Only lstm_opt_forward_cuda takes it, and returns
+  // kLstmOptNoKernel where no blocked kernel applies (the caller converts instead).
+  int32_t blocked;
   double p;
   double out_scale;
 };
