@@ -598,7 +598,7 @@ def test_init_state_layouts():
 @native_only
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("H", [7, 17, 20, 24, 32])
+@pytest.mark.parametrize("H", [7, 20, 32])
 @pytest.mark.parametrize("N", [40, 100_003, 300_000])
 @pytest.mark.parametrize("form", ["default", "staged", "staged_sync"])
 @pytest.mark.parametrize("bf16", [False, True])
