@@ -13,6 +13,9 @@
 #   PYMETA_MAML_MEMORY=1 ...   # + MAML peak memory vs inner steps, with checkpoint_steps (~1.5 min)
 #   PYMETA_LSTM_MEMORY=1 ...   # + LSTMOptimizer / unroll memory, float32 vs bfloat16 state (~40 s)
 #   PYMETA_MEM_PROBE=1 ...     # + bench/lstm_mem_probe.cu (the step's access patterns, ~25 s)
+#   PYMETA_QUICK=1 ...         # a short recheck (~4 min with the skips above): the CUDA tests of
+#                              # PYMETA_TEST_K (a pytest -k expression) only, no sanitizers, no
+#                              # goals table, the A/B rounds at 1M and 10M only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pymeta-gpu}
@@ -46,12 +49,16 @@ build_s=$((SECONDS - t0))
 grep -iE "registers|spill|stack" "$OUT/build.log" | head -20
 
 t0=$SECONDS
-timeout 240 $PY -m pytest tests -q -m cuda -p no:cacheprovider > "$OUT/tests.log" 2>&1
+QUICK=${PYMETA_QUICK:-0}
+timeout 240 $PY -m pytest tests -q -m cuda -p no:cacheprovider ${PYMETA_TEST_K:+-k "$PYMETA_TEST_K"} \
+  > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tests_s=$((SECONDS - t0))
 tail -25 "$OUT/tests.log"
 
 t0=$SECONDS
+san_rc=0 race_rc=0 sync_rc=0
+if [ "$QUICK" != 1 ]; then
 # without torch's caching allocator, so that a read past a tensor's end leaves its allocation
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 130 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY bench/sanitize.py > "$OUT/sanitizer.log" 2>&1
@@ -63,6 +70,7 @@ race_rc=$?
 # barriers: the staged forward's sync form (every warp of a group meets every barrier)
 timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 $PY bench/sanitize.py sync > "$OUT/synccheck.log" 2>&1
 sync_rc=$?
+fi
 san_s=$((SECONDS - t0))
 tail -5 "$OUT/sanitizer.log"
 tail -3 "$OUT/racecheck.log"
@@ -82,17 +90,20 @@ fi
 # the forward's kernels in alternating rounds (H 20): the feature-major default (float32: the
 # staged kernel's sync form in barrier groups of 4 warps; at 10k, with fewer block steps than
 # SMs, the direct kernel) and the direct kernel, against the blocked state layout's kernels:
-# direct (its default), staged free-running, staged in barrier groups of 4; bfloat16: the
-# feature-major default (staged) against the blocked direct and staged kernels
-{ timeout 90 $PY bench/lstm_gpu_ab.py --op forward --N 1e4 1e6 1e7 --variant default: \
+# its default (the free-running staged kernel; the direct one at 10k), the direct one and the
+# staged one's sync form; bfloat16: the feature-major default (staged) against the blocked
+# default (staged) and direct kernels
+ab_sizes="1e4 1e6 1e7"
+[ "$QUICK" = 1 ] && ab_sizes="1e6 1e7"
+{ timeout 90 $PY bench/lstm_gpu_ab.py --op forward --N $ab_sizes --variant default: \
     --variant direct:PYMETA_LSTM_MMA_STAGED=0 --variant blk:LAYOUT=blocked \
-    --variant blkstaged:LAYOUT=blocked,PYMETA_LSTM_BLK_STAGED=1,PYMETA_LSTM_SYNC=0 \
-    --variant blksync:LAYOUT=blocked,PYMETA_LSTM_BLK_STAGED=1,PYMETA_LSTM_SYNC=1
+    --variant blkdirect:LAYOUT=blocked,PYMETA_LSTM_BLK_STAGED=0 \
+    --variant blksync:LAYOUT=blocked,PYMETA_LSTM_SYNC=1
   timeout 60 $PY bench/lstm_gpu_ab.py --op forward --bf16 --N 1e6 1e7 --variant default: \
-    --variant blk:LAYOUT=blocked --variant blkstaged:LAYOUT=blocked,PYMETA_LSTM_BLK_STAGED=1
+    --variant blk:LAYOUT=blocked --variant blkdirect:LAYOUT=blocked,PYMETA_LSTM_BLK_STAGED=0
 } > "$OUT/lstm_ab.log" 2>&1
 # PYMETA_GOALS_ARGS=--no-compile: without torch.compile's reference column (~40 s less)
-timeout 170 $PY bench/lstm_gpu_goals.py ${PYMETA_GOALS_ARGS:-} > "$OUT/lstm_goals.log" 2>&1
+[ "$QUICK" != 1 ] && timeout 170 $PY bench/lstm_gpu_goals.py ${PYMETA_GOALS_ARGS:-} > "$OUT/lstm_goals.log" 2>&1
 if [ "${PYMETA_LSTM_TIMING:-1}" = 1 ]; then  # PYMETA_LSTM_TIMING=0: without the H sweep (~60 s less)
   timeout 90 $PY bench/lstm_gpu_timing.py --H 20 32 64 > "$OUT/lstm_timing.log" 2>&1
 fi
@@ -145,7 +156,7 @@ echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran' "$
 echo "racecheck:  rc=$race_rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY| ran$' "$OUT/racecheck.log" | tr '\n' ' ')"
 echo "synccheck:  rc=$sync_rc: $(grep -E 'ERROR SUMMARY| ran$' "$OUT/synccheck.log" | tr '\n' ' ')"
 echo "lstm/maml timing: ${extra_s}s"
-cat "$OUT/lstm_goals.log" | tail -24
+tail -24 "$OUT/lstm_goals.log" 2>/dev/null
 tail -36 "$OUT/mem_probe.log" 2>/dev/null
 grep -vE "^$" "$OUT/lstm_ab.log" 2>/dev/null | tail -40
 tail -8 "$OUT/lstm_timing.log" 2>/dev/null

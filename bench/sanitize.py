@@ -5,7 +5,7 @@ every rate form, forward and backward.
   python bench/sanitize.py staged wgrad   # only the cp.async kernels: the staged forward and
                                           # the tensor-core weight gradients (for racecheck)
   python bench/sanitize.py sync           # only the barrier-synchronized kernels (synccheck)
-  python bench/sanitize.py blocked        # only the blocked state layout's kernels"""
+  python bench/sanitize.py blocked        # only the blocked layout's staged kernel (racecheck)"""
 import os
 import sys
 
@@ -118,18 +118,19 @@ def staged():
                 net(torch.randn(N, device=dev), state.bfloat16() if kind == "bf16" else state)
 
 
-def blocked(sync_only=False):
+def blocked(forms=("direct", "staged", "sync")):
     # the blocked state layout [ceil(N / 16), 4, H, 16] (kBlk; H 17..20 and 32): the direct
-    # kernel (the default), the staged one (PYMETA_LSTM_BLK_STAGED=1, H 17..20) and its float32
-    # sync form; a partial last block (N = 40, 5003: padding coordinates read and written),
-    # several steps per warp (100_000); float32 and bfloat16 state. Tensors of exactly their
-    # size, so a read or write past the last block shows.
-    forms = [{"PYMETA_LSTM_BLK_STAGED": "1", "PYMETA_LSTM_SYNC": "1"}]
-    if not sync_only:
-        forms = [{}, {"PYMETA_LSTM_BLK_STAGED": "1"}] + forms
-    for env in forms:
+    # kernel (PYMETA_LSTM_BLK_STAGED=0), the staged one (=1, H 17..20; its default where
+    # 16-byte copies apply) and its float32 sync form; a partial last block (N = 40, 5003:
+    # padding coordinates read and written), several steps per warp (100_000); float32 and
+    # bfloat16 state. Tensors of exactly their size, so a read or write past the last block
+    # shows.
+    envs = {"direct": {"PYMETA_LSTM_BLK_STAGED": "0"}, "staged": {"PYMETA_LSTM_BLK_STAGED": "1"},
+            "sync": {"PYMETA_LSTM_BLK_STAGED": "1", "PYMETA_LSTM_SYNC": "1"}}
+    for form in forms:
+        env = envs[form]
         os.environ.update(env)
-        for H in ((17, 20) if env else (17, 20, 32)):
+        for H in ((17, 20, 32) if form == "direct" else (17, 20)):
             net = pymeta.LSTMOptimizerNet(H).to(dev)
             for N in (40, 5003, 100_000):
                 for dtype in (torch.float32, torch.bfloat16):
@@ -168,11 +169,11 @@ if not only:
     print("sanitize.py: lstm kernels ran")
 if not only or "sync" in only:
     sync()
-    blocked(sync_only=True)
+    blocked(forms=("sync",))
     torch.cuda.synchronize()
     print("sanitize.py: synchronized kernels ran")
-if not only or "blocked" in only:
-    blocked()
+if not only or "blocked" in only:  # (racecheck: the staged kernel's buffers only)
+    blocked() if not only else blocked(forms=("staged",))
     torch.cuda.synchronize()
     print("sanitize.py: blocked layout kernels ran")
 if not only or "staged" in only:

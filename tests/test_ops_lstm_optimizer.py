@@ -600,15 +600,17 @@ def test_init_state_layouts():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("H", [7, 20, 32])
 @pytest.mark.parametrize("N", [40, 100_003, 300_000])
-@pytest.mark.parametrize("form", ["default", "staged", "staged_sync"])
+@pytest.mark.parametrize("form", ["default", "direct", "staged", "staged_sync"])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cuda_blocked_kernels_same_bits(H, N, form, bf16, monkeypatch):
     """The tensor-core forward on a blocked state (kBlk: H 17..20 and 25..32) gives the bits of
     the feature-major forward on the padded problem, NaN grads included, every output element
-    written (outputs from a NaN-poisoned allocator): the direct kernel (the default), the
-    staged one (PYMETA_LSTM_BLK_STAGED=1, H 17..20; 16-byte copies where N % 4 == 0, or 8 for
-    bfloat16, else 4-byte copies or, bfloat16, the direct kernel) and its float32 sync form
-    (PYMETA_LSTM_SYNC=1). Elsewhere the op converts (no blocked kernel runs)."""
+    written (outputs from a NaN-poisoned allocator): by default the staged kernel at H 17..20
+    where 16-byte copies apply (N % 4 == 0, or 8 for bfloat16) and every SM gets a block step,
+    else the direct one; PYMETA_LSTM_BLK_STAGED=0 the direct kernel; =1 the staged one at
+    H 17..20 (float32 with 4-byte copies where N % 4 != 0, bfloat16 only with 16-byte ones)
+    and with PYMETA_LSTM_SYNC=1 its float32 sync form. Elsewhere the op converts (no blocked
+    kernel runs)."""
     for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA", "PYMETA_LSTM_SYNC_WARPS",
                 "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_SYNC", "PYMETA_LSTM_BLK_STAGED"):
         monkeypatch.delenv(key, raising=False)
@@ -616,17 +618,21 @@ def test_cuda_blocked_kernels_same_bits(H, N, form, bf16, monkeypatch):
     want_u, want_ns = OP(*fm, "log_sign", 10.0, 0.1)
     switches = {}
     if form != "default":
-        switches["PYMETA_LSTM_BLK_STAGED"] = "1"
+        switches["PYMETA_LSTM_BLK_STAGED"] = "0" if form == "direct" else "1"
     if form == "staged_sync":
         switches["PYMETA_LSTM_SYNC"] = "1"
     (u, ns), names = _forward_kernels_under(list(blk), monkeypatch, **switches)
     assert _same_bits(u, want_u[:N].contiguous())
     assert _same_bits(ns, reference.lstm_state_to_blocked(want_ns))
     native = 17 <= H <= 20 or 25 <= H <= 32
-    staged = native and form != "default" and H <= 20 and not (bf16 and N % 8)
+    vec = N % (8 if bf16 else 4) == 0
+    if form == "default":  # (N = 40: one block step, fewer than the SMs)
+        staged = 17 <= H <= 20 and vec and N > 40
+    else:
+        staged = form != "direct" and 17 <= H <= 20 and (vec or not bf16)
     sync = staged and form == "staged_sync" and not bf16
     assert names, names
-    ran = [n for n in names if n.endswith("false, true>")]  # kOff32 = false, kBlk = true
+    ran = [n for n in names if ", false, true>" in n]  # kOff32 = false, kBlk = true
     if not native:
         assert not ran, names
         return

@@ -530,8 +530,11 @@ static bool forward_off32(const LstmOptLaunch& L) {
 // (HB = 20: float32 with 64-bit offsets, bfloat16 with 32-bit ones; =0 with float32 leaves the
 // direct kernel unless PYMETA_LSTM_MMA_STAGED=1); PYMETA_LSTM_SYNC_WARPS=k (2 .. warps) sets
 // its barrier groups (default 4).
-// A blocked state (L.blocked) takes the staged kernel only with PYMETA_LSTM_BLK_STAGED=1, at
-// HB = 20: free-running, or (float32) with PYMETA_LSTM_SYNC=1 the sync form.
+// A blocked state (L.blocked, HB = 20 only) takes the free-running staged kernel by default
+// where 16-byte copies apply and every SM gets a block step (H100, run 20, bench/RESULTS.md:
+// float32 3.10 vs 3.25 ms for the blocked direct kernel at 10M, 0.302 vs 0.329 at 1M;
+// bfloat16 2.46 vs 2.65 and 0.241 vs 0.275; the sync form gained nothing, 3.24 and 0.330);
+// PYMETA_LSTM_BLK_STAGED=1 / 0 forces it on / off, PYMETA_LSTM_SYNC=1 its float32 sync form.
 // Returns -1 when not applicable.
 template <int HB>
 static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStream_t stream) {
@@ -543,12 +546,14 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
   const int sync_on = env_switch("PYMETA_LSTM_SYNC");
   const bool has_sync = HB == 20 && (L.blocked ? !L.state_bf16 : (L.state_bf16 ? off32 : !off32));
   const bool sync = has_sync && (sync_on == 1 || (sync_on < 0 && !L.state_bf16 && !L.blocked));
-  if (L.blocked && (HB != 20 || env_switch("PYMETA_LSTM_BLK_STAGED") != 1)) return -1;
-  const int on = L.blocked ? 1 : env_switch("PYMETA_LSTM_MMA_STAGED");
-  // float32 takes the staged kernel for its sync form only: by default with 16-byte copies and
-  // at least a block step per SM, whatever the copies and N with PYMETA_LSTM_SYNC=1
-  if (on == 0 || (on < 0 && !L.state_bf16 && !(sync && (vec || sync_on == 1)))) return -1;
-  const bool by_default = on < 0 && sync_on < 0 && !L.state_bf16;
+  const int on = env_switch(L.blocked ? "PYMETA_LSTM_BLK_STAGED" : "PYMETA_LSTM_MMA_STAGED");
+  if (L.blocked && (HB != 20 || on == 0 || (on < 0 && !vec))) return -1;
+  // feature-major float32 takes the staged kernel for its sync form only: by default with
+  // 16-byte copies and at least a block step per SM, whatever the copies and N with
+  // PYMETA_LSTM_SYNC=1
+  if (on == 0 || (on < 0 && !L.blocked && !L.state_bf16 && !(sync && (vec || sync_on == 1))))
+    return -1;
+  const bool by_default = on < 0 && (L.blocked || (sync_on < 0 && !L.state_bf16));
   if (!vec && L.state_bf16) return -1;
   const int buf = L.state_bf16 ? lstm_mma_buf_bytes<uint16_t>(L.H) : lstm_mma_buf_bytes<float>(L.H);
   int dev = 0, optin = 0, sms = 0, per_sm = 0;
@@ -595,8 +600,8 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
 // PYMETA_LSTM_MMA_BWD=1 (see backward_mma_kernel). Returns -1 when not applicable (the caller
 // takes the CUDA-core kernels).
 // A blocked state (L.blocked, the forward only) takes them at H 17..20 and 25..32 (HB = 20
-// and 32): by default the direct kernel (8 warps, two blocks per SM), whose warp step reads
-// and writes one contiguous run of 64 H elements; -1 elsewhere.
+// and 32), each warp step reading and writing one contiguous run of 64 H elements: the
+// staged kernel where staged_launch takes it (H 17..20), else the direct one; -1 elsewhere.
 static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward) {
   if (L.dtype != DType::Float32 || L.H > 32) return -1;
   if (L.blocked && (backward || L.H <= 16 || (L.H > 20 && L.H <= 24))) return -1;
