@@ -215,8 +215,11 @@ bool run_forward(const Dims& d, const Tensor& grad, const Tensor& state,
 Tensor to_feature_major(const Tensor& blocked) {  // [B, 4, H, 16] -> [4, H, 16 B]
   return blocked.permute({1, 2, 0, 3}).reshape({4, blocked.size(2), 16 * blocked.size(0)});
 }
-Tensor to_blocked(const Tensor& fm) {  // [4, H, 16 B] -> [B, 4, H, 16]
-  return fm.view({4, fm.size(1), fm.size(2) / 16, 16}).permute({2, 0, 1, 3}).contiguous();
+Tensor to_blocked(const Tensor& fm) {  // [4, H, 16 B] -> [B, 4, H, 16], a tensor of its own
+  // (at B <= 1 the permuted view is already contiguous: .contiguous() would return a view)
+  return fm.view({4, fm.size(1), fm.size(2) / 16, 16})
+      .permute({2, 0, 1, 3})
+      .clone(at::MemoryFormat::Contiguous);
 }
 Tensor pad_to_blocks(const Tensor& v) {  // [N] -> [16 ceil(N / 16)], zeros past N
   const int64_t N = v.size(0), pad = (N + 15) / 16 * 16 - N;
@@ -239,7 +242,9 @@ std::tuple<Tensor, Tensor> lstm_optimizer_step(
   const auto w = contiguous_weights(w_in);
   if (d.blocked) {
 #ifdef PYMETA_WITH_CUDA
-    if (grad.is_cuda() && d.N > 0) {  // a kernel that reads the blocked layout, if one applies
+    // a kernel that reads the blocked layout, if one applies (bfloat16: unless
+    // PYMETA_LSTM_BF16_NATIVE=0 asks for the conversion, see bf16_direct)
+    if (grad.is_cuda() && d.N > 0 && (state.scalar_type() == grad.scalar_type() || bf16_direct())) {
       Tensor update = at::empty({d.N}, grad.options());
       Tensor new_state = at::empty(state.sizes(), state.options());
       LstmOptLaunch L = make_launch(d, grad, state, w, p, out_scale);

@@ -198,7 +198,8 @@ def lstm_state_to_feature_major(state: Tensor) -> Tensor:
     GPU's warp step of 16 coordinates reads and writes one contiguous run. The op on a blocked
     state is the feature-major op on 16 B = 16 ceil(N / 16) coordinates, with grad padded by
     zeros: padding coordinates have state of their own and never reach update."""
-    return state.permute(1, 2, 0, 3).reshape(4, state.shape[2], 16 * state.shape[0])
+    return state.permute(1, 2, 0, 3).clone(memory_format=torch.contiguous_format).view(
+        4, state.shape[2], 16 * state.shape[0])
 
 
 def lstm_state_to_blocked(state: Tensor) -> Tensor:
@@ -208,7 +209,8 @@ def lstm_state_to_blocked(state: Tensor) -> Tensor:
     pad = -N % 16
     if pad:
         state = torch.nn.functional.pad(state, (0, pad))
-    return state.reshape(4, H, (N + pad) // 16, 16).permute(2, 0, 1, 3).contiguous()
+    return state.reshape(4, H, (N + pad) // 16, 16).permute(2, 0, 1, 3).clone(
+        memory_format=torch.contiguous_format)
 
 
 def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tensor, b_ih1: Tensor,

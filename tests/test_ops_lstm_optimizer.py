@@ -579,6 +579,34 @@ def test_blocked_state_gradcheck_opcheck_compile():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+@pytest.mark.parametrize("N", [5, 16, 40])
+def test_blocked_outputs_and_conversions_are_their_own_tensors(backend, N):
+    """new_state (one block or more) and d_state are tensors of their own, not views of a
+    temporary, so that in-place edits work under autograd; the reference conversions copy."""
+    flat = _small_inputs(H=3, N=5)
+    grad = make_grad(N)
+    state = reference.lstm_state_to_blocked(torch.randn(4, 3, N, dtype=torch.float64))
+    leaves = [t.clone().requires_grad_() for t in [grad, state, *flat[2:]]]
+    with pymeta.use_backend(backend):
+        u, ns = ops.lstm_optimizer_step(*leaves, "log_sign", 10.0, 0.3)
+    assert ns._base is None and ns.is_contiguous()
+    ns.mul_(0.5)  # an in-place edit of the output, recorded by autograd
+    d_state, = torch.autograd.grad(u.sum() + ns.sum(), [leaves[1]])
+    assert d_state.shape == state.shape
+    if backend == "native":  # the backward op's d_state output
+        outs = BWD(torch.ones_like(grad), torch.ones_like(state), grad, state, *flat[2:],
+                   "log_sign", 10.0, 0.3)
+        assert outs[1].shape == state.shape and outs[1]._base is None
+    fm = torch.randn(4, 3, 16, dtype=torch.float64)
+    for conv, x in ((reference.lstm_state_to_blocked, fm),
+                    (reference.lstm_state_to_feature_major, reference.lstm_state_to_blocked(fm))):
+        y = conv(x)
+        before = x.clone()
+        y.zero_()
+        assert torch.equal(x, before), conv.__name__
+
+
 def test_init_state_layouts():
     net = pymeta.LSTMOptimizerNet(hidden_size=5)
     assert net.init_state(37).shape == (4, 5, 37)
@@ -638,6 +666,37 @@ def test_cuda_blocked_kernels_same_bits(H, N, form, bf16, monkeypatch):
         return
     assert ran == names, names
     assert all(("staged" in n) == staged and ("sync" in n) == sync for n in names), names
+
+
+@native_only
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("H", [17, 22, 27])
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("offset", [False, True])
+def test_cuda_blocked_partial_hidden_sizes_and_offsets(H, bf16, offset, monkeypatch):
+    """Blocked states at H below their kernel's size (17 in HB = 20, 27 in HB = 32), at H 22
+    (HB = 24: no blocked kernel, the op converts) and at a storage offset of one element (no
+    16-byte copies: the direct kernel): the bits of the padded feature-major step."""
+    for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA", "PYMETA_LSTM_SYNC_WARPS",
+                "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_SYNC", "PYMETA_LSTM_BLK_STAGED"):
+        monkeypatch.delenv(key, raising=False)
+    N = 300_000
+    blk, fm = _blocked_inputs(H, N, torch.float32, torch.bfloat16 if bf16 else None, "cuda")
+    blk = list(blk)
+    if offset:
+        buf = torch.empty(blk[1].numel() + 1, device="cuda", dtype=blk[1].dtype)
+        blk[1] = buf[1:].view(blk[1].shape).copy_(blk[1])
+    want_u, want_ns = OP(*fm, "log_sign", 10.0, 0.1)
+    (u, ns), names = _forward_kernels_under(blk, monkeypatch)
+    assert _same_bits(u, want_u[:N].contiguous())
+    assert _same_bits(ns, reference.lstm_state_to_blocked(want_ns))
+    ran = [n for n in names if ", false, true>" in n]
+    if H == 22:
+        assert names and not ran, names
+    else:
+        assert names and ran == names, names
+        assert all(("staged" in n) == (H <= 20 and not offset) for n in names), names
 
 
 # ---- determinism ------------------------------------------------------------------------------

@@ -469,6 +469,8 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
                                        float (&z2)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4]) {
   using S = LstmMmaShape<HB>;
   constexpr int MT = S::MT, NP = S::NP, KS = 2 * S::KT;
+  // the blocked layout's addressing and padding assume a warp step is one block of 16
+  static_assert(!Src::kBlocked || S::kCoords == 16, "blocked layout: one block per warp step");
   const int H = s.H;
   // staged: the lane enters each step opaque, so the rows and offsets derived from it are
   // recomputed per step; held across the persistent loop they spilled (bench/NOTES_lstm.md)
