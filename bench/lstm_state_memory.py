@@ -1,7 +1,8 @@
 """Memory and time of the LSTM optimizer with a float32 and a bfloat16 recurrent state.
 
 optimizer (default): pymeta.LSTMOptimizer on an MLP of --params float32 coordinates (Linear
-layers of width --width), random gradients. Each configuration runs in a fresh process:
+layers of width --width), random gradients, in each state layout of --layouts (feature_major,
+blocked). Each configuration runs in a fresh process:
   state MiB   the optimizer's state after the steps (sum of the lstm_state tensors)
   resident    memory held between steps over the parameters and gradients (the state, and
               the joint buffer it lives in)
@@ -44,7 +45,7 @@ def _median_ms(fn, sync, runs: int, warmup: int) -> float:
 
 
 def child(state_dtype: str, device: str, n: int, width: int, what: str, unroll: bool,
-          bucket: int) -> dict:
+          bucket: int, layout: str = "feature_major") -> dict:
     import torch
     from torch import nn
 
@@ -76,7 +77,8 @@ def child(state_dtype: str, device: str, n: int, width: int, what: str, unroll: 
         params = list(model.parameters())
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
-        opt = pymeta.LSTMOptimizer(params, net=net, state_dtype=sdtype, bucket_coords=bucket)
+        opt = pymeta.LSTMOptimizer(params, net=net, state_dtype=sdtype, bucket_coords=bucket,
+                                   state_layout=layout)
         out["coords"] = sum(p.numel() for p in params)
         work, runs, warmup = opt.step, 5, 2
     if what == "time":
@@ -96,9 +98,10 @@ def child(state_dtype: str, device: str, n: int, width: int, what: str, unroll: 
     return out
 
 
-def _run(args, state_dtype, what, env) -> dict:
+def _run(args, state_dtype, what, env, layout="feature_major") -> dict:
     return json_child(__file__, ["--device", args.device, "--params", str(args.params),
-                                 "--width", str(args.width), "--bucket", str(args.bucket)]
+                                 "--width", str(args.width), "--bucket", str(args.bucket),
+                                 "--layouts", layout]
                       + (["--unroll"] if args.unroll else []) + ["--child", state_dtype, what],
                       env)
 
@@ -111,11 +114,14 @@ def main() -> None:
     ap.add_argument("--unroll", action="store_true", help="the 20-step meta-training unroll")
     ap.add_argument("--bucket", type=int, default=1 << 24,
                     help="LSTMOptimizer(bucket_coords=...): coordinates per fused call")
+    ap.add_argument("--layouts", nargs="+", default=["feature_major", "blocked"],
+                    choices=["feature_major", "blocked"],
+                    help="LSTMOptimizer(state_layout=...) rows (the optimizer only)")
     ap.add_argument("--child", nargs=2, metavar=("STATE_DTYPE", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], args.device, args.params, args.width,
-                               args.child[1], args.unroll, args.bucket)))
+                               args.child[1], args.unroll, args.bucket, args.layouts[0])))
         return
     mem_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     if args.unroll:
@@ -125,15 +131,17 @@ def main() -> None:
     else:
         print(f"pymeta.LSTMOptimizer (H = 20, bucket_coords={args.bucket}), {args.device}, an MLP "
               f"of ~{args.params} float32 coordinates; MiB")
-        print("| state | coordinates | state MiB | resident | step peak | ms per step |\n"
-              "|---|---|---|---|---|---|")
+        print("| state | layout | coordinates | state MiB | resident | step peak | ms per step |\n"
+              "|---|---|---|---|---|---|---|")
     for sd in ("float32", "bf16"):
-        r = {**_run(args, sd, "memory", mem_env if args.device == "cpu" else os.environ),
-             **_run(args, sd, "time", os.environ)}
-        cells = ([r["peak_mib"]] if args.unroll else
-                 [r["coords"], r["state_mib"], r["resident_mib"], r["peak_mib"]]) + [r["ms"]]
-        print(f"| {sd} | " + " | ".join(f"{c:.0f}" if isinstance(c, float) else str(c)
-                                        for c in cells) + " |", flush=True)
+        for layout in (["feature_major"] if args.unroll else args.layouts):
+            env = mem_env if args.device == "cpu" else os.environ
+            r = {**_run(args, sd, "memory", env, layout), **_run(args, sd, "time", os.environ, layout)}
+            cells = ([r["peak_mib"]] if args.unroll else
+                     [layout, r["coords"], r["state_mib"], r["resident_mib"], r["peak_mib"]]) + \
+                [r["ms"]]
+            print(f"| {sd} | " + " | ".join(f"{c:.0f}" if isinstance(c, float) else str(c)
+                                            for c in cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

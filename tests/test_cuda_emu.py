@@ -36,4 +36,4 @@ def test_lstm_tensor_core_warp_code_matches_header_math():
     threads as one warp, with mma.sync m16n8k8 TF32 and shfl.xor emulated from the PTX
     fragment layouts; the tensor-core weight gradients run by 256 host threads as one block
     of 8 warps (block barrier, __syncthreads_or, cp.async landing at once or at the wait)."""
-    _build_and_run("lstm_mma_emu.cpp", "c++20", "-pthread", timeout=300)
+    _build_and_run("lstm_mma_emu.cpp", "c++20", "-pthread", timeout=450)

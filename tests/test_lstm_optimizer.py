@@ -520,6 +520,101 @@ def test_optimizer_buckets_as_parameters_come_and_go(backend):
             torch.testing.assert_close(a, b)
 
 
+def _blocked_vs_feature_major(backend, device="cpu", state_dtype=None, bucket=1 << 24, steps=4,
+                              H=6):
+    """The same training run with state_layout "feature_major" and "blocked": losses,
+    parameters, states (blocked converted back) and the fused calls' sizes."""
+    from pymeta import ops, reference
+    calls = []
+    real = ops.lstm_optimizer_step
+    out = {}
+    with pymeta.use_backend(backend):
+        for layout in ("feature_major", "blocked"):
+            model = _model().to(device)  # params of 35, 7, 21, 3 coordinates
+            opt = LSTMOptimizer(model.parameters(), net=_small_net(H).to(device),
+                                state_dtype=state_dtype, bucket_coords=bucket,
+                                state_layout=layout)
+            calls.clear()
+            ops.lstm_optimizer_step = lambda g, *a: calls.append(g.numel()) or real(g, *a)
+            try:
+                losses = _train(model, opt, [(x.to(device), y.to(device))
+                                             for x, y in _batches(steps)])
+            finally:
+                ops.lstm_optimizer_step = real
+            states = []
+            for p in model.parameters():
+                st = opt.state[p]["lstm_state"]
+                if layout == "blocked":
+                    assert st.shape == ((p.numel() + 15) // 16, 4, H, 16)
+                    st = reference.lstm_state_to_feature_major(st)[:, :, :p.numel()]
+                states.append(st)
+            out[layout] = (losses, [p.detach().clone() for p in model.parameters()], states,
+                           list(calls), opt)
+    return out
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("bucket", [1 << 24, 40])
+def test_optimizer_blocked_layout_same_run(backend, state_dtype, bucket):
+    """state_layout="blocked": each parameter padded to whole blocks of 16 in its bucket, the
+    same losses, parameters and states as feature-major (bit for bit with the native kernels,
+    which compute each coordinate alone); buckets count padded coordinates."""
+    out = _blocked_vs_feature_major(backend, state_dtype=state_dtype, bucket=bucket)
+    (l0, p0, s0, c0, _), (l1, p1, s1, c1, _) = out["feature_major"], out["blocked"]
+    assert c0 == ([66] if bucket > 66 else [35, 31]) * 4
+    assert c1 == ([48 + 16 + 32 + 16] if bucket > 112 else [48, 16, 32, 16]) * 4
+    for a, b in zip(p0 + s0, p1 + s1):
+        if backend == "native":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b)
+    assert (l0 == l1) if backend == "native" else l0 == pytest.approx(l1)
+    with pytest.raises(ValueError, match="state_layout must be 'feature_major' or 'blocked'"):
+        LSTMOptimizer(_model().parameters(), net=_small_net(), state_layout="rows")
+
+
+@pytest.mark.parametrize("cuda_device", [pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("H", [6, 20])
+def test_optimizer_blocked_layout_same_run_cuda(cuda_device, state_dtype, H):
+    """On a GPU: the same bits as feature-major, where the op converts (H = 6) and where the
+    blocked tensor-core kernels run (H = 20)."""
+    out = _blocked_vs_feature_major("native", cuda_device, state_dtype, H=H)
+    (l0, p0, s0, _, _), (l1, p1, s1, _, _) = out["feature_major"], out["blocked"]
+    assert l0 == l1
+    for a, b in zip(p0 + s0, p1 + s1):
+        assert torch.equal(a, b)
+
+
+def test_optimizer_blocked_state_dict_across_layouts(tmp_path):
+    """A state saved in one layout loads into an optimizer of the other (converted), and the
+    runs then go on identically."""
+    batches = _batches(6)
+    runs = {}
+    for saved, loaded in (("feature_major", "blocked"), ("blocked", "feature_major"),
+                          ("blocked", "blocked")):
+        model = _model()
+        opt = LSTMOptimizer(model.parameters(), net=_small_net(), state_layout=saved)
+        _train(model, opt, batches[:3])
+        opt.save(tmp_path / "opt.pt")
+        opt2 = LSTMOptimizer(model.parameters(), net=_small_net(), state_layout=loaded)
+        opt2.load(tmp_path / "opt.pt")
+        for p in model.parameters():
+            want = ((p.numel() + 15) // 16, 4, 6, 16) if loaded == "blocked" else (4, 6, p.numel())
+            assert opt2.state[p]["lstm_state"].shape == want
+            assert opt2.state[p]["step"] == 3
+        runs[(saved, loaded)] = (_train(model, opt2, batches[3:]),
+                                 [p.detach().clone() for p in model.parameters()])
+    ref_model = _model()
+    ref_opt = LSTMOptimizer(ref_model.parameters(), net=_small_net())
+    ref = _train(ref_model, ref_opt, batches)[3:]
+    for losses, params in runs.values():
+        assert losses == ref
+        for a, b in zip(params, ref_model.parameters()):
+            assert torch.equal(a, b)
+
+
 def test_optimizer_load_state_dict_checks():
     model = _model()
     opt = LSTMOptimizer(model.parameters(), net=_small_net(H=6))
