@@ -328,8 +328,8 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
             feature-major step on the 16 ceil(N / 16) coordinates with grad padded by zeros
             (padding coordinates keep state of their own and never reach update). The CUDA
             forward reads it directly at H 17..20 and 25..32 (float32 math; on an H100 at
-            H = 20 and N = 10M, 3.10 ms against 3.24 feature-major with a float32 state, 2.46
-            against 3.26 with a bfloat16 one); elsewhere (the CPU, the backward) the op
+            H = 20 and N = 10M, 3.09 ms against 3.27 feature-major with a float32 state, 2.43
+            against 3.22 with a bfloat16 one); elsewhere (the CPU, the backward) the op
             converts around the feature-major kernels.
         w_ih1 ``[4H, n_in]``, w_hh1 ``[4H, H]``, b_ih1, b_hh1 ``[4H]``: layer 1, as
             ``nn.LSTMCell(n_in, H)``; w_ih2, w_hh2 ``[4H, H]``, b_ih2, b_hh2 ``[4H]``: layer 2,
