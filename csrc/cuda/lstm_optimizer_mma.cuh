@@ -271,8 +271,9 @@ PYMETA_WARP void lstm_mma_split(const float (&v)[MT][4], uint32_t (&ahi)[MT][4],
 }
 
 // acc[mt][n] += A[mt] B over the N n-tiles of k-tile kk of one staged matrix (fragment order),
-// 3xTF32 (see the top of the file), A given as its TF32 parts.
-template <int MT, int N>
+// 3xTF32 (see the top of the file), A given as its TF32 parts. kExactA: every A value is a
+// TF32 value (lo = 0: a bfloat16 state's h), so lo_a hi_b, a product of zeros, is skipped.
+template <int MT, int N, bool kExactA = false>
 PYMETA_WARP void lstm_mma_ktile(float (&acc)[MT][N][4], const uint32_t (&ahi)[MT][4],
                                 const uint32_t (&alo)[MT][4], const float* frag, int kk,
                                 int lane) {
@@ -284,7 +285,7 @@ PYMETA_WARP void lstm_mma_ktile(float (&acc)[MT][N][4], const uint32_t (&ahi)[MT
     const uint32_t blo[2] = {f32_bits(b[2]), f32_bits(b[3])};
     PYMETA_UNROLL
     for (int mt = 0; mt < MT; ++mt) {
-      warp_mma_tf32(acc[mt][n], alo[mt], bhi);  // small terms first
+      if constexpr (!kExactA) warp_mma_tf32(acc[mt][n], alo[mt], bhi);  // small terms first
       warp_mma_tf32(acc[mt][n], ahi[mt], blo);
       warp_mma_tf32(acc[mt][n], ahi[mt], bhi);
     }
@@ -294,7 +295,7 @@ PYMETA_WARP void lstm_mma_ktile(float (&acc)[MT][N][4], const uint32_t (&ahi)[MT
 // acc[mt][n] += A[mt] B over K k-tiles and N n-tiles of one staged matrix. a_of(mt, kk, v)
 // gives the thread's 4 A values of k-tile kk (a0: row g, a1: row g + 8, a2 and a3 the same
 // rows 4 columns on).
-template <int MT, int K, int N, typename AOf>
+template <int MT, int K, int N, bool kExactA = false, typename AOf>
 PYMETA_WARP void lstm_mma_tiles(float (&acc)[MT][N][4], const AOf& a_of, const float* frag,
                                 int lane) {
   PYMETA_UNROLL
@@ -303,14 +304,22 @@ PYMETA_WARP void lstm_mma_tiles(float (&acc)[MT][N][4], const AOf& a_of, const f
     uint32_t ahi[MT][4], alo[MT][4];
     PYMETA_UNROLL
     for (int mt = 0; mt < MT; ++mt) a_of(mt, kk, v[mt]);
-    lstm_mma_split<MT>(v, ahi, alo);
-    lstm_mma_ktile<MT, N>(acc, ahi, alo, frag, kk, lane);
+    if constexpr (kExactA) {
+      PYMETA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        PYMETA_UNROLL
+        for (int i = 0; i < 4; ++i) ahi[mt][i] = f32_bits(v[mt][i]);
+      }
+    } else {
+      lstm_mma_split<MT>(v, ahi, alo);
+    }
+    lstm_mma_ktile<MT, N, kExactA>(acc, ahi, alo, frag, kk, lane);
   }
 }
 
 // acc[mt][nt] += A[mt] W^T (the forward's gate products): A from the thread's unit slots
-// a[mt][row half][slot], W one staged matrix.
-template <int HB>
+// a[mt][row half][slot], W one staged matrix. kExactA: A holds TF32 values (lstm_mma_ktile).
+template <int HB, bool kExactA = false>
 PYMETA_WARP void lstm_mma_product(
     float (&acc)[LstmMmaShape<HB>::MT][LstmMmaShape<HB>::NT][4],
     const float (&a)[LstmMmaShape<HB>::MT][2][2 * LstmMmaShape<HB>::KT], const float* frag,
@@ -322,7 +331,7 @@ PYMETA_WARP void lstm_mma_product(
     v[2] = a[mt][0][2 * kk + 1];
     v[3] = a[mt][1][2 * kk + 1];
   };
-  lstm_mma_tiles<S::MT, S::KT, S::NT>(acc, a_of, frag, lane);
+  lstm_mma_tiles<S::MT, S::KT, S::NT, kExactA>(acc, a_of, frag, lane);
 }
 
 // out[mt][m] += dz[mt] W (the backward's dh products): dz in accumulator layout (NT n-tiles),
@@ -411,6 +420,7 @@ struct LstmMmaRegs {  // a warp step's per-thread values (unit slots p, row halv
 // Src::kBlocked too).
 template <typename St, bool kEagerLoads = true, bool kOff32 = false, bool kBlk = false>
 struct LstmMmaGlobalSrc {
+  static constexpr bool kTf32State = sizeof(St) == 2;  // bfloat16: 8 significant bits of TF32's 11
   static constexpr bool kEager = kEagerLoads;
   static constexpr bool kGlobal = true;
   static constexpr bool kOff32Offsets = kOff32;
@@ -444,6 +454,7 @@ PYMETA_HD int lstm_mma_buf_index(int srow, int col) {
 // kOff32, kBlk: the stores' offsets and layout (LstmMmaGlobalSrc)
 template <typename St, bool kOff32 = false, bool kBlk = false>
 struct LstmMmaStagedSrc {
+  static constexpr bool kTf32State = sizeof(St) == 2;  // bfloat16: 8 significant bits of TF32's 11
   static constexpr bool kEager = false;
   static constexpr bool kGlobal = false;
   static constexpr bool kOff32Offsets = kOff32;
@@ -549,7 +560,10 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
       }
     }
   }
-  lstm_mma_product<HB>(z1, a1, sm, lane);
+  // h_prev from a bfloat16 state is a TF32 value: 2 mma per tile, not 3 (same bits, but for
+  // the sign of an exact zero)
+  constexpr bool kExactH = Src::kTf32State;
+  lstm_mma_product<HB, kExactH>(z1, a1, sm, lane);
   if constexpr (kBwd) {  // z1 parks in its workspace rows (dz1 overwrites it): frees 4 NP registers
     PYMETA_UNROLL
     for (int p = 0; p < NP; ++p) {
@@ -624,7 +638,7 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
     }
   }
   lstm_mma_product<HB>(z2, r.h1, sm + S::kFrag, lane);
-  lstm_mma_product<HB>(z2, a2, sm + 2 * S::kFrag, lane);
+  lstm_mma_product<HB, kExactH>(z2, a2, sm + 2 * S::kFrag, lane);
   cells(z2, 2 * H, 3 * H, R.h2, r.c2, r.h2);
 }
 

@@ -227,8 +227,55 @@ static void run_all(std::mt19937& rng) {
   }
 }
 
+// The float cell (lstm_cell's float overload: fractions sharing divisions, the host form of
+// what the GPU runs with ex2 / rcp.approx) against the double cell of sigmoid and tanh, over
+// gate values from 0 to the flush and overflow limits, Inf and NaN, in every gate.
+static void check_float_cell(std::mt19937& rng) {
+  const float inf = INFINITY, nan = NAN;
+  const float zs[] = {0.0f, -0.0f, 1e-30f, -1e-30f, 0.5f, -0.5f, 3.0f, -3.0f, 20.0f, -20.0f,
+                      87.0f, -87.0f, 88.5f, -88.5f, 89.0f, -89.0f, 100.0f, -100.0f, 1e30f,
+                      -1e30f, inf, -inf, nan};
+  const float cps[] = {0.0f, 1.0f, -2.5f, 1e3f, -1e30f, inf, -inf};
+  std::uniform_int_distribution<int> pick(0, int(sizeof(zs) / sizeof(zs[0])) - 1);
+  std::normal_distribution<float> normal(0.0f, 4.0f);
+  auto same = [](double got, double want, double tol) {
+    if (std::isnan(want)) return std::isnan(got);
+    if (std::isinf(want)) return got == want;
+    return std::fabs(got - want) <= tol;
+  };
+  for (int it = 0; it < 200000; ++it) {
+    float z[4];
+    for (int q = 0; q < 4; ++q) z[q] = it % 2 ? zs[pick(rng)] : normal(rng);
+    const float cp = it % 3 ? cps[it % 7] : normal(rng);
+    float c, h;
+    lstm_cell(z, cp, c, h);
+    const double zd[4] = {z[0], z[1], z[2], z[3]};
+    double a[4], cd, tc, hd;
+    lstm_cell_acts<double>(zd, double(cp), a, cd, tc, hd);
+    // the GPU flushes activations below 2^-126 to 0 (as it did with a division per activation)
+    const double tiny = std::ldexp(1.0, -126);
+    for (double& v : a) v = std::fabs(v) < tiny ? 0.0 : v;
+    cd = a[1] * cp + a[0] * a[2];
+    hd = a[3] * std::tanh(cd);
+    // tanh = (1 - e) / (1 + e) is exact to a few roundings in absolute terms only; c: a few
+    // roundings of its terms, g's absolute error, and the flush; h: its own roundings, tanh's
+    // absolute error and c's error through tanh (slope <= 1)
+    const double eps = std::ldexp(1.0, -23);
+    const double tol_c = 6 * eps * (std::fabs(a[1] * cp) + std::fabs(a[0] * a[2])) +
+                         2 * eps * a[0] + 1e-37;
+    const double tol_h = 6 * eps * std::fabs(hd) + 2 * eps * a[3] + tol_c;
+    if (!same(c, cd, tol_c) || !same(h, hd, tol_h)) {
+      if (failures < 20)
+        std::printf("FAIL float cell z = (%g, %g, %g, %g), c_prev %g: c %.9g vs %.9g, h %.9g vs "
+                    "%.9g\n", z[0], z[1], z[2], z[3], cp, c, cd, h, hd);
+      ++failures;
+    }
+  }
+}
+
 int main() {
   std::mt19937 rng(1234);
+  check_float_cell(rng);
   run_all<double>(rng);
   run_all<float>(rng);
   std::printf(failures ? "lstm_emu: %d FAILURES\n" : "lstm_emu: all equal\n", failures);

@@ -57,11 +57,19 @@ __device__ __forceinline__ float ex2_ftz(float x) {
   return y;
 }
 constexpr float kLog2e = 1.4426950408889634f;
+// 1 / x as one MUFU.RCP (rcp.approx.ftz): 0 for x > 2^126. a * rcp_ftz(b) is __fdividef(a, b)
+// bit for bit when b is in [1, 2^126], without the compare and the two predicated multiplies
+// that __fdividef adds for b outside that range (the dens here never are).
+__device__ __forceinline__ float rcp_ftz(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 #endif
 PYMETA_HD float v_tanh(float x) {
 #if defined(__CUDA_ARCH__)
   const float e = ex2_ftz(fabsf(x) * (-2.0f * kLog2e));
-  return copysignf(__fdividef(1.0f - e, 1.0f + e), x);
+  return copysignf((1.0f - e) * rcp_ftz(1.0f + e), x);
 #else
   return tanhf(x);
 #endif
@@ -374,6 +382,43 @@ template <typename V>
 PYMETA_HD void lstm_cell(const V z[4], const V& c_prev, V& c, V& h) {
   V a[4], tc;
   lstm_cell_acts(z, c_prev, a, c, tc, h);
+}
+
+// The float cell's exp and divisions. GPU: one MUFU each (ex2.approx.ftz; rcp.approx.ftz, 0
+// once den > 2^126). Host (the emulators): the same flushes, correctly rounded.
+// e^-(k y) for k = 1, 2 (the factor folded into the constant, as in v_tanh: one FMUL)
+template <int k>
+PYMETA_HD float cell_exp_neg(float y) {
+#if defined(__CUDA_ARCH__)
+  return ex2_ftz(y * (float(-k) * kLog2e));
+#else
+  const float e = expf(float(-k) * y);
+  return e < 0x1p-126f ? 0.0f : e;
+#endif
+}
+PYMETA_HD float cell_div(float num, float den) {  // |num| <= 1, den >= 1
+#if defined(__CUDA_ARCH__)
+  return num * rcp_ftz(den);
+#else
+  return den > 0x1p126f ? 0.0f * num : num / den;
+#endif
+}
+// The float cell (lstm_cell for V = float: the GPU's forward and the backward's recompute).
+// 8 special-function ops (5 exp, 3 divisions) instead of 10, and two instructions fewer:
+// i g and o tanh(c) are each one division of products,
+//   i g = ng / (di dg),  h = nc / (dn dc),
+// with di = 1 + e^-z_i, dn = 1 + e^-z_o in [1, inf] and, for tanh(y) = ny / dy,
+// ny = sign(y) (1 - e^-2|y|), dy = 1 + e^-2|y| in [1, 2]. A den product past 2^126 (inf
+// included) gives +-0, the limit, as the separate divisions did; |ny| <= 1, so no Inf / Inf.
+// Only f keeps a division of its own (f c_prev). NaN stays in its cell.
+PYMETA_HD void lstm_cell(const float z[4], const float& c_prev, float& c, float& h) {
+  const float di = 1.0f + cell_exp_neg<1>(z[0]);
+  const float f = cell_div(1.0f, 1.0f + cell_exp_neg<1>(z[1]));
+  const float eg = cell_exp_neg<2>(fabsf(z[2]));
+  const float dn = 1.0f + cell_exp_neg<1>(z[3]);
+  c = f * c_prev + cell_div(copysignf(1.0f - eg, z[2]), di * (1.0f + eg));
+  const float ec = cell_exp_neg<2>(fabsf(c));
+  h = cell_div(copysignf(1.0f - ec, c), dn * (1.0f + ec));
 }
 #if !defined(__CUDACC__)
 // The forward cell (c, h of lstm_cell) of K float lane vectors at once, with 3 divisions
