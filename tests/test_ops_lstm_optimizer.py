@@ -634,11 +634,11 @@ def test_cuda_blocked_kernels_same_bits(H, form, N, bf16, monkeypatch):
     """The tensor-core forward on a blocked state (kBlk: H 17..20 and 25..32) gives the bits of
     the feature-major forward on the padded problem, NaN grads included, every output element
     written (outputs from a NaN-poisoned allocator): by default the staged kernel at H 17..20
-    where 16-byte copies apply (N % 4 == 0, or 8 for bfloat16) and every SM gets a block step,
-    else the direct one; PYMETA_LSTM_BLK_STAGED=0 the direct kernel; =1 the staged one at
-    H 17..20 (float32 with 4-byte copies where N % 4 != 0, bfloat16 only with 16-byte ones)
-    and with PYMETA_LSTM_SYNC=1 its float32 sync form. Elsewhere the op converts (no blocked
-    kernel runs)."""
+    where 16-byte copies apply (aligned pointers, any N: at N = 100,003 the grad's last chunk
+    is a partial copy) and every SM gets a block step, else the direct one;
+    PYMETA_LSTM_BLK_STAGED=0 the direct kernel; =1 the staged one at H 17..20, and with
+    PYMETA_LSTM_SYNC=1 its float32 sync form. Elsewhere the op converts (no blocked kernel
+    runs)."""
     for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA", "PYMETA_LSTM_SYNC_WARPS",
                 "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_SYNC", "PYMETA_LSTM_BLK_STAGED"):
         monkeypatch.delenv(key, raising=False)
@@ -653,11 +653,10 @@ def test_cuda_blocked_kernels_same_bits(H, form, N, bf16, monkeypatch):
     assert _same_bits(u, want_u[:N].contiguous())
     assert _same_bits(ns, reference.lstm_state_to_blocked(want_ns))
     native = 17 <= H <= 20 or 25 <= H <= 32
-    vec = N % (8 if bf16 else 4) == 0
     if form == "default":  # (N = 40: one block step, fewer than the SMs)
-        staged = 17 <= H <= 20 and vec and N > 40
+        staged = 17 <= H <= 20 and N > 40
     else:
-        staged = form != "direct" and 17 <= H <= 20 and (vec or not bf16)
+        staged = form != "direct" and 17 <= H <= 20
     sync = staged and form == "staged_sync" and not bf16
     assert names, names
     ran = [n for n in names if ", false, true>" in n]  # kOff32 = false, kBlk = true
@@ -677,7 +676,8 @@ def test_cuda_blocked_kernels_same_bits(H, form, N, bf16, monkeypatch):
 def test_cuda_blocked_partial_hidden_sizes_and_offsets(H, bf16, offset, monkeypatch):
     """Blocked states at H below their kernel's size (17 in HB = 20, 27 in HB = 32), at H 22
     (HB = 24: no blocked kernel, the op converts) and at a storage offset of one element (no
-    16-byte copies: the direct kernel): the bits of the padded feature-major step."""
+    16-byte copies: the direct kernel by default; with PYMETA_LSTM_BLK_STAGED=1 a float32 state
+    takes the staged kernel's 4-byte copies): the bits of the padded feature-major step."""
     for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA", "PYMETA_LSTM_SYNC_WARPS",
                 "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_SYNC", "PYMETA_LSTM_BLK_STAGED"):
         monkeypatch.delenv(key, raising=False)
@@ -697,6 +697,11 @@ def test_cuda_blocked_partial_hidden_sizes_and_offsets(H, bf16, offset, monkeypa
     else:
         assert names and ran == names, names
         assert all(("staged" in n) == (H <= 20 and not offset) for n in names), names
+    if offset and H <= 20 and not bf16:
+        (u, ns), names = _forward_kernels_under(blk, monkeypatch, PYMETA_LSTM_BLK_STAGED="1")
+        assert _same_bits(u, want_u[:N].contiguous())
+        assert _same_bits(ns, reference.lstm_state_to_blocked(want_ns))
+        assert names and all("staged" in n for n in names), names
 
 
 # ---- determinism ------------------------------------------------------------------------------
@@ -1083,25 +1088,32 @@ def test_cuda_forward_sync_same_bits(H, N, sync_warps, bf16, monkeypatch):
 @native_only
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("state_dtype,H,N,want,off32", [
-    (torch.float32, 20, 100_000, "forward_mma_staged_sync_kernel<20, float", False),
-    (torch.float32, 17, 100_000, "forward_mma_staged_sync_kernel<20, float", False),
-    (torch.float32, 20, 100_001, "forward_mma_kernel<20, float", False),
-    (torch.float32, 20, 2_000, "forward_mma_kernel<20, float", False),
-    (torch.float32, 16, 100_000, "forward_mma_kernel<16, float", False),
-    (torch.float32, 32, 100_000, "forward_mma_kernel<32, float", False),
-    (torch.bfloat16, 20, 100_000, "forward_mma_staged_kernel<20, unsigned short", True),
-    (torch.bfloat16, 20, 100_001, "forward_mma_kernel<20, unsigned short", True),
-    (torch.bfloat16, 32, 100_000, "forward_mma_staged_kernel<32, unsigned short", False)])
-def test_cuda_forward_default_kernels(state_dtype, H, N, want, off32, monkeypatch):
+@pytest.mark.parametrize("state_dtype,H,N,want,off32,sync", [
+    (torch.float32, 20, 100_000, "forward_mma_staged_sync_kernel<20, float", False, None),
+    (torch.float32, 17, 100_000, "forward_mma_staged_sync_kernel<20, float", False, None),
+    (torch.float32, 20, 100_001, "forward_mma_kernel<20, float", False, None),
+    (torch.float32, 20, 2_000, "forward_mma_kernel<20, float", False, None),
+    (torch.float32, 16, 100_000, "forward_mma_kernel<16, float", False, None),
+    (torch.float32, 32, 100_000, "forward_mma_kernel<32, float", False, None),
+    (torch.bfloat16, 20, 100_000, "forward_mma_staged_kernel<20, unsigned short", True, None),
+    (torch.bfloat16, 20, 100_001, "forward_mma_kernel<20, unsigned short", True, None),
+    (torch.bfloat16, 32, 100_000, "forward_mma_staged_kernel<32, unsigned short", False, None),
+    (torch.float32, 20, 100_001, "forward_mma_staged_sync_kernel<20, float", False, "1"),
+    (torch.float32, 20, 2_000, "forward_mma_staged_sync_kernel<20, float", False, "1"),
+    (torch.float32, 20, 100_000, "forward_mma_kernel<20, float", False, "0")])
+def test_cuda_forward_default_kernels(state_dtype, H, N, want, off32, sync, monkeypatch):
     """The tensor-core forward's defaults (H100 timings, bench/RESULTS.md): float32 with 64-bit
     offsets, the staged kernel's sync form at H 17..20 where 16-byte copies apply (N % 4 == 0)
     and every SM gets a block step (N = 2000 does not), else the direct kernel; bfloat16,
     staged where 16-byte copies apply (N % 8 == 0), else direct, with 32-bit offsets at
-    H <= 20 (64-bit above: not timed there)."""
+    H <= 20 (64-bit above: not timed there). PYMETA_LSTM_SYNC=1 alone forces the float32 sync
+    form (4-byte copies at N % 4 != 0, and below a block step per SM); =0 alone leaves the
+    direct kernel."""
     for key in ("PYMETA_LSTM_OFF32", "PYMETA_LSTM_MMA_STAGED", "PYMETA_LSTM_MMA",
                 "PYMETA_LSTM_BF16_NATIVE", "PYMETA_LSTM_SYNC", "PYMETA_LSTM_SYNC_WARPS"):
         monkeypatch.delenv(key, raising=False)
+    if sync is not None:
+        monkeypatch.setenv("PYMETA_LSTM_SYNC", sync)
     inputs = [t.to(torch.float32).cuda() for t in _valid(H, N, torch.float64).values()]
     inputs[1] = inputs[1].to(state_dtype)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -718,10 +718,10 @@ PYMETA_WARP void lstm_mma_stage_rows(unsigned char* buf, const float* grad, cons
   constexpr int CPR = 16 / E;                  // copies per state row (16 elements)
   constexpr int RPI = 32 / CPR;                // rows per pass of the warp
   constexpr int GE = kBytes / 4;               // grad elements per copy
-  if (lane < 16 / GE) {
-    const int64_t n = base + GE * lane;
+  if (lane < 16 / GE) {  // the grad's chunk across N is copied in part, the rest zero-filled
+    const int64_t n = base + GE * lane, left = N - n;
     warp_cp_async<kBytes>(reinterpret_cast<float*>(buf) + GE * lane, grad + (n < N ? n : 0),
-                          n < N ? kBytes : 0);
+                          left >= GE ? kBytes : left > 0 ? 4 * int(left) : 0);
   }
   St* bs = reinterpret_cast<St*>(buf + 64);
   // the lane's offsets per step: hoisted out of the persistent loop, they spill
@@ -743,9 +743,10 @@ PYMETA_WARP void lstm_mma_stage_rows(unsigned char* buf, const float* grad, cons
   }
 }
 
-// The copies of step `base`: 16 bytes each where N is a multiple of 16 / sizeof(St) and grad
-// and state are 16-byte aligned (vec), else 4 bytes each, which only a float state can take
-// (staged_launch never runs a bfloat16 state without vec).
+// The copies of step `base`: 16 bytes each where grad and state are 16-byte aligned and, in
+// the feature-major layout, N is a multiple of 16 / sizeof(St) (vec: every state row then
+// starts aligned; a blocked step is one aligned run whatever N), else 4 bytes each, which only
+// a float state can take (staged_launch never runs a bfloat16 state without vec).
 template <typename St, int HB, bool kBlk = false>
 PYMETA_WARP void lstm_mma_stage_step(unsigned char* buf, const float* grad, const St* state,
                                      int H, int64_t N, int64_t base, bool vec, int lane) {
