@@ -855,6 +855,29 @@ def test_bf16_state_nan_stays_in_its_coordinates(device, path, monkeypatch):
 
 
 @native_only
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_state_inf_h_matches_the_reference(device, monkeypatch):
+    """+-Inf in a bfloat16 state's h rows (layers 1 and 2) makes +-Inf gates, as in the
+    reference, so update and new_state stay finite for random weights. On the GPU the
+    tensor-core forward feeds a bfloat16 h to its products as exact TF32 values (2 mma, no lo
+    part). The float32 state's 3xTF32 split gives NaN there instead, since lo(Inf) = Inf - Inf
+    (docs/ARCHITECTURE.md)."""
+    for key in BF16_PATHS["chunks"]:
+        monkeypatch.delenv(key, raising=False)
+    H, N = 20, 1000
+    grad, state, *w = _bf16_inputs(H, N, device)
+    for row, unit, n, sign in ((0, 3, 17, 1), (0, 19, 500, -1), (2, 0, 640, 1), (2, 7, 999, -1)):
+        state[row, unit, n] = sign * float("inf")
+    u, ns = OP(grad, state, *w, "log_sign", 10.0, 0.1)
+    ru, rns = reference.lstm_optimizer_step(grad, state, *w, "log_sign", 10.0, 0.1)
+    assert u.isfinite().all() and rns.float()[[1, 3]].isfinite().all()
+    torch.testing.assert_close(u, ru, **tol(torch.float32))
+    fin = rns.float().isfinite()
+    assert torch.equal(ns.float().isfinite(), fin)
+    torch.testing.assert_close(ns.float()[fin], rns.float()[fin], rtol=2 ** -7, atol=1e-6)
+
+
+@native_only
 @pytest.mark.parametrize("path", ["direct", "chunks"])
 def test_bf16_state_opcheck_and_compile(path, monkeypatch):
     monkeypatch.setenv("PYMETA_LSTM_BF16_CHUNK", "3")

@@ -531,9 +531,10 @@ static bool forward_off32(const LstmOptLaunch& L) {
 // direct kernel unless PYMETA_LSTM_MMA_STAGED=1); PYMETA_LSTM_SYNC_WARPS=k (2 .. warps) sets
 // its barrier groups (default 4).
 // A blocked state (L.blocked, HB = 20 only) takes the free-running staged kernel by default
-// where 16-byte copies apply (aligned pointers, any N) and every SM gets a block step (H100, run 20, bench/RESULTS.md:
-// float32 3.10 vs 3.25 ms for the blocked direct kernel at 10M, 0.302 vs 0.329 at 1M;
-// bfloat16 2.46 vs 2.65 and 0.241 vs 0.275; the sync form gained nothing, 3.24 and 0.330);
+// where 16-byte copies apply (aligned pointers, any N) and every SM gets a block step (H100,
+// run 20, bench/RESULTS.md: float32 3.10 vs 3.25 ms for the blocked direct kernel at 10M,
+// 0.302 vs 0.329 at 1M; bfloat16 2.46 vs 2.65 and 0.241 vs 0.275; the sync form gained
+// nothing, 3.24 and 0.330);
 // PYMETA_LSTM_BLK_STAGED=1 / 0 forces it on / off, PYMETA_LSTM_SYNC=1 its float32 sync form.
 // Returns -1 when not applicable.
 template <int HB>

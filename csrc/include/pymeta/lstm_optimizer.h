@@ -58,8 +58,8 @@ __device__ __forceinline__ float ex2_ftz(float x) {
 }
 constexpr float kLog2e = 1.4426950408889634f;
 // 1 / x as one MUFU.RCP (rcp.approx.ftz): 0 for x > 2^126. a * rcp_ftz(b) is __fdividef(a, b)
-// bit for bit when b is in [1, 2^126], without the compare and the two predicated multiplies
-// that __fdividef adds for b outside that range (the dens here never are).
+// bit for bit for |b| >= 2^-126, without the compare and the two predicated multiplies by 2^24
+// that __fdividef adds for a subnormal b (the dens here are >= 1).
 __device__ __forceinline__ float rcp_ftz(float x) {
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
