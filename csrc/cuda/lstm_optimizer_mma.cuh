@@ -472,6 +472,13 @@ struct LstmMmaStagedSrc {
   }
 };
 
+// Blocked stores (state and update) addressed from the step's base rather than from nl, so
+// that nl dies at the loads (ptxas, sm_90, HB = 20: the float32 staged kernel's spills
+// 60 -> 24 B, the direct one's 52 -> 28 B); not in the bfloat16 staged kernel, which then
+// spilled (0 -> 12 B).
+template <typename St, typename Src>
+constexpr bool lstm_mma_blk_from_base = Src::kBlocked && (sizeof(St) == 4 || Src::kGlobal);
+
 template <int HB, bool kBwd, typename St, typename Src>
 PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<float>& s,
                                        const Src& src, St* out,
@@ -482,6 +489,7 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
   constexpr int MT = S::MT, NP = S::NP, KS = 2 * S::KT;
   // the blocked layout's addressing and padding assume a warp step is one block of 16
   static_assert(!Src::kBlocked || S::kCoords == 16, "blocked layout: one block per warp step");
+  constexpr bool kBlkFromBase = lstm_mma_blk_from_base<St, Src>;
   const int H = s.H;
   // staged: the lane enters each step opaque, so the rows and offsets derived from it are
   // recomputed per step; held across the persistent loop they spilled (bench/NOTES_lstm.md)
@@ -604,6 +612,10 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
             const int64_t n = r.nl[mt][h];
             if constexpr (kBwd) {
               out[out_at(ws_row + u, n)] = hh;
+            } else if constexpr (kBlkFromBase) {
+              St* blk = out + lstm_mma_state_at<true>(0, base, N, H);
+              state_st(blk[(row_h + u) * 16 + g + 8 * h], hh);
+              state_st(blk[(row_c + u) * 16 + g + 8 * h], c);
             } else if constexpr (Src::kBlocked) {
               state_st(out[lstm_mma_state_at<true>(row_h + u, n, N, H)], hh);
               state_st(out[lstm_mma_state_at<true>(row_c + u, n, N, H)], c);
@@ -688,8 +700,14 @@ PYMETA_WARP void lstm_mma_forward_step(const float* sm, const LstmOptScalars<flo
     // thread t = 0 stores row g, t = 1 row g + 8 (no runtime array index: o stays in registers)
     const float mine = t == 0 ? o[0] : o[1];
     const bool store = t == 0 ? r.ok[mt][0] : (t == 1 && r.ok[mt][1]);
-    if (store)
-      update[t == 0 ? r.nl[mt][0] : r.nl[mt][1]] = (mine + lstm_mma_b_out(b_out)) * s.out_scale;
+    if constexpr (lstm_mma_blk_from_base<St, Src>) {  // the row from the step's base
+      if (store)
+        update[base + 16 * mt + (warp_lane() >> 2) + 8 * t] =
+            (mine + lstm_mma_b_out(b_out)) * s.out_scale;
+    } else {
+      if (store)
+        update[t == 0 ? r.nl[mt][0] : r.nl[mt][1]] = (mine + lstm_mma_b_out(b_out)) * s.out_scale;
+    }
   }
 }
 
@@ -718,10 +736,13 @@ PYMETA_WARP void lstm_mma_stage_rows(unsigned char* buf, const float* grad, cons
   constexpr int CPR = 16 / E;                  // copies per state row (16 elements)
   constexpr int RPI = 32 / CPR;                // rows per pass of the warp
   constexpr int GE = kBytes / 4;               // grad elements per copy
-  if (lane < 16 / GE) {  // the grad's chunk across N is copied in part, the rest zero-filled
+  if (lane < 16 / GE) {
+    // blocked: the grad's chunk across N is copied in part, the rest zero-filled (feature-major
+    // 16-byte copies have N % 4 == 0: a chunk is all in or all out)
     const int64_t n = base + GE * lane, left = N - n;
+    const int bytes = !kBlk || left >= GE ? (n < N ? kBytes : 0) : left > 0 ? 4 * int(left) : 0;
     warp_cp_async<kBytes>(reinterpret_cast<float*>(buf) + GE * lane, grad + (n < N ? n : 0),
-                          left >= GE ? kBytes : left > 0 ? 4 * int(left) : 0);
+                          bytes);
   }
   St* bs = reinterpret_cast<St*>(buf + 64);
   // the lane's offsets per step: hoisted out of the persistent loop, they spill
