@@ -165,9 +165,11 @@ def backward_table(H):
     gradients) vs the tensor-core pass (PYMETA_LSTM_MMA_BWD=1), the CUDA-core weight-gradient
     tiles (PYMETA_LSTM_WG_MMA=0), the pass's plain loops (PYMETA_LSTM_BWD_AHEAD=0) and its
     loads ahead (PYMETA_LSTM_BWD_AHEAD=1), the plain loops at 6 blocks per SM
-    (PYMETA_LSTM_BWD_WIDE=1), the default form with 32-bit offsets (PYMETA_LSTM_OFF32=1)."""
+    (PYMETA_LSTM_BWD_WIDE=1), the default form with 32-bit offsets (PYMETA_LSTM_OFF32=1); and
+    with a bfloat16 state, the pass reading it (the default since 2026-11-27) and the float32
+    kernels on converted chunks (PYMETA_LSTM_BF16_NATIVE=0, the path before)."""
     print(f"\nbackward op, H={H}, ms per call: default | tensor-core pass | cuda-core wgrad | "
-          "plain loops | loads ahead | wide | off32")
+          "plain loops | loads ahead | wide | off32 | bf16 state | bf16 chunks")
     for N in SIZES[:2] + (200_000,):
         torch.manual_seed(0)
         net = pymeta.LSTMOptimizerNet(H).to(DEV)
@@ -185,6 +187,13 @@ def backward_table(H):
             res.append(timed(op))
             for k in env:
                 del os.environ[k]
+        s16, d16 = state.bfloat16(), ds.bfloat16()
+        op16 = lambda: torch.ops.pymeta.lstm_optimizer_step_backward(  # noqa: E731
+            du, d16, grad, s16, *w, "log_sign", P, OUT_SCALE)
+        res.append(timed(op16))
+        os.environ["PYMETA_LSTM_BF16_NATIVE"] = "0"
+        res.append(timed(op16))
+        del os.environ["PYMETA_LSTM_BF16_NATIVE"]
         print(f"  N={N:>9}: " + " | ".join(f"{r:.4f}" for r in res), flush=True)
 
 

@@ -67,11 +67,12 @@ def lstm():
             net(torch.randn(N, device=dev), state)
             net(torch.randn(N, device=dev), state.bfloat16())
     del os.environ["PYMETA_LSTM_OFF32"], os.environ["PYMETA_LSTM_MMA_STAGED"]
-    # a bfloat16 state: the tensor-core forward reads and writes bfloat16 (H <= 32); H = 64 and
-    # the backward convert in chunks. 64-bit offsets here (32-bit ones, the default at H <= 20,
-    # ran above)
+    # a bfloat16 state: the tensor-core forward reads and writes bfloat16 (H <= 32; H = 64
+    # converts in chunks), and so does the backward's CUDA-core pass (backward_smem_bf16_kernel,
+    # each HP: 16, 20, 24, 32, 64; its shadow rows after the workspace rows). 64-bit offsets
+    # here (32-bit ones, the default at H <= 20, ran above)
     os.environ["PYMETA_LSTM_OFF32"] = "0"
-    for H in (7, 20, 64):
+    for H in (7, 20, 23, 32, 64):
         net = pymeta.LSTMOptimizerNet(H).to(dev)
         N = 5003
         state = (torch.randn(4, H, N, device=dev) * 0.1).bfloat16().requires_grad_()

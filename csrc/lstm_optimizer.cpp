@@ -150,8 +150,9 @@ std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& w) {
 // ---- bfloat16 state storage -------------------------------------------------------------------
 // A bfloat16 state (float32 grad and weights) keeps the math float32. The kernels that read
 // bfloat16 directly (the CPU forward and backward; on the GPU the tensor-core forward, H <= 32,
-// sm_80+) convert on load and round on store. Elsewhere (the GPU backward, the other GPU
-// kernels, or PYMETA_LSTM_BF16_NATIVE=0) the state's columns are converted in chunks of
+// sm_80+, and the backward's CUDA-core pass where its shared memory fits) convert on load and
+// round on store. Elsewhere (the other GPU forward kernels, a GPU without the shared memory,
+// or PYMETA_LSTM_BF16_NATIVE=0) the state's columns are converted in chunks of
 // bf16_chunk(N) coordinates into a float32 scratch buffer, the float32 kernels run on the
 // chunk, and new_state / d_state are rounded back. Either way the results are exactly the float32 op's
 // on state.float(), rounded (nearest even), and the extra memory of a call is two (forward)
@@ -290,19 +291,19 @@ using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
                                   Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // The kernels on one contiguous call (state, grad_new_state and d_state of state's dtype: grad's,
-// or bfloat16 on the CPU only; the rest of grad's; d_grad and d_state may be slices of larger
-// outputs). Writes the weight gradients of these d.N coordinates into dw.
-void run_backward(const Dims& d, const Tensor& grad, const Tensor& state,
+// or bfloat16; the rest of grad's; d_grad and d_state may be slices of larger outputs). Writes
+// the weight gradients of these d.N coordinates into dw. Returns false, having done nothing,
+// when the state is bfloat16 and no kernel of this device reads it directly.
+bool run_backward(const Dims& d, const Tensor& grad, const Tensor& state,
                   const std::vector<Tensor>& w, double p, double out_scale,
                   const Tensor& grad_update, const Tensor& grad_new_state, const Tensor& d_grad,
                   const Tensor& d_state, const std::vector<Tensor>& dw) {
   if (d.N == 0) {
     for (const auto& t : dw) t.zero_();
-    return;
+    return true;
   }
   LstmOptLaunch L = make_launch(d, grad, state, w, p, out_scale);
   L.state_bf16 = state.scalar_type() == at::kBFloat16;
-  TORCH_INTERNAL_ASSERT(!L.state_bf16 || grad.is_cpu(), "no CUDA backward reads bfloat16");
   L.d_update = grad_update.data_ptr();
   L.d_new_state = grad_new_state.data_ptr();
   L.d_grad = d_grad.data_ptr();
@@ -316,10 +317,13 @@ void run_backward(const Dims& d, const Tensor& grad, const Tensor& state,
 #ifdef PYMETA_WITH_CUDA
     Tensor ws = at::empty({lstm_opt_workspace_bytes_cuda(L)}, grad.options().dtype(at::kByte));
     L.workspace = ws.data_ptr();
-    C10_CUDA_CHECK(static_cast<cudaError_t>(lstm_opt_backward_cuda(
-        L, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream())));
+    const int err = lstm_opt_backward_cuda(
+        L, c10::cuda::getCurrentCUDAStream(grad.device().index()).stream());
+    if (err == kLstmOptNoKernel) return false;
+    C10_CUDA_CHECK(static_cast<cudaError_t>(err));
 #endif
   }
+  return true;
 }
 
 BackwardResult lstm_optimizer_step_backward(
@@ -363,13 +367,12 @@ BackwardResult lstm_optimizer_step_backward(
   Tensor d_state = at::empty({4, d.H, d.N}, state.options());
   std::vector<Tensor> dw(10);
   for (int i = 0; i < 10; ++i) dw[i] = at::empty(w[i].sizes(), grad.options());
-  if (state.scalar_type() == grad.scalar_type() || d.N == 0 ||
-      (grad.is_cpu() && bf16_direct())) {
-    run_backward(d, grad, state, w, p, out_scale, grad_update, grad_new_state, d_grad, d_state,
-                 dw);
-  } else {
-    // bfloat16 state on the GPU: float32 chunks (see bf16_chunk); the weight gradients of the
-    // chunks are added in chunk order, so the result does not depend on threads or timing.
+  if (!((state.scalar_type() == grad.scalar_type() || d.N == 0 || bf16_direct()) &&
+        run_backward(d, grad, state, w, p, out_scale, grad_update, grad_new_state, d_grad,
+                     d_state, dw))) {
+    // bfloat16 state where no kernel reads it (or PYMETA_LSTM_BF16_NATIVE=0): float32 chunks
+    // (see bf16_chunk); the weight gradients of the chunks are added in chunk order, so the
+    // result does not depend on threads or timing.
     const int64_t C = std::min(bf16_chunk(grad), d.N);
     const Tensor s_buf = at::empty({4 * d.H * C}, grad.options());
     const Tensor g_buf = at::empty({4 * d.H * C}, grad.options());

@@ -794,6 +794,17 @@ def _bf16_path(device, path, monkeypatch):
         monkeypatch.setenv(k, v)
 
 
+def _bf16_backward_direct(device, path, H):
+    """Whether the backward reads a bfloat16 state itself (no chunks): on the CPU by default;
+    on the GPU unless PYMETA_LSTM_BF16_NATIVE=0, where the CUDA-core pass's float weights fit in
+    shared memory (at H = 64 about 201 KB: an H100 or H200 has 227 KB per block, an A100 163)."""
+    if path == "chunks":
+        return False
+    if device == "cpu":
+        return path == "direct"
+    return H <= 32 or torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 205_000
+
+
 @native_only
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("path", list(BF16_PATHS))
@@ -802,10 +813,12 @@ def _bf16_path(device, path, monkeypatch):
 def test_bf16_state_is_the_float32_step_rounded(device, path, H, N, chunk, monkeypatch):
     """A bfloat16 state: forward and backward equal the float32 op on the upcast state, with
     new_state / d_state rounded to bfloat16 (bitwise). "direct": the kernels read and write
-    bfloat16 (the CPU forward and backward, the GPU's tensor-core forward; the GPU backward and
-    the other GPU kernels convert in chunks); "chunks": PYMETA_LSTM_BF16_NATIVE=0, every call
-    converts in chunks (across chunk borders here); "no_mma": on the GPU, the CUDA-core kernels,
-    which do not read bfloat16 (the front converts in chunks)."""
+    bfloat16 (the CPU forward and backward, the GPU's tensor-core forward and its backward's
+    CUDA-core pass; the other GPU forward kernels convert in chunks); "chunks":
+    PYMETA_LSTM_BF16_NATIVE=0, every call converts in chunks (across chunk borders here);
+    "no_mma": on the GPU, the CUDA-core forward, which does not read bfloat16 (the front
+    converts in chunks; the backward still reads it). Where the backward reads bfloat16, its
+    weight gradients are the float32 op's bit for bit (the same sums over the same rows)."""
     if chunk is not None:
         monkeypatch.setenv("PYMETA_LSTM_BF16_CHUNK", chunk)
     _bf16_path(device, path, monkeypatch)
@@ -823,7 +836,7 @@ def test_bf16_state_is_the_float32_step_rounded(device, path, H, N, chunk, monke
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1].bfloat16())
     for a, b in zip(got[2:], want[2:]):
         assert a.dtype == torch.float32
-        if device == "cpu" and path == "direct":  # the same blocks and sums as float32
+        if _bf16_backward_direct(device, path, H):  # the same blocks and sums as float32
             assert torch.equal(a, b)
         else:  # sums over chunks, then the chunks added
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().amax(dim=None).item())
@@ -875,6 +888,50 @@ def test_bf16_state_inf_h_matches_the_reference(device, monkeypatch):
     fin = rns.float().isfinite()
     assert torch.equal(ns.float().isfinite(), fin)
     torch.testing.assert_close(ns.float()[fin], rns.float()[fin], rtol=2 ** -7, atol=1e-6)
+
+
+@native_only
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("H,N,kernel", [
+    (20, 10_007, "backward_smem_bf16_kernel<20>"), (7, 3_001, "backward_smem_bf16_kernel<16>"),
+    (32, 10_000, "backward_smem_bf16_kernel<32>")])
+def test_cuda_bf16_backward_reads_bfloat16(H, N, kernel, monkeypatch):
+    """The GPU backward of a bfloat16 state runs the CUDA-core pass on the bfloat16 tensors
+    (its float copies of h1_prev / h2_prev in the workspace's shadow rows, read by the
+    weight-gradient kernels), not the float32 pass on converted chunks: the profiler shows the
+    pass's bfloat16 kernel, and every result equals the float32 op on the upcast tensors bit for
+    bit (d_state rounded), weight gradients included, with the tensor-core and the CUDA-core
+    weight gradients; a NaN in one coordinate's d_new_state stays in it.
+    PYMETA_LSTM_BF16_NATIVE=0 still converts in chunks."""
+    grad, state, *w = _bf16_inputs(H, N, "cuda", seed=3)
+    gen = torch.Generator().manual_seed(4)
+    du = torch.randn(N, generator=gen).cuda()
+    ds = torch.randn(4, H, N, generator=gen).bfloat16().cuda()
+    ds[2, H - 1, 11] = float("nan")  # d h2 of coordinate 11
+
+    def run(state, ds):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = BWD(du, ds, grad, state, *w, "log_sign", 10.0, 0.1)
+            torch.cuda.synchronize()
+        return out, [e.name for e in prof.events()]
+
+    for wg in (None, "0"):  # the tensor-core weight gradients (default), the CUDA-core ones
+        if wg is not None:
+            monkeypatch.setenv("PYMETA_LSTM_WG_MMA", wg)
+        got, names = run(state, ds)
+        want, _ = run(state.float(), ds.float())
+        assert any(kernel in n for n in names), sorted(set(names))
+        assert got[1].dtype == torch.bfloat16
+        # (bits: a NaN is no torch.equal of itself)
+        assert _same_bits(got[0], want[0]) and _same_bits(got[1], want[1].bfloat16())
+        for a, b in zip(got[2:], want[2:]):
+            assert _same_bits(a, b)
+        bad = got[0].isnan().nonzero().flatten().tolist()
+        assert bad == [11] and not got[1][:, :, :11].isnan().any()
+    monkeypatch.setenv("PYMETA_LSTM_BF16_NATIVE", "0")
+    chunked, names = run(state, ds)
+    assert not any("backward_smem_bf16_kernel" in n for n in names)
+    assert _same_bits(chunked[0], got[0]) and _same_bits(chunked[1], got[1])
 
 
 @native_only

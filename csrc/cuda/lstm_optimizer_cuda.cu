@@ -104,16 +104,23 @@ forward_smem_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_consta
 // took 3.18 ms vs 3.09 plain.
 // kOff32: 32-bit offsets (PYMETA_LSTM_OFF32=1 where the workspace rows, R.total N elements,
 // are fewer than 2^31; float only).
-template <typename T, int HP, bool kAhead, bool kOff32 = false>
+// St: the state's storage type, T or uint16_t (bfloat16 bits, T = float; L.state_bf16): the
+// pass reads and writes it directly, with its float copies in the workspace's shadow rows
+// (lstm_opt_shadow_rows), where the weight-gradient kernels read them.
+template <typename T, int HP, bool kAhead, bool kOff32 = false, typename St = T>
 __device__ __forceinline__ void backward_smem_body(const LstmOptLaunch& L, const Params<T>& P) {
   T* sw = staged_weights<T, HP>(P);
   const int64_t N = L.N;
+  T* sh = nullptr;
+  if constexpr (!std::is_same<St, T>::value)
+    sh = static_cast<T*>(L.workspace) + int64_t(lstm_opt_rows(L.H, L.n_in).total) * N;
   for (int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
        n += int64_t(gridDim.x) * blockDim.x) {
-    lstm_smem_backward_thread<HP, T, kAhead, kOff32>(
-        sw, P.s, static_cast<const T*>(L.grad), static_cast<const T*>(L.state),
-        static_cast<const T*>(L.d_update), static_cast<const T*>(L.d_new_state),
-        static_cast<T*>(L.d_grad), static_cast<T*>(L.d_state), static_cast<T*>(L.workspace), N, n);
+    lstm_smem_backward_thread<HP, T, kAhead, kOff32, St>(
+        sw, P.s, static_cast<const T*>(L.grad), static_cast<const St*>(L.state),
+        static_cast<const T*>(L.d_update), static_cast<const St*>(L.d_new_state),
+        static_cast<T*>(L.d_grad), static_cast<St*>(L.d_state), static_cast<T*>(L.workspace), N, n,
+        sh);
   }
 }
 
@@ -130,6 +137,18 @@ __global__ void __launch_bounds__(smem_threads<HP>(), 4)
 backward_smem_ahead_kernel(const __grid_constant__ LstmOptLaunch L,
                            const __grid_constant__ Params<T> P) {
   backward_smem_body<T, HP, true, kOff32>(L, P);
+}
+
+// The pass for a bfloat16 state (float math): the float kernels' default form of each HP, the
+// loads ahead at HP <= 20 (4 blocks per SM), else the plain loops. Its bfloat16 loads can't
+// alias the float workspace stores, so ptxas, unbounded, lifted them early in the plain loops
+// and took 252 / 254 registers at HP = 24 / 32 (sm_90; float: 130 / 142), 2 blocks per SM; held
+// to the float kernel's 3 there (HP = 64: 1 block of 256 threads, as float).
+template <int HP>
+__global__ void __launch_bounds__(smem_threads<HP>(), HP <= 20 ? 4 : HP <= 32 ? 3 : 1)
+backward_smem_bf16_kernel(const __grid_constant__ LstmOptLaunch L,
+                          const __grid_constant__ Params<float> P) {
+  backward_smem_body<float, HP, (HP <= 20), false, uint16_t>(L, P);
 }
 
 // The plain loops held to 80 registers, 6 blocks (24 warps) per SM: opt-in
@@ -423,9 +442,12 @@ size_t smem_bytes(const LstmOptLaunch& L) {
   return static_cast<size_t>(lstm_smem_layout(L.H, HP).total) * sizeof(T);
 }
 
+// The backward's workspace rows (and, for a bfloat16 state, the shadow rows after them),
+// rounded up to 256 bytes; the weight-gradient partial sums follow.
 int64_t ws_rows_bytes(const LstmOptLaunch& L) {
   const int64_t elem = L.dtype == DType::Float64 ? 8 : 4;
-  const int64_t bytes = int64_t(lstm_opt_rows(L.H, L.n_in).total) * L.N * elem;
+  const int64_t rows = lstm_opt_rows(L.H, L.n_in).total + lstm_opt_shadow_rows(L.H, L.state_bf16);
+  const int64_t bytes = rows * L.N * elem;
   return (bytes + 255) / 256 * 256;
 }
 
@@ -608,6 +630,7 @@ static int staged_launch(const LstmOptLaunch& L, const Params<float>& P, cudaStr
 static int mma_launch(const LstmOptLaunch& L, cudaStream_t stream, bool backward) {
   if (L.dtype != DType::Float32 || L.H > 32) return -1;
   if (L.blocked && (backward || L.H <= 16 || (L.H > 20 && L.H <= 24))) return -1;
+  if (backward && L.state_bf16) return -1;  // (the tensor-core pass reads float32 only)
   const int on = env_switch(backward ? "PYMETA_LSTM_MMA_BWD" : "PYMETA_LSTM_MMA");
   if (backward ? on != 1 : on == 0) return -1;
   int dev = 0, major = 0;
@@ -699,7 +722,27 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
     // has it) the fallback.
     int err = mma_launch(L, stream, true);
     if (err > 0) return err;
-    if (err < 0) {
+    // The weight-gradient kernels read h1_prev / h2_prev as float rows of N at Lw.state: the
+    // state's own rows, or a bfloat16 state's shadow rows, which the pass writes.
+    LstmOptLaunch Lw = L;
+    if (L.state_bf16) {
+      // bfloat16 state (float32 math): the CUDA-core pass reads and writes it directly
+      // (backward_smem_bf16_kernel; the OFF32 / AHEAD / WIDE switches don't apply);
+      // kLstmOptNoKernel, before any launch, where its shared memory does not fit (the front
+      // then converts in chunks).
+      if constexpr (!std::is_same<T, float>::value) {
+        return kLstmOptNoKernel;
+      } else {
+        auto kernel = backward_smem_bf16_kernel<HP>;
+        SmemLaunch s{};
+        err = plan_smem(kernel, threads, smem_bytes<T, HP>(L), tiles, &s);
+        if (err) return err;
+        if (s.blocks == 0) return kLstmOptNoKernel;
+        kernel<<<s.blocks, s.threads, s.smem, stream>>>(L, P);
+        Lw.state = static_cast<const float*>(L.workspace) +
+                   int64_t(lstm_opt_rows(L.H, L.n_in).total) * L.N;
+      }
+    } else if (err < 0) {
       err = 0;
       SmemLaunch s{};
       if constexpr (!(std::is_same<T, double>::value && HP > 32)) {
@@ -736,14 +779,14 @@ int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
     // The weight-gradient partial sums per chunk: the tensor-core kernel where it applies, else
     // the CUDA-core tiles.
     int64_t chunks = -1;
-    if constexpr (std::is_same<T, float>::value) chunks = wgrad_mma_launch(L, stream);
+    if constexpr (std::is_same<T, float>::value) chunks = wgrad_mma_launch(Lw, stream);
     if (chunks < -1) return static_cast<int>(-2 - chunks);
     const LstmWgradPlan p = lstm_wgrad_plan(L.H, L.n_in, L.N, kLstmOptCudaChunk,
                                             ws_rows_bytes(L) / static_cast<int64_t>(sizeof(T)));
     if (chunks < 0) {
       chunks = p.chunks;
       wgrad_kernel<T><<<dim3(p.tile_start[3], static_cast<unsigned>(p.chunks)), kLstmWgThreads,
-                        0, stream>>>(L, p);
+                        0, stream>>>(Lw, p);
       err = static_cast<int>(cudaGetLastError());
       if (err) return err;
     }

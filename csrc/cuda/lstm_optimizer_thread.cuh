@@ -254,6 +254,10 @@ PYMETA_HD void lstm_recompute_unit(const T (&z)[4], T& cp, const T& cp_next, T* 
   cp = cp_next;
 }
 
+// Float rows of N after the backward's workspace rows for a bfloat16 state
+// (lstm_smem_backward_thread's `sh`), none for a float one.
+PYMETA_HD int lstm_opt_shadow_rows(int H, bool state_bf16) { return state_bf16 ? 3 * H : 0; }
+
 // ---- backward: one coordinate n < N. Same work, order and workspace rows as
 // lstm_opt_backward_coord (pymeta/lstm_optimizer.h), with the weights from shared memory.
 // kAhead: the two backward loops load unit j + 1's inputs (its 4 z rows, c_prev, the incoming
@@ -263,16 +267,30 @@ PYMETA_HD void lstm_recompute_unit(const T (&z)[4], T& cp, const T& cp_next, T* 
 // faster at H = 20 and slower at H = 32 (the kernels' choice: lstm_optimizer_cuda.cu).
 // kOff32: 32-bit offsets (lstm_row_offset; the workspace rows, the largest array, have fewer
 // than 2^31 elements).
-template <int HP, typename T, bool kAhead = true, bool kOff32 = false>
+// St: the storage type of state, d_new_state and d_state: T, or uint16_t (bfloat16 bits, with
+// T = float: loads convert, d_state stores round to nearest even). A bfloat16 state also takes
+// `sh`, 3H float rows of N (lstm_opt_shadow_rows): rows 0..H-1 and 2H..3H-1 get h1_prev and
+// h2_prev as float, where the weight-gradient kernels read them (they read a float32 state's
+// own rows), and rows H..2H-1 hold d h1(new) between the two layers (a float32 state keeps
+// it in d_state's h1 rows; rounding it there would change layer 1's gradients). So the
+// results are the float32 pass's on the upcast state, bit for bit, with d_state rounded.
+template <int HP, typename T, bool kAhead = true, bool kOff32 = false, typename St = T>
 PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s, const T* grad,
-                                         const T* state, const T* d_update,
-                                         const T* d_new_state, T* d_grad, T* d_state, T* ws,
-                                         int64_t N, int64_t n) {
+                                         const St* state, const T* d_update,
+                                         const St* d_new_state, T* d_grad, St* d_state, T* ws,
+                                         int64_t N, int64_t n, T* sh = nullptr) {
+  constexpr bool kCast = !std::is_same<St, T>::value;
+  static_assert(!kCast || (std::is_same<T, float>::value && std::is_same<St, uint16_t>::value),
+                "a state stored in another type is bfloat16 bits with float math");
   const int H = s.H, n_in = s.n_in;
   const LstmSmemLayout lo = lstm_smem_layout(H, HP);
   const LstmOptRows R = lstm_opt_rows(H, n_in);
   const int gs = H * HP;
   auto at = [N, n](int row) { return lstm_row_offset<kOff32>(row, N, n); };
+  // d h1(new) between the layers: d_state's h1 rows (float state), or sh's rows H..2H-1
+  T* dh1;
+  if constexpr (kCast) dh1 = sh + int64_t(H) * N;
+  else dh1 = d_state;
   const T g = grad[n];
   T x[1][2];
   lstm_preprocess(g, s, x[0]);
@@ -282,10 +300,15 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
   // forward, layer 1
   T a1[1][HP], a2[1][HP];
   PYMETA_UNROLL
-  for (int k = 0; k < HP; ++k) a2[0][k] = k < H ? state[at(k)] : T(0);
-  T cp = state[at(H)];
+  for (int k = 0; k < HP; ++k) a2[0][k] = k < H ? state_ld(state[at(k)]) : T(0);
+  if constexpr (kCast) {  // h1_prev as float, for the weight gradients
+    PYMETA_UNROLL
+    for (int k = 0; k < HP; ++k)
+      if (k < H) sh[at(k)] = a2[0][k];
+  }
+  T cp = state_ld(state[at(H)]);
   for (int j = 0; j < H; ++j) {
-    const T cp_next = j + 1 < H ? state[at(H + j + 1)] : T(0);
+    const T cp_next = j + 1 < H ? state_ld(state[at(H + j + 1)]) : T(0);
     T z[1][4];
     PYMETA_UNROLL
     for (int q = 0; q < 4; ++q) {
@@ -302,11 +325,13 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
   PYMETA_UNROLL
   for (int k = 0; k < HP; ++k) {
     a1[0][k] = k < H ? ws[at(R.h1 + k)] : T(0);
-    a2[0][k] = k < H ? state[at(2 * H + k)] : T(0);
+    a2[0][k] = k < H ? state_ld(state[at(2 * H + k)]) : T(0);
+    if constexpr (kCast)  // h2_prev as float, for the weight gradients
+      if (k < H) sh[at(2 * H + k)] = a2[0][k];
   }
-  cp = state[at(3 * H)];
+  cp = state_ld(state[at(3 * H)]);
   for (int j = 0; j < H; ++j) {
-    const T cp_next = j + 1 < H ? state[at(3 * H + j + 1)] : T(0);
+    const T cp_next = j + 1 < H ? state_ld(state[at(3 * H + j + 1)]) : T(0);
     T z[1][4];
     PYMETA_UNROLL
     for (int q = 0; q < 4; ++q) z[0][q] = sw[lo.b2 + q * H + j];
@@ -320,7 +345,7 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
   ws[at(R.du)] = du;
   PYMETA_UNROLL
   for (int k = 0; k < HP; ++k) {
-    a1[0][k] = k < H ? d_new_state[at(k)] : T(0);
+    a1[0][k] = k < H ? state_ld(d_new_state[at(k)]) : T(0);
     a2[0][k] = T(0);
   }
   // unit j's loads: z (4 rows), d h2 from d_new_state, c2_prev, d c2 from d_new_state
@@ -328,9 +353,9 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
   auto load2 = [&](int j) {
     PYMETA_UNROLL
     for (int q = 0; q < 4; ++q) nz[q] = ws[at(R.dz2 + q * H + j)];
-    nv[0] = d_new_state[at(2 * H + j)];
-    nv[1] = state[at(3 * H + j)];
-    nv[2] = d_new_state[at(3 * H + j)];
+    nv[0] = state_ld(d_new_state[at(2 * H + j)]);
+    nv[1] = state_ld(state[at(3 * H + j)]);
+    nv[2] = state_ld(d_new_state[at(3 * H + j)]);
   };
   if (kAhead) load2(0);
   for (int j = 0; j < H; ++j) {
@@ -343,7 +368,7 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
     if (kAhead) load2(j + 1 < H ? j + 1 : j);  // the last unit reloads its own (unused)
     const T dh = du * sw[lo.wout + j] + v[0];
     lstm_cell_backward(z, v[1], dh, v[2], dz, dc_prev);
-    d_state[at(3 * H + j)] = dc_prev;
+    state_st(d_state[at(3 * H + j)], dc_prev);
     PYMETA_UNROLL
     for (int q = 0; q < 4; ++q) {
       const int r = q * H + j;
@@ -355,21 +380,21 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
   PYMETA_UNROLL
   for (int k = 0; k < HP; ++k) {
     if (k < H) {
-      d_state[at(2 * H + k)] = a2[0][k];
-      d_state[at(k)] = a1[0][k];  // d h1(new), read back by unit below
+      state_st(d_state[at(2 * H + k)], a2[0][k]);
+      dh1[at(k)] = a1[0][k];  // d h1(new), read back by unit below
     }
     a2[0][k] = T(0);
   }
 
   // backward, layer 1: a2 accumulates d h1_prev
   T dx[2] = {T(0), T(0)};
-  // unit j's loads: z (4 rows), c1_prev, d h1 (above, in d_state), d c1 from d_new_state
+  // unit j's loads: z (4 rows), c1_prev, d h1 (above, in dh1), d c1 from d_new_state
   auto load1 = [&](int j) {
     PYMETA_UNROLL
     for (int q = 0; q < 4; ++q) nz[q] = ws[at(R.dz1 + q * H + j)];
-    nv[0] = state[at(H + j)];
-    nv[1] = d_state[at(j)];
-    nv[2] = d_new_state[at(H + j)];
+    nv[0] = state_ld(state[at(H + j)]);
+    nv[1] = dh1[at(j)];
+    nv[2] = state_ld(d_new_state[at(H + j)]);
   };
   if (kAhead) load1(0);
   for (int j = 0; j < H; ++j) {
@@ -381,7 +406,7 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
     for (int i = 0; i < 3; ++i) v[i] = nv[i];
     if (kAhead) load1(j + 1 < H ? j + 1 : j);
     lstm_cell_backward(z, v[0], v[1], v[2], dz, dc_prev);
-    d_state[at(H + j)] = dc_prev;
+    state_st(d_state[at(H + j)], dc_prev);
     PYMETA_UNROLL
     for (int q = 0; q < 4; ++q) {
       const int r = q * H + j;
@@ -393,7 +418,7 @@ PYMETA_HD void lstm_smem_backward_thread(const T* sw, const LstmOptScalars<T>& s
   }
   PYMETA_UNROLL
   for (int k = 0; k < HP; ++k)
-    if (k < H) d_state[at(k)] = a2[0][k];
+    if (k < H) state_st(d_state[at(k)], a2[0][k]);
   d_grad[n] = lstm_preprocess_backward(g, s, dx);
 }
 

@@ -790,9 +790,10 @@ struct LstmOptLaunch {
   int32_t preproc;  // LstmPreproc
   DType dtype;      // Float32 or Float64
   // state, new_state (forward), d_new_state and d_state (backward) are bfloat16 bits
-  // (uint16_t), the rest float32. The CPU forward and backward and the CUDA tensor-core
-  // forward take it; lstm_opt_forward_cuda returns kLstmOptNoKernel where no bfloat16 kernel
-  // applies (the caller converts instead); the CUDA backward never gets it.
+  // (uint16_t), the rest float32. The CPU forward and backward, the CUDA tensor-core forward
+  // and the CUDA backward take it; lstm_opt_forward_cuda and lstm_opt_backward_cuda return
+  // kLstmOptNoKernel, having launched nothing, where no bfloat16 kernel applies (the caller
+  // converts instead).
   int32_t state_bf16;
   // Forward only: state and new_state in the blocked layout [ceil(N / 16)][4H][16] (16
   // coordinates' 4H rows together; the padding coordinates N .. 16 ceil(N / 16) - 1 are
