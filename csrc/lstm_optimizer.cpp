@@ -155,8 +155,10 @@ std::vector<Tensor> contiguous_weights(const std::vector<Tensor>& w) {
 // or PYMETA_LSTM_BF16_NATIVE=0) the state's columns are converted in chunks of
 // bf16_chunk(N) coordinates into a float32 scratch buffer, the float32 kernels run on the
 // chunk, and new_state / d_state are rounded back. Either way the results are exactly the float32 op's
-// on state.float(), rounded (nearest even), and the extra memory of a call is two (forward)
-// or three (backward) float32 scratch chunks rather than float32 copies of whole tensors.
+// on state.float(), rounded (nearest even). The chunks' extra memory is two (forward) or three
+// (backward) float32 scratch chunks rather than float32 copies of whole tensors; the GPU
+// backward reads bfloat16 only while its workspace stays under a limit
+// (lstm_opt_backward_reads_bf16_cuda), because it grows with N.
 // PYMETA_LSTM_BF16_CHUNK overrides the chunk length (tests use it to cross chunk borders).
 int64_t bf16_chunk(const Tensor& grad) {
   if (const char* env = std::getenv("PYMETA_LSTM_BF16_CHUNK")) {
@@ -315,6 +317,7 @@ bool run_backward(const Dims& d, const Tensor& grad, const Tensor& state,
     lstm_opt_backward_cpu(L);
   } else {
 #ifdef PYMETA_WITH_CUDA
+    if (L.state_bf16 && !lstm_opt_backward_reads_bf16_cuda(L)) return false;
     Tensor ws = at::empty({lstm_opt_workspace_bytes_cuda(L)}, grad.options().dtype(at::kByte));
     L.workspace = ws.data_ptr();
     const int err = lstm_opt_backward_cuda(

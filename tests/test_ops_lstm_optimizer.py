@@ -525,23 +525,28 @@ def test_blocked_state_is_the_padded_feature_major_step(device, dtype, H, N):
 
 @native_only
 @pytest.mark.parametrize("device", DEVICES)
-def test_blocked_state_backward_is_the_padded_feature_major_backward(device):
-    """The backward op on a blocked state: the feature-major backward on the padded problem
-    (d_grad [:N], d_state re-blocked, the weights' gradients summed over padding coordinates
-    too), bit for bit; and gradients through ops.lstm_optimizer_step match the reference's."""
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_blocked_state_backward_is_the_padded_feature_major_backward(device, state_dtype):
+    """The backward op on a blocked state (float32 or bfloat16): the feature-major backward on
+    the padded problem (d_grad [:N], d_state re-blocked, the weights' gradients summed over
+    padding coordinates too), bit for bit; and gradients through ops.lstm_optimizer_step match
+    the reference's."""
     H, N = 20, 37
-    blk, fm = _blocked_inputs(H, N, torch.float32, device=device)
+    blk, fm = _blocked_inputs(H, N, torch.float32, state_dtype, device=device)
     blk[0][:] = torch.nan_to_num(blk[0])
     fm[0][:N] = blk[0]
     du = torch.randn(N, device=device)
-    ds = torch.randn(blk[1].shape, device=device)
+    ds = torch.randn(blk[1].shape, device=device).to(blk[1].dtype)
     got = BWD(du, ds, *blk, "log_sign", 10.0, 0.1)
     want = BWD(torch.cat([du, du.new_zeros(16 * 3 - N)]),
                reference.lstm_state_to_feature_major(ds), *fm, "log_sign", 10.0, 0.1)
+    assert got[1].dtype == blk[1].dtype
     assert _same_bits(got[0], want[0][:N].contiguous())
     assert _same_bits(got[1], reference.lstm_state_to_blocked(want[1]))
     for a, b in zip(got[2:], want[2:]):
         assert _same_bits(a, b)
+    if state_dtype is not None:
+        return  # (the reference comparison below is float32's)
 
     def loss(backend, *ts):
         with pymeta.use_backend(backend):
@@ -891,6 +896,7 @@ def test_bf16_state_inf_h_matches_the_reference(device, monkeypatch):
 
 
 @native_only
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("H,N,kernel", [
     (20, 10_007, "backward_smem_bf16_kernel<20>"), (7, 3_001, "backward_smem_bf16_kernel<16>"),
@@ -902,7 +908,8 @@ def test_cuda_bf16_backward_reads_bfloat16(H, N, kernel, monkeypatch):
     pass's bfloat16 kernel, and every result equals the float32 op on the upcast tensors bit for
     bit (d_state rounded), weight gradients included, with the tensor-core and the CUDA-core
     weight gradients; a NaN in one coordinate's d_new_state stays in it.
-    PYMETA_LSTM_BF16_NATIVE=0 still converts in chunks."""
+    PYMETA_LSTM_BF16_NATIVE=0 still converts in chunks, and so does a call whose workspace would
+    pass PYMETA_LSTM_BF16_DIRECT_MB (1 MiB here)."""
     grad, state, *w = _bf16_inputs(H, N, "cuda", seed=3)
     gen = torch.Generator().manual_seed(4)
     du = torch.randn(N, generator=gen).cuda()
@@ -928,10 +935,14 @@ def test_cuda_bf16_backward_reads_bfloat16(H, N, kernel, monkeypatch):
             assert _same_bits(a, b)
         bad = got[0].isnan().nonzero().flatten().tolist()
         assert bad == [11] and not got[1][:, :, :11].isnan().any()
-    monkeypatch.setenv("PYMETA_LSTM_BF16_NATIVE", "0")
-    chunked, names = run(state, ds)
-    assert not any("backward_smem_bf16_kernel" in n for n in names)
-    assert _same_bits(chunked[0], got[0]) and _same_bits(chunked[1], got[1])
+    for env in ({"PYMETA_LSTM_BF16_NATIVE": "0"}, {"PYMETA_LSTM_BF16_DIRECT_MB": "1"}):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        chunked, names = run(state, ds)
+        for k in env:
+            monkeypatch.delenv(k)
+        assert not any("backward_smem_bf16_kernel" in n for n in names), env
+        assert _same_bits(chunked[0], got[0]) and _same_bits(chunked[1], got[1])
 
 
 @native_only
@@ -1313,8 +1324,8 @@ def test_cuda_tensor_core_wgrad_matches_cuda_core_wgrad(H, N, monkeypatch):
 def test_cuda_wgrad_mma_where_it_does_not_apply(case, monkeypatch):
     """float64 or H > 32: the CUDA-core weight gradients run whether or not the tensor-core
     ones are switched off (PYMETA_LSTM_WG_MMA=0), bit for bit the same (the workspace is sized
-    for what runs). With a bfloat16 state the backward runs the float32 kernels on converted
-    chunks, so the tensor-core ones apply there: the same d_grad and d_state, close weight
+    for what runs). With a bfloat16 state the weight gradients read the pass's float copies of
+    the h rows, so the tensor-core ones apply there: the same d_grad and d_state, close weight
     gradients."""
     H, N = (64, 5003) if case == "H64" else (20, 5003)
     dtype = torch.float64 if case == "float64" else torch.float32

@@ -709,8 +709,26 @@ int lstm_opt_forward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
   });
 }
 
+// A bfloat16 state's backward reads it directly (backward_smem_bf16_kernel) where the float
+// weights fit in shared memory (not at H > 32 on an A100) and the workspace, shadow rows
+// included (1052 B per coordinate at H = 20, against 812 for a float32 state), takes at most
+// PYMETA_LSTM_BF16_DIRECT_MB MiB (1024 by default: N up to ~1M at H = 20). Above that the
+// front's chunks bound the call's extra memory (~230 MB at H = 20, whatever N) for ~1.6x the
+// time (H100, the 20-step unroll at 200k before this path: 22.6 vs 14.3 ms for float32).
+bool lstm_opt_backward_reads_bf16_cuda(const LstmOptLaunch& L) {
+  if (!L.state_bf16 || L.dtype != DType::Float32) return false;
+  const int64_t mb = env_int("PYMETA_LSTM_BF16_DIRECT_MB", 1024);
+  if (ws_rows_bytes(L) > mb * (int64_t(1) << 20)) return false;
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) || cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev))
+    return false;  // (the chunk path's launches report the error)
+  const int HP = L.H <= 16 ? 16 : L.H <= 20 ? 20 : L.H <= 24 ? 24 : L.H <= 32 ? 32 : 64;
+  return int64_t(lstm_smem_layout(L.H, HP).total) * int64_t(sizeof(float)) <= optin;
+}
+
 int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
   if (L.N == 0) return 0;
+  if (L.state_bf16 && !lstm_opt_backward_reads_bf16_cuda(L)) return kLstmOptNoKernel;
   return dispatch(L, [&](auto tag, auto hp) {
     using T = decltype(tag);
     constexpr int HP = decltype(hp)::value;

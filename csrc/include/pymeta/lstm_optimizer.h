@@ -828,6 +828,9 @@ int64_t lstm_opt_workspace_bytes_cpu(const LstmOptLaunch& L);
 void lstm_opt_forward_cpu(const LstmOptLaunch& L);
 void lstm_opt_backward_cpu(const LstmOptLaunch& L);
 int64_t lstm_opt_workspace_bytes_cuda(const LstmOptLaunch& L);
+// Whether lstm_opt_backward_cuda takes L's bfloat16 state itself (asked before the workspace is
+// allocated; lstm_opt_backward_cuda returns kLstmOptNoKernel where this is false).
+bool lstm_opt_backward_reads_bf16_cuda(const LstmOptLaunch& L);
 int lstm_opt_forward_cuda(const LstmOptLaunch& L, CUstream_st* stream);
 int lstm_opt_backward_cuda(const LstmOptLaunch& L, CUstream_st* stream);
 
