@@ -19,6 +19,10 @@
 
 #include "pymeta/lstm_optimizer.h"
 
+// Fully unrolled small loops over a tile's vectors / gates: their arrays then live in
+// registers (a loop-indexed array stays on the stack, copied in 16-byte pieces).
+#define PYMETA_UNROLL _Pragma("GCC unroll 16")
+
 namespace pymeta {
 namespace {
 
@@ -501,13 +505,22 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   // tanh(c) of both layers' cells, [layer][unit][CW]
   T tcs[2][kLstmOptMaxHidden * CW];
   auto cells = [&](V (&z)[4][NV], int layer, int j, int c_row, int a_row, int h_row) {
+    V cp[NV], a[4][NV], c[NV], tc[NV], h[NV];
+    for (int v = 0; v < NV; ++v) cp[v] = load(state, c_row + j, v);
+    if constexpr (std::is_same<T, float>::value) {
+      lstm_cell_acts_lanes(z, cp, a, c, tc, h);  // the NV vectors' chains side by side
+    } else {
+      for (int v = 0; v < NV; ++v) {
+        const V zv[4] = {z[0][v], z[1][v], z[2][v], z[3][v]};
+        V av[4];
+        lstm_cell_acts(zv, cp[v], av, c[v], tc[v], h[v]);
+        for (int q = 0; q < 4; ++q) a[q][v] = av[q];
+      }
+    }
     for (int v = 0; v < NV; ++v) {
-      const V zv[4] = {z[0][v], z[1][v], z[2][v], z[3][v]};
-      V a[4], c, tc, h;
-      lstm_cell_acts(zv, load(state, c_row + j, v), a, c, tc, h);
-      for (int q = 0; q < 4; ++q) wstore(a_row + q * H + j, v, a[q]);
-      store_lanes<T, LN>(tcs[layer], CW, j, v, tc);
-      wstore(h_row + j, v, h);
+      for (int q = 0; q < 4; ++q) wstore(a_row + q * H + j, v, a[q][v]);
+      store_lanes<T, LN>(tcs[layer], CW, j, v, tc[v]);
+      wstore(h_row + j, v, h[v]);
     }
   };
   // forward, layer 1
@@ -536,14 +549,14 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   }
   for (int j = 0; j < H; ++j) {
     pf.step(3);
-    for (int v = 0; v < NV; ++v) {
+    PYMETA_UNROLL for (int v = 0; v < NV; ++v) {
       V a[4], dz[4], dc_prev;
-      for (int q = 0; q < 4; ++q) a[q] = wload(R.dz2 + q * H + j, v);
+      PYMETA_UNROLL for (int q = 0; q < 4; ++q) a[q] = wload(R.dz2 + q * H + j, v);
       const V dh = du[v] * W.w_out[j] + load(d_new_state, 2 * H + j, v);
       lstm_cell_backward_acts(a, load_lanes<T, LN>(tcs[1], CW, j, v), load(state, 3 * H + j, v),
                               dh, load(d_new_state, 3 * H + j, v), dz, dc_prev);
       store(d_state, 3 * H + j, v, dc_prev);
-      for (int q = 0; q < 4; ++q) wstore(R.dz2 + q * H + j, v, dz[q]);
+      PYMETA_UNROLL for (int q = 0; q < 4; ++q) wstore(R.dz2 + q * H + j, v, dz[q]);
     }
   }
   // d h1(new) = d_new_state h1 rows + W_ih2^T dz2 (local), d h2_prev = W_hh2^T dz2
@@ -557,17 +570,17 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   for (int v = 0; v < NV; ++v) dx[v][0] = dx[v][1] = V(T(0));
   for (int j = 0; j < H; ++j) {
     pf.step(3);
-    for (int v = 0; v < NV; ++v) {
+    PYMETA_UNROLL for (int v = 0; v < NV; ++v) {
       V a[4], dz[4], dc_prev;
-      for (int q = 0; q < 4; ++q) a[q] = wload(R.dz1 + q * H + j, v);
+      PYMETA_UNROLL for (int q = 0; q < 4; ++q) a[q] = wload(R.dz1 + q * H + j, v);
       lstm_cell_backward_acts(a, load_lanes<T, LN>(tcs[0], CW, j, v), load(state, H + j, v),
                               load_lanes<T, LN>(dh1, CW, j, v), load(d_new_state, H + j, v), dz,
                               dc_prev);
       store(d_state, H + j, v, dc_prev);
-      for (int q = 0; q < 4; ++q) {
+      PYMETA_UNROLL for (int q = 0; q < 4; ++q) {
         const int r = q * H + j;
         wstore(r + R.dz1, v, dz[q]);
-        for (int i = 0; i < 2; ++i)
+        PYMETA_UNROLL for (int i = 0; i < 2; ++i)
           if (i < n_in) dx[v][i] = dx[v][i] + W.w_ih1[r * n_in + i] * dz[q];
       }
     }

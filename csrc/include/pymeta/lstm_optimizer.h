@@ -444,6 +444,31 @@ inline void lstm_cell_lanes(const Lanes<float, L> (&z)[4][K], const Lanes<float,
     h[k].v = (no[k] * nc[k]) / (dn[k] * dc[k]);
   }
 }
+// lstm_cell_acts of K float lane vectors at once (the CPU backward's recompute), every value
+// by lstm_cell_acts' own operations, so the same bits. Taking the tile by reference keeps it in
+// registers: lstm_cell_acts on a copied z[4] went through the stack, whose 32-byte reloads of
+// 16-byte stores missed store forwarding (the hottest instructions of the AVX2 backward).
+template <int L, int K>
+inline void lstm_cell_acts_lanes(const Lanes<float, L> (&z)[4][K],
+                                 const Lanes<float, L> (&c_prev)[K], Lanes<float, L> (&a)[4][K],
+                                 Lanes<float, L> (&c)[K], Lanes<float, L> (&tc)[K],
+                                 Lanes<float, L> (&h)[K]) {
+  typedef typename FloatLanes<L>::fv fv;
+  fv y[K], num[K], den[K];
+  for (int q = 0; q < 4; ++q) {
+    PYMETA_EACH_K y[k] = z[q][k].v;
+    if (q == 2) v_tanh_frac<L, K>(y, num, den);
+    else v_sigmoid_frac<L, K>(y, num, den);
+    PYMETA_EACH_K a[q][k].v = num[k] / den[k];
+  }
+  PYMETA_EACH_K c[k] = a[1][k] * c_prev[k] + a[0][k] * a[2][k];
+  PYMETA_EACH_K y[k] = c[k].v;
+  v_tanh_frac<L, K>(y, num, den);
+  PYMETA_EACH_K {
+    tc[k].v = num[k] / den[k];
+    h[k] = a[3][k] * tc[k];
+  }
+}
 #endif
 
 // Given dh and dc (the gradients w.r.t. the cell's outputs), the gradients w.r.t. z and
