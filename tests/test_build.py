@@ -34,3 +34,44 @@ def test_readme_quick_start_is_two_commands_and_ci_runs_the_test_one():
     assert all("\n" not in c.strip() for c in cmds), "each quick-start block is one command"
     ci = (ROOT / ".ci" / "run").read_text()
     assert cmds[1].strip() in ci.splitlines(), ".ci/run must run the README's test command"
+
+
+def test_gpu_check_keeps_to_its_time_budget(tmp_path):
+    """bench/gpu_check.sh with stand-ins for the GPU tools: a step the budget leaves under 10 s
+    for is skipped and named in the summary, and a running step is cut at the budget."""
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    import subprocess
+    import time
+    (tmp_path / "bench").mkdir()
+    shutil.copy(ROOT / "bench" / "gpu_check.sh", tmp_path / "bench" / "gpu_check.sh")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {
+        "nvidia-smi": 'echo "stand-in GPU, 0, 80 GiB"',
+        "cmake": "true",
+        "compute-sanitizer": 'shift 4; "$@"; echo "ERROR SUMMARY: 0 errors"',
+        # pytest finishes; the goals table would run 60 s and is cut by the budget
+        "py": 'case "$*" in *pytest*) echo "3 passed";; *goals*) sleep 60;; *) sleep 1;; esac',
+    }
+    for name, body in tools.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "py"),
+               TORCH_CUDA_ARCH_LIST="9.0", OUT=str(tmp_path / "out"), PYMETA_BUDGET_S="30")
+    for k in ("PYMETA_QUICK", "PYMETA_SKIP_BENCH", "PYMETA_SKIP_MAML", "PYMETA_PROFILE"):
+        env.pop(k, None)
+    t0 = time.monotonic()
+    run = subprocess.run(["bash", str(tmp_path / "bench" / "gpu_check.sh")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    out = run.stdout
+    assert "cuda tests: rc=0" in out and "3 passed" in out, out
+    # 30 s - 15 s kept for the summary: the goals table is killed after ~15 s, not 60 s
+    assert elapsed < 28, (elapsed, out)
+    summary = out.split("skipped for the budget:", 1)
+    assert len(summary) == 2, out
+    for step in ("memcheck", "racecheck", "synccheck", "lstm_gpu_ab.py", "pymeta"):
+        assert step in summary[1].split("\n", 1)[0], out
+    assert "sanitizer:  rc=124" in out, out
+    assert run.returncode != 0  # skipped checks are not passes
