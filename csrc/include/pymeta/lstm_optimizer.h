@@ -427,22 +427,23 @@ PYMETA_HD void lstm_cell(const float z[4], const float& c_prev, float& c, float&
 template <int L, int K>
 inline void lstm_cell_lanes(const Lanes<float, L> (&z)[4][K], const Lanes<float, L> (&c_prev)[K],
                             Lanes<float, L> (&c)[K], Lanes<float, L> (&h)[K]) {
+  // Each fraction is folded into the next value as soon as it is complete (i g, then c, then
+  // h), so few vectors are live at once: all four gates first kept 8 K of them and spilled.
   typedef typename FloatLanes<L>::fv fv;
-  fv y[K], ni[K], di[K], nf[K], df[K], ng[K], dg[K], no[K], dn[K], nc[K], dc[K];
+  fv y[K], ni[K], di[K], ng[K], dg[K], ig[K], nf[K], df[K], no[K], dn[K], nc[K], dc[K];
   PYMETA_EACH_K y[k] = z[0][k].v;
   v_sigmoid_frac<L, K>(y, ni, di);
-  PYMETA_EACH_K y[k] = z[1][k].v;
-  v_sigmoid_frac<L, K>(y, nf, df);
   PYMETA_EACH_K y[k] = z[2][k].v;
   v_tanh_frac<L, K>(y, ng, dg);
+  PYMETA_EACH_K ig[k] = (ni[k] * ng[k]) / (di[k] * dg[k]);
+  PYMETA_EACH_K y[k] = z[1][k].v;
+  v_sigmoid_frac<L, K>(y, nf, df);
+  PYMETA_EACH_K c[k].v = nf[k] / df[k] * c_prev[k].v + ig[k];
+  PYMETA_EACH_K y[k] = c[k].v;
+  v_tanh_frac<L, K>(y, nc, dc);
   PYMETA_EACH_K y[k] = z[3][k].v;
   v_sigmoid_frac<L, K>(y, no, dn);
-  PYMETA_EACH_K y[k] = nf[k] / df[k] * c_prev[k].v + (ni[k] * ng[k]) / (di[k] * dg[k]);
-  v_tanh_frac<L, K>(y, nc, dc);
-  PYMETA_EACH_K {
-    c[k].v = y[k];
-    h[k].v = (no[k] * nc[k]) / (dn[k] * dc[k]);
-  }
+  PYMETA_EACH_K h[k].v = (no[k] * nc[k]) / (dn[k] * dc[k]);
 }
 // lstm_cell_acts of K float lane vectors at once (the CPU backward's recompute), every value
 // by lstm_cell_acts' own operations, so the same bits. Taking the tile by reference keeps it in
