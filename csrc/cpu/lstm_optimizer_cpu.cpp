@@ -21,7 +21,7 @@
 
 // Fully unrolled small loops over a tile's vectors / gates: their arrays then live in
 // registers (a loop-indexed array stays on the stack, copied in 16-byte pieces).
-#define PYMETA_UNROLL _Pragma("GCC unroll 16")
+#define PYMETA_CPU_UNROLL _Pragma("GCC unroll 16")
 
 namespace pymeta {
 namespace {
@@ -364,7 +364,7 @@ inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s
   // The cell of unit j (rows j, H + j of the layer's h, c in state / new_state at row0).
   auto cell = [&](V (&z)[4][NV], int64_t row0, int j, V* out) {
     V cp[NV], c[NV], h[NV];
-    PYMETA_UNROLL for (int v = 0; v < NV; ++v) cp[v] = load(state, row0 + H + j, v);
+    PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) cp[v] = load(state, row0 + H + j, v);
     if constexpr (std::is_same<T, float>::value) {
       lstm_cell_lanes(z, cp, c, h);  // all NV vectors at once, 3 divisions
     } else {
@@ -373,7 +373,7 @@ inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s
         lstm_cell(zv, cp[v], c[v], h[v]);
       }
     }
-    PYMETA_UNROLL for (int v = 0; v < NV; ++v) {
+    PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) {
       store(new_state, row0 + j, v, h[v]);
       store(new_state, row0 + H + j, v, c[v]);
       if (out) out[v] = out[v] + W.w_out[j] * h[v];
@@ -381,7 +381,7 @@ inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s
   };
 
   V x[NV][2];
-  PYMETA_UNROLL for (int v = 0; v < NV; ++v) lstm_preprocess(load(grad, 0, v), s, x[v]);
+  PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) lstm_preprocess(load(grad, 0, v), s, x[v]);
   for (int j = 0; j < H; ++j) {
     pf.rows(2 * j, 2);
     V z[4][NV];
@@ -390,7 +390,7 @@ inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s
     cell(z, 0, j, nullptr);
   }
   V out[NV];
-  PYMETA_UNROLL for (int v = 0; v < NV; ++v) out[v] = V(W.b_out[0]);
+  PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) out[v] = V(W.b_out[0]);
   for (int j = 0; j < H; ++j) {
     pf.rows(2 * H + 2 * j, 2);
     V z[4][NV];
@@ -399,7 +399,7 @@ inline void forward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& s
     gate_tile(z, W.w_hh2, H, j, state + int64_t(2) * H * ld, ld);  // h2
     cell(z, 2 * H, j, out);
   }
-  PYMETA_UNROLL for (int v = 0; v < NV; ++v) store(update, 0, v, out[v] * s.out_scale);
+  PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) store(update, 0, v, out[v] * s.out_scale);
 }
 
 // One row segment of the state into / out of a staged chunk: a copy, or for a bfloat16 state
@@ -497,7 +497,7 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   auto wstore = [&](int64_t row, int v, const V& x) { store_lanes<T, LN>(ws, wld, row, v, x); };
 
   V g[NV], x[NV][2];
-  PYMETA_UNROLL for (int v = 0; v < NV; ++v) {
+  PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) {
     g[v] = load(grad, 0, v);
     lstm_preprocess(g[v], s, x[v]);
     for (int i = 0; i < n_in; ++i) wstore(R.x + i, v, x[v][i]);
@@ -506,7 +506,7 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   T tcs[2][kLstmOptMaxHidden * CW];
   auto cells = [&](V (&z)[4][NV], int layer, int j, int c_row, int a_row, int h_row) {
     V cp[NV], a[4][NV], c[NV], tc[NV], h[NV];
-    PYMETA_UNROLL for (int v = 0; v < NV; ++v) cp[v] = load(state, c_row + j, v);
+    PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) cp[v] = load(state, c_row + j, v);
     if constexpr (std::is_same<T, float>::value) {
       lstm_cell_acts_lanes(z, cp, a, c, tc, h);  // the NV vectors' chains side by side
     } else {
@@ -517,8 +517,8 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
         for (int q = 0; q < 4; ++q) a[q][v] = av[q];
       }
     }
-    PYMETA_UNROLL for (int v = 0; v < NV; ++v) {
-      PYMETA_UNROLL for (int q = 0; q < 4; ++q) wstore(a_row + q * H + j, v, a[q][v]);
+    PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) {
+      PYMETA_CPU_UNROLL for (int q = 0; q < 4; ++q) wstore(a_row + q * H + j, v, a[q][v]);
       store_lanes<T, LN>(tcs[layer], CW, j, v, tc[v]);
       wstore(h_row + j, v, h[v]);
     }
@@ -543,20 +543,20 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
 
   // backward, head and layer 2
   V du[NV];
-  PYMETA_UNROLL for (int v = 0; v < NV; ++v) {
+  PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) {
     du[v] = load(d_update, 0, v) * s.out_scale;
     wstore(R.du, v, du[v]);
   }
   for (int j = 0; j < H; ++j) {
     pf.step(3);
-    PYMETA_UNROLL for (int v = 0; v < NV; ++v) {
+    PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) {
       V a[4], dz[4], dc_prev;
-      PYMETA_UNROLL for (int q = 0; q < 4; ++q) a[q] = wload(R.dz2 + q * H + j, v);
+      PYMETA_CPU_UNROLL for (int q = 0; q < 4; ++q) a[q] = wload(R.dz2 + q * H + j, v);
       const V dh = du[v] * W.w_out[j] + load(d_new_state, 2 * H + j, v);
       lstm_cell_backward_acts(a, load_lanes<T, LN>(tcs[1], CW, j, v), load(state, 3 * H + j, v),
                               dh, load(d_new_state, 3 * H + j, v), dz, dc_prev);
       store(d_state, 3 * H + j, v, dc_prev);
-      PYMETA_UNROLL for (int q = 0; q < 4; ++q) wstore(R.dz2 + q * H + j, v, dz[q]);
+      PYMETA_CPU_UNROLL for (int q = 0; q < 4; ++q) wstore(R.dz2 + q * H + j, v, dz[q]);
     }
   }
   // d h1(new) = d_new_state h1 rows + W_ih2^T dz2 (local), d h2_prev = W_hh2^T dz2
@@ -567,20 +567,20 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
 
   // backward, layer 1
   V dx[NV][2];
-  PYMETA_UNROLL for (int v = 0; v < NV; ++v) dx[v][0] = dx[v][1] = V(T(0));
+  PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) dx[v][0] = dx[v][1] = V(T(0));
   for (int j = 0; j < H; ++j) {
     pf.step(3);
-    PYMETA_UNROLL for (int v = 0; v < NV; ++v) {
+    PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) {
       V a[4], dz[4], dc_prev;
-      PYMETA_UNROLL for (int q = 0; q < 4; ++q) a[q] = wload(R.dz1 + q * H + j, v);
+      PYMETA_CPU_UNROLL for (int q = 0; q < 4; ++q) a[q] = wload(R.dz1 + q * H + j, v);
       lstm_cell_backward_acts(a, load_lanes<T, LN>(tcs[0], CW, j, v), load(state, H + j, v),
                               load_lanes<T, LN>(dh1, CW, j, v), load(d_new_state, H + j, v), dz,
                               dc_prev);
       store(d_state, H + j, v, dc_prev);
-      PYMETA_UNROLL for (int q = 0; q < 4; ++q) {
+      PYMETA_CPU_UNROLL for (int q = 0; q < 4; ++q) {
         const int r = q * H + j;
         wstore(r + R.dz1, v, dz[q]);
-        PYMETA_UNROLL for (int i = 0; i < 2; ++i)
+        PYMETA_CPU_UNROLL for (int i = 0; i < 2; ++i)
           if (i < n_in) dx[v][i] = dx[v][i] + W.w_ih1[r * n_in + i] * dz[q];
       }
     }
@@ -588,7 +588,7 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
   pf.step(3 * 4 * H + 3);  // the rest (none at the usual 3 rows per unit loop)
   // d h1_prev = W_hh1^T dz1
   dh_products<T, LN, NV>(W.w_hh1, H, ws + int64_t(R.dz1) * wld, wld, nullptr, 0, d_state, ld);
-  PYMETA_UNROLL for (int v = 0; v < NV; ++v) store(d_grad, 0, v, lstm_preprocess_backward(g[v], s, dx[v]));
+  PYMETA_CPU_UNROLL for (int v = 0; v < NV; ++v) store(d_grad, 0, v, lstm_preprocess_backward(g[v], s, dx[v]));
 }
 
 // The backward's per-coordinate part over one block: chunks of CW coordinates, the block's

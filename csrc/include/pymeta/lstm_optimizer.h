@@ -773,7 +773,15 @@ PYMETA_HD float bf16_to_f32(uint16_t b) { return bits_f32(uint32_t(b) << 16); }
 template <typename U>
 PYMETA_HD void f32_bits_to_bf16_bits(U& u) {
   const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  u = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
+  if constexpr (std::is_integral<U>::value) {
+    u = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
+  } else {
+    // Vectors: the NaN test as a mask from a sign bit (0x7f800000 - |u| wraps past 2^31 exactly
+    // when |u| > 0x7f800000). AVX2 has no unsigned compare, and GCC made the select above
+    // per-lane scalar code there: most of the bfloat16 forward's cost over float32.
+    const U nan = U{} - ((0x7f800000u - (u & 0x7fffffffu)) >> 31);
+    u = (nan & ((u >> 16) | 0x40u)) | (~nan & rounded);
+  }
 }
 PYMETA_HD uint16_t f32_to_bf16(float x) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
