@@ -4,7 +4,8 @@
 # It keeps to a time budget, PYMETA_BUDGET_S seconds from its start (default 345, under the
 # lent machine's 6 minutes; 0: none): every step after the build runs under `timeout` with the
 # smaller of its own limit and the budget left (15 s kept for the summary), and a step with
-# under 10 s left is skipped and says so in its log. Order: build, CUDA tests, the LSTM goals
+# under 10 s left is skipped and says so in its log; the summary names the steps skipped and
+# those the budget cut short. Order: build, CUDA tests, the LSTM goals
 # table, compute-sanitizer, the A/B forward table, then the optional timings. Before the budget
 # (H100): run 19 349 s and run 20 468 s with the skips below, the build alone 142 s (run 21).
 # It builds pymeta in place for that GPU, runs the CUDA tests, the LSTM benchmarks and every
@@ -42,24 +43,33 @@ fi
 rm -rf build-gpu  # a fresh configure, so the compiler choice above takes effect
 
 BUDGET=${PYMETA_BUDGET_S:-345}
-SKIPPED=""
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "PYMETA_BUDGET_S must be a whole number of seconds, not '$BUDGET'"; exit 2; }
+SKIPPED="" CUT=""
 # tmo LIMIT CMD...: CMD under `timeout`, limited to the smaller of LIMIT and the budget left;
-# with under 10 s left, skipped (exit status 124, a line on stdout and in SKIPPED).
+# with under 10 s left, skipped (exit status 124, a line on stdout, named in SKIPPED). A step
+# the budget's limit stopped is named in CUT.
 tmo() {
-  local limit=$1
+  local limit=$1 capped=0 a label
   shift
+  label=$1
+  for a in "$@"; do case $a in *.py|*mem_probe|pymeta|pytest|memcheck|racecheck|synccheck) label=$a; break;; esac; done
+  label=$(basename "$label")
   if [ "$BUDGET" -gt 0 ]; then
     local left=$((BUDGET - SECONDS - 15))
     if [ "$left" -lt 10 ]; then
       echo "skipped: the ${BUDGET} s budget (PYMETA_BUDGET_S) is spent"
-      local a label=$1
-      for a in "$@"; do case $a in *.py|*mem_probe|pymeta|memcheck|racecheck|synccheck) label=$a; break;; esac; done
-      SKIPPED="$SKIPPED $(basename "$label")"
+      SKIPPED="$SKIPPED $label"
       return 124
     fi
-    [ "$left" -lt "$limit" ] && limit=$left
+    [ "$left" -lt "$limit" ] && limit=$left capped=1
   fi
   timeout "$limit" "$@"
+  local rc=$?
+  if [ "$rc" -eq 124 ] && [ "$capped" = 1 ]; then
+    echo "cut: the ${BUDGET} s budget (PYMETA_BUDGET_S) ran out"
+    CUT="$CUT $label"
+  fi
+  return $rc
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -186,6 +196,7 @@ echo "sanitizer:  rc=$san_rc ${san_s}s: $(grep -E 'ERROR SUMMARY|kernels ran|ski
 echo "racecheck:  rc=$race_rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY| ran$|skipped' "$OUT/racecheck.log" | tr '\n' ' ')"
 echo "synccheck:  rc=$sync_rc: $(grep -E 'ERROR SUMMARY| ran$|skipped' "$OUT/synccheck.log" | tr '\n' ' ')"
 echo "goals table: ${goals_s}s; lstm/maml timing: ${extra_s}s; total ${SECONDS}s ($([ "$BUDGET" -gt 0 ] && echo "budget ${BUDGET}s" || echo "no budget"))"
+[ -n "$CUT" ] && echo "cut short by the budget:$CUT"
 [ -n "$SKIPPED" ] && echo "skipped for the budget:$SKIPPED"
 tail -24 "$OUT/lstm_goals.log" 2>/dev/null
 tail -36 "$OUT/mem_probe.log" 2>/dev/null

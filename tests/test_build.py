@@ -57,10 +57,9 @@ def test_gpu_check_keeps_to_its_time_budget(tmp_path):
     for name, body in tools.items():
         (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
         (bin_dir / name).chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "py"),
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYMETA_")}  # the defaults
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "py"),
                TORCH_CUDA_ARCH_LIST="9.0", OUT=str(tmp_path / "out"), PYMETA_BUDGET_S="30")
-    for k in ("PYMETA_QUICK", "PYMETA_SKIP_BENCH", "PYMETA_SKIP_MAML", "PYMETA_PROFILE"):
-        env.pop(k, None)
     t0 = time.monotonic()
     run = subprocess.run(["bash", str(tmp_path / "bench" / "gpu_check.sh")], env=env,
                          capture_output=True, text=True, timeout=120)
@@ -69,9 +68,15 @@ def test_gpu_check_keeps_to_its_time_budget(tmp_path):
     assert "cuda tests: rc=0" in out and "3 passed" in out, out
     # 30 s - 15 s kept for the summary: the goals table is killed after ~15 s, not 60 s
     assert elapsed < 28, (elapsed, out)
+    cut = out.split("cut short by the budget:", 1)
+    assert len(cut) == 2 and cut[1].split("\n", 1)[0].split() == ["lstm_gpu_goals.py"], out
     summary = out.split("skipped for the budget:", 1)
     assert len(summary) == 2, out
     for step in ("memcheck", "racecheck", "synccheck", "lstm_gpu_ab.py", "pymeta"):
         assert step in summary[1].split("\n", 1)[0], out
     assert "sanitizer:  rc=124" in out, out
     assert run.returncode != 0  # skipped checks are not passes
+    env["PYMETA_BUDGET_S"] = "6m"
+    bad = subprocess.run(["bash", str(tmp_path / "bench" / "gpu_check.sh")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "PYMETA_BUDGET_S must be a whole number" in bad.stdout

@@ -713,15 +713,18 @@ void backward(const LstmOptLaunch& L) {
   const int64_t lda = (4 * H + align - 1) / align * align;
   const WgradIsa isa = wgrad_isa();
   const int NRP = wgrad_nr(isa);  // B row lists padded to the path's tile rows
+  // The block buffers' width: BC columns, or N rounded up to 64 where N is smaller (their
+  // zeroing and allocation were ~10% of the op at N = 16).
+  const int64_t BW = std::min<int64_t>(BC, (N + 63) / 64 * 64);
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<T> ws(static_cast<size_t>(R.total) * BC);
-    std::vector<T> at_buf(static_cast<size_t>(lda) * BC, T(0));
-    std::vector<T> ones(BC, T(1)), zeros(BC, T(0));
+    std::vector<T> ws(static_cast<size_t>(R.total) * BW);
+    std::vector<T> at_buf(static_cast<size_t>(lda) * BW, T(0));
+    std::vector<T> ones(BW, T(1)), zeros(BW, T(0));
     const int mbmax = std::max(P.mb[0], P.mb[1]);
     const int nbpad = (mbmax + NRP - 1) / NRP * NRP;
     std::vector<T> ct(static_cast<size_t>(nbpad) * lda);
     std::vector<const T*> brows(nbpad);
-    std::vector<T> staged(kConvert ? 3 * 4 * H * BC : 0);  // state, d_new_state, d_state rows
+    std::vector<T> staged(kConvert ? 3 * 4 * H * BW : 0);  // state, d_new_state, d_state rows
     for (int64_t b = g0 * gb; b < std::min(g1 * gb, blocks); ++b) {
       const int64_t n0 = b * BC, cnt = std::min<int64_t>(BC, N - n0);
       const bool first_in_group = b % gb == 0;
@@ -732,10 +735,10 @@ void backward(const LstmOptLaunch& L) {
       if constexpr (kConvert) {
         T* buf = staged.data();
         for (int64_t r = 0; r < 4 * H; ++r) {
-          stage_in(buf + r * BC, state + r * N + n0, cnt);
-          stage_in(buf + (4 * H + r) * BC, d_new_state + r * N + n0, cnt);
+          stage_in(buf + r * BW, state + r * N + n0, cnt);
+          stage_in(buf + (4 * H + r) * BW, d_new_state + r * N + n0, cnt);
         }
-        st = buf, dns = buf + 4 * H * BC, ds = buf + 8 * H * BC, ld = BC, first = 0, end = cnt;
+        st = buf, dns = buf + 4 * H * BW, ds = buf + 8 * H * BW, ld = BW, first = 0, end = cnt;
       } else {
         st = state, dns = d_new_state, ds = d_state;
       }
@@ -744,28 +747,28 @@ void backward(const LstmOptLaunch& L) {
       T* dg = d_grad + n0 - first;
 #ifdef PYMETA_WGRAD_X86
       if (isa == WgradIsa::Avx512) {
-        backward_block_avx512<T, HMAX>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt,
+        backward_block_avx512<T, HMAX>(W, s, g, st, du, dns, dg, ds, ws.data(), BW, ld, first, cnt,
                                        end);
       } else if (isa == WgradIsa::Avx2) {
-        backward_block_avx2<T, HMAX>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt,
+        backward_block_avx2<T, HMAX>(W, s, g, st, du, dns, dg, ds, ws.data(), BW, ld, first, cnt,
                                      end);
       } else
 #endif
-        backward_block<HMAX, T, LN, 2>(W, s, g, st, du, dns, dg, ds, ws.data(), BC, ld, first, cnt,
+        backward_block<HMAX, T, LN, 2>(W, s, g, st, du, dns, dg, ds, ws.data(), BW, ld, first, cnt,
                                        end);
       if constexpr (kConvert)
-        for (int64_t r = 0; r < 4 * H; ++r) stage_out(d_state + r * N + n0, ds + r * BC, cnt);
+        for (int64_t r = 0; r < 4 * H; ++r) stage_out(d_state + r * N + n0, ds + r * BW, cnt);
       // This block's share of C_q = A_q B_q^T (see lstm_opt_pairs), added to its group's
       // partial sums (blocks in order).
       T* out = partial + (b / gb) * P.off[3];
       auto put = [first_in_group](T& o, T v) { o = first_in_group ? v : o + v; };
-      auto wrow = [&](int r) -> const T* { return ws.data() + int64_t(r) * BC; };
+      auto wrow = [&](int r) -> const T* { return ws.data() + int64_t(r) * BW; };
       auto srow = [&](int r) -> const T* { return st + int64_t(r) * ld + first; };
       for (int q = 0; q < 2; ++q) {
         const int ma = P.ma[q], mb = P.mb[q];
         const int arow0 = q == 0 ? R.dz1 : R.dz2;
         // A (4H rows of gate gradients, coordinates contiguous) -> A^T (coordinate-major).
-        transpose_rows(wrow(arow0), BC, ma, cnt, at_buf.data(), lda);
+        transpose_rows(wrow(arow0), BW, ma, cnt, at_buf.data(), lda);
         int nb = 0;
         for (int k = 0; k < mb; ++k) {
           const T* brow;
@@ -790,38 +793,30 @@ void backward(const LstmOptLaunch& L) {
     }
   });
 
-  // Sum the groups in order, into each weight's gradient.
-  int64_t seg_start[11];
+  // Sum the groups in order, into each weight's gradient, one run at a time: a run is one row
+  // of one weight's gradient (segment d, row r), whose entries are contiguous both there and in
+  // each group's partials. Every entry sums g = 0, 1, ... in order. (Per-entry offsets, walked
+  // through (segment, row, column), cost ~10 cycles an entry: ~20 of the op's ~50 us at N = 16.)
+  int64_t run_start[11];
   LstmOptSegment seg[10];
-  seg_start[0] = 0;
+  run_start[0] = 0;
   for (int d = 0; d < 10; ++d) {
     seg[d] = lstm_opt_segment(d, H, n_in);
-    seg_start[d + 1] = seg_start[d] + int64_t(seg[d].rows) * seg[d].cols;
+    run_start[d + 1] = run_start[d] + seg[d].rows;
   }
-  // Groups outer, entries inner: each group's partials are read as runs (one entry at a time
-  // over all groups was a strided read per value); every entry still sums g = 0, 1, ...
-  at::parallel_for(0, seg_start[10], 256, [&](int64_t e0, int64_t e1) {
-    std::vector<int64_t> src(e1 - e0);
-    std::vector<T> acc(e1 - e0, T(0));
-    // Each entry's offset in a block's partials, walking (segment, row, column): one
-    // division per task (a 64-bit division per entry was most of the op's fixed cost, ~20 us
-    // of ~90 at N = 64 on the VM).
+  at::parallel_for(0, run_start[10], 32, [&](int64_t r0, int64_t r1) {
+    T acc[kLstmOptMaxHidden > 2 ? kLstmOptMaxHidden : 2];  // cols <= max(H, n_in)
     int d = 0;
-    while (e0 >= seg_start[d + 1]) ++d;
-    int64_t r = (e0 - seg_start[d]) / seg[d].cols, c = (e0 - seg_start[d]) % seg[d].cols;
-    for (int64_t e = e0; e < e1; ++e) {
-      while (e >= seg_start[d + 1]) ++d, r = 0, c = 0;
-      src[e - e0] = seg[d].src_off + r * seg[d].src_stride + c;
-      if (++c == seg[d].cols) c = 0, ++r;
-    }
-    for (int64_t b = 0; b < groups; ++b) {
-      const T* pb = partial + b * P.off[3];
-      for (int64_t e = 0; e < e1 - e0; ++e) acc[e] += pb[src[e]];
-    }
-    d = 0;
-    for (int64_t e = e0; e < e1; ++e) {
-      while (e >= seg_start[d + 1]) ++d;
-      static_cast<T*>(L.d_w[d])[e - seg_start[d]] = acc[e - e0];
+    for (int64_t run = r0; run < r1; ++run) {
+      while (run >= run_start[d + 1]) ++d;
+      const int64_t r = run - run_start[d];
+      const int cols = seg[d].cols;
+      const T* src = partial + seg[d].src_off + r * seg[d].src_stride;
+      for (int c = 0; c < cols; ++c) acc[c] = T(0);
+      for (int64_t b = 0; b < groups; ++b, src += P.off[3])
+        for (int c = 0; c < cols; ++c) acc[c] += src[c];
+      T* dst = static_cast<T*>(L.d_w[d]) + r * cols;
+      for (int c = 0; c < cols; ++c) dst[c] = acc[c];
     }
   });
 }

@@ -446,7 +446,8 @@ inline void lstm_cell_lanes(const Lanes<float, L> (&z)[4][K], const Lanes<float,
   PYMETA_EACH_K h[k].v = (no[k] * nc[k]) / (dn[k] * dc[k]);
 }
 // lstm_cell_acts of K float lane vectors at once (the CPU backward's recompute), every value
-// by lstm_cell_acts' own operations, so the same bits. Taking the tile by reference keeps it in
+// by lstm_cell_acts' own operations, so the same bits (a NaN's payload aside: x86 keeps the
+// first operand's, and the compiler may order them differently). Taking the tile by reference keeps it in
 // registers: lstm_cell_acts on a copied z[4] went through the stack, whose 32-byte reloads of
 // 16-byte stores missed store forwarding (the hottest instructions of the AVX2 backward).
 template <int L, int K>
