@@ -69,26 +69,26 @@ int64_t check_args(const char* op, TensorList params_or_douts, const char* pname
                    const std::optional<TensorList>& lr_tensors, bool params_may_be_shared,
                    std::vector<int32_t>* shared, std::vector<LrKind>* lr_kinds) {
   const int64_t count = static_cast<int64_t>(grads.size());
-  TORCH_CHECK(!params_or_douts.empty(), op, ": ", pname, " is an empty list");
-  TORCH_CHECK(static_cast<int64_t>(params_or_douts.size()) == count, op, ": ", pname, " has ",
+  TORCH_CHECK_VALUE(!params_or_douts.empty(), op, ": ", pname, " is an empty list");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(params_or_douts.size()) == count, op, ": ", pname, " has ",
               params_or_douts.size(), " tensors but grads has ", count);
   if (lr_tensors.has_value())
-    TORCH_CHECK(static_cast<int64_t>(lr_tensors->size()) == count, op, ": lr has ",
-                lr_tensors->size(), " tensors but ", pname, " has ", count);
+    TORCH_CHECK_VALUE(static_cast<int64_t>(lr_tensors->size()) == count, op, ": lr has ",
+                      lr_tensors->size(), " tensors but ", pname, " has ", count);
   const Tensor& g0 = grads[0];
-  TORCH_CHECK(g0.defined() && g0.dim() >= 1, op,
-              ": grads[0] must have a leading task dimension [T, ...]");
+  TORCH_CHECK_VALUE(g0.defined() && g0.dim() >= 1, op,
+                    ": grads[0] must have a leading task dimension [T, ...]");
   const int64_t T = g0.size(0);
   const auto dtype = params_or_douts[0].scalar_type();
   const auto device = g0.device();
-  TORCH_CHECK(supported_dtype(dtype), op, ": ", pname, "[0] has dtype ", dtype,
-              "; supported are float32, float64, float16 and bfloat16");
+  TORCH_CHECK_TYPE(supported_dtype(dtype), op, ": ", pname, "[0] has dtype ", dtype,
+                   "; supported are float32, float64, float16 and bfloat16");
   auto check_tensor = [&](const Tensor& t, const char* name, int64_t i) {
-    TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
-    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
-                " but ", pname, "[0] has ", dtype, "; all tensors of one call share a dtype");
-    TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
-                " but grads[0] is on ", device, "; all tensors of one call share a device");
+    TORCH_CHECK_VALUE(t.defined(), op, ": ", name, "[", i, "] is undefined");
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ",
+                     t.scalar_type(), " but ", pname, "[0] has ", dtype, "; all tensors of one call share a dtype");
+    TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
+                      " but grads[0] is on ", device, "; all tensors of one call share a device");
   };
   shared->assign(count, 0);
   lr_kinds->assign(count, LrKind::Scalar);
@@ -97,19 +97,20 @@ int64_t check_args(const char* op, TensorList params_or_douts, const char* pname
     const Tensor& g = grads[i];
     check_tensor(p, pname, i);
     check_tensor(g, "grads", i);
-    TORCH_CHECK(g.dim() >= 1 && g.size(0) == T, op, ": grads[", i, "] has shape ",
-                shape_str(g.sizes()), " but grads[0] has T = ", T,
-                " tasks; every grads[i] is [T, ...] with the same T");
+    TORCH_CHECK_VALUE(g.dim() >= 1 && g.size(0) == T, op, ": grads[", i, "] has shape ",
+                      shape_str(g.sizes()), " but grads[0] has T = ", T,
+                      " tasks; every grads[i] is [T, ...] with the same T");
     const auto task_shape = g.sizes().slice(1);
     if (p.sizes() == g.sizes()) {
       (*shared)[i] = 0;
     } else if (params_may_be_shared && p.sizes() == task_shape) {
       (*shared)[i] = 1;
     } else {
-      TORCH_CHECK(false, op, ": ", pname, "[", i, "] has shape ", shape_str(p.sizes()),
-                  " but grads[", i, "] has shape ", shape_str(g.sizes()), "; expected ",
-                  params_may_be_shared ? shape_str(task_shape) + " (shared over tasks) or " : "",
-                  shape_str(g.sizes()));
+      TORCH_CHECK_VALUE(false, op, ": ", pname, "[", i, "] has shape ", shape_str(p.sizes()),
+                        " but grads[", i, "] has shape ", shape_str(g.sizes()), "; expected ",
+                        params_may_be_shared ? shape_str(task_shape) + " (shared over tasks) or "
+                                             : "",
+                        shape_str(g.sizes()));
     }
     if (lr_tensors.has_value()) {
       const Tensor& lr = (*lr_tensors)[i];
@@ -119,9 +120,9 @@ int64_t check_args(const char* op, TensorList params_or_douts, const char* pname
       } else if (lr.sizes() == task_shape) {
         (*lr_kinds)[i] = LrKind::Full;
       } else {
-        TORCH_CHECK(false, op, ": lr[", i, "] has shape ", shape_str(lr.sizes()),
-                    "; expected [] (one rate for the tensor) or ", shape_str(task_shape),
-                    " (one rate per element, the shape of params[", i, "])");
+        TORCH_CHECK_VALUE(false, op, ": lr[", i, "] has shape ", shape_str(lr.sizes()),
+                          "; expected [] (one rate for the tensor) or ", shape_str(task_shape),
+                          " (one rate per element, the shape of params[", i, "])");
       }
     }
   }
@@ -260,8 +261,8 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> inner_
   const int64_t T =
       check_args(op, douts_in, "grad_outs", grads_in, lr_in, false, &shared_unused, &kinds);
   const int64_t count = static_cast<int64_t>(grads_in.size());
-  TORCH_CHECK(static_cast<int64_t>(shared_flags.size()) == count, op, ": shared has ",
-              shared_flags.size(), " entries but grads has ", count);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(shared_flags.size()) == count, op, ": shared has ",
+                    shared_flags.size(), " entries but grads has ", count);
   PYMETA_DEVICE_GUARD(grads_in[0]);
   need_dlrs = need_dlrs && lr_in.has_value();
   const auto douts = contiguous_all(douts_in);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -56,7 +57,8 @@ std::vector<int64_t> weight_shape(int d, int64_t H, int64_t n_in) {
 
 // The checks shared by the forward and the backward; messages match pymeta/reference.py.
 Dims check_args(const char* op, const Tensor& grad, const Tensor& state,
-                const std::vector<Tensor>& w, const std::string& preprocessing, double p) {
+                const std::vector<Tensor>& w, const std::string& preprocessing, double p,
+                double out_scale) {
   Dims d{};
   TORCH_CHECK_VALUE(preprocessing == "log_sign" || preprocessing == "none", op,
                     ": preprocessing must be 'log_sign' or 'none', not '", preprocessing, "'");
@@ -64,11 +66,23 @@ Dims check_args(const char* op, const Tensor& grad, const Tensor& state,
   d.n_in = d.preproc == LstmPreproc::LogSign ? 2 : 1;
   TORCH_CHECK_VALUE(d.preproc == LstmPreproc::None || (std::isfinite(p) && p > 0), op,
                     ": p must be a finite number > 0 for log_sign preprocessing, got ", p);
+  TORCH_CHECK_VALUE(std::isfinite(out_scale), op, ": out_scale must be a finite number, got ",
+                    out_scale);
   TORCH_CHECK_TYPE(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble, op,
                    ": grad has dtype ", grad.scalar_type(),
                    "; supported are float32 and float64");
   TORCH_CHECK_VALUE(grad.dim() == 1, op, ": grad must be 1-D [N] (flatten it), got shape ",
                     shape_str(grad.sizes()));
+  {
+    // log_sign's threshold e^-p must be a normal number of the math dtype (so is then its
+    // factor e^p): past it e^p overflows, or a flushed e^-p sends a zero grad down the log
+    // branch (NaN). reference.LSTM_MAX_P has the bounds.
+    const bool f64 = grad.scalar_type() == at::kDouble;
+    const double tiny = f64 ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+    TORCH_CHECK_VALUE(d.preproc == LstmPreproc::None || std::exp(-p) >= tiny, op, ": p = ", p,
+                      " is too large for ", f64 ? "float64" : "float32",
+                      " math: e^-p must be a normal number, p <= ", f64 ? "708.39" : "87.33");
+  }
   d.N = grad.size(0);
   const auto dtype = grad.scalar_type();
   const auto device = grad.device();
@@ -239,7 +253,7 @@ std::tuple<Tensor, Tensor> lstm_optimizer_step(
     c10::string_view preprocessing, double p, double out_scale) {
   const char* op = "pymeta.lstm_optimizer_step";
   const std::vector<Tensor> w_in{w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, w_out, b_out};
-  const Dims d = check_args(op, grad_in, state, w_in, std::string(preprocessing), p);
+  const Dims d = check_args(op, grad_in, state, w_in, std::string(preprocessing), p, out_scale);
   PYMETA_DEVICE_GUARD(grad_in);
   const Tensor grad = grad_in.contiguous();
   const auto w = contiguous_weights(w_in);
@@ -337,7 +351,7 @@ BackwardResult lstm_optimizer_step_backward(
     c10::string_view preprocessing, double p, double out_scale) {
   const char* op = "pymeta.lstm_optimizer_step_backward";
   const std::vector<Tensor> w_in{w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, w_out, b_out};
-  const Dims d = check_args(op, grad_in, state, w_in, std::string(preprocessing), p);
+  const Dims d = check_args(op, grad_in, state, w_in, std::string(preprocessing), p, out_scale);
   auto same = [&](const Tensor& t, const char* name, const Tensor& like, const char* like_name,
                   at::IntArrayRef shape) {
     TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ",

@@ -4,10 +4,12 @@
 Each front picks the native kernel or the pure-PyTorch reference per call (see
 ``pymeta.set_backend``). Forward-mode AD (``torch.func.jvp`` / ``jacfwd``, dual tensors) and
 ``torch.func.grad`` run the reference on every backend: the native ops have no formulas there. Argument checks live in the native op's C++ front and in the
-reference, with the same messages; this file checks only Python types.
+reference, with the same messages; this file checks Python types, list lengths and Python numbers.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence, Union
 
 import torch
@@ -19,11 +21,29 @@ from pymeta import _backend, reference
 LR = Union[float, Tensor, Sequence[Tensor]]
 
 
+def _real(op: str, name: str, v, finite: bool = True) -> float:
+    """v as a (finite) float, or an error naming the argument: bools, strings (and NaN, inf and
+    ints too large for a double, where it must be finite) would give a silent NaN / inf or an
+    unrelated error further in."""
+    if type(v) is float:  # the usual case, without the ABC check's cost (the fronts are hot)
+        f = v
+    elif isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, not {type(v).__name__}")
+    else:
+        try:
+            f = float(v)
+        except OverflowError:
+            f = math.inf
+    if finite and not math.isfinite(f):
+        raise ValueError(f"{op}: {name} must be a finite number, got {v}")
+    return f
+
+
 def _split_lr(lr: LR, count: int) -> tuple[list[Tensor] | None, float]:
     if isinstance(lr, bool):
         raise TypeError("pymeta.inner_update: lr must be a float, a tensor or a list of tensors, not a bool")
-    if isinstance(lr, (float, int)):
-        return None, float(lr)
+    if isinstance(lr, numbers.Real):  # (Python and NumPy numbers)
+        return None, _real("pymeta.inner_update", "lr", lr)
     if isinstance(lr, Tensor):  # one [] rate for every tensor
         if lr.dim() != 0:
             raise ValueError(f"pymeta.inner_update: lr given as one tensor must have shape []; "
@@ -334,10 +354,13 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
         w_ih1 ``[4H, n_in]``, w_hh1 ``[4H, H]``, b_ih1, b_hh1 ``[4H]``: layer 1, as
             ``nn.LSTMCell(n_in, H)``; w_ih2, w_hh2 ``[4H, H]``, b_ih2, b_hh2 ``[4H]``: layer 2,
             as ``nn.LSTMCell(H, H)``; w_out ``[1, H]``, b_out ``[1]``: ``nn.Linear(H, 1)``.
+            All of grad's dtype and device (float32 weights with a bfloat16 state).
         preprocessing: ``"log_sign"`` (n_in = 2): ``|g| >= e^-p -> (log|g| / p, sign g)``, else
             ``(-1, e^p g)``; ``"none"`` (n_in = 1): x = g.
-        p: the log_sign parameter, > 0.
-        out_scale: the factor of the head's output.
+        p: the log_sign parameter: a real number > 0 such that e^-p is a normal number of the
+            math dtype, i.e. p <= 87.33 for float32, 708.39 for float64 (past that e^p overflows
+            or e^-p flushes, and zero grads become NaN). Unused by ``"none"``.
+        out_scale: the factor of the head's output, a finite real number.
 
     Returns:
         ``(update [N], new_state)``, new tensors (update of grad's dtype, new_state of state's
@@ -355,9 +378,12 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
     if not isinstance(preprocessing, str):
         raise TypeError(f"pymeta.lstm_optimizer_step: preprocessing must be a str, "
                         f"not {type(preprocessing).__name__}")
+    # (p is unused by "none": any real number goes)
+    p = _real("pymeta.lstm_optimizer_step", "p", p, finite=preprocessing == "log_sign")
+    out_scale = _real("pymeta.lstm_optimizer_step", "out_scale", out_scale)
     if _backend.use_native("lstm_optimizer_step", grad.device) and not _needs_reference(
             (grad, state) + weights):
-        args = (grad, state, *weights, preprocessing, float(p), float(out_scale))
+        args = (grad, state, *weights, preprocessing, p, out_scale)
         # (an autograd.Function that sets up in forward is refused under torch.func
         # transforms, even with none of its inputs wrapped: those keep the registered op)
         if (not torch.compiler.is_compiling()
@@ -366,24 +392,23 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
                 return _LstmStepFunction.apply(*args)
             return _below_autograd(torch.ops.pymeta.lstm_optimizer_step, args)
         return torch.ops.pymeta.lstm_optimizer_step(*args)
-    return reference.lstm_optimizer_step(grad, state, *weights, preprocessing, float(p),
-                                         float(out_scale))
+    return reference.lstm_optimizer_step(grad, state, *weights, preprocessing, p, out_scale)
 
 
 if _backend.NATIVE:
 
     @torch.library.register_fake("pymeta::lstm_optimizer_step")
     def _lstm_optimizer_step_fake(grad, state, *args):
-        weights, (preprocessing, p, _) = args[:10], args[10:]
+        weights, (preprocessing, p, out_scale) = args[:10], args[10:]
         N, _, _ = reference.check_lstm_optimizer_args(
-            "pymeta.lstm_optimizer_step", grad, state, weights, preprocessing, p)
+            "pymeta.lstm_optimizer_step", grad, state, weights, preprocessing, p, out_scale)
         return grad.new_empty([N]), state.new_empty(state.shape)
 
     @torch.library.register_fake("pymeta::lstm_optimizer_step_backward")
     def _lstm_optimizer_step_backward_fake(grad_update, grad_new_state, grad, state, *args):
-        weights, (preprocessing, p, _) = args[:10], args[10:]
+        weights, (preprocessing, p, out_scale) = args[:10], args[10:]
         N, _, _ = reference.check_lstm_optimizer_backward_args(
-            grad_update, grad_new_state, grad, state, weights, preprocessing, p)
+            grad_update, grad_new_state, grad, state, weights, preprocessing, p, out_scale)
         return (grad.new_empty([N]), state.new_empty(state.shape),
                 *(w.new_empty(w.shape) for w in weights))
 

@@ -125,8 +125,15 @@ def lstm_weight_shapes(H: int, n_in: int) -> list[list[int]]:
             [1, H], [1]]
 
 
+# log_sign's threshold e^-p must be a normal number of the math dtype (so is then its factor
+# e^p): past it, e^p overflows or a flushed e^-p sends a zero grad down the log branch (NaN).
+# p <= 87.33 for float32 (bfloat16 states too), 708.39 for float64.
+LSTM_MAX_P = {torch.float32: -math.log(torch.finfo(torch.float32).tiny),
+              torch.float64: -math.log(torch.finfo(torch.float64).tiny)}
+
+
 def check_lstm_optimizer_args(op: str, grad: Tensor, state: Tensor, weights: Sequence[Tensor],
-                              preprocessing: str, p: float) -> tuple[int, int, int]:
+                              preprocessing: str, p: float, out_scale: float) -> tuple[int, int, int]:
     """The argument checks of lstm_optimizer_step, in the order and with the messages of the
     native front. Returns (N, H, n_in)."""
     if preprocessing not in ("log_sign", "none"):
@@ -134,10 +141,15 @@ def check_lstm_optimizer_args(op: str, grad: Tensor, state: Tensor, weights: Seq
     n_in = 2 if preprocessing == "log_sign" else 1
     if preprocessing == "log_sign" and not (math.isfinite(p) and p > 0):
         raise ValueError(f"{op}: p must be a finite number > 0 for log_sign preprocessing, got {p}")
+    if not math.isfinite(out_scale):
+        raise ValueError(f"{op}: out_scale must be a finite number, got {out_scale}")
     if grad.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{op}: grad has dtype {grad.dtype}; supported are float32 and float64")
     if grad.dim() != 1:
         raise ValueError(f"{op}: grad must be 1-D [N] (flatten it), got shape {_shape(grad)}")
+    if preprocessing == "log_sign" and not math.exp(-p) >= torch.finfo(grad.dtype).tiny:
+        raise ValueError(f"{op}: p = {p} is too large for {str(grad.dtype)[6:]} math: e^-p must "
+                         f"be a normal number, p <= {math.floor(LSTM_MAX_P[grad.dtype] * 100) / 100}")
     N = grad.shape[0]
 
     def same(t: Tensor, name: str) -> None:
@@ -223,7 +235,7 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
     new_state rounded back."""
     weights = (w_ih1, w_hh1, b_ih1, b_hh1, w_ih2, w_hh2, b_ih2, b_hh2, w_out, b_out)
     N, _, _ = check_lstm_optimizer_args("pymeta.lstm_optimizer_step", grad, state, weights,
-                                        preprocessing, p)
+                                        preprocessing, p, out_scale)
     if state.dim() == 4:  # blocked: the feature-major step on the padded coordinates
         update, new_state = lstm_optimizer_step(
             torch.nn.functional.pad(grad, (0, -N % 16)), lstm_state_to_feature_major(state),
@@ -240,11 +252,12 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
 
 def check_lstm_optimizer_backward_args(grad_update: Tensor, grad_new_state: Tensor, grad: Tensor,
                                        state: Tensor, weights: Sequence[Tensor],
-                                       preprocessing: str, p: float) -> tuple[int, int, int]:
+                                       preprocessing: str, p: float,
+                                       out_scale: float) -> tuple[int, int, int]:
     """The argument checks of lstm_optimizer_step_backward (the native op's messages): those of
     the forward, then the incoming gradients (each of its output's dtype and shape)."""
     op = "pymeta.lstm_optimizer_step_backward"
-    N, H, n_in = check_lstm_optimizer_args(op, grad, state, weights, preprocessing, p)
+    N, H, n_in = check_lstm_optimizer_args(op, grad, state, weights, preprocessing, p, out_scale)
     for name, t, like, like_name, shape in (
             ("grad_update", grad_update, grad, "grad", [N]),
             ("grad_new_state", grad_new_state, state, "state", list(state.shape))):
@@ -264,7 +277,7 @@ def lstm_optimizer_step_backward(grad_update: Tensor, grad_new_state: Tensor, gr
     preprocessing, p, out_scale; returns the gradients of (grad, state, the 10 weights)."""
     weights, (preprocessing, p, out_scale) = args[:10], args[10:]
     check_lstm_optimizer_backward_args(grad_update, grad_new_state, grad, state, weights,
-                                       preprocessing, p)
+                                       preprocessing, p, out_scale)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (grad, state, *weights)]
         update, new_state = lstm_optimizer_step(*leaves, preprocessing, p, out_scale)

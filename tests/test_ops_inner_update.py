@@ -385,17 +385,25 @@ def _good(device="cpu"):
            [torch.randn(2, 3, 4, device=device), torch.randn(2, 5, device=device)]
 
 
-BAD_CASES = {
-    "empty params": (lambda p, g: ([], [], 0.1), r"params is an empty list"),
-    "length mismatch": (lambda p, g: (p, g[:1], 0.1), r"params has 2 tensors but grads has 1"),
-    "lr length": (lambda p, g: (p, g, [torch.tensor(0.1)]), r"lr has 1 tensors but params has 2"),
-    "param shape": (lambda p, g: ([p[0], torch.randn(6)], g, 0.1), r"params\[1\] has shape \[6\]"),
-    "task count": (lambda p, g: (p, [g[0], torch.randn(3, 5)], 0.1), r"grads\[1\] has shape \[3, 5\] but grads\[0\] has T = 2"),
-    "no task dim": (lambda p, g: ([torch.randn(())], [torch.randn(())], 0.1), r"grads\[0\] must have a leading task dimension"),
-    "int dtype": (lambda p, g: ([p[0].long(), p[1]], g, 0.1), r"params\[0\] has dtype"),
-    "mixed dtype": (lambda p, g: (p, [g[0], g[1].double()], 0.1), r"grads\[1\] has dtype"),
-    "lr shape": (lambda p, g: (p, g, [torch.tensor(0.1), torch.rand(4)]), r"lr\[1\] has shape \[4\]"),
-    "lr dtype": (lambda p, g: (p, g, [torch.tensor(0.1), torch.rand(5).double()]), r"lr\[1\] has dtype"),
+BAD_CASES = {  # name: (make args, the exception both backends raise, its message)
+    "empty params": (lambda p, g: ([], [], 0.1), ValueError, r"params is an empty list"),
+    "length mismatch": (lambda p, g: (p, g[:1], 0.1), ValueError,
+                        r"params has 2 tensors but grads has 1"),
+    "lr length": (lambda p, g: (p, g, [torch.tensor(0.1)]), ValueError,
+                  r"lr has 1 tensors but params has 2"),
+    "param shape": (lambda p, g: ([p[0], torch.randn(6)], g, 0.1), ValueError,
+                    r"params\[1\] has shape \[6\]"),
+    "task count": (lambda p, g: (p, [g[0], torch.randn(3, 5)], 0.1), ValueError,
+                   r"grads\[1\] has shape \[3, 5\] but grads\[0\] has T = 2"),
+    "no task dim": (lambda p, g: ([torch.randn(())], [torch.randn(())], 0.1), ValueError,
+                    r"grads\[0\] must have a leading task dimension"),
+    "int dtype": (lambda p, g: ([p[0].long(), p[1]], g, 0.1), TypeError, r"params\[0\] has dtype"),
+    "mixed dtype": (lambda p, g: (p, [g[0], g[1].double()], 0.1), TypeError,
+                    r"grads\[1\] has dtype"),
+    "lr shape": (lambda p, g: (p, g, [torch.tensor(0.1), torch.rand(4)]), ValueError,
+                 r"lr\[1\] has shape \[4\]"),
+    "lr dtype": (lambda p, g: (p, g, [torch.tensor(0.1), torch.rand(5).double()]), TypeError,
+                 r"lr\[1\] has dtype"),
 }
 
 
@@ -404,26 +412,41 @@ BAD_CASES = {
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
 def test_bad_input_names_the_argument(backend, case, requires_grad):
     """Every bad input raises, naming the argument, and modifies nothing: also where the
-    inputs require grad (the front's autograd.Function path)."""
-    make, pattern = BAD_CASES[case]
+    inputs require grad (the front's autograd.Function path). Both backends raise the same
+    exception type (the native checks are TORCH_CHECK_VALUE / _TYPE, not RuntimeError)."""
+    make, exc, pattern = BAD_CASES[case]
     p, g = _good()
     if requires_grad:
         p = [t.requires_grad_() if t.is_floating_point() else t for t in p]
     args = make(p, g)
     before = [t.clone() for t in p + g]
-    with pymeta.use_backend(backend), pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
+    with pymeta.use_backend(backend), pytest.raises(exc, match=pattern):
         ops.inner_update(*args)
     assert all(torch.equal(a, b) for a, b in zip(before, p + g))
 
 
-@pytest.mark.parametrize("bad,pattern", [
-    (True, "not a bool"), ("0.1", "not str"), ([0.1, 0.2], r"lr\[0\] is a float"),
-    (torch.rand(3), "must have shape"),
+@pytest.mark.parametrize("bad,exc,pattern", [
+    (True, TypeError, "not a bool"), ("0.1", TypeError, "not str"),
+    ([0.1, 0.2], TypeError, r"lr\[0\] is a float"), (torch.rand(3), ValueError, "must have shape"),
+    # a float rate that is not finite would make every output NaN / inf, silently
+    (float("nan"), ValueError, "lr must be a finite number"),
+    (float("-inf"), ValueError, "lr must be a finite number"),
+    (10 ** 400, ValueError, "lr must be a finite number"),  # (too large for a double)
 ])
-def test_bad_lr_python_types(bad, pattern):
+def test_bad_lr_python_types(bad, exc, pattern):
     p, g = _good()
-    with pytest.raises((TypeError, ValueError), match=pattern):
+    with pytest.raises(exc, match=pattern):
         ops.inner_update(p, g, bad)
+
+
+def test_numpy_rates_are_floats():
+    """NumPy scalars are rates like Python floats (float32 ones too, which are not float)."""
+    np = pytest.importorskip("numpy")
+    p, g = _good()
+    want = ops.inner_update(p, g, 0.25)
+    for lr in (np.float32(0.25), np.float64(0.25)):
+        for a, b in zip(ops.inner_update(p, g, lr), want):
+            assert torch.equal(a, b)
 
 
 def test_bad_list_types():

@@ -445,6 +445,57 @@ def test_bad_options(backend):
             ops.lstm_optimizer_step(args[0], [1.0], *args[2:])
 
 
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+@pytest.mark.parametrize("kw,exc,msg", [
+    ({"out_scale": float("nan")}, ValueError, "out_scale must be a finite number"),
+    ({"out_scale": float("inf")}, ValueError, "out_scale must be a finite number"),
+    ({"out_scale": True}, TypeError, "out_scale must be a real number, not bool"),
+    ({"p": True}, TypeError, "p must be a real number, not bool"),
+    ({"p": "10"}, TypeError, "p must be a real number, not str"),
+    ({"p": None}, TypeError, "p must be a real number, not NoneType"),
+    ({"p": float("nan")}, ValueError, "p must be a finite number"),
+    # e^-p below float32's normal range: e^p overflows (90) or a zero grad takes the log
+    # branch once e^-p flushes to zero (NaN either way)
+    ({"p": 87.4}, ValueError, r"p = 87.4 is too large for float32 math.*p <= 87.33"),
+    ({"p": 90.0}, ValueError, r"p = 90(\.0)? is too large for float32 math"),
+])
+def test_bad_scalars_name_the_argument(backend, kw, exc, msg):
+    args = list(_valid().values())
+    with pymeta.use_backend(backend), pytest.raises(exc, match=msg):
+        ops.lstm_optimizer_step(*args, **kw)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+def test_p_up_to_the_bound_stays_finite(backend):
+    """The largest p each dtype takes gives finite outputs, zero and tiny grads included (at
+    p = 90 in float32 e^p was inf and a zero grad's input 0 * inf = NaN); float64 takes 90, and
+    stops at 708.39."""
+    for dtype, p in ((torch.float32, 87.33), (torch.float64, 90.0), (torch.float64, 708.39)):
+        args = list(_valid(dtype=dtype).values())
+        args[0] = torch.tensor([0.0, -0.0, 1e-38, -1e-30, 1.0, -2.5], dtype=dtype)
+        with pymeta.use_backend(backend):
+            update, new_state = ops.lstm_optimizer_step(*args, p=p)
+        assert torch.isfinite(update).all() and torch.isfinite(new_state).all(), (dtype, p)
+    with pymeta.use_backend(backend), pytest.raises(ValueError, match="too large for float64"):
+        ops.lstm_optimizer_step(*list(_valid(dtype=torch.float64).values()), p=708.4)
+    args = list(_valid().values())
+    with pymeta.use_backend(backend):  # p is unused without log_sign: any real number goes
+        net = make_net(4, preprocessing="none", dtype=torch.float32)
+        ops.lstm_optimizer_step(args[0], args[1], *net.weights(), preprocessing="none",
+                                p=float("nan"))
+
+
+@native_only
+def test_op_checks_its_scalars():
+    """The registered ops check them too (callers of torch.ops.pymeta, below the front)."""
+    args = list(_valid().values())
+    for fn, extra in ((OP, ()), (BWD, (args[0].clone(), args[1].clone()))):
+        with pytest.raises(ValueError, match="out_scale must be a finite number"):
+            fn(*extra, *args, "log_sign", 10.0, float("nan"))
+        with pytest.raises(ValueError, match=r"p = 100(\.0)? is too large for float32"):
+            fn(*extra, *args, "log_sign", 100.0, 0.1)
+
+
 @native_only
 def test_backward_op_checks_its_gradients():
     args = list(_valid().values())
@@ -742,11 +793,11 @@ def test_backward_bitwise_deterministic(device, dtype, monkeypatch):
 
 @native_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("N,G", [(40_003, 512), (262_401, 4096)])
+@pytest.mark.parametrize("N,G", [(40_003, 512), (262_401, 2048)])
 def test_cpu_backward_sums_groups_of_blocks_in_order(dtype, N, G):
-    """The CPU backward keeps its weight-gradient partials per group of blocks: at N = 40003
-    2 blocks (512 coordinates; the last group is one partial block), at N = 262401 16 (the
-    most). Each weight gradient is the ordered sum, over the groups, of what the op gives on the
+    """The CPU backward keeps its weight-gradient partials per group of blocks of 128
+    coordinates: at N = 40003 4 blocks (512 coordinates; the last group is one partial block),
+    at N = 262401 16 (the most: 2048 coordinates). Each weight gradient is the ordered sum, over the groups, of what the op gives on the
     group's coordinates alone (bit for bit), whatever the thread count, and it matches the
     reference."""
     H = 20

@@ -5,10 +5,10 @@
 // of a few lane vectors, its gate products as register-tiled matrix products fused with the
 // header's cell math; the backward likewise (recompute, then dh = W^T dz as tiled products
 // around the header's lstm_cell_backward).
-// The backward works in fixed blocks of kLstmOptCpuBlock coordinates: each block keeps its
+// The backward works in fixed blocks of kCpuBlock coordinates: each block keeps its
 // workspace rows in a small local buffer (cache-resident) and computes its weight-gradient
 // partial sums as register-tiled matrix products, added in order into its group's partial
-// sums in the shared workspace (lstm_opt_cpu_group_blocks blocks per group, a function of N);
+// sums in the shared workspace (cpu_group_blocks blocks per group, a function of N);
 // a final pass sums the groups in order (bitwise the same for any thread count).
 #include <ATen/Parallel.h>
 
@@ -30,6 +30,21 @@ namespace {
 // default target: wider vector types would be lowered through memory there. The wider paths
 // live in target-specific functions (below).
 template <typename T> struct LaneCount { static constexpr int value = 16 / sizeof(T); };
+
+// Coordinates per block of the backward's deterministic weight-gradient reduction. Blocks and
+// groups are functions of N only (not of the thread count), so the sums' order, and the
+// result's bits, are the same for any thread count.
+constexpr int64_t kCpuBlock = 128;
+// The partial sums are kept per group of this many consecutive blocks (added in block order),
+// and the groups are summed in order. Up to 16 blocks per group once there are 64+ groups: the
+// partials (80 bytes per coordinate at H = 20 with a group per block, a quarter of the state,
+// all freshly allocated per call) then take 1/16 of that, while small N keeps a group per
+// block to spread over threads.
+int64_t cpu_group_blocks(int64_t N) {
+  const int64_t blocks = (N + kCpuBlock - 1) / kCpuBlock;
+  const int64_t g = blocks / 64;
+  return g < 1 ? 1 : (g > 16 ? 16 : g);
+}
 
 template <typename F>
 void dispatch_dtype(DType dtype, F&& f) {
@@ -691,7 +706,7 @@ void forward(const LstmOptLaunch& L) {
 template <typename T, int HMAX, typename St>
 void backward(const LstmOptLaunch& L) {
   constexpr int LN = LaneCount<T>::value;
-  constexpr int64_t BC = kLstmOptCpuBlock;
+  constexpr int64_t BC = kCpuBlock;
   constexpr bool kConvert = !std::is_same<T, St>::value;
   const auto W = weights_of<T>(L.w);
   const auto s = scalars_of<T>(L);
@@ -706,7 +721,7 @@ void backward(const LstmOptLaunch& L) {
   auto* d_grad = static_cast<T*>(L.d_grad);
   auto* d_state = static_cast<St*>(L.d_state);
   auto* partial = static_cast<T*>(L.workspace);  // [groups, P.off[3]]
-  const int64_t gb = lstm_opt_cpu_group_blocks(N), groups = (blocks + gb - 1) / gb;
+  const int64_t gb = cpu_group_blocks(N), groups = (blocks + gb - 1) / gb;
 
   // A^T for the block products: lda = 4H rounded up to 64 bytes of T, rows past 4H are zero.
   const int64_t align = 64 / sizeof(T);
@@ -824,8 +839,8 @@ void backward(const LstmOptLaunch& L) {
 }  // namespace
 
 int64_t lstm_opt_workspace_bytes_cpu(const LstmOptLaunch& L) {
-  const int64_t blocks = (L.N + kLstmOptCpuBlock - 1) / kLstmOptCpuBlock;
-  const int64_t gb = lstm_opt_cpu_group_blocks(L.N), groups = (blocks + gb - 1) / gb;
+  const int64_t blocks = (L.N + kCpuBlock - 1) / kCpuBlock;
+  const int64_t gb = cpu_group_blocks(L.N), groups = (blocks + gb - 1) / gb;
   const int64_t elem = L.dtype == DType::Float64 ? 8 : 4;
   return groups * lstm_opt_pairs(L.H, L.n_in).off[3] * elem;
 }

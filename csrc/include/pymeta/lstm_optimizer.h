@@ -839,22 +839,10 @@ struct LstmOptLaunch {
   double out_scale;
 };
 
-// Coordinates per block of the deterministic weight-gradient reduction: each block's (CPU: each
-// group's, below) partial sums are written to the workspace, then summed in a fixed order.
-// Fixed sizes (not thread or SM counts), so results are bitwise reproducible on any machine of
-// one kind.
-constexpr int64_t kLstmOptCpuBlock = 256;
-// The CPU backward's weight-gradient partial sums are kept per group of this many consecutive
-// blocks (added in block order), and the groups are summed in order: a function of N only, so
-// the result is the same for any thread count. Up to 16 blocks per group once there are 64+
-// groups: the partials (80 bytes per coordinate at H = 20 with a group per block, a quarter
-// of the state, all freshly allocated per call) then take 1/16 of that, while small N keeps a
-// group per block to spread over threads.
-inline int64_t lstm_opt_cpu_group_blocks(int64_t N) {
-  const int64_t blocks = (N + kLstmOptCpuBlock - 1) / kLstmOptCpuBlock;
-  const int64_t g = blocks / 64;
-  return g < 1 ? 1 : (g > 16 ? 16 : g);
-}
+// Coordinates per chunk of the GPU's deterministic weight-gradient reduction: each chunk's
+// partial sums are written to the workspace, then summed in a fixed order. A fixed size (not
+// an SM count), so results are bitwise reproducible on any GPU of one kind. (The CPU's
+// blocks and groups are lstm_optimizer_cpu.cpp's own.)
 constexpr int64_t kLstmOptCudaChunk = 2048;
 
 constexpr int kLstmOptNoKernel = -1;
