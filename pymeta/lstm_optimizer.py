@@ -2,6 +2,8 @@
 (Andrychowicz et al. 2016): a coordinatewise two-layer LSTM, one fused op per step."""
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -20,6 +22,66 @@ OPT_FORMAT = "pymeta.LSTMOptimizer"
 # scripts/reproduce_l2l.py (see docs/RESULTS.md).
 PRETRAINED_FILE = "lstm_optimizer_quadratic.pt"
 
+# Real floating dtypes: those of parameters the optimizer steps and of states and weights it
+# accepts (float8 is floating point too, but nothing here computes in it).
+_REAL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # what the fused op stores
+
+
+def _finite_float(x: Any) -> Optional[float]:
+    """float(x) for a finite real number x (not a bool), else None."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return None
+    try:
+        v = float(x)
+    except OverflowError:  # an int beyond float's range
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _check_lr(lr: Any, name: str) -> None:
+    """Raises unless lr is a finite real number >= 0 (NaN fails every comparison, so `lr < 0`
+    alone would let it through; a bool is an int to Python but never meant as a factor).
+    name: what the message calls it, e.g. "pymeta.LSTMOptimizer: param group 1's lr"."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"{name} must be a real number >= 0, not {type(lr).__name__} {lr!r}")
+    v = _finite_float(lr)
+    if v is None or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, not {lr!r}")
+
+
+def _check_step_count(step: Any, where: str) -> None:
+    """Raises unless step (a state's step counter) is an int >= 0, not a bool."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"{where}: 'step' must be an int >= 0, not {type(step).__name__} "
+                        f"{step!r}")
+    if step < 0:
+        raise ValueError(f"{where}: 'step' must be an int >= 0, not {step!r}")
+
+
+def _check_net_args(hidden_size: Any = 20, preprocessing: Any = "log_sign", p: Any = 10.0,
+                    out_scale: Any = 0.1) -> None:
+    """LSTMOptimizerNet's arguments (and a file's config: same names, same defaults): raises
+    TypeError / ValueError naming the first bad one. Checked up front, since the op only
+    meets p and out_scale at the first forward (or never: NaN gives NaN updates)."""
+    if not isinstance(preprocessing, str) or preprocessing not in ("log_sign", "none"):
+        raise ValueError(f"pymeta.LSTMOptimizerNet: preprocessing must be 'log_sign' or "
+                         f"'none', not {preprocessing!r}")
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, numbers.Integral):
+        raise TypeError(f"pymeta.LSTMOptimizerNet: hidden_size must be an int in [1, 64], not "
+                        f"{type(hidden_size).__name__} {hidden_size!r}")
+    if not 1 <= hidden_size <= 64:
+        raise ValueError(f"pymeta.LSTMOptimizerNet: hidden_size must be in [1, 64], got "
+                         f"{hidden_size}")
+    for name, v, rule in (("p", p, "a finite real number > 0"),
+                          ("out_scale", out_scale, "a finite real number")):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"pymeta.LSTMOptimizerNet: {name} must be {rule}, not "
+                            f"{type(v).__name__} {v!r}")
+        f = _finite_float(v)
+        if f is None or (name == "p" and f <= 0):
+            raise ValueError(f"pymeta.LSTMOptimizerNet: {name} must be {rule}, not {v!r}")
+
 
 class LSTMOptimizerNet(nn.Module):
     """Coordinatewise LSTM optimizer: every coordinate of the optimizee is one batch element.
@@ -35,13 +97,9 @@ class LSTMOptimizerNet(nn.Module):
 
     def __init__(self, hidden_size: int = 20, preprocessing: str = "log_sign", p: float = 10.0,
                  out_scale: float = 0.1):
+        _check_net_args(hidden_size, preprocessing, p, out_scale)
         super().__init__()
-        if preprocessing not in ("log_sign", "none"):
-            raise ValueError(f"LSTMOptimizerNet: preprocessing must be 'log_sign' or 'none', "
-                             f"not {preprocessing!r}")
-        if not 1 <= hidden_size <= 64:
-            raise ValueError(f"LSTMOptimizerNet: hidden_size must be in [1, 64], got {hidden_size}")
-        self.hidden_size = hidden_size
+        self.hidden_size = int(hidden_size)
         self.preprocessing = preprocessing
         self.p = float(p)
         self.out_scale = float(out_scale)
@@ -77,16 +135,28 @@ class LSTMOptimizerNet(nn.Module):
         layout: ``"feature_major"``, ``[4, H, n]``; or ``"blocked"``, ``[ceil(n / 16), 4, H,
         16]``, the rows of 16 coordinates together (the GPU forward's faster layout at H 17..20
         and 25..32: see ``pymeta.ops.lstm_optimizer_step``). The op keeps the layout it is given.
+
+        n: an int >= 0; dtype: float32, float64 or bfloat16 (the state dtypes the op takes).
         """
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"pymeta.LSTMOptimizerNet.init_state: n must be an int >= 0, not "
+                            f"{type(n).__name__} {n!r}")
+        if n < 0:  # (-1 would round to 0 blocks in the blocked layout: no error of its own)
+            raise ValueError(f"pymeta.LSTMOptimizerNet.init_state: n must be an int >= 0, "
+                             f"not {n}")
+        if layout not in ("feature_major", "blocked"):
+            raise ValueError(f"pymeta.LSTMOptimizerNet.init_state: layout must be "
+                             f"'feature_major' or 'blocked', not {layout!r}")
         w = self.out.weight
         device = device if device is not None else w.device
         dtype = dtype if dtype is not None else w.dtype
+        if dtype not in _STATE_DTYPES:
+            raise TypeError(f"pymeta.LSTMOptimizerNet.init_state: dtype must be torch.float32, "
+                            f"torch.float64 or torch.bfloat16, not {dtype!r}")
+        n = int(n)
         if layout == "blocked":
             return torch.zeros((n + 15) // 16, 4, self.hidden_size, 16, device=device,
                                dtype=dtype)
-        if layout != "feature_major":
-            raise ValueError(f"LSTMOptimizerNet.init_state: layout must be 'feature_major' or "
-                             f"'blocked', not {layout!r}")
         return torch.zeros(4, self.hidden_size, n, device=device, dtype=dtype)
 
     def forward(self, grad: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,11 +183,21 @@ class LSTMOptimizerNet(nn.Module):
 
     @staticmethod
     def _read(path) -> dict:
+        """The file's contents, its config and info checked (the weights are checked against
+        the net they go into)."""
         obj = safe_load(path, "LSTMOptimizerNet weights", NET_FORMAT)
-        cfg, sd = obj.get("config"), obj.get("state_dict")
+        cfg, sd, info = obj.get("config"), obj.get("state_dict"), obj.get("info")
         if not isinstance(cfg, dict) or not isinstance(sd, dict):
             raise FileFormatError(f"pymeta: {os.fspath(path)!r} lacks the config or the weights "
                                   f"of an LSTMOptimizerNet")
+        if info is not None and not isinstance(info, dict):
+            raise FileFormatError(f"pymeta: {os.fspath(path)!r} has an invalid 'info' (a "
+                                  f"{type(info).__name__}, not a dict)")
+        try:
+            _check_net_args(**cfg)  # unknown or non-str keys: a TypeError too
+        except (TypeError, ValueError) as e:
+            raise FileFormatError(f"pymeta: {os.fspath(path)!r} has an invalid config "
+                                  f"{cfg!r}: {e}") from e
         return obj
 
     @classmethod
@@ -125,11 +205,7 @@ class LSTMOptimizerNet(nn.Module):
         """A net built from the config in ``path`` with its weights. ``net.info`` holds the
         file's notes."""
         obj = cls._read(path)
-        try:
-            net = cls(**obj["config"])
-        except (TypeError, ValueError) as e:
-            raise FileFormatError(f"pymeta: {os.fspath(path)!r} has an invalid config "
-                                  f"{obj['config']!r}: {e}") from e
+        net = cls(**obj["config"])  # (checked by _read)
         net._load_checked(obj["state_dict"], os.fspath(path))
         net.info = dict(obj.get("info") or {})
         return net.to(map_location) if map_location is not None else net
@@ -146,18 +222,42 @@ class LSTMOptimizerNet(nn.Module):
         self._load_checked(obj["state_dict"], os.fspath(path))
         return self
 
-    def _load_checked(self, sd: dict, where: str) -> None:
+    def _weights_problem(self, sd: Any) -> Optional[Tuple[type, str]]:
+        """Why ``sd`` cannot be loaded as this net's weights: (exception type, the reason,
+        phrased after "the weights ..."), or None if it can. Checked before anything is
+        copied, so that a bad file or state_dict leaves the net as it was."""
+        if not isinstance(sd, dict):
+            return TypeError, f"are a {type(sd).__name__}, not a dict of tensors"
         own = self.state_dict()
         bad = [k for k in own if k not in sd or not isinstance(sd[k], Tensor)
                or sd[k].shape != own[k].shape]
         extra = [k for k in sd if k not in own]
         if bad or extra:
             got = {k: list(sd[k].shape) if isinstance(sd.get(k), Tensor) else None for k in bad}
-            raise FileFormatError(f"pymeta: the weights in {where!r} do not fit an LSTMOptimizerNet "
-                                  f"with hidden_size={self.hidden_size}: missing or misshapen "
-                                  f"{got}, unexpected {extra}")
+            return ValueError, (f"do not fit an LSTMOptimizerNet with hidden_size="
+                                f"{self.hidden_size}: missing or misshapen {got}, unexpected "
+                                f"{extra}")
+        for k in own:
+            v = sd[k]
+            # copy_ would round ints silently and drop a complex tensor's imaginary part
+            if v.dtype not in _REAL_FLOATS or v.layout != torch.strided:
+                return TypeError, (f"hold {k} as a {v.dtype} ({v.layout}) tensor, not a dense "
+                                   f"real floating one")
+            if not bool(torch.isfinite(v).all()):
+                return ValueError, f"hold NaN or inf values in {k}"
+        return None
+
+    def _load_checked(self, sd: Any, where: str) -> None:
+        """Loads a file's weights, or raises FileFormatError (changing nothing)."""
+        problem = self._weights_problem(sd)
+        if problem is not None:
+            raise FileFormatError(f"pymeta: the weights in {where!r} {problem[1]}")
+        self._copy_weights(sd)
+
+    def _copy_weights(self, sd: dict) -> None:
+        """Copies checked weights (see _weights_problem) in, keeping device and dtype."""
         with torch.no_grad():
-            for k, v in own.items():
+            for k, v in self.state_dict().items():
                 v.copy_(sd[k])
 
     @classmethod
@@ -170,7 +270,7 @@ class LSTMOptimizerNet(nn.Module):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"pymeta: the pretrained LSTM optimizer {path} is missing "
                                         f"from this install; rebuild it with "
-                                        f"`python scripts/reproduce_l2l.py --pretrain-only`")
+                                        f"`python scripts/reproduce_l2l.py pretrain`")
             return cls.load(path)
 
     def extra_repr(self) -> str:
@@ -200,13 +300,14 @@ class LSTMOptimizer(torch.optim.Optimizer):
             (``LSTMOptimizerNet.pretrained()``). The optimizer only reads it (no gradients
             flow into it from ``step``); it runs on each parameter's device and dtype.
         lr: a per-group factor on the net's update (1.0: the update as meta-trained), so
-            learning-rate schedulers work as usual.
+            learning-rate schedulers work as usual: a finite real number >= 0 (checked here,
+            in ``add_param_group`` and, for values set later, at every ``step``).
         state_dtype: the storage dtype of the recurrent state: None (each parameter's dtype)
             or ``torch.bfloat16`` for float32 parameters. The state is 4 H values per
-            parameter coordinate (80 at H = 20: 320 bytes in float32, 20x Adam's), so
+            parameter coordinate (80 at H = 20: 320 bytes in float32, 40x Adam's two values), so
             bfloat16 halves the optimizer's memory; the math stays float32 and only the
-            stored state is rounded (see ``pymeta.ops.lstm_optimizer_step``). Parameters of
-            other dtypes keep their own dtype for the state.
+            stored state is rounded (see ``pymeta.ops.lstm_optimizer_step``). float64
+            parameters keep a float64 state.
         bucket_coords: the most coordinates one fused op call covers (parameters in order;
             one larger than this gets a call of its own). A step's transient memory is a new
             state for one bucket, so this bounds it for large models (default 2^24: 5 GiB of
@@ -224,7 +325,14 @@ class LSTMOptimizer(torch.optim.Optimizer):
     into ``[N]`` vectors of at most ``bucket_coords`` coordinates and runs ONE fused
     ``pymeta.ops.lstm_optimizer_step`` per vector, then splits the update back. Parameters
     without ``.grad`` are skipped (their recurrent state is left as it was); sparse gradients
-    are refused.
+    are refused. Every parameter, state and group's lr is checked before any is changed: a
+    step that raises leaves parameters, states and step counters as they were.
+
+    float16 and bfloat16 parameters are stepped in float32: the gradient is cast to float32,
+    the net runs in float32 with a float32 state (bfloat16 with ``state_dtype=torch.bfloat16``),
+    and the float32 ``lr * update`` is added into the parameter (one rounding to its dtype per
+    step, as ``p.add_`` of a float32 tensor does). The update is thus the one a float32 copy of
+    the parameter would get from the same gradients, bit for bit.
 
     State: ``self.state[p]`` holds ``"lstm_state"`` (``[4, H, p.numel()]``, the net's
     (h1, c1, h2, c2) for p's coordinates, or blocked ``[ceil(p.numel() / 16), 4, H, 16]``) and
@@ -252,14 +360,13 @@ class LSTMOptimizer(torch.optim.Optimizer):
         if state_layout not in ("feature_major", "blocked"):
             raise ValueError(f"pymeta.LSTMOptimizer: state_layout must be 'feature_major' or "
                              f"'blocked', not {state_layout!r}")
+        _check_lr(lr, "pymeta.LSTMOptimizer: lr")
         if net is None:
             net = LSTMOptimizerNet.pretrained()
         if not isinstance(net, LSTMOptimizerNet):
             raise TypeError(f"pymeta.LSTMOptimizer: net must be an LSTMOptimizerNet or None, "
                             f"not {type(net).__name__}")
-        if not isinstance(lr, (int, float)) or lr < 0:
-            raise ValueError(f"pymeta.LSTMOptimizer: invalid lr {lr!r} (a float >= 0)")
-        super().__init__(params, {"lr": float(lr)})
+        super().__init__(params, {"lr": float(lr)})  # (group dicts: via add_param_group)
         self.net = net
         self.state_dtype = state_dtype
         self.bucket_coords = bucket_coords
@@ -268,7 +375,62 @@ class LSTMOptimizer(torch.optim.Optimizer):
         # of it), so that a step over the same parameters as the last one skips re-concatenating.
         self._joint: Dict[Tuple[torch.device, torch.dtype, int], Tuple[Tensor, List[Tensor]]] = {}
 
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch's ``add_param_group``, its "lr" checked first (the constructor's group dicts
+        come here too)."""
+        if isinstance(param_group, dict) and "lr" in param_group:
+            _check_lr(param_group["lr"], "pymeta.LSTMOptimizer: a param group's lr")
+        super().add_param_group(param_group)
+
     # ---- the step --------------------------------------------------------------------------
+
+    def _checked_step_items(self) -> List[Tuple[Tensor, dict]]:
+        """(param, group) for every parameter with a grad, in order, after checking all that
+        step() will use: every group's lr, every such parameter and its grad, and its existing
+        state. Done before any parameter changes, since buckets are stepped one after another
+        (only one bucket's new state is alive at a time): a bad later bucket must not leave
+        the earlier ones stepped."""
+        H = self.net.hidden_size
+        items = []
+        for gi, group in enumerate(self.param_groups):
+            if "lr" not in group:
+                raise ValueError(f"pymeta.LSTMOptimizer: param group {gi} has no 'lr'")
+            _check_lr(group["lr"], f"pymeta.LSTMOptimizer: param group {gi}'s lr")
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                what = f"parameter {pi} of param group {gi} (shape {list(p.shape)})"
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError("pymeta.LSTMOptimizer does not support sparse gradients "
+                                       f"({what} has a {g.layout} gradient); use a dense "
+                                       f"embedding or another optimizer for it")
+                if p.dtype not in _REAL_FLOATS:
+                    raise TypeError(f"pymeta.LSTMOptimizer: parameters must be real floating "
+                                    f"point (float16, bfloat16, float32 or float64); {what} is "
+                                    f"{p.dtype}")
+                # (torch checks these when .grad is assigned, but not when .data is swapped)
+                if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+                    raise TypeError(f"pymeta.LSTMOptimizer: the gradient of {what} is "
+                                    f"{g.dtype} {list(g.shape)} on {g.device}, not its "
+                                    f"parameter's {p.dtype} on {p.device}")
+                st = self.state.get(p)  # (get: indexing the defaultdict would add an entry)
+                if st and "lstm_state" in st:
+                    s, shape = st["lstm_state"], self._state_shape(p, H)
+                    if not isinstance(s, Tensor) or s.dtype not in _REAL_FLOATS \
+                            or s.layout != torch.strided:
+                        desc = (f"a {s.dtype} {s.layout} tensor" if isinstance(s, Tensor)
+                                else f"a {type(s).__name__}")
+                        raise TypeError(f"pymeta.LSTMOptimizer: the 'lstm_state' of {what} is "
+                                        f"{desc}, not a dense real floating tensor")
+                    if s.shape != shape:
+                        raise ValueError(f"pymeta.LSTMOptimizer: the 'lstm_state' of {what} is "
+                                         f"{list(s.shape)}, expected {list(shape)} (hidden "
+                                         f"size {H}, {self.state_layout} layout)")
+                    _check_step_count(st.get("step"), f"pymeta.LSTMOptimizer: the state of "
+                                                      f"{what}")
+                items.append((p, group))
+        return items
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -280,19 +442,8 @@ class LSTMOptimizer(torch.optim.Optimizer):
                 loss = closure()
         buckets: Dict[Tuple[torch.device, torch.dtype], List[Tuple[Tensor, dict]]] = {}
         changed = False
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse or p.grad.layout != torch.strided:
-                    raise RuntimeError("pymeta.LSTMOptimizer does not support sparse gradients "
-                                       f"(a parameter of shape {list(p.shape)} has a "
-                                       f"{p.grad.layout} gradient); use a dense embedding or "
-                                       f"another optimizer for it")
-                if not p.is_floating_point():
-                    raise TypeError(f"pymeta.LSTMOptimizer: parameters must be real floating "
-                                    f"point, got {p.dtype}")
-                buckets.setdefault((p.device, p.dtype), []).append((p, group))
+        for p, group in self._checked_step_items():
+            buckets.setdefault((p.device, p.dtype), []).append((p, group))
         for (device, dtype), items in buckets.items():
             chunks: List[List[Tuple[Tensor, dict]]] = [[]]
             size = 0
@@ -324,11 +475,18 @@ class LSTMOptimizer(torch.optim.Optimizer):
                 for st in group[1]:
                     st["lstm_state"] = st["lstm_state"].clone()
 
+    @staticmethod
+    def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+        """The dtype the net runs in for parameters of `dtype` (the op has no half kernels)."""
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
     def _storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The state's dtype for parameters of `dtype` (bfloat16 only for float32)."""
-        if self.state_dtype is torch.bfloat16 and dtype == torch.float32:
+        """The state's dtype for parameters of `dtype`: the compute dtype, or bfloat16 with
+        state_dtype=bfloat16 where that is float32."""
+        cdtype = self._compute_dtype(dtype)
+        if self.state_dtype is torch.bfloat16 and cdtype == torch.float32:
             return torch.bfloat16
-        return dtype
+        return cdtype
 
     def _coords(self, p: Tensor) -> int:
         """The coordinates p takes in a bucket (blocked: whole blocks of 16)."""
@@ -346,21 +504,15 @@ class LSTMOptimizer(torch.optim.Optimizer):
         to whole blocks, so the joint call has no padding of its own."""
         net = self.net
         H = net.hidden_size
-        sdtype = self._storage_dtype(dtype)
+        cdtype, sdtype = self._compute_dtype(dtype), self._storage_dtype(dtype)
         blocked = self.state_layout == "blocked"
-        states = []
+        # (states checked by _checked_step_items; new ones are only stored once the op is done)
+        states, fresh = [], []
         for p, _ in items:
-            st = self.state[p]
-            shape = self._state_shape(p, H)
-            if "lstm_state" not in st:
-                st["lstm_state"] = torch.zeros(shape, device=device, dtype=sdtype)
-                st["step"] = 0
-            s = st["lstm_state"]
-            if s.shape != shape:
-                raise ValueError(f"pymeta.LSTMOptimizer: the state of a parameter of shape "
-                                 f"{list(p.shape)} is {list(s.shape)}, expected "
-                                 f"{list(shape)} (hidden size {H}, {self.state_layout} layout)")
-            states.append(s)
+            s = self.state.get(p, {}).get("lstm_state")
+            fresh.append(s is None)
+            states.append(torch.zeros(self._state_shape(p, H), device=device, dtype=sdtype)
+                          if s is None else s)
         cached = self._joint.get((device, dtype, index))
         hit = cached is not None and len(cached[1]) == len(states) and all(
             a is b for a, b in zip(states, cached[1]))
@@ -370,22 +522,23 @@ class LSTMOptimizer(torch.optim.Optimizer):
             joint = states[0].to(device, sdtype).contiguous()
         else:
             joint = torch.cat([s.to(device, sdtype) for s in states], 0 if blocked else 2)
-        grads = [p.grad.reshape(-1).to(dtype) for p, _ in items]
+        grads = [p.grad.reshape(-1).to(cdtype) for p, _ in items]
         if blocked:  # zeros up to whole blocks
             pads = [-g.numel() % 16 for g in grads]
             grads = [x for g, k in zip(grads, pads) for x in ((g, g.new_zeros(k)) if k else (g,))]
         flat = grads[0] if len(grads) == 1 else torch.cat(grads)
-        weights = [w.detach().to(device, dtype) for w in net.weights()]
+        weights = [w.detach().to(device, cdtype) for w in net.weights()]
         update, new_joint = ops.lstm_optimizer_step(
             flat, joint, *weights, net.preprocessing, net.p, net.out_scale)
         views, off = [], 0
-        for p, group in items:
+        for (p, group), new in zip(items, fresh):
             n = p.numel()
-            p.add_(update[off:off + n].view_as(p), alpha=group["lr"])
+            # (a float16/bfloat16 p: the float32 sum is rounded once, into p)
+            p.add_(update[off:off + n].view_as(p), alpha=float(group["lr"]))
             st = self.state[p]
             st["lstm_state"] = (new_joint[off // 16:(off + n + 15) // 16] if blocked
                                 else new_joint[:, :, off:off + n])
-            st["step"] += 1
+            st["step"] = 1 if new else st["step"] + 1
             views.append(st["lstm_state"])
             off += self._coords(p)
         self._joint[(device, dtype, index)] = (new_joint, views)
@@ -413,60 +566,103 @@ class LSTMOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restores ``state_dict()``'s state. Checks, before changing anything, that every
-        recurrent state fits its parameter and this net's hidden size, and that the saved
-        net's config equals ``self.net``'s; then loads the saved net's weights into
-        ``self.net``."""
+        """Restores ``state_dict()``'s state. Checks everything before changing anything: the
+        param groups (their sizes, each one's lr), every state entry (an ``"lstm_state"``
+        real floating tensor that fits its parameter and this net's hidden size, in either
+        layout; an int ``"step"``), and the saved net (its config equal to ``self.net``'s, its
+        weights real floating, finite, of this net's shapes); then loads the saved net's
+        weights into ``self.net``."""
+        where = "pymeta.LSTMOptimizer.load_state_dict"
         if not isinstance(state_dict, dict) or "state" not in state_dict \
                 or "param_groups" not in state_dict:
-            raise ValueError("pymeta.LSTMOptimizer.load_state_dict: not an optimizer state_dict "
-                             "(needs 'state' and 'param_groups')")
-        H = self.net.hidden_size
+            raise ValueError(f"{where}: not an optimizer state_dict (needs 'state' and "
+                             f"'param_groups')")
+        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+        if not isinstance(saved_state, dict):
+            raise TypeError(f"{where}: 'state' is a {type(saved_state).__name__}, not a dict")
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
+                for g in saved_groups):
+            raise TypeError(f"{where}: 'param_groups' must be a list of dicts, each with a "
+                            f"'params' list")
+        sizes = [len(g["params"]) for g in saved_groups]
+        if sizes != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError(f"{where}: the saved parameter groups (sizes {sizes}) do not match "
+                             f"this optimizer's parameter groups (sizes "
+                             f"{[len(g['params']) for g in self.param_groups]})")
+        for gi, g in enumerate(saved_groups):
+            if "lr" not in g:
+                raise ValueError(f"{where}: saved param group {gi} has no 'lr'")
+            _check_lr(g["lr"], f"{where}: saved param group {gi}'s lr")
+        ids = [i for g in saved_groups for i in g["params"]]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) \
+                or len(set(ids)) != len(ids):
+            raise ValueError(f"{where}: the saved param groups' 'params' must be distinct int "
+                             f"ids, not {ids!r}")
+        id_map = dict(zip(ids, (p for g in self.param_groups for p in g["params"])))
+
         saved_net = state_dict.get("net")
         if saved_net is not None:
-            cfg = saved_net.get("config") if isinstance(saved_net, dict) else None
+            if not isinstance(saved_net, dict):
+                raise TypeError(f"{where}: 'net' is a {type(saved_net).__name__}, not a dict")
+            cfg = saved_net.get("config")
             if cfg != self.net.config():
-                raise ValueError(f"pymeta.LSTMOptimizer.load_state_dict: the state was saved with "
-                                 f"a net {cfg} but this optimizer's net is {self.net.config()}")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) == len(self.param_groups) and all(
-                len(a["params"]) == len(b["params"]) for a, b in zip(saved_groups, self.param_groups)):
-            id_map = {i: p for a, b in zip(saved_groups, self.param_groups)
-                      for i, p in zip(a["params"], b["params"])}
-            for k, v in state_dict["state"].items():
-                p = id_map.get(k)
-                s = v.get("lstm_state") if isinstance(v, dict) else None
-                if p is None or not isinstance(s, Tensor):
-                    raise ValueError(f"pymeta.LSTMOptimizer.load_state_dict: state entry {k!r} "
-                                     f"has no parameter or no 'lstm_state' tensor")
-                n, b = p.numel(), (p.numel() + 15) // 16
-                fm_fits = s.dim() == 3 and s.shape[0] == 4 and s.shape[2] == n
-                blk_fits = s.dim() == 4 and (s.shape[0], s.shape[1], s.shape[3]) == (b, 4, 16)
-                if not (fm_fits or blk_fits):
-                    raise ValueError(f"pymeta.LSTMOptimizer.load_state_dict: the state of "
-                                     f"parameter {k} is {list(s.shape)}, which does not fit "
-                                     f"[4, H, {n}] or the blocked [{b}, 4, H, 16] for its shape "
-                                     f"{list(p.shape)}")
-                saved_h = s.shape[1] if fm_fits else s.shape[2]
-                if saved_h != H:
-                    raise ValueError(f"pymeta.LSTMOptimizer.load_state_dict: the state was saved "
-                                     f"for hidden size {saved_h} but this optimizer's net has "
-                                     f"hidden size {H}")
+                raise ValueError(f"{where}: the state was saved with a net {cfg} but this "
+                                 f"optimizer's net is {self.net.config()}")
+            if "state_dict" not in saved_net:
+                raise ValueError(f"{where}: the saved net has no weights "
+                                 f"(state_dict['net']['state_dict'])")
+            problem = self.net._weights_problem(saved_net["state_dict"])
+            if problem is not None:
+                raise problem[0](f"{where}: the saved net's weights "
+                                 f"(state_dict['net']['state_dict']) {problem[1]}")
+
+        H = self.net.hidden_size
+        states: Dict[Tensor, Tensor] = {}  # param -> its state, converted
+        for k, v in saved_state.items():
+            p = id_map.get(k)
+            s = v.get("lstm_state") if isinstance(v, dict) else None
+            if p is None or not isinstance(s, Tensor):
+                raise ValueError(f"{where}: state entry {k!r} has no parameter or no "
+                                 f"'lstm_state' tensor")
+            if s.dtype not in _REAL_FLOATS or s.layout != torch.strided:
+                raise TypeError(f"{where}: the 'lstm_state' of state entry {k!r} is a "
+                                f"{s.dtype} {s.layout} tensor, not a dense real floating one")
+            n, b = p.numel(), (p.numel() + 15) // 16
+            fm_fits = s.dim() == 3 and s.shape[0] == 4 and s.shape[2] == n
+            blk_fits = s.dim() == 4 and (s.shape[0], s.shape[1], s.shape[3]) == (b, 4, 16)
+            if not (fm_fits or blk_fits):
+                raise ValueError(f"{where}: the state of parameter {k} is {list(s.shape)}, "
+                                 f"which does not fit [4, H, {n}] or the blocked "
+                                 f"[{b}, 4, H, 16] for its shape {list(p.shape)}")
+            saved_h = s.shape[1] if fm_fits else s.shape[2]
+            if saved_h != H:
+                raise ValueError(f"{where}: the state was saved for hidden size {saved_h} but "
+                                 f"this optimizer's net has hidden size {H}")
+            _check_step_count(v.get("step"), f"{where}: state entry {k!r}")
+            states[p] = self._loaded_state(s, p)
+
+        # torch's load_state_dict casts floating state to the parameter's dtype, which would
+        # round a float16 parameter's float32 state: it gets the states without "lstm_state",
+        # and the converted ones go in after.
         rest = {k: v for k, v in state_dict.items() if k != "net"}
-        super().load_state_dict(rest)  # checks the groups, casts to each param's device/dtype
-        for group in self.param_groups:  # ... and back to the storage dtype (state_dtype),
-            for p in group["params"]:      # in this optimizer's layout
-                st = self.state.get(p)
-                if st and isinstance(st.get("lstm_state"), Tensor):
-                    s = st["lstm_state"]
-                    if s.dim() == 3 and self.state_layout == "blocked":
-                        s = reference.lstm_state_to_blocked(s)
-                    elif s.dim() == 4 and self.state_layout == "feature_major":
-                        s = reference.lstm_state_to_feature_major(s)[:, :, :p.numel()].contiguous()
-                    st["lstm_state"] = s.to(self._storage_dtype(p.dtype))
+        rest["state"] = {k: {kk: vv for kk, vv in v.items() if kk != "lstm_state"}
+                         for k, v in saved_state.items()}
+        super().load_state_dict(rest)
+        for p, s in states.items():
+            self.state[p] = {"lstm_state": s, **self.state[p]}
         if saved_net is not None:
-            self.net._load_checked(saved_net["state_dict"], "the optimizer state_dict")
+            self.net._copy_weights(saved_net["state_dict"])
         self._joint.clear()
+
+    def _loaded_state(self, s: Tensor, p: Tensor) -> Tensor:
+        """A saved (checked) state of p in this optimizer's layout, on p's device, in the
+        storage dtype (state_dtype); `s` itself where nothing changes."""
+        if s.dim() == 3 and self.state_layout == "blocked":
+            s = reference.lstm_state_to_blocked(s)
+        elif s.dim() == 4 and self.state_layout == "feature_major":
+            s = reference.lstm_state_to_feature_major(s)[:, :, :p.numel()].contiguous()
+        return s.to(p.device, self._storage_dtype(p.dtype))
 
     def save(self, path) -> None:
         """``state_dict()`` to ``path``, atomically (temporary file + os.replace)."""

@@ -738,3 +738,350 @@ def test_optimizer_params_on_two_devices():
     opt.step()
     assert opt.state[b]["lstm_state"].device.type == "cuda"
     torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---- bad inputs: clear errors, nothing changed ---------------------------------------------
+
+import copy
+import warnings
+
+
+def _same(a, b):
+    """Bitwise equal tensors (dtype and shape included), or equal plain values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b))
+    return a == b or (a != a and b != b)  # (NaN lr)
+
+
+def _snapshot(opt):
+    """Copies of everything an optimizer call could change: parameters, states (with step
+    counters), the groups' settings and the net's weights."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {"params": [p.detach().clone() for p in params],
+            "n_states": len(opt.state),
+            "states": [{k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                        for k, v in opt.state[p].items()} if p in opt.state else None
+                       for p in params],
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            "net": [w.detach().clone() for w in opt.net.weights()]}
+
+
+def _assert_unchanged(opt, snap):
+    now = _snapshot(opt)
+    assert now["n_states"] == snap["n_states"]
+    assert all(_same(a, b) for a, b in zip(now["params"], snap["params"]))
+    for a, b in zip(now["states"], snap["states"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    assert len(now["groups"]) == len(snap["groups"])
+    for a, b in zip(now["groups"], snap["groups"]):
+        assert a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    assert all(_same(a, b) for a, b in zip(now["net"], snap["net"]))
+
+
+def _set_state(key, value):
+    def f(opt, a, b):
+        opt.state[b][key] = value
+    return f
+
+
+def _misfit_state(opt, a, b):  # hidden size 5 instead of 6, in the optimizer's layout
+    opt.state[b]["lstm_state"] = (torch.zeros(4, 5, 3) if opt.state_layout == "feature_major"
+                                  else torch.zeros(1, 4, 5, 16))
+
+
+def _cast_state(dtype):
+    def f(opt, a, b):
+        opt.state[b]["lstm_state"] = opt.state[b]["lstm_state"].to(dtype)
+    return f
+
+
+def _del_state(key):
+    def f(opt, a, b):
+        del opt.state[b][key]
+    return f
+
+
+def _set_lr(value):
+    def f(opt, a, b):
+        opt.param_groups[1]["lr"] = value
+    return f
+
+
+def _del_lr(opt, a, b):
+    del opt.param_groups[1]["lr"]
+
+
+def _swap_data(opt, a, b):  # torch checks .grad on assignment, not on .data swaps
+    b.data = b.data.double()
+
+
+@pytest.mark.parametrize("layout", ["feature_major", "blocked"])
+@pytest.mark.parametrize("spoil, exc, match", [
+    (_misfit_state, ValueError, r"'lstm_state' of parameter 0 of param group 1 \(shape \[3\]\)"),
+    (_cast_state(torch.complex64), TypeError, "'lstm_state' of parameter 0.*complex64"),
+    (_cast_state(torch.int64), TypeError, "'lstm_state' of parameter 0.*int64"),
+    (_set_state("lstm_state", [0.0] * 72), TypeError, "lstm_state.*list"),
+    (_set_state("step", "x"), TypeError, "'step'"),
+    (_set_state("step", True), TypeError, "'step'"),
+    (_set_state("step", -1), ValueError, "'step'"),
+    (_del_state("step"), TypeError, "'step'"),
+    (_set_lr("x"), TypeError, "param group 1's lr"),
+    (_set_lr(True), TypeError, "param group 1's lr"),
+    (_set_lr(float("nan")), ValueError, "param group 1's lr"),
+    (_set_lr(float("inf")), ValueError, "param group 1's lr"),
+    (_set_lr(-0.5), ValueError, "param group 1's lr"),
+    (_del_lr, ValueError, "param group 1 has no 'lr'"),
+    (_swap_data, TypeError, r"gradient of parameter 0 of param group 1 \(shape \[3\]\)"),
+], ids=["misfit_state", "complex_state", "int_state", "list_state", "step_str", "step_bool",
+        "step_negative", "step_missing", "lr_str", "lr_bool", "lr_nan", "lr_inf", "lr_negative",
+        "lr_missing", "grad_dtype"])
+def test_optimizer_step_checks_all_before_changing_any(layout, spoil, exc, match):
+    """A bad state, step counter, lr or gradient in a later bucket (or group): step() raises a
+    clear error naming it, and the earlier buckets' parameters, states and step counters are
+    as they were (before: the earlier buckets were stepped, then the error)."""
+    net = _small_net(H=6)
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    opt = LSTMOptimizer([{"params": [a]}, {"params": [b]}], net=net, bucket_coords=3,
+                        state_layout=layout)
+    a.grad, b.grad = torch.randn(3), torch.randn(3)
+    opt.step()
+    a.grad, b.grad = torch.randn(3), torch.randn(3)
+    spoil(opt, a, b)
+    snap = _snapshot(opt)
+    with pytest.raises(exc, match=match):
+        opt.step()
+    _assert_unchanged(opt, snap)
+
+
+def test_optimizer_step_refuses_complex_params_up_front():
+    a, c = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = LSTMOptimizer([a, c], net=_small_net())
+    a.grad, c.grad = torch.randn(3), torch.randn(3, dtype=torch.complex64)
+    snap = _snapshot(opt)
+    with pytest.raises(TypeError, match=r"parameter 1 of param group 0 \(shape \[3\]\) is "
+                                        r"torch.complex64"):
+        opt.step()
+    _assert_unchanged(opt, snap)
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["feature_major", "blocked"])
+def test_optimizer_half_params_step_in_float32(backend, dtype, state_dtype, layout):
+    """float16 / bfloat16 parameters (next to float32 ones): the net runs in float32 on the
+    float32 gradient with a float32 (or bfloat16) state, and the float32 update is added into
+    the parameter: bit for bit what a float32 copy of it gets from the same gradients,
+    rounded to its dtype. A state_dict round trip keeps the state exactly."""
+    net = _small_net(H=6)
+    gen = torch.Generator().manual_seed(7)
+    half = nn.Parameter(torch.randn(37, generator=gen).to(dtype))
+    other = nn.Parameter(torch.randn(5, generator=gen))
+    copy32 = nn.Parameter(half.detach().float())
+    opt = LSTMOptimizer([other, half], net=net, state_dtype=state_dtype, state_layout=layout,
+                        lr=0.7)
+    ref = LSTMOptimizer([copy32], net=net, state_dtype=state_dtype, state_layout=layout,
+                        lr=0.7)
+    want_sdtype = torch.bfloat16 if state_dtype is not None else torch.float32
+    with pymeta.use_backend(backend):
+        for _ in range(4):
+            g = torch.randn(37, generator=gen).to(dtype)
+            half.grad, copy32.grad = g, g.float()
+            other.grad = torch.randn(5, generator=gen)
+            with torch.no_grad():
+                copy32.copy_(half.float())  # the same start, so the same one rounding
+            opt.step()
+            ref.step()
+            assert half.dtype == dtype
+            assert torch.equal(half.detach(), copy32.detach().to(dtype))
+            st, st32 = opt.state[half]["lstm_state"], ref.state[copy32]["lstm_state"]
+            assert st.dtype == want_sdtype and torch.equal(st, st32)
+        assert not torch.equal(half.detach().float(), torch.zeros(37))
+        # round trip: the float32/bfloat16 state is not rounded to the parameter's dtype
+        sd = opt.state_dict()
+        opt2 = LSTMOptimizer([other, half], net=_small_net(H=6, seed=3), state_dtype=state_dtype,
+                             state_layout=layout)
+        opt2.load_state_dict(sd)
+        assert opt2.state[half]["lstm_state"].dtype == want_sdtype
+        assert torch.equal(opt2.state[half]["lstm_state"], opt.state[half]["lstm_state"])
+        assert opt2.state[half]["step"] == 4 and opt2.param_groups[0]["lr"] == 0.7
+        g = torch.randn(37, generator=gen).to(dtype)
+        before = half.detach().clone()
+        half.grad, other.grad = g, None
+        opt2.step()
+        after2 = half.detach().clone()
+        with torch.no_grad():
+            half.copy_(before)
+        opt.step()
+        assert torch.equal(half.detach(), after2)
+
+
+def test_optimizer_lr_checked_everywhere():
+    params = list(_model().parameters())
+    for bad, exc in (("x", TypeError), (True, TypeError), (None, TypeError),
+                     (torch.tensor(1.0), TypeError), (float("nan"), ValueError),
+                     (float("inf"), ValueError), (-1.0, ValueError), (10 ** 400, ValueError)):
+        with pytest.raises(exc, match="lr"):
+            LSTMOptimizer(params, net=_small_net(), lr=bad)
+        with pytest.raises(exc, match="param group's lr"):
+            LSTMOptimizer([{"params": params[:2]}, {"params": params[2:], "lr": bad}],
+                          net=_small_net())
+        opt = LSTMOptimizer(params[:2], net=_small_net())
+        with pytest.raises(exc, match="param group's lr"):
+            opt.add_param_group({"params": params[2:], "lr": bad})
+        assert len(opt.param_groups) == 1
+    opt = LSTMOptimizer(params, net=_small_net(), lr=0)  # 0 and ints are fine
+    assert opt.param_groups[0]["lr"] == 0.0
+
+
+@pytest.mark.parametrize("spoil, exc, match", [
+    (lambda sd: sd["net"].__setitem__("state_dict", 5), TypeError,
+     r"saved net's weights \(state_dict\['net'\]\['state_dict'\]\) are a int"),
+    (lambda sd: sd["net"].pop("state_dict"), ValueError, "saved net has no weights"),
+    (lambda sd: sd["net"]["state_dict"].__setitem__("cell2.weight_hh", torch.zeros(3, 3)),
+     ValueError, "do not fit.*cell2.weight_hh"),
+    (lambda sd: sd["net"]["state_dict"].pop("out.bias"), ValueError, "do not fit.*out.bias"),
+    (lambda sd: sd["net"]["state_dict"].__setitem__("out.bias", torch.ones(1).long()),
+     TypeError, "out.bias.*int64"),
+    (lambda sd: sd["net"]["state_dict"].__setitem__("out.bias", torch.ones(1).cfloat()),
+     TypeError, "out.bias.*complex64"),
+    (lambda sd: sd["net"]["state_dict"]["out.weight"].__setitem__((0, 1), float("nan")),
+     ValueError, "NaN or inf values in out.weight"),
+    (lambda sd: sd["net"]["config"].__setitem__("p", 5.0), ValueError, "saved with a net"),
+    (lambda sd: sd.__setitem__("net", 5), TypeError, "'net' is a int"),
+    (lambda sd: sd["state"][1].pop("step"), TypeError, "state entry 1.*'step'"),
+    (lambda sd: sd["state"][1].__setitem__("step", "x"), TypeError, "state entry 1.*'step'"),
+    (lambda sd: sd["state"][1].__setitem__("step", 2.0), TypeError, "state entry 1.*'step'"),
+    (lambda sd: sd["state"][2].__setitem__(
+        "lstm_state", sd["state"][2]["lstm_state"].to(torch.complex64)),
+     TypeError, "'lstm_state' of state entry 2.*complex64"),
+    (lambda sd: sd["state"][2].__setitem__(
+        "lstm_state", sd["state"][2]["lstm_state"].to(torch.int32)),
+     TypeError, "'lstm_state' of state entry 2.*int32"),
+    (lambda sd: sd["state"][3].pop("lstm_state"), ValueError, "state entry 3.*'lstm_state'"),
+    (lambda sd: sd["param_groups"][0].pop("lr"), ValueError, "saved param group 0 has no 'lr'"),
+    (lambda sd: sd["param_groups"][0].__setitem__("lr", "x"), TypeError,
+     "saved param group 0's lr"),
+    (lambda sd: sd["param_groups"][0].__setitem__("lr", float("nan")), ValueError,
+     "saved param group 0's lr"),
+    (lambda sd: sd["param_groups"][0].__setitem__("params", [0, 1, 2, [3]]), ValueError,
+     "distinct int ids"),
+    (lambda sd: sd.__setitem__("param_groups", "x"), TypeError, "'param_groups' must be"),
+    (lambda sd: sd.__setitem__("state", []), TypeError, "'state' is a list"),
+], ids=["net_weights_int", "net_weights_missing", "net_weight_misshapen", "net_weight_missing",
+        "net_weight_int", "net_weight_complex", "net_weight_nan", "net_config", "net_int",
+        "step_missing", "step_str", "step_float", "state_complex", "state_int", "state_missing",
+        "lr_missing", "lr_str", "lr_nan", "param_ids", "param_groups_str", "state_list"])
+def test_optimizer_load_state_dict_checks_all_before_changing_any(spoil, exc, match):
+    """Every part of a state_dict is checked before anything is loaded: the target's states,
+    step counters, groups and net weights are bitwise unchanged after the error (before:
+    the state was replaced, then the saved net's weights failed with a raw KeyError /
+    TypeError, or a bad entry was accepted and broke the next step)."""
+    model = _model()
+    src = LSTMOptimizer(model.parameters(), net=_small_net(H=6), lr=0.5)
+    _train(model, src, _batches(3))
+    target_model = _model(seed=4)
+    target = LSTMOptimizer(target_model.parameters(), net=_small_net(H=6, seed=8))
+    _train(target_model, target, _batches(2, seed=6))
+    sd = copy.deepcopy(src.state_dict())
+    spoil(sd)
+    snap = _snapshot(target)
+    with pytest.raises(exc, match=match):
+        target.load_state_dict(sd)
+    _assert_unchanged(target, snap)
+    target.load_state_dict(copy.deepcopy(src.state_dict()))  # the unspoilt one loads
+    assert target.state[next(iter(target_model.parameters()))]["step"] == 3
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"p": 0}, ValueError, "p must be"), ({"p": -1}, ValueError, "p must be"),
+    ({"p": float("nan")}, ValueError, "p must be"), ({"p": float("inf")}, ValueError, "p must be"),
+    ({"p": True}, TypeError, "p must be"), ({"p": "10"}, TypeError, "p must be"),
+    ({"out_scale": float("nan")}, ValueError, "out_scale"),
+    ({"out_scale": float("-inf")}, ValueError, "out_scale"),
+    ({"out_scale": False}, TypeError, "out_scale"), ({"out_scale": None}, TypeError, "out_scale"),
+    ({"hidden_size": True}, TypeError, "hidden_size"),
+    ({"hidden_size": 20.0}, TypeError, "hidden_size"),
+    ({"hidden_size": "20"}, TypeError, "hidden_size"),
+    ({"hidden_size": None}, TypeError, "hidden_size"),
+    ({"hidden_size": 0}, ValueError, "hidden_size"),
+    ({"hidden_size": 65}, ValueError, "hidden_size"),
+    ({"preprocessing": None}, ValueError, "preprocessing"),
+])
+def test_net_args_checked(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        LSTMOptimizerNet(**kwargs)
+
+
+def test_net_args_edge_values_accepted():
+    net = LSTMOptimizerNet(hidden_size=1, p=1e-3, out_scale=0)
+    assert net.config() == {"hidden_size": 1, "preprocessing": "log_sign", "p": 1e-3,
+                            "out_scale": 0.0}
+    assert LSTMOptimizerNet(hidden_size=64, p=3).p == 3.0
+
+
+def _net_file(tmp_path, name, net, config=None, weights=None, info=None):
+    obj = {"format": "pymeta.LSTMOptimizerNet", "version": 1, "config": net.config(),
+           "state_dict": {k: v.clone() for k, v in net.state_dict().items()}, "info": {}}
+    if config:
+        obj["config"].update(config)
+    if weights:
+        obj["state_dict"].update(weights)
+    if info is not None:
+        obj["info"] = info
+    torch.save(obj, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("config, weights, info, match", [
+    ({"p": float("nan")}, None, None, "invalid config.*p must be"),
+    ({"p": 0.0}, None, None, "invalid config.*p must be"),
+    ({"out_scale": float("inf")}, None, None, "invalid config.*out_scale"),
+    ({"hidden_size": True}, None, None, "invalid config.*hidden_size"),
+    ({"extra": 1}, None, None, "invalid config.*extra"),
+    (None, {"out.bias": torch.ones(1, dtype=torch.int64)}, None, "out.bias.*int64"),
+    (None, {"out.bias": torch.ones(1, dtype=torch.complex64)}, None, "out.bias.*complex64"),
+    (None, {"out.bias": torch.tensor([float("nan")])}, None, "NaN or inf values in out.bias"),
+    (None, {"cell1.bias_hh": torch.full((24,), float("inf"))}, None, "NaN or inf.*cell1.bias_hh"),
+    (None, None, ["a", "b"], "invalid 'info' \\(a list"),
+    (None, None, "notes", "invalid 'info' \\(a str"),
+])
+def test_net_files_with_bad_config_weights_or_info(tmp_path, config, weights, info, match):
+    """load and load_weights refuse them with FileFormatError naming the field (no raw
+    TypeError, no ComplexWarning), and load_weights leaves the net bitwise as it was."""
+    net = _small_net(H=6)
+    path = _net_file(tmp_path, "bad.pt", _small_net(H=6, seed=5), config, weights, info)
+    before = [w.detach().clone() for w in net.weights()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(pymeta.FileFormatError, match=match):
+            LSTMOptimizerNet.load(path)
+        with pytest.raises(pymeta.FileFormatError, match=match):
+            net.load_weights(path)
+    assert all(_same(a, b) for a, b in zip(net.weights(), before))
+    # the same file, unspoilt, loads
+    good = _net_file(tmp_path, "good.pt", _small_net(H=6, seed=5))
+    assert LSTMOptimizerNet.load(good).info == {}
+    net.load_weights(good)
+    assert not all(_same(a, b) for a, b in zip(net.weights(), before))
+
+
+def test_init_state_checks():
+    net = _small_net(H=5)
+    assert net.init_state(0).shape == (4, 5, 0)
+    assert net.init_state(0, layout="blocked").shape == (0, 4, 5, 16)
+    assert net.init_state(17, layout="blocked", dtype=torch.bfloat16).shape == (2, 4, 5, 16)
+    for n, exc in ((-1, ValueError), (True, TypeError), (2.0, TypeError), ("3", TypeError),
+                   (None, TypeError)):
+        for layout in ("feature_major", "blocked"):
+            with pytest.raises(exc, match="init_state: n must be an int >= 0"):
+                net.init_state(n, layout=layout)
+    for dtype in (torch.int64, torch.complex64, torch.float16, torch.bool, "float32"):
+        with pytest.raises(TypeError, match="init_state: dtype must be"):
+            net.init_state(3, dtype=dtype)
+    with pytest.raises(TypeError, match="dtype"):  # the default: the net's dtype
+        LSTMOptimizerNet(5).half().init_state(3)
