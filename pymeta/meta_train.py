@@ -15,6 +15,7 @@ are detached (the paper drops the second derivatives). Each step is one fused
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -29,6 +30,7 @@ from pymeta.tasks import OptimizeeProblem, derive_seed
 __all__ = ["meta_train", "unroll", "run_learned", "run_torch_optimizer"]
 
 CKPT_FORMAT = "pymeta.meta_train"
+HISTORY_KEYS = ("iteration", "meta_loss", "final_loss", "seconds", "skipped")
 
 
 def unroll(net: LSTMOptimizerNet, problem: OptimizeeProblem, theta: Tensor, state: Tensor,
@@ -70,6 +72,175 @@ def _config(net, family, unroll_, horizon, meta_lr, meta_batch, seed, dtype,
     if state_dtype is not None:  # absent by default: checkpoints of earlier versions resume
         cfg["state_dtype"] = str(state_dtype)
     return cfg
+
+
+# ---- argument and checkpoint validation ------------------------------------------------------
+# meta_train validates everything (arguments, and a checkpoint to resume from) before it
+# touches the net: an error leaves the net's weights, dtype and device as they were.
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_steps(steps, who: str) -> int:
+    if not _is_int(steps):
+        raise TypeError(f"pymeta.{who}: steps must be an int >= 0, not {type(steps).__name__} "
+                        f"{steps!r}")
+    if steps < 0:
+        raise ValueError(f"pymeta.{who}: steps must be an int >= 0, got {steps!r}")
+    return int(steps)
+
+
+def _check_problem(problem, who: str) -> None:
+    if not isinstance(problem, OptimizeeProblem):
+        raise TypeError(f"pymeta.{who}: problem must be an OptimizeeProblem (e.g. "
+                        f"family.sample(...) of pymeta.tasks), not {type(problem).__name__}")
+
+
+def _check_device(device, net: LSTMOptimizerNet) -> torch.device:
+    """The device to run on: ``device``, or the net's (None): cpu, or a cuda device that is
+    available."""
+    if device is None:
+        dev = net.out.weight.device
+    else:
+        if isinstance(device, bool):  # torch.device(True) would be cuda:1
+            raise TypeError(f"pymeta.meta_train: device must be a torch.device, str or int, "
+                            f"not {device!r}")
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"pymeta.meta_train: device {device!r} is not a device: {e}") from e
+    where = "the net's device" if device is None else "device"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"pymeta.meta_train: {where} is {dev} but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"pymeta.meta_train: {where} is {dev} but there are only "
+                             f"{torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":  # the op's kernels; meta holds no values (the net would lose them)
+        raise ValueError(f"pymeta.meta_train: {where} must be cpu or cuda, not {dev}")
+    return dev
+
+
+def _check_checkpoint_path(checkpoint) -> Optional[str]:
+    if checkpoint is None:
+        return None
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"pymeta.meta_train: checkpoint must be None, a str or an os.PathLike, "
+                        f"not {type(checkpoint).__name__} {checkpoint!r}")
+    path = os.fspath(checkpoint)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"pymeta.meta_train: checkpoint must name a file, got {checkpoint!r}")
+    # Found now rather than at the first write, after (part of) a run has changed the net.
+    if os.path.isdir(path):
+        raise ValueError(f"pymeta.meta_train: checkpoint {path!r} is a directory, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"pymeta.meta_train: the folder of checkpoint {path!r} does not exist")
+    return path
+
+
+_REAL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_weight(t, shape) -> bool:
+    """A dense real floating tensor of ``shape`` (copy_ would round ints silently and drop a
+    complex tensor's imaginary part)."""
+    return (isinstance(t, Tensor) and t.dtype in _REAL_FLOATS and t.layout == torch.strided
+            and t.shape == shape)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _validated_checkpoint(ck: dict, path: str, config: Dict[str, Any], net: LSTMOptimizerNet,
+                          iterations: int, meta_lr: float, device: torch.device,
+                          dtype: torch.dtype):
+    """Checks every entry of a loaded checkpoint without loading any of it; returns
+    ``(net_state, adam_state, history, iteration)``. A malformed entry raises
+    FileFormatError naming the file and the entry; a checkpoint of another configuration,
+    or one past ``iterations``, a ValueError."""
+    def bad(field: str, why: str) -> FileFormatError:
+        return FileFormatError(f"pymeta: the checkpoint {path!r} has an invalid {field!r} "
+                               f"entry: {why}")
+
+    if ck.get("version") != 1:
+        raise bad("version", f"{ck.get('version')!r} (this pymeta reads version 1)")
+    saved = ck.get("config")
+    if not isinstance(saved, dict):
+        raise bad("config", f"a {type(saved).__name__}, not a dict")
+    if saved != config:
+        diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+        diff.update({k: (v, None) for k, v in saved.items() if k not in config})
+        raise ValueError(f"pymeta.meta_train: the checkpoint {path!r} is of another run; it "
+                         f"differs in (checkpoint, now): {diff}")
+
+    start = ck.get("iteration")
+    if not (_is_int(start) and start >= 0):
+        raise bad("iteration", f"{start!r} is not an int >= 0")
+    if start > iterations:
+        raise ValueError(f"pymeta.meta_train: the checkpoint {path!r} has done {start} "
+                         f"iterations, more than iterations={iterations}")
+
+    hist = ck.get("history")
+    if not isinstance(hist, dict) or set(hist) != set(HISTORY_KEYS):
+        got = sorted(map(str, hist)) if isinstance(hist, dict) else type(hist).__name__
+        raise bad("history", f"expected a dict of lists {list(HISTORY_KEYS)}, got {got}")
+    for k in HISTORY_KEYS:
+        v = hist[k]
+        if not (isinstance(v, list) and len(v) == start and all(_number(x) for x in v)):
+            raise bad("history", f"{k!r} is not a list of {start} numbers (one per iteration done)")
+    if hist["iteration"] != list(range(start)):
+        raise bad("history", f"'iteration' is {hist['iteration']!r}, not 0..{start - 1}")
+
+    sd, own = ck.get("net"), net.state_dict()
+    if not isinstance(sd, dict):
+        raise bad("net", f"a {type(sd).__name__}, not a dict of tensors")
+    wrong = {k: (f"{sd[k].dtype} {list(sd[k].shape)}" if isinstance(sd.get(k), Tensor)
+                 else type(sd.get(k)).__name__)
+             for k in own if not _is_weight(sd.get(k), own[k].shape)}
+    extra = [k for k in sd if k not in own]
+    if wrong or extra:
+        raise bad("net", f"expected real floating tensors of the net's shapes (hidden_size="
+                         f"{net.hidden_size}); missing or wrong: {wrong}, unexpected: {extra}")
+    # (training never makes a weight non-finite: a non-finite meta-loss makes no step)
+    nonfinite = [k for k in own if not bool(torch.isfinite(sd[k]).all())]
+    if nonfinite:
+        raise bad("net", f"NaN or inf values in {nonfinite}")
+
+    adam = ck.get("adam")
+    shapes = [p.shape for p in net.parameters()]
+    if not (isinstance(adam, dict) and isinstance(adam.get("state"), dict)
+            and isinstance(adam.get("param_groups"), list)):
+        raise bad("adam", "not an optimizer state_dict (a dict of 'state' and 'param_groups')")
+    groups = adam["param_groups"]
+    if not (len(groups) == 1 and isinstance(groups[0], dict)
+            and groups[0].get("params") == list(range(len(shapes)))):
+        raise bad("adam", f"expected one parameter group of the net's {len(shapes)} parameters")
+    lr = groups[0].get("lr")
+    if not (_number(lr) and float(lr) == float(meta_lr)):  # meta_lr itself is in the config
+        raise bad("adam", f"its lr {lr!r} is not meta_lr={meta_lr!r}")
+    for i, st in adam["state"].items():
+        if not (_is_int(i) and 0 <= i < len(shapes) and isinstance(st, dict)):
+            raise bad("adam", f"state of an unknown parameter {i!r}")
+        step = st.get("step")
+        if isinstance(step, Tensor):
+            step = float(step) if step.numel() == 1 and not step.is_complex() else None
+        if not (_number(step) and 0 <= step < math.inf):
+            raise bad("adam", f"parameter {i}'s step {st.get('step')!r} is not a number >= 0")
+        for k in ("exp_avg", "exp_avg_sq"):
+            if not _is_weight(st.get(k), shapes[i]):
+                raise bad("adam", f"parameter {i}'s {k!r} is not a real floating tensor of "
+                                  f"shape {list(shapes[i])}")
+    # What the checks above may miss, torch finds: load it into a scratch Adam (over scratch
+    # tensors of the net's shapes, device and dtype) before the real one.
+    scratch = [torch.zeros(s, device=device, dtype=dtype, requires_grad=True) for s in shapes]
+    try:
+        torch.optim.Adam(scratch, lr=meta_lr).load_state_dict(adam)
+    except Exception as e:
+        raise bad("adam", f"torch cannot load it: {e!r}") from e
+    return sd, adam, {k: list(hist[k]) for k in HISTORY_KEYS}, int(start)
 
 
 def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
@@ -115,28 +286,61 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
     ``horizon`` (the mean optimizee loss along the trajectory), ``final_loss`` the mean loss
     at the last step, ``seconds`` the wall time of the iteration. Iterations whose meta-loss
     is not finite make no Adam step (``history["skipped"]`` counts them).
+
+    Raises TypeError or ValueError for a bad argument, ValueError for a checkpoint of another
+    configuration (or past ``iterations``) and ``pymeta.FileFormatError`` for a malformed one,
+    all before the net is changed in any way (weights, dtype, device).
     """
+    # Everything is validated before the net is touched (moved, loaded or trained): an error
+    # leaves its weights, dtype and device as they were.
     if not isinstance(net, LSTMOptimizerNet):
         raise TypeError(f"pymeta.meta_train: net must be an LSTMOptimizerNet, not {type(net).__name__}")
+    if net.out.weight.is_meta:  # nothing to train, nor to move to a real device
+        raise ValueError("pymeta.meta_train: net's weights are on the meta device (they hold "
+                         "no values)")
+    if not callable(getattr(family, "sample", None)):
+        raise TypeError(f"pymeta.meta_train: family must be a task family with a sample(batch, "
+                        f"seed, device, dtype) method (pymeta.tasks), not {type(family).__name__}")
     for name, v in (("iterations", iterations), ("unroll", unroll), ("horizon", horizon),
                     ("meta_batch", meta_batch), ("checkpoint_every", checkpoint_every)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "iterations" else 1):
-            raise ValueError(f"pymeta.meta_train: {name} must be a positive int, got {v!r}")
+        least = 0 if name == "iterations" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"pymeta.meta_train: {name} must be an int >= {least}, got {v!r}")
+    if not isinstance(meta_lr, numbers.Real) or isinstance(meta_lr, bool):
+        raise TypeError(f"pymeta.meta_train: meta_lr must be a real number, not "
+                        f"{type(meta_lr).__name__} {meta_lr!r}")
+    if not (math.isfinite(meta_lr) and meta_lr > 0):  # inf: the first step ruins the net
+        raise ValueError(f"pymeta.meta_train: meta_lr must be finite and > 0, got {meta_lr!r}")
+    if not _is_int(seed):  # a float would be truncated silently by derive_seed
+        raise TypeError(f"pymeta.meta_train: seed must be an int >= 0, not "
+                        f"{type(seed).__name__} {seed!r}")
+    if seed < 0:  # derive_seed takes non-negative ints only
+        raise ValueError(f"pymeta.meta_train: seed must be an int >= 0, got {seed!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"pymeta.meta_train: dtype must be torch.float32 or torch.float64, not "
+                        f"{type(dtype).__name__} {dtype!r}")
+    if dtype not in (torch.float32, torch.float64):  # the op and the net's math need these
+        raise ValueError(f"pymeta.meta_train: dtype must be torch.float32 or torch.float64, "
+                         f"got {dtype}")
     if state_dtype == dtype:
         state_dtype = None  # the default, spelled out
     if state_dtype is not None and not (state_dtype == torch.bfloat16 and dtype == torch.float32):
         raise ValueError(f"pymeta.meta_train: state_dtype must be None (dtype), dtype itself, or "
                          f"torch.bfloat16 with dtype=torch.float32; got state_dtype="
                          f"{state_dtype}, dtype={dtype}")
-    device = torch.device(device) if device is not None else net.out.weight.device
-    net.to(device=device, dtype=dtype)
-    opt = torch.optim.Adam(net.parameters(), lr=meta_lr)
+    device = _check_device(device, net)
+    checkpoint = _check_checkpoint_path(checkpoint)
+    dist_on = distributed is not False and distributed is not None
+    if dist_on and distributed is not True and not (
+            torch.distributed.is_available()
+            and isinstance(distributed, torch.distributed.ProcessGroup)):
+        raise TypeError(f"pymeta.meta_train: distributed must be False, True or a "
+                        f"torch.distributed process group, not {type(distributed).__name__}")
+
     config = _config(net, family, unroll, horizon, meta_lr, meta_batch, seed, dtype, state_dtype)
-    history: Dict[str, List[float]] = {"iteration": [], "meta_loss": [], "final_loss": [],
-                                       "seconds": [], "skipped": []}
+    history: Dict[str, List[float]] = {k: [] for k in HISTORY_KEYS}
     start = 0
     group, rank, world = None, 0, 1
-    dist_on = distributed is not False and distributed is not None
     if dist_on:
         from pymeta import distributed as pdist
         group = None if distributed is True else distributed
@@ -153,20 +357,17 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
         ck = safe_load(checkpoint, "meta-training checkpoint", CKPT_FORMAT)
     else:
         ck = None
-    if ck is not None:
-        if ck.get("config") != config:
-            saved = ck.get("config") or {}
-            diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
-            raise ValueError(f"pymeta.meta_train: the checkpoint {os.fspath(checkpoint)!r} is of "
-                             f"another run; it differs in (checkpoint, now): {diff}")
-        try:
-            net._load_checked(ck["net"], os.fspath(checkpoint))
-            opt.load_state_dict(ck["adam"])
-            history = {k: list(v) for k, v in ck["history"].items()}
-            start = int(ck["iteration"])
-        except (KeyError, TypeError) as e:
-            raise FileFormatError(f"pymeta: the checkpoint {os.fspath(checkpoint)!r} is "
-                                  f"incomplete: {e!r}") from e
+    # (every rank reads the same file, so a bad one raises on all of them alike)
+    resume = (_validated_checkpoint(ck, checkpoint, config, net, iterations, meta_lr, device,
+                                    dtype) if ck is not None else None)
+
+    # Valid: only now move the net and load the checkpoint into it.
+    net.to(device=device, dtype=dtype)
+    opt = torch.optim.Adam(net.parameters(), lr=meta_lr)
+    if resume is not None:
+        net_state, adam_state, history, start = resume
+        net._load_checked(net_state, checkpoint)
+        opt.load_state_dict(adam_state)
 
     def save(done: int) -> None:
         if dist_on:
@@ -272,6 +473,14 @@ def run_learned(net: LSTMOptimizerNet, problem: OptimizeeProblem, steps: int) ->
     """Runs the learned optimizer for ``steps`` steps (no meta-gradient); returns the
     per-problem losses ``[steps + 1, B]`` at steps 0..steps, and leaves the final flat
     parameters in ``problem.last_theta``."""
+    if not isinstance(net, LSTMOptimizerNet):
+        raise TypeError(f"pymeta.run_learned: net must be an LSTMOptimizerNet, not "
+                        f"{type(net).__name__}")
+    _check_problem(problem, "run_learned")
+    steps = _check_steps(steps, "run_learned")
+    if net.out.weight.is_meta:  # its weights are copied to the problem's device below
+        raise ValueError("pymeta.run_learned: net's weights are on the meta device (they hold "
+                         "no values)")
     theta = problem.init_theta()
     state = net.init_state(problem.numel, device=theta.device, dtype=theta.dtype)
     weights = [w.detach().to(theta.device, theta.dtype) for w in net.weights()]
@@ -300,8 +509,16 @@ def run_torch_optimizer(problem: OptimizeeProblem, steps: int,
     gets its own gradient; coordinatewise optimizers then run every problem independently).
     Returns the per-problem losses ``[steps + 1, B]`` at steps 0..steps; the final flat
     parameters are left in ``problem.last_theta``."""
+    _check_problem(problem, "run_torch_optimizer")
+    steps = _check_steps(steps, "run_torch_optimizer")
+    if not callable(make_optimizer):
+        raise TypeError(f"pymeta.run_torch_optimizer: make_optimizer must be callable (params -> "
+                        f"optimizer), not {type(make_optimizer).__name__}")
     theta = problem.init_theta().requires_grad_()
     opt = make_optimizer([theta])
+    if not (callable(getattr(opt, "step", None)) and callable(getattr(opt, "zero_grad", None))):
+        raise TypeError(f"pymeta.run_torch_optimizer: make_optimizer returned a "
+                        f"{type(opt).__name__}, not an optimizer (with step and zero_grad)")
     out = []
     for t in range(steps + 1):
         opt.zero_grad(set_to_none=True)

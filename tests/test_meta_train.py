@@ -198,3 +198,222 @@ def test_run_torch_optimizer_matches_per_problem_runs():
         one = QuadraticProblem(batch.W[b:b + 1], batch.y[b:b + 1], batch.theta0.view(4, 3)[b])
         Lb = run_torch_optimizer(one, 10, lambda p: torch.optim.Adam(p, lr=0.1))
         torch.testing.assert_close(Lb[:, 0], L[:, b])
+
+
+# ---- bad inputs: a clear error, and the net untouched ------------------------------------------
+
+TINY = dict(unroll=2, horizon=4, meta_batch=2, progress=False)
+
+
+def _snapshot(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _assert_untouched(net, snap, dtype=torch.float32, device="cpu"):
+    for k, v in net.state_dict().items():
+        assert v.dtype == dtype and v.device == torch.device(device), k
+        assert torch.equal(v, snap[k]), k  # bitwise (no NaNs in a fresh net)
+
+
+class _NoSample:
+    sample = 3  # not callable
+
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(dtype=torch.float16), ValueError, "dtype"),
+    (dict(dtype=torch.bfloat16), ValueError, "dtype"),
+    (dict(dtype=torch.int32), ValueError, "dtype"),
+    (dict(dtype=None), TypeError, "dtype"),
+    (dict(dtype="float32"), TypeError, "dtype"),
+    (dict(device="meta"), ValueError, "device"),
+    (dict(device="nope"), ValueError, "device"),
+    (dict(device=True), TypeError, "device"),
+    (dict(device=1.5), ValueError, "device"),
+    (dict(checkpoint=5), TypeError, "checkpoint"),
+    (dict(checkpoint=b"ck.pt"), TypeError, "checkpoint"),
+    (dict(checkpoint=""), ValueError, "checkpoint"),
+    (dict(meta_lr=float("inf")), ValueError, "meta_lr"),
+    (dict(meta_lr=float("nan")), ValueError, "meta_lr"),
+    (dict(meta_lr=0.0), ValueError, "meta_lr"),
+    (dict(meta_lr=-1e-3), ValueError, "meta_lr"),
+    (dict(meta_lr=True), TypeError, "meta_lr"),
+    (dict(meta_lr="1e-3"), TypeError, "meta_lr"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(seed=True), TypeError, "seed"),
+    (dict(seed="0"), TypeError, "seed"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(family=None), TypeError, "family"),
+    (dict(family=_NoSample()), TypeError, "family"),
+    (dict(iterations=-1), ValueError, "iterations"),
+    (dict(state_dtype=torch.float16), ValueError, "state_dtype"),
+    (dict(distributed="yes"), TypeError, "distributed"),
+], ids=lambda v: repr(v) if not isinstance(v, (dict, type)) else None)
+@pytest.mark.parametrize("distributed", [False, True], ids=["single", "distributed"])
+def test_meta_train_bad_argument_raises_before_touching_the_net(kw, exc, name, distributed):
+    """distributed=True without a process group takes the distributed branch as one rank: it
+    shares the same up-front checks."""
+    net = _net()
+    snap = _snapshot(net)
+    args = dict(dict(family=FAM, iterations=2, distributed=distributed), **TINY)
+    args.update(kw)
+    with pytest.raises(exc, match=rf"^pymeta\.meta_train: {name}\b"):  # ours, naming it
+        pymeta.meta_train(net, **args)
+    _assert_untouched(net, snap)
+
+
+def test_meta_train_device_checks(tmp_path):
+    net = _net()
+    snap = _snapshot(net)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device.*CUDA is not available"):
+            pymeta.meta_train(net, FAM, 1, device="cuda", **TINY)
+    else:
+        with pytest.raises(ValueError, match="device.*CUDA devices"):
+            pymeta.meta_train(net, FAM, 1, device=f"cuda:{torch.cuda.device_count()}", **TINY)
+    with pytest.raises(ValueError, match="net's weights are on the meta device"):
+        pymeta.meta_train(_net().to("meta"), FAM, 1, **TINY)
+    # a checkpoint path whose folder is missing, or a folder, fails now, not at the first save
+    with pytest.raises(ValueError, match="checkpoint.*does not exist"):
+        pymeta.meta_train(net, FAM, 1, checkpoint=tmp_path / "no" / "ck.pt", **TINY)
+    with pytest.raises(ValueError, match="checkpoint.*directory"):
+        pymeta.meta_train(net, FAM, 1, checkpoint=tmp_path, **TINY)
+    _assert_untouched(net, snap)
+
+
+def test_meta_train_accepted_arguments():
+    """numpy ints and floats are ints and reals; device as a str; a run is unchanged."""
+    import numpy as np
+    a, b = _net(), _net()
+    ha = pymeta.meta_train(a, FAM, 1, seed=3, meta_lr=1e-2, **TINY)
+    hb = pymeta.meta_train(b, FAM, 1, seed=np.int64(3), meta_lr=np.float64(1e-2), device="cpu",
+                           **TINY)
+    assert _strip(ha) == _strip(hb)
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    """A float32 checkpoint after 2 iterations of a tiny run, and its loaded contents."""
+    from pymeta._io import safe_load
+    path = tmp_path_factory.mktemp("ck") / "ck.pt"
+    pymeta.meta_train(_net(), FAM, 2, seed=1, checkpoint=path, **TINY)
+    return path, safe_load(path, "checkpoint")
+
+
+def test_config_mismatch_with_another_dtype_leaves_the_net_float32(tmp_path, good_checkpoint):
+    path, _ = good_checkpoint
+    net = _net(seed=7)
+    snap = _snapshot(net)
+    with pytest.raises(ValueError, match="another run.*dtype"):
+        pymeta.meta_train(net, FAM, 3, seed=1, checkpoint=path, dtype=torch.float64, **TINY)
+    _assert_untouched(net, snap)
+    with pytest.raises(ValueError, match="iterations=1"):  # the file has done 2 already
+        pymeta.meta_train(net, FAM, 1, seed=1, checkpoint=path, **TINY)
+    _assert_untouched(net, snap)
+
+
+def _adam_with(ck, **state0):
+    adam = {"state": dict(ck["adam"]["state"]), "param_groups": ck["adam"]["param_groups"]}
+    adam["state"][0] = {**adam["state"][0], **state0}
+    return adam
+
+
+def _corruptions(ck):
+    """(field the error must name, the changed entries) for one corrupt checkpoint each."""
+    net_sd, hist = ck["net"], ck["history"]
+    k0 = next(iter(net_sd))
+    return [
+        ("version", {"version": 2}),
+        ("config", {"config": [1, 2]}),
+        ("iteration", {"iteration": "x"}),
+        ("iteration", {"iteration": -3}),
+        ("iteration", {"iteration": True}),
+        ("iteration", {"iteration": 2.0}),
+        ("history", {"history": [1, 2]}),
+        ("history", {"history": {k: v for k, v in hist.items() if k != "skipped"}}),
+        ("history", {"history": {**hist, "meta_loss": hist["meta_loss"][:1]}}),
+        ("history", {"history": {**hist, "seconds": ["a", "b"]}}),
+        ("history", {"history": {**hist, "iteration": [0, 0]}}),
+        ("net", {"net": "weights"}),
+        ("net", {"net": {**net_sd, k0: net_sd[k0].to(torch.complex64)}}),
+        ("net", {"net": {**net_sd, k0: net_sd[k0].to(torch.int32)}}),
+        ("net", {"net": {**net_sd, k0: torch.full_like(net_sd[k0], float("nan"))}}),
+        ("net", {"net": {**net_sd, k0: net_sd[k0].to_sparse()}}),
+        ("net", {"net": {**net_sd, k0: net_sd[k0][:1]}}),
+        ("net", {"net": {k: v for k, v in net_sd.items() if k != k0}}),
+        ("net", {"net": {**net_sd, "extra": net_sd[k0]}}),
+        ("adam", {"adam": "x"}),
+        ("adam", {"adam": {"state": {}, "param_groups": []}}),
+        ("adam", {"adam": {**ck["adam"], "param_groups": [
+            {**ck["adam"]["param_groups"][0], "params": [0, 1]}]}}),
+        ("adam", {"adam": {**ck["adam"], "param_groups": [
+            {**ck["adam"]["param_groups"][0], "lr": 1.0}]}}),
+        ("adam", {"adam": _adam_with(ck, exp_avg=torch.zeros(3))}),
+        ("adam", {"adam": _adam_with(ck, exp_avg_sq=None)}),
+        ("adam", {"adam": _adam_with(ck, step=torch.tensor(-1.0))}),
+        ("adam", {"adam": {**ck["adam"], "state": {**ck["adam"]["state"], 99: {}}}}),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+@pytest.mark.parametrize("distributed", [False, True], ids=["single", "distributed"])
+def test_corrupt_checkpoint_is_refused_before_anything_is_loaded(tmp_path, good_checkpoint,
+                                                                distributed):
+    """Each corrupt entry raises a FileFormatError naming the file and the entry; the net
+    keeps its weights and dtype. (Written by torch.save: a file without a checksum, which
+    safe_load accepts, and the checksum cannot hash a sparse tensor.)"""
+    _, ck = good_checkpoint
+    bad = tmp_path / "bad.pt"
+    cases = _corruptions(ck)
+    assert len(cases) >= 20
+    for field, change in cases:
+        torch.save({**ck, **change}, bad)
+        before = bad.read_bytes()
+        net = _net(seed=7)
+        snap = _snapshot(net)
+        with pytest.raises(pymeta.FileFormatError) as info:
+            pymeta.meta_train(net, FAM, 3, seed=1, checkpoint=bad, distributed=distributed,
+                              **TINY)
+        msg = str(info.value)
+        assert str(bad) in msg and repr(field) in msg, (field, msg)
+        _assert_untouched(net, snap)
+        assert bad.read_bytes() == before  # nor the file
+    # the untouched checkpoint still resumes
+    torch.save(ck, bad)
+    hist = pymeta.meta_train(_net(seed=7), FAM, 3, seed=1, checkpoint=bad,
+                             distributed=distributed, **TINY)
+    assert hist["iteration"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("steps, exc", [(-1, ValueError), (1.5, TypeError), ("2", TypeError),
+                                        (None, TypeError), (True, TypeError)])
+def test_run_functions_check_steps(steps, exc):
+    p = FAM.sample(2, seed=0)
+    with pytest.raises(exc, match="^pymeta.run_learned: steps"):
+        run_learned(_net(), p, steps)
+    with pytest.raises(exc, match="^pymeta.run_torch_optimizer: steps"):
+        run_torch_optimizer(p, steps, lambda ps: torch.optim.SGD(ps, lr=0.1))
+    assert not hasattr(p, "last_theta")
+
+
+def test_run_functions_check_their_arguments():
+    p = FAM.sample(2, seed=0)
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    with pytest.raises(TypeError, match="^pymeta.run_learned: net"):
+        run_learned(torch.nn.Linear(2, 2), p, 2)
+    with pytest.raises(ValueError, match="^pymeta.run_learned: net"):
+        run_learned(_net().to("meta"), p, 2)
+    for who in (lambda q: run_learned(_net(), q, 2), lambda q: run_torch_optimizer(q, 2, sgd)):
+        with pytest.raises(TypeError, match=r"^pymeta\.run_\w+: problem"):
+            who(FAM)  # the family, not a sampled problem
+        with pytest.raises(TypeError, match=r"^pymeta\.run_\w+: problem"):
+            who(None)
+    with pytest.raises(TypeError, match="^pymeta.run_torch_optimizer: make_optimizer"):
+        run_torch_optimizer(p, 2, torch.optim.SGD([torch.zeros(1, requires_grad=True)]))
+    with pytest.raises(TypeError, match="^pymeta.run_torch_optimizer: make_optimizer"):
+        run_torch_optimizer(p, 2, lambda ps: ps)
+    assert not hasattr(p, "last_theta")
+    # steps=0: the initial losses only
+    assert run_learned(_net(), p, 0).shape == (1, 2)
+    assert run_torch_optimizer(p, 0, sgd).shape == (1, 2)
