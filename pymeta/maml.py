@@ -1,8 +1,9 @@
 """Batched MAML, MAML++ (per-layer per-step rates, multi-step loss), Meta-SGD and ANIL:
 the inner loop of every task at once.
 
-Per inner step, one ``vmap``-ed functional forward over the T tasks computes the T support
-losses, one ``autograd.grad`` of their sum gives every task's gradient in its own slice
+Per inner step, one forward over the T tasks computes the T support losses (the model's own
+batched ``forward_tasks`` for ``models.Conv4`` and ``models.MLP``, a ``vmap``-ed functional
+forward for any other module), one ``autograd.grad`` of their sum gives every task's gradient in its own slice
 (tasks are independent), and one ``pymeta.ops.inner_update`` updates every adapted tensor of
 every task in a single fused launch.
 
@@ -14,6 +15,9 @@ independently per task, and follow the wrapped module's train/eval mode.
 """
 from __future__ import annotations
 
+import collections.abc
+import math
+import numbers
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -38,12 +42,22 @@ def _shape(t: Tensor) -> list:
     return list(t.shape)
 
 
+def _is_real_number(x) -> bool:
+    # bool is an int subclass, but True as a rate or a weight is a mistake, not 1
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_real_tensor(t: Tensor) -> bool:
+    return not t.is_complex() and t.dtype != torch.bool
+
+
 class MAML(nn.Module):
     """Wraps any ``nn.Module`` for batched MAML-family meta-learning.
 
     Args:
         model: the network; called on one task's batch ``[K, ...]``.
-        inner_lr: inner-loop rate α (the initial value of learnable rates).
+        inner_lr: inner-loop rate α (the initial value of learnable rates): one finite
+            number >= 0 in every lr_mode.
         inner_steps: inner SGD steps per task (>= 1).
         first_order: drop the second-order terms (FOMAML): inner gradients are treated as
             constants, θ' = θ - α·stopgrad(g); meta-gradients still reach θ and the rates.
@@ -78,11 +92,17 @@ class MAML(nn.Module):
             raise ValueError(f"pymeta.MAML: unknown lr_mode {lr_mode!r}; choose one of {LR_MODES}")
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"pymeta.MAML: inner_steps must be an int >= 1, got {inner_steps!r}")
+        inner_lr = self._inner_lr_value(inner_lr)
+        # bool(x) would turn the string "False" into True
+        for name, flag in (("first_order", first_order), ("checkpoint_steps", checkpoint_steps)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"pymeta.MAML: {name} must be a bool (True or False), not "
+                                f"{type(flag).__name__} {flag!r}")
         self.module = model
-        self.inner_lr = float(inner_lr)
+        self.inner_lr = inner_lr
         self.inner_steps = inner_steps
-        self.first_order = bool(first_order)
-        self.checkpoint_steps = bool(checkpoint_steps)
+        self.first_order = first_order
+        self.checkpoint_steps = checkpoint_steps
         self.lr_mode = lr_mode
         self.adapted_names: List[str] = self._select(model, adapt)
         params = dict(model.named_parameters())
@@ -104,6 +124,21 @@ class MAML(nn.Module):
                         self._bn_none[f"{mname}.{b}" if mname else b] = None
 
     # ---- selection and checks ------------------------------------------------------------
+
+    @staticmethod
+    def _inner_lr_value(inner_lr) -> float:
+        """inner_lr is one number in every lr_mode (the initial value of the learnable rates
+        of per_layer_step and per_param): a real number or a one-element real tensor."""
+        if isinstance(inner_lr, Tensor) and inner_lr.numel() == 1 and _is_real_tensor(inner_lr):
+            value = float(inner_lr)
+        elif _is_real_number(inner_lr):
+            value = float(inner_lr)
+        else:
+            raise TypeError(f"pymeta.MAML: inner_lr must be a real number (the inner-loop rate), "
+                            f"not {type(inner_lr).__name__} {inner_lr!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"pymeta.MAML: inner_lr must be finite and >= 0, got {inner_lr!r}")
+        return value
 
     @staticmethod
     def _select(model: nn.Module, adapt: AdaptSpec) -> List[str]:
@@ -148,6 +183,69 @@ class MAML(nn.Module):
                 raise ValueError(f"pymeta.MAML: {name} has {t.shape[0]} tasks (shape {_shape(t)}) "
                                  f"but {first} has {T}; the task dimensions must agree")
         return T
+
+    def _check_input_dtypes(self, **inputs: Tensor) -> None:
+        """Floating inputs must have the model's dtype (else torch fails deep in the forward).
+        Integer inputs (e.g. token ids) pass; so does everything under autocast, or for a
+        model whose parameters mix floating dtypes."""
+        dtypes = {p.dtype for p in self.module.parameters() if p.is_floating_point()}
+        if len(dtypes) != 1:
+            return
+        (dtype,) = dtypes
+        for name, x in inputs.items():
+            device = x.device.type
+            if (x.is_floating_point() and x.dtype != dtype
+                    and not (torch.amp.is_autocast_available(device)
+                             and torch.is_autocast_enabled(device))):
+                raise ValueError(f"pymeta.MAML: {name} has dtype {x.dtype} but the model's "
+                                 f"parameters are {dtype}; convert one to the other's dtype")
+
+    def _step_weights(self, step_weights) -> Union[None, Tensor, List[Union[float, Tensor]]]:
+        """Checks meta_loss's step_weights: None, or one finite real weight per inner step,
+        as a 1-D tensor (which may require grad: learned weights) or a sequence of numbers
+        or [] tensors. Returns them indexable by step."""
+        if step_weights is None:
+            return None
+        want = (f"one weight per inner step (inner_steps is {self.inner_steps}): a 1-D tensor or "
+                f"a sequence of real numbers")
+
+        def check_tensor(w: Tensor, name: str) -> None:
+            if not _is_real_tensor(w):
+                raise TypeError(f"pymeta.MAML: {name} has dtype {w.dtype}; expected {want}")
+            # no finiteness check on a GPU: reading the values back would sync the device
+            if w.device.type == "cpu" and not bool(torch.isfinite(w.detach()).all()):
+                raise ValueError(f"pymeta.MAML: {name} is {w.tolist()}; the weights must be finite")
+
+        if isinstance(step_weights, Tensor):
+            # 2-D: each step's row would broadcast into the loss terms, silently summed
+            if step_weights.dim() != 1:
+                raise ValueError(f"pymeta.MAML: step_weights has shape {_shape(step_weights)}; "
+                                 f"expected {want}")
+            check_tensor(step_weights, "step_weights")
+            weights = step_weights
+        elif (isinstance(step_weights, (str, bytes))
+              or not (isinstance(step_weights, collections.abc.Sequence)
+                      or getattr(step_weights, "ndim", None) == 1)):  # (a 1-D numpy array)
+            raise TypeError(f"pymeta.MAML: step_weights must be None or {want}, not "
+                            f"{type(step_weights).__name__} {step_weights!r}")
+        else:
+            weights = []
+            for i, w in enumerate(step_weights):
+                if isinstance(w, Tensor) and w.dim() == 0:
+                    check_tensor(w, f"step_weights[{i}]")
+                    weights.append(w)
+                elif _is_real_number(w):
+                    if not math.isfinite(w):
+                        raise ValueError(f"pymeta.MAML: step_weights[{i}] is {w!r}; the weights "
+                                         f"must be finite")
+                    weights.append(float(w))
+                else:
+                    raise TypeError(f"pymeta.MAML: step_weights[{i}] is {type(w).__name__} "
+                                    f"{w!r}; expected {want}")
+        if len(weights) != self.inner_steps:
+            raise ValueError(f"pymeta.MAML: step_weights has {len(weights)} weights but "
+                             f"inner_steps is {self.inner_steps}; give one weight per inner step")
+        return weights
 
     @staticmethod
     def _check_labels(out: Tensor, y: Tensor, y_name: str) -> None:
@@ -279,6 +377,7 @@ class MAML(nn.Module):
             gradients are still computed but no graph is kept and the results need no grad.
         """
         self._check_tasks(x_support=x_support, y_support=y_support)
+        self._check_input_dtypes(x_support=x_support)
         adapted = self._inner_loop(*self._split_params(), x_support, y_support, loss_fn)
         return dict(zip(self.adapted_names, adapted))
 
@@ -291,11 +390,23 @@ class MAML(nn.Module):
         if missing or extra:
             raise ValueError(f"pymeta.MAML: adapted must have exactly the adapted parameters "
                              f"{self.adapted_names}; missing {missing}, unexpected {extra}")
+        params = dict(self.module.named_parameters())
         out = [adapted[n] for n in self.adapted_names]
         for n, t in zip(self.adapted_names, out):
+            p = params[n]
+            want = f"[T, *param.shape] = {[T, *p.shape]}"
+            if not isinstance(t, Tensor):
+                raise TypeError(f"pymeta.MAML: adapted[{n!r}] must be a Tensor {want}, not "
+                                f"{type(t).__name__}")
             if t.dim() < 1 or t.shape[0] != T:
                 raise ValueError(f"pymeta.MAML: adapted[{n!r}] has shape {_shape(t)} but "
                                  f"{x_name} has {T} tasks; the task dimensions must agree")
+            if t.shape[1:] != p.shape:
+                raise ValueError(f"pymeta.MAML: adapted[{n!r}] has shape {_shape(t)}; "
+                                 f"expected {want}")
+            if t.dtype != p.dtype or t.device != p.device:
+                raise ValueError(f"pymeta.MAML: adapted[{n!r}] is {t.dtype} on {t.device}, but "
+                                 f"the parameter is {p.dtype} on {p.device}")
         return out
 
     def predict(self, adapted: Dict[str, Tensor], x_query: Tensor) -> Tensor:
@@ -309,6 +420,7 @@ class MAML(nn.Module):
             ``[T, Q, ...]`` outputs.
         """
         T = self._check_tasks(x_query=x_query)
+        self._check_input_dtypes(x_query=x_query)
         adapted_list = self._adapted_list(adapted, T, "x_query")
         shared, _ = self._split_params()
         return self._forward_tasks(shared, adapted_list, x_query, lambda out: out)
@@ -321,7 +433,8 @@ class MAML(nn.Module):
         Args:
             x_support, y_support: ``[T, K, ...]``; x_query, y_query: ``[T, Q, ...]``.
             loss_fn: as in ``adapt``; used for the support and the query losses.
-            step_weights: MAML++ multi-step loss: ``inner_steps`` weights; the result is
+            step_weights: MAML++ multi-step loss: ``inner_steps`` finite weights (a 1-D tensor,
+                which may require grad, or a sequence of numbers); the result is
                 ``sum_s w[s] * mean_t L_query(θ_t after step s+1)``. None: only the last step.
 
         Returns:
@@ -329,13 +442,12 @@ class MAML(nn.Module):
             parameters and of the learnable rates.
         """
         self._check_tasks(x_support=x_support, y_support=y_support, x_query=x_query, y_query=y_query)
+        self._check_input_dtypes(x_support=x_support, x_query=x_query)
+        step_weights = self._step_weights(step_weights)
         shared, meta = self._split_params()
         if step_weights is None:
             adapted = self._inner_loop(shared, meta, x_support, y_support, loss_fn)
             return self._query_losses(shared, adapted, x_query, y_query, loss_fn).mean()
-        if len(step_weights) != self.inner_steps:
-            raise ValueError(f"pymeta.MAML: step_weights has {len(step_weights)} weights but "
-                             f"inner_steps is {self.inner_steps}; give one weight per inner step")
         terms: List[Tensor] = []
 
         def after_step(step: int, adapted: List[Tensor]) -> None:
@@ -447,6 +559,7 @@ class CapturedMetaStep:
             raise ValueError("pymeta.MAML.capture: checkpoint_steps=True is not supported in "
                              "a CUDA graph; capture a MAML built with checkpoint_steps=False")
         maml._check_tasks(**dict(zip(names, batch)))
+        maml._step_weights(step_weights)  # fail here, not inside the warm-up
         params = [p for p in maml.parameters() if p.requires_grad]
         for name, t in zip(names, batch):
             if not t.is_cuda:

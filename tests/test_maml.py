@@ -486,6 +486,147 @@ def test_bad_constructor_arguments():
         pymeta.MAML(m, inner_steps=0)
 
 
+def _snapshot(maml):
+    return {k: v.detach().clone() for k, v in maml.state_dict().items()}
+
+
+def _assert_unchanged(maml, before):
+    after = maml.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    assert all(p.grad is None for p in maml.parameters())
+
+
+@pytest.mark.parametrize("step_weights,exc,match", [
+    (torch.ones(2, 2), ValueError, r"step_weights has shape \[2, 2\]"),  # was: a doubled loss
+    (torch.tensor(1.0), ValueError, r"step_weights has shape \[\]"),
+    (2, TypeError, "step_weights must be None or one weight per inner step.*not int"),
+    ("ab", TypeError, "step_weights must be None.*not str"),
+    ({0.5, 0.7}, TypeError, "step_weights must be None.*not set"),
+    (["a", "b"], TypeError, r"step_weights\[0\] is str 'a'"),
+    ([1.0, True], TypeError, r"step_weights\[1\] is bool"),
+    ([[1.0], [1.0]], TypeError, r"step_weights\[0\] is list"),
+    ([1.0, float("nan")], ValueError, r"step_weights\[1\] is nan; the weights must be finite"),
+    ([float("inf"), 1.0], ValueError, r"step_weights\[0\] is inf"),
+    ([torch.tensor(1.0), torch.tensor(float("nan"))], ValueError, r"step_weights\[1\] is nan"),
+    (torch.tensor([1.0, float("nan")]), ValueError, r"step_weights is \[1.0, nan\].*finite"),
+    (torch.tensor([True, False]), TypeError, "step_weights has dtype torch.bool"),
+    (torch.ones(2, dtype=torch.complex64), TypeError, "step_weights has dtype torch.complex64"),
+    (torch.ones(3), ValueError, "step_weights has 3 weights but inner_steps is 2"),
+    ([], ValueError, "step_weights has 0 weights but inner_steps is 2"),
+])
+def test_bad_step_weights_name_the_argument(step_weights, exc, match):
+    maml = pymeta.MAML(make_mlp(torch.float32), inner_lr=0.05, inner_steps=2)
+    gen = torch.Generator().manual_seed(0)
+    data = sinusoid_tasks(3, 5, 4, torch.float32, gen)
+    before = _snapshot(maml)
+    with pytest.raises(exc, match=match):
+        maml.meta_loss(*data, F.mse_loss, step_weights=step_weights)
+    _assert_unchanged(maml, before)
+
+
+def test_step_weights_accepted_forms_give_the_same_loss():
+    maml = pymeta.MAML(make_mlp(torch.float64), inner_lr=0.05, inner_steps=2)
+    data = sinusoid_tasks(3, 5, 4, torch.float64, torch.Generator().manual_seed(1))
+    want = maml.meta_loss(*data, F.mse_loss, step_weights=[0.25, 0.75])
+    learned = torch.tensor([0.25, 0.75], dtype=torch.float64, requires_grad=True)
+    forms = [(0.25, 0.75), torch.tensor([0.25, 0.75]), learned,
+             [torch.tensor(0.25), torch.tensor(0.75, requires_grad=True)]]
+    for w in forms:
+        torch.testing.assert_close(maml.meta_loss(*data, F.mse_loss, step_weights=w), want,
+                                   rtol=1e-12, atol=0)
+    # learned weights (MAML++'s multi-step loss) get their gradient: each step's query loss
+    (g,) = torch.autograd.grad(maml.meta_loss(*data, F.mse_loss, step_weights=learned), [learned])
+    assert g.shape == (2,) and torch.all(g > 0)
+    torch.testing.assert_close(g[1], maml.meta_loss(*data, F.mse_loss).detach(), rtol=1e-12, atol=0)
+    # integer weights are fine: [0, 1] is plain MAML
+    torch.testing.assert_close(maml.meta_loss(*data, F.mse_loss, step_weights=[0, 1]),
+                               maml.meta_loss(*data, F.mse_loss), rtol=1e-12, atol=0)
+
+
+def test_predict_checks_every_adapted_tensor():
+    maml = pymeta.MAML(make_mlp(torch.float32), inner_lr=0.05, inner_steps=1)
+    xs, ys, xq, _ = sinusoid_tasks(3, 5, 4, torch.float32, torch.Generator().manual_seed(2))
+    adapted = maml.adapt(xs, ys, F.mse_loss)
+    before = _snapshot(maml)
+    cases = [
+        ({"body.0.weight": adapted["body.0.weight"][:, :8]}, ValueError,
+         r"adapted\['body.0.weight'\] has shape \[3, 8, 1\]; expected \[T, \*param.shape\] = \[3, 16, 1\]"),
+        ({"head.weight": adapted["head.weight"].transpose(1, 2)}, ValueError,
+         r"adapted\['head.weight'\] has shape \[3, 16, 1\]; expected .* = \[3, 1, 16\]"),
+        ({"head.bias": adapted["head.bias"][0]}, ValueError,  # task dim dropped
+         r"adapted\['head.bias'\] has shape \[1\] but x_query has 3 tasks"),
+        ({"head.bias": 0.5}, TypeError, r"adapted\['head.bias'\] must be a Tensor .*\[3, 1\], not float"),
+        ({"head.bias": adapted["head.bias"].double()}, ValueError,
+         r"adapted\['head.bias'\] is torch.float64 on cpu, but the parameter is torch.float32"),
+    ]
+    for change, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            maml.predict({**adapted, **change}, xq)
+    with pytest.raises(ValueError, match=r"missing \['head.bias'\], unexpected \[\]"):
+        maml.predict({k: v for k, v in adapted.items() if k != "head.bias"}, xq)
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['head.scale'\]"):
+        maml.predict({**adapted, "head.scale": adapted["head.bias"]}, xq)
+    _assert_unchanged(maml, before)
+    assert maml.predict(adapted, xq).shape == (3, 4, 1)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(inner_lr=float("nan")), ValueError, "inner_lr must be finite and >= 0, got nan"),
+    (dict(inner_lr=float("inf")), ValueError, "inner_lr must be finite and >= 0, got inf"),
+    (dict(inner_lr=-0.1), ValueError, "inner_lr must be finite and >= 0, got -0.1"),
+    (dict(inner_lr=torch.tensor(float("nan"))), ValueError, "inner_lr must be finite"),
+    (dict(inner_lr=True), TypeError, "inner_lr must be a real number.*not bool"),
+    (dict(inner_lr="0.1"), TypeError, "inner_lr must be a real number.*not str '0.1'"),
+    (dict(inner_lr=[0.1, 0.2]), TypeError, "inner_lr must be a real number.*not list"),
+    (dict(inner_lr=torch.ones(2)), TypeError, "inner_lr must be a real number.*not Tensor"),
+    (dict(first_order="False"), TypeError, "first_order must be a bool.*not str 'False'"),
+    (dict(first_order=1), TypeError, "first_order must be a bool.*not int 1"),
+    (dict(checkpoint_steps="no"), TypeError, "checkpoint_steps must be a bool.*not str 'no'"),
+    (dict(checkpoint_steps=None), TypeError, "checkpoint_steps must be a bool"),
+])
+def test_bad_constructor_rates_and_flags(kwargs, exc, match):
+    model = make_mlp(torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(exc, match=match):
+        pymeta.MAML(model, **kwargs)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("lr_mode", ["scalar", "per_layer_step", "per_param"])
+def test_constructor_accepts_every_rate_form(lr_mode):
+    model = make_mlp(torch.float64)
+    for lr in (0, 1, 0.25, torch.tensor(0.25), torch.tensor([0.25])):
+        maml = pymeta.MAML(model, inner_lr=lr, inner_steps=2, lr_mode=lr_mode,
+                           first_order=True, checkpoint_steps=False)
+        assert type(maml.inner_lr) is float and maml.inner_lr == float(lr)
+        assert maml.first_order is True and maml.checkpoint_steps is False
+    assert torch.all(pymeta.MAML(model, inner_lr=0.25, inner_steps=2, lr_mode="per_layer_step")
+                     .step_lrs == 0.25)
+
+
+def test_input_dtype_mismatch_names_the_argument():
+    maml = pymeta.MAML(make_mlp(torch.float32), inner_lr=0.05, inner_steps=1)
+    xs, ys, xq, yq = sinusoid_tasks(3, 5, 4, torch.float32, torch.Generator().manual_seed(3))
+    before = _snapshot(maml)
+    with pytest.raises(ValueError, match="x_support has dtype torch.float64 but the model's "
+                                         "parameters are torch.float32"):
+        maml.adapt(xs.double(), ys, F.mse_loss)
+    with pytest.raises(ValueError, match="x_query has dtype torch.float16 but .* torch.float32"):
+        maml.meta_loss(xs, ys, xq.half(), yq, F.mse_loss)
+    adapted = maml.adapt(xs, ys, F.mse_loss)
+    with pytest.raises(ValueError, match="x_query has dtype torch.float64"):
+        maml.predict(adapted, xq.double())
+    _assert_unchanged(maml, before)
+    # integer inputs (token ids for an embedding) are not the model's dtype, and that's fine
+    emb = pymeta.MAML(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 1)),
+                      inner_lr=0.1, adapt=["2"])
+    ids = torch.randint(0, 10, (3, 5, 2))
+    assert emb.predict(emb.adapt(ids, torch.randn(3, 5, 1), F.mse_loss), ids).shape == (3, 5, 1)
+
+
 # ---- CUDA-graph capture of the meta-gradient ---------------------------------------------
 
 def test_capture_needs_cuda_tensors():
@@ -495,6 +636,13 @@ def test_capture_needs_cuda_tensors():
     xs, ys, xq, yq = image_tasks(2, 5, 1, 2, 16, torch.float32, gen)
     with pytest.raises(ValueError, match="x_support is on cpu; CUDA graphs need CUDA tensors"):
         maml.capture(F.cross_entropy, xs, ys, xq, yq)
+
+
+def test_capture_checks_step_weights_before_warmup():
+    maml = pymeta.MAML(make_conv4(torch.float32), inner_lr=0.4, inner_steps=2)
+    xs, ys, xq, yq = image_tasks(2, 5, 1, 2, 16, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"step_weights has shape \[2, 2\]"):
+        maml.capture(F.cross_entropy, xs, ys, xq, yq, step_weights=torch.ones(2, 2))
 
 
 @pytest.mark.cuda
