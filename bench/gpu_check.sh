@@ -10,7 +10,7 @@
 # (H100): run 19 349 s and run 20 468 s with the skips below, the build alone 142 s (run 21).
 # It builds pymeta in place for that GPU, runs the CUDA tests, the LSTM benchmarks and every
 # kernel under compute-sanitizer, and prints a short table last.
-#   bash bench/gpu_check.sh            # logs and bench.json go to $OUT (or /tmp/pymeta-gpu)
+#   bash bench/gpu_check.sh            # logs and bench.json: $OUT/logs.tgz (OUT=/tmp/pymeta-gpu)
 #   PYMETA_SKIP_BENCH=1 bash bench/gpu_check.sh   # without the inner_update table (~30 s less)
 #   PYMETA_SKIP_MAML=1 ...     # without the MAML timings and profile (~50 s less)
 #   PYMETA_LSTM_TIMING=0 ...   # without the LSTM H sweep; PYMETA_GOALS_ARGS=--no-compile: no compile column

@@ -36,6 +36,18 @@ def test_readme_quick_start_is_two_commands_and_ci_runs_the_test_one():
     assert cmds[1].strip() in ci.splitlines(), ".ci/run must run the README's test command"
 
 
+def test_every_python_package_is_installed():
+    """pyproject.toml lists its packages by name (setuptools then installs no others): every
+    folder of pymeta with an __init__.py must be there, or a non-editable install lacks it
+    (pymeta.examples, which the README runs with torchrun -m, once was)."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(d.relative_to(ROOT).parts) for d in (ROOT / "pymeta").rglob("*")
+             if d.is_dir() and (d / "__init__.py").exists()} | {"pymeta"}
+    assert found == listed, f"packages in the tree {sorted(found)}, in pyproject.toml {sorted(listed)}"
+
+
 def test_gpu_check_keeps_to_its_time_budget(tmp_path):
     """bench/gpu_check.sh with stand-ins for the GPU tools: a step the budget leaves under 10 s
     for is skipped and named in the summary, and a running step is cut at the budget."""
