@@ -2,8 +2,6 @@
 (Andrychowicz et al. 2016): a coordinatewise two-layer LSTM, one fused op per step."""
 from __future__ import annotations
 
-import math
-import numbers
 import operator
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -11,7 +9,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from pymeta import ops, reference
+from pymeta import _checks, ops, reference
 from pymeta._io import FileFormatError, atomic_save, safe_load
 
 __all__ = ["LSTMOptimizerNet", "LSTMOptimizer", "PRETRAINED_FILE"]
@@ -28,59 +26,28 @@ _REAL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # what the fused op stores
 
 
-def _finite_float(x: Any) -> Optional[float]:
-    """float(x) for a finite real number x (not a bool), else None."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        return None
-    try:
-        v = float(x)
-    except OverflowError:  # an int beyond float's range
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _check_lr(lr: Any, name: str) -> None:
-    """Raises unless lr is a finite real number >= 0 (NaN fails every comparison, so `lr < 0`
-    alone would let it through; a bool is an int to Python but never meant as a factor).
-    name: what the message calls it, e.g. "pymeta.LSTMOptimizer: param group 1's lr"."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"{name} must be a real number >= 0, not {type(lr).__name__} {lr!r}")
-    v = _finite_float(lr)
-    if v is None or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, not {lr!r}")
-
-
-def _check_step_count(step: Any, where: str) -> None:
-    """Raises unless step (a state's step counter) is an int >= 0, not a bool."""
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(f"{where}: 'step' must be an int >= 0, not {type(step).__name__} "
-                        f"{step!r}")
-    if step < 0:
-        raise ValueError(f"{where}: 'step' must be an int >= 0, not {step!r}")
+def _check_lr(lr: Any, name: str, where: str = "pymeta.LSTMOptimizer") -> None:
+    """Raises unless lr is a finite real number >= 0 (`lr < 0` alone lets NaN through).
+    name: what the message calls it, e.g. "param group 1's lr"."""
+    _checks.real(where, name, lr, min=0)
 
 
 def _check_net_args(hidden_size: Any = 20, preprocessing: Any = "log_sign", p: Any = 10.0,
                     out_scale: Any = 0.1) -> None:
     """LSTMOptimizerNet's arguments (and a file's config: same names, same defaults): raises
     TypeError / ValueError naming the first bad one. Checked up front, since the op only
-    meets p and out_scale at the first forward (or never: NaN gives NaN updates)."""
+    meets p and out_scale at the first forward (or never: NaN gives NaN updates). (p's upper
+    bound depends on the dtype the net runs in: the op checks it, and LSTMOptimizer.step
+    before it changes anything.)"""
+    where = "pymeta.LSTMOptimizerNet"
     if not isinstance(preprocessing, str) or preprocessing not in ("log_sign", "none"):
-        raise ValueError(f"pymeta.LSTMOptimizerNet: preprocessing must be 'log_sign' or "
-                         f"'none', not {preprocessing!r}")
-    if isinstance(hidden_size, bool) or not isinstance(hidden_size, numbers.Integral):
-        raise TypeError(f"pymeta.LSTMOptimizerNet: hidden_size must be an int in [1, 64], not "
-                        f"{type(hidden_size).__name__} {hidden_size!r}")
-    if not 1 <= hidden_size <= 64:
-        raise ValueError(f"pymeta.LSTMOptimizerNet: hidden_size must be in [1, 64], got "
-                         f"{hidden_size}")
-    for name, v, rule in (("p", p, "a finite real number > 0"),
-                          ("out_scale", out_scale, "a finite real number")):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"pymeta.LSTMOptimizerNet: {name} must be {rule}, not "
-                            f"{type(v).__name__} {v!r}")
-        f = _finite_float(v)
-        if f is None or (name == "p" and f <= 0):
-            raise ValueError(f"pymeta.LSTMOptimizerNet: {name} must be {rule}, not {v!r}")
+        raise ValueError(f"{where}: preprocessing must be 'log_sign' or 'none', not "
+                         f"{preprocessing!r}")
+    hidden_size = _checks.integer(where, "hidden_size", hidden_size, min=1)
+    if hidden_size > 64:
+        raise ValueError(f"{where}: hidden_size must be in [1, 64], got {hidden_size}")
+    _checks.real(where, "p", p, gt=0)
+    _checks.real(where, "out_scale", out_scale)
 
 
 class LSTMOptimizerNet(nn.Module):
@@ -138,12 +105,8 @@ class LSTMOptimizerNet(nn.Module):
 
         n: an int >= 0; dtype: float32, float64 or bfloat16 (the state dtypes the op takes).
         """
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-            raise TypeError(f"pymeta.LSTMOptimizerNet.init_state: n must be an int >= 0, not "
-                            f"{type(n).__name__} {n!r}")
-        if n < 0:  # (-1 would round to 0 blocks in the blocked layout: no error of its own)
-            raise ValueError(f"pymeta.LSTMOptimizerNet.init_state: n must be an int >= 0, "
-                             f"not {n}")
+        # (n = -1 would round to 0 blocks in the blocked layout: no error of its own)
+        n = _checks.integer("pymeta.LSTMOptimizerNet.init_state", "n", n, min=0)
         if layout not in ("feature_major", "blocked"):
             raise ValueError(f"pymeta.LSTMOptimizerNet.init_state: layout must be "
                              f"'feature_major' or 'blocked', not {layout!r}")
@@ -153,7 +116,6 @@ class LSTMOptimizerNet(nn.Module):
         if dtype not in _STATE_DTYPES:
             raise TypeError(f"pymeta.LSTMOptimizerNet.init_state: dtype must be torch.float32, "
                             f"torch.float64 or torch.bfloat16, not {dtype!r}")
-        n = int(n)
         if layout == "blocked":
             return torch.zeros((n + 15) // 16, 4, self.hidden_size, 16, device=device,
                                dtype=dtype)
@@ -302,8 +264,9 @@ class LSTMOptimizer(torch.optim.Optimizer):
         lr: a per-group factor on the net's update (1.0: the update as meta-trained), so
             learning-rate schedulers work as usual: a finite real number >= 0 (checked here,
             in ``add_param_group`` and, for values set later, at every ``step``).
-        state_dtype: the storage dtype of the recurrent state: None (each parameter's dtype)
-            or ``torch.bfloat16`` for float32 parameters. The state is 4 H values per
+        state_dtype: the storage dtype of the recurrent state: None (each parameter's dtype;
+            float32 for float16 and bfloat16 parameters) or ``torch.bfloat16`` for float32,
+            float16 and bfloat16 parameters. The state is 4 H values per
             parameter coordinate (80 at H = 20: 320 bytes in float32, 40x Adam's two values), so
             bfloat16 halves the optimizer's memory; the math stays float32 and only the
             stored state is rounded (see ``pymeta.ops.lstm_optimizer_step``). float64
@@ -360,7 +323,7 @@ class LSTMOptimizer(torch.optim.Optimizer):
         if state_layout not in ("feature_major", "blocked"):
             raise ValueError(f"pymeta.LSTMOptimizer: state_layout must be 'feature_major' or "
                              f"'blocked', not {state_layout!r}")
-        _check_lr(lr, "pymeta.LSTMOptimizer: lr")
+        _check_lr(lr, "lr")
         if net is None:
             net = LSTMOptimizerNet.pretrained()
         if not isinstance(net, LSTMOptimizerNet):
@@ -379,7 +342,7 @@ class LSTMOptimizer(torch.optim.Optimizer):
         """torch's ``add_param_group``, its "lr" checked first (the constructor's group dicts
         come here too)."""
         if isinstance(param_group, dict) and "lr" in param_group:
-            _check_lr(param_group["lr"], "pymeta.LSTMOptimizer: a param group's lr")
+            _check_lr(param_group["lr"], "a param group's lr")
         super().add_param_group(param_group)
 
     # ---- the step --------------------------------------------------------------------------
@@ -390,46 +353,60 @@ class LSTMOptimizer(torch.optim.Optimizer):
         state. Done before any parameter changes, since buckets are stepped one after another
         (only one bucket's new state is alive at a time): a bad later bucket must not leave
         the earlier ones stepped."""
-        H = self.net.hidden_size
-        items = []
+        net = self.net
+        H = net.hidden_size
+        items, dtypes = [], set()
         for gi, group in enumerate(self.param_groups):
             if "lr" not in group:
                 raise ValueError(f"pymeta.LSTMOptimizer: param group {gi} has no 'lr'")
-            _check_lr(group["lr"], f"pymeta.LSTMOptimizer: param group {gi}'s lr")
+            _check_lr(group["lr"], f"param group {gi}'s lr")
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
-                what = f"parameter {pi} of param group {gi} (shape {list(p.shape)})"
-                if g.is_sparse or g.layout != torch.strided:
+                # (the name only when a message needs it: ~1 us a parameter every step)
+                what = lambda: f"parameter {pi} of param group {gi} (shape {list(p.shape)})"
+                if g.layout is not torch.strided:
                     raise RuntimeError("pymeta.LSTMOptimizer does not support sparse gradients "
-                                       f"({what} has a {g.layout} gradient); use a dense "
+                                       f"({what()} has a {g.layout} gradient); use a dense "
                                        f"embedding or another optimizer for it")
-                if p.dtype not in _REAL_FLOATS:
+                dtype = p.dtype
+                if dtype not in _REAL_FLOATS:
                     raise TypeError(f"pymeta.LSTMOptimizer: parameters must be real floating "
-                                    f"point (float16, bfloat16, float32 or float64); {what} is "
-                                    f"{p.dtype}")
+                                    f"point (float16, bfloat16, float32 or float64); {what()} is "
+                                    f"{dtype}")
                 # (torch checks these when .grad is assigned, but not when .data is swapped)
-                if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
-                    raise TypeError(f"pymeta.LSTMOptimizer: the gradient of {what} is "
+                if g.dtype != dtype or g.get_device() != p.get_device() or g.shape != p.shape:
+                    raise TypeError(f"pymeta.LSTMOptimizer: the gradient of {what()} is "
                                     f"{g.dtype} {list(g.shape)} on {g.device}, not its "
-                                    f"parameter's {p.dtype} on {p.device}")
+                                    f"parameter's {dtype} on {p.device}")
                 st = self.state.get(p)  # (get: indexing the defaultdict would add an entry)
                 if st and "lstm_state" in st:
-                    s, shape = st["lstm_state"], self._state_shape(p, H)
+                    s = st["lstm_state"]
                     if not isinstance(s, Tensor) or s.dtype not in _REAL_FLOATS \
-                            or s.layout != torch.strided:
+                            or s.layout is not torch.strided:
                         desc = (f"a {s.dtype} {s.layout} tensor" if isinstance(s, Tensor)
                                 else f"a {type(s).__name__}")
-                        raise TypeError(f"pymeta.LSTMOptimizer: the 'lstm_state' of {what} is "
+                        raise TypeError(f"pymeta.LSTMOptimizer: the 'lstm_state' of {what()} is "
                                         f"{desc}, not a dense real floating tensor")
+                    shape = self._state_shape(p, H)
                     if s.shape != shape:
-                        raise ValueError(f"pymeta.LSTMOptimizer: the 'lstm_state' of {what} is "
+                        raise ValueError(f"pymeta.LSTMOptimizer: the 'lstm_state' of {what()} is "
                                          f"{list(s.shape)}, expected {list(shape)} (hidden "
                                          f"size {H}, {self.state_layout} layout)")
-                    _check_step_count(st.get("step"), f"pymeta.LSTMOptimizer: the state of "
-                                                      f"{what}")
+                    step = st.get("step")
+                    if not (type(step) is int and step >= 0):  # (else the full check)
+                        _checks.integer("pymeta.LSTMOptimizer", f"the 'step' of the state of "
+                                        f"{what()}", step, min=0)
+                dtypes.add(dtype)
                 items.append((p, group))
+        # p's bound in each dtype the net will run in (the op checks it only when that
+        # bucket's turn comes, after earlier buckets have been stepped)
+        for cdtype in {self._compute_dtype(d) for d in dtypes}:
+            if net.preprocessing == "log_sign" and net.p > reference.LSTM_MAX_P[cdtype]:
+                raise ValueError(f"pymeta.LSTMOptimizer: the net's p = {net.p} is too large for "
+                                 f"{str(cdtype)[6:]} math, which some parameters run in: p <= "
+                                 f"{reference.lstm_max_p_text(cdtype)}")
         return items
 
     @torch.no_grad()
@@ -593,7 +570,7 @@ class LSTMOptimizer(torch.optim.Optimizer):
         for gi, g in enumerate(saved_groups):
             if "lr" not in g:
                 raise ValueError(f"{where}: saved param group {gi} has no 'lr'")
-            _check_lr(g["lr"], f"{where}: saved param group {gi}'s lr")
+            _check_lr(g["lr"], f"saved param group {gi}'s lr", where)
         ids = [i for g in saved_groups for i in g["params"]]
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) \
                 or len(set(ids)) != len(ids):
@@ -639,7 +616,7 @@ class LSTMOptimizer(torch.optim.Optimizer):
             if saved_h != H:
                 raise ValueError(f"{where}: the state was saved for hidden size {saved_h} but "
                                  f"this optimizer's net has hidden size {H}")
-            _check_step_count(v.get("step"), f"{where}: state entry {k!r}")
+            _checks.integer(where, f"state entry {k!r}'s 'step'", v.get("step"), min=0)
             states[p] = self._loaded_state(s, p)
 
         # torch's load_state_dict casts floating state to the parameter's dtype, which would

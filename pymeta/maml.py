@@ -15,9 +15,6 @@ independently per task, and follow the wrapped module's train/eval mode.
 """
 from __future__ import annotations
 
-import collections.abc
-import math
-import numbers
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -26,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pymeta import models, ops
+from pymeta import _checks, models, ops
 
 __all__ = ["MAML", "CapturedMetaStep"]
 
@@ -40,11 +37,6 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 def _shape(t: Tensor) -> list:
     return list(t.shape)
-
-
-def _is_real_number(x) -> bool:
-    # bool is an int subclass, but True as a rate or a weight is a mistake, not 1
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _is_real_tensor(t: Tensor) -> bool:
@@ -130,15 +122,8 @@ class MAML(nn.Module):
         """inner_lr is one number in every lr_mode (the initial value of the learnable rates
         of per_layer_step and per_param): a real number or a one-element real tensor."""
         if isinstance(inner_lr, Tensor) and inner_lr.numel() == 1 and _is_real_tensor(inner_lr):
-            value = float(inner_lr)
-        elif _is_real_number(inner_lr):
-            value = float(inner_lr)
-        else:
-            raise TypeError(f"pymeta.MAML: inner_lr must be a real number (the inner-loop rate), "
-                            f"not {type(inner_lr).__name__} {inner_lr!r}")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"pymeta.MAML: inner_lr must be finite and >= 0, got {inner_lr!r}")
-        return value
+            inner_lr = float(inner_lr)
+        return _checks.real("pymeta.MAML", "inner_lr", inner_lr, min=0)
 
     @staticmethod
     def _select(model: nn.Module, adapt: AdaptSpec) -> List[str]:
@@ -184,64 +169,49 @@ class MAML(nn.Module):
                                  f"but {first} has {T}; the task dimensions must agree")
         return T
 
-    def _check_input_dtypes(self, **inputs: Tensor) -> None:
-        """Floating inputs must have the model's dtype (else torch fails deep in the forward).
-        Integer inputs (e.g. token ids) pass; so does everything under autocast, or for a
-        model whose parameters mix floating dtypes."""
-        dtypes = {p.dtype for p in self.module.parameters() if p.is_floating_point()}
-        if len(dtypes) != 1:
-            return
-        (dtype,) = dtypes
-        for name, x in inputs.items():
-            device = x.device.type
-            if (x.is_floating_point() and x.dtype != dtype
-                    and not (torch.amp.is_autocast_available(device)
-                             and torch.is_autocast_enabled(device))):
-                raise ValueError(f"pymeta.MAML: {name} has dtype {x.dtype} but the model's "
-                                 f"parameters are {dtype}; convert one to the other's dtype")
-
     def _step_weights(self, step_weights) -> Union[None, Tensor, List[Union[float, Tensor]]]:
         """Checks meta_loss's step_weights: None, or one finite real weight per inner step,
-        as a 1-D tensor (which may require grad: learned weights) or a sequence of numbers
-        or [] tensors. Returns them indexable by step."""
+        as a 1-D tensor (which may require grad: learned weights) or any other iterable of
+        numbers or [] tensors (a list, a NumPy array, an nn.ParameterList). Returns them
+        indexable by step."""
         if step_weights is None:
             return None
-        want = (f"one weight per inner step (inner_steps is {self.inner_steps}): a 1-D tensor or "
-                f"a sequence of real numbers")
+        want = lambda: (f"one weight per inner step (inner_steps is {self.inner_steps}): a 1-D "
+                        f"tensor or a sequence of real numbers")
 
         def check_tensor(w: Tensor, name: str) -> None:
             if not _is_real_tensor(w):
-                raise TypeError(f"pymeta.MAML: {name} has dtype {w.dtype}; expected {want}")
-            # no finiteness check on a GPU: reading the values back would sync the device
-            if w.device.type == "cpu" and not bool(torch.isfinite(w.detach()).all()):
+                raise TypeError(f"pymeta.MAML: {name} has dtype {w.dtype}; expected {want()}")
+            # No finiteness check on a GPU (reading the values back would sync the device)
+            # nor under torch.compile (a data-dependent guard).
+            if (w.device.type == "cpu" and not torch.compiler.is_compiling()
+                    and not bool(torch.isfinite(w.detach()).all())):
                 raise ValueError(f"pymeta.MAML: {name} is {w.tolist()}; the weights must be finite")
 
         if isinstance(step_weights, Tensor):
             # 2-D: each step's row would broadcast into the loss terms, silently summed
             if step_weights.dim() != 1:
                 raise ValueError(f"pymeta.MAML: step_weights has shape {_shape(step_weights)}; "
-                                 f"expected {want}")
+                                 f"expected {want()}")
             check_tensor(step_weights, "step_weights")
-            weights = step_weights
-        elif (isinstance(step_weights, (str, bytes))
-              or not (isinstance(step_weights, collections.abc.Sequence)
-                      or getattr(step_weights, "ndim", None) == 1)):  # (a 1-D numpy array)
-            raise TypeError(f"pymeta.MAML: step_weights must be None or {want}, not "
+            return self._check_step_count(step_weights)
+        if (isinstance(step_weights, (str, bytes, set, frozenset, dict))  # (sets: no order)
+                or not hasattr(step_weights, "__iter__")):
+            raise TypeError(f"pymeta.MAML: step_weights must be None or {want()}, not "
                             f"{type(step_weights).__name__} {step_weights!r}")
-        else:
-            weights = []
-            for i, w in enumerate(step_weights):
-                if isinstance(w, Tensor) and w.dim() == 0:
-                    check_tensor(w, f"step_weights[{i}]")
-                    weights.append(w)
-                elif _is_real_number(w):
-                    if not math.isfinite(w):
-                        raise ValueError(f"pymeta.MAML: step_weights[{i}] is {w!r}; the weights "
-                                         f"must be finite")
-                    weights.append(float(w))
-                else:
-                    raise TypeError(f"pymeta.MAML: step_weights[{i}] is {type(w).__name__} "
-                                    f"{w!r}; expected {want}")
+        weights = []
+        for i, w in enumerate(step_weights):
+            if isinstance(w, Tensor) and w.dim() == 0:
+                check_tensor(w, f"step_weights[{i}]")
+                weights.append(w)
+            elif isinstance(w, Tensor) or not _checks.is_real(w):
+                raise TypeError(f"pymeta.MAML: step_weights[{i}] is {type(w).__name__} {w!r}; "
+                                f"expected {want()}")
+            else:
+                weights.append(_checks.real("pymeta.MAML", f"step_weights[{i}]", w))
+        return self._check_step_count(weights)
+
+    def _check_step_count(self, weights):
         if len(weights) != self.inner_steps:
             raise ValueError(f"pymeta.MAML: step_weights has {len(weights)} weights but "
                              f"inner_steps is {self.inner_steps}; give one weight per inner step")
@@ -377,7 +347,6 @@ class MAML(nn.Module):
             gradients are still computed but no graph is kept and the results need no grad.
         """
         self._check_tasks(x_support=x_support, y_support=y_support)
-        self._check_input_dtypes(x_support=x_support)
         adapted = self._inner_loop(*self._split_params(), x_support, y_support, loss_fn)
         return dict(zip(self.adapted_names, adapted))
 
@@ -394,16 +363,16 @@ class MAML(nn.Module):
         out = [adapted[n] for n in self.adapted_names]
         for n, t in zip(self.adapted_names, out):
             p = params[n]
-            want = f"[T, *param.shape] = {[T, *p.shape]}"
+            want = lambda: f"[T, *param.shape] = {[T, *p.shape]}"  # (built only for a message)
             if not isinstance(t, Tensor):
-                raise TypeError(f"pymeta.MAML: adapted[{n!r}] must be a Tensor {want}, not "
+                raise TypeError(f"pymeta.MAML: adapted[{n!r}] must be a Tensor {want()}, not "
                                 f"{type(t).__name__}")
             if t.dim() < 1 or t.shape[0] != T:
                 raise ValueError(f"pymeta.MAML: adapted[{n!r}] has shape {_shape(t)} but "
                                  f"{x_name} has {T} tasks; the task dimensions must agree")
             if t.shape[1:] != p.shape:
                 raise ValueError(f"pymeta.MAML: adapted[{n!r}] has shape {_shape(t)}; "
-                                 f"expected {want}")
+                                 f"expected {want()}")
             if t.dtype != p.dtype or t.device != p.device:
                 raise ValueError(f"pymeta.MAML: adapted[{n!r}] is {t.dtype} on {t.device}, but "
                                  f"the parameter is {p.dtype} on {p.device}")
@@ -420,7 +389,6 @@ class MAML(nn.Module):
             ``[T, Q, ...]`` outputs.
         """
         T = self._check_tasks(x_query=x_query)
-        self._check_input_dtypes(x_query=x_query)
         adapted_list = self._adapted_list(adapted, T, "x_query")
         shared, _ = self._split_params()
         return self._forward_tasks(shared, adapted_list, x_query, lambda out: out)
@@ -442,7 +410,6 @@ class MAML(nn.Module):
             parameters and of the learnable rates.
         """
         self._check_tasks(x_support=x_support, y_support=y_support, x_query=x_query, y_query=y_query)
-        self._check_input_dtypes(x_support=x_support, x_query=x_query)
         step_weights = self._step_weights(step_weights)
         shared, meta = self._split_params()
         if step_weights is None:

@@ -15,7 +15,6 @@ are detached (the paper drops the second derivatives). Each step is one fused
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -23,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
+from pymeta import _checks, reference
 from pymeta._io import FileFormatError, atomic_save, safe_load
 from pymeta.lstm_optimizer import LSTMOptimizerNet
 from pymeta.tasks import OptimizeeProblem, derive_seed
@@ -78,17 +78,8 @@ def _config(net, family, unroll_, horizon, meta_lr, meta_batch, seed, dtype,
 # meta_train validates everything (arguments, and a checkpoint to resume from) before it
 # touches the net: an error leaves the net's weights, dtype and device as they were.
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _check_steps(steps, who: str) -> int:
-    if not _is_int(steps):
-        raise TypeError(f"pymeta.{who}: steps must be an int >= 0, not {type(steps).__name__} "
-                        f"{steps!r}")
-    if steps < 0:
-        raise ValueError(f"pymeta.{who}: steps must be an int >= 0, got {steps!r}")
-    return int(steps)
+    return _checks.integer(f"pymeta.{who}", "steps", steps, min=0)
 
 
 def _check_problem(problem, who: str) -> None:
@@ -117,12 +108,12 @@ def _check_device(device, net: LSTMOptimizerNet) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"pymeta.meta_train: {where} is {dev} but there are only "
                              f"{torch.cuda.device_count()} CUDA devices")
-    elif dev.type != "cpu":  # the op's kernels; meta holds no values (the net would lose them)
-        raise ValueError(f"pymeta.meta_train: {where} must be cpu or cuda, not {dev}")
+    elif dev.type == "meta":  # holds no values: the net would lose its weights
+        raise ValueError(f"pymeta.meta_train: {where} must hold values, not {dev}")
     return dev
 
 
-def _check_checkpoint_path(checkpoint) -> Optional[str]:
+def _check_checkpoint_path(checkpoint, folder: bool = True) -> Optional[str]:
     if checkpoint is None:
         return None
     if not isinstance(checkpoint, (str, os.PathLike)):
@@ -134,8 +125,7 @@ def _check_checkpoint_path(checkpoint) -> Optional[str]:
     # Found now rather than at the first write, after (part of) a run has changed the net.
     if os.path.isdir(path):
         raise ValueError(f"pymeta.meta_train: checkpoint {path!r} is a directory, not a file")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
+    if folder and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise ValueError(f"pymeta.meta_train: the folder of checkpoint {path!r} does not exist")
     return path
 
@@ -148,10 +138,6 @@ def _is_weight(t, shape) -> bool:
     complex tensor's imaginary part)."""
     return (isinstance(t, Tensor) and t.dtype in _REAL_FLOATS and t.layout == torch.strided
             and t.shape == shape)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _validated_checkpoint(ck: dict, path: str, config: Dict[str, Any], net: LSTMOptimizerNet,
@@ -177,7 +163,7 @@ def _validated_checkpoint(ck: dict, path: str, config: Dict[str, Any], net: LSTM
                          f"differs in (checkpoint, now): {diff}")
 
     start = ck.get("iteration")
-    if not (_is_int(start) and start >= 0):
+    if not (_checks.is_int(start) and start >= 0):
         raise bad("iteration", f"{start!r} is not an int >= 0")
     if start > iterations:
         raise ValueError(f"pymeta.meta_train: the checkpoint {path!r} has done {start} "
@@ -189,25 +175,16 @@ def _validated_checkpoint(ck: dict, path: str, config: Dict[str, Any], net: LSTM
         raise bad("history", f"expected a dict of lists {list(HISTORY_KEYS)}, got {got}")
     for k in HISTORY_KEYS:
         v = hist[k]
-        if not (isinstance(v, list) and len(v) == start and all(_number(x) for x in v)):
+        if not (isinstance(v, list) and len(v) == start and all(_checks.is_real(x) for x in v)):
             raise bad("history", f"{k!r} is not a list of {start} numbers (one per iteration done)")
     if hist["iteration"] != list(range(start)):
         raise bad("history", f"'iteration' is {hist['iteration']!r}, not 0..{start - 1}")
 
-    sd, own = ck.get("net"), net.state_dict()
-    if not isinstance(sd, dict):
-        raise bad("net", f"a {type(sd).__name__}, not a dict of tensors")
-    wrong = {k: (f"{sd[k].dtype} {list(sd[k].shape)}" if isinstance(sd.get(k), Tensor)
-                 else type(sd.get(k)).__name__)
-             for k in own if not _is_weight(sd.get(k), own[k].shape)}
-    extra = [k for k in sd if k not in own]
-    if wrong or extra:
-        raise bad("net", f"expected real floating tensors of the net's shapes (hidden_size="
-                         f"{net.hidden_size}); missing or wrong: {wrong}, unexpected: {extra}")
     # (training never makes a weight non-finite: a non-finite meta-loss makes no step)
-    nonfinite = [k for k in own if not bool(torch.isfinite(sd[k]).all())]
-    if nonfinite:
-        raise bad("net", f"NaN or inf values in {nonfinite}")
+    problem = net._weights_problem(ck.get("net"))
+    if problem is not None:
+        raise bad("net", f"the weights {problem[1]}")
+    sd = ck["net"]
 
     adam = ck.get("adam")
     shapes = [p.shape for p in net.parameters()]
@@ -219,15 +196,15 @@ def _validated_checkpoint(ck: dict, path: str, config: Dict[str, Any], net: LSTM
             and groups[0].get("params") == list(range(len(shapes)))):
         raise bad("adam", f"expected one parameter group of the net's {len(shapes)} parameters")
     lr = groups[0].get("lr")
-    if not (_number(lr) and float(lr) == float(meta_lr)):  # meta_lr itself is in the config
+    if not (_checks.is_real(lr) and float(lr) == float(meta_lr)):  # meta_lr itself is in the config
         raise bad("adam", f"its lr {lr!r} is not meta_lr={meta_lr!r}")
     for i, st in adam["state"].items():
-        if not (_is_int(i) and 0 <= i < len(shapes) and isinstance(st, dict)):
+        if not (_checks.is_int(i) and 0 <= i < len(shapes) and isinstance(st, dict)):
             raise bad("adam", f"state of an unknown parameter {i!r}")
         step = st.get("step")
         if isinstance(step, Tensor):
             step = float(step) if step.numel() == 1 and not step.is_complex() else None
-        if not (_number(step) and 0 <= step < math.inf):
+        if not (_checks.is_real(step) and 0 <= step < math.inf):
             raise bad("adam", f"parameter {i}'s step {st.get('step')!r} is not a number >= 0")
         for k in ("exp_avg", "exp_avg_sq"):
             if not _is_weight(st.get(k), shapes[i]):
@@ -306,22 +283,18 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
         least = 0 if name == "iterations" else 1
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise ValueError(f"pymeta.meta_train: {name} must be an int >= {least}, got {v!r}")
-    if not isinstance(meta_lr, numbers.Real) or isinstance(meta_lr, bool):
-        raise TypeError(f"pymeta.meta_train: meta_lr must be a real number, not "
-                        f"{type(meta_lr).__name__} {meta_lr!r}")
-    if not (math.isfinite(meta_lr) and meta_lr > 0):  # inf: the first step ruins the net
-        raise ValueError(f"pymeta.meta_train: meta_lr must be finite and > 0, got {meta_lr!r}")
-    if not _is_int(seed):  # a float would be truncated silently by derive_seed
-        raise TypeError(f"pymeta.meta_train: seed must be an int >= 0, not "
-                        f"{type(seed).__name__} {seed!r}")
-    if seed < 0:  # derive_seed takes non-negative ints only
-        raise ValueError(f"pymeta.meta_train: seed must be an int >= 0, got {seed!r}")
+    _checks.real("pymeta.meta_train", "meta_lr", meta_lr, gt=0)  # inf: the first step ruins the net
+    # (a float seed would be truncated silently by derive_seed, which takes ints >= 0 only)
+    _checks.integer("pymeta.meta_train", "seed", seed, min=0)
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"pymeta.meta_train: dtype must be torch.float32 or torch.float64, not "
                         f"{type(dtype).__name__} {dtype!r}")
     if dtype not in (torch.float32, torch.float64):  # the op and the net's math need these
         raise ValueError(f"pymeta.meta_train: dtype must be torch.float32 or torch.float64, "
                          f"got {dtype}")
+    if net.preprocessing == "log_sign" and net.p > reference.LSTM_MAX_P[dtype]:
+        raise ValueError(f"pymeta.meta_train: the net's p = {net.p} is too large for dtype="
+                         f"{dtype}: p <= {reference.lstm_max_p_text(dtype)}")
     if state_dtype == dtype:
         state_dtype = None  # the default, spelled out
     if state_dtype is not None and not (state_dtype == torch.bfloat16 and dtype == torch.float32):
@@ -329,8 +302,9 @@ def meta_train(net: LSTMOptimizerNet, family, iterations: int, unroll: int = 20,
                          f"torch.bfloat16 with dtype=torch.float32; got state_dtype="
                          f"{state_dtype}, dtype={dtype}")
     device = _check_device(device, net)
-    checkpoint = _check_checkpoint_path(checkpoint)
     dist_on = distributed is not False and distributed is not None
+    # (distributed: only rank 0 writes, and the folder may exist on its node alone)
+    checkpoint = _check_checkpoint_path(checkpoint, folder=not dist_on)
     if dist_on and distributed is not True and not (
             torch.distributed.is_available()
             and isinstance(distributed, torch.distributed.ProcessGroup)):

@@ -8,7 +8,6 @@ reference, with the same messages; this file checks Python types, list lengths a
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Sequence, Union
 
@@ -16,34 +15,16 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from pymeta import _backend, reference
+from pymeta import _backend, _checks, reference
 
 LR = Union[float, Tensor, Sequence[Tensor]]
-
-
-def _real(op: str, name: str, v, finite: bool = True) -> float:
-    """v as a (finite) float, or an error naming the argument: bools, strings (and NaN, inf and
-    ints too large for a double, where it must be finite) would give a silent NaN / inf or an
-    unrelated error further in."""
-    if type(v) is float:  # the usual case, without the ABC check's cost (the fronts are hot)
-        f = v
-    elif isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, not {type(v).__name__}")
-    else:
-        try:
-            f = float(v)
-        except OverflowError:
-            f = math.inf
-    if finite and not math.isfinite(f):
-        raise ValueError(f"{op}: {name} must be a finite number, got {v}")
-    return f
 
 
 def _split_lr(lr: LR, count: int) -> tuple[list[Tensor] | None, float]:
     if isinstance(lr, bool):
         raise TypeError("pymeta.inner_update: lr must be a float, a tensor or a list of tensors, not a bool")
     if isinstance(lr, numbers.Real):  # (Python and NumPy numbers)
-        return None, _real("pymeta.inner_update", "lr", lr)
+        return None, _checks.real("pymeta.inner_update", "lr", lr)
     if isinstance(lr, Tensor):  # one [] rate for every tensor
         if lr.dim() != 0:
             raise ValueError(f"pymeta.inner_update: lr given as one tensor must have shape []; "
@@ -379,8 +360,8 @@ def lstm_optimizer_step(grad: Tensor, state: Tensor, w_ih1: Tensor, w_hh1: Tenso
         raise TypeError(f"pymeta.lstm_optimizer_step: preprocessing must be a str, "
                         f"not {type(preprocessing).__name__}")
     # (p is unused by "none": any real number goes)
-    p = _real("pymeta.lstm_optimizer_step", "p", p, finite=preprocessing == "log_sign")
-    out_scale = _real("pymeta.lstm_optimizer_step", "out_scale", out_scale)
+    p = _checks.real("pymeta.lstm_optimizer_step", "p", p, finite=preprocessing == "log_sign")
+    out_scale = _checks.real("pymeta.lstm_optimizer_step", "out_scale", out_scale)
     if _backend.use_native("lstm_optimizer_step", grad.device) and not _needs_reference(
             (grad, state) + weights):
         args = (grad, state, *weights, preprocessing, p, out_scale)

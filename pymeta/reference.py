@@ -132,6 +132,11 @@ LSTM_MAX_P = {torch.float32: -math.log(torch.finfo(torch.float32).tiny),
               torch.float64: -math.log(torch.finfo(torch.float64).tiny)}
 
 
+def lstm_max_p_text(dtype: torch.dtype) -> str:
+    """LSTM_MAX_P[dtype] rounded down to 2 decimals, as the messages give it."""
+    return f"{math.floor(LSTM_MAX_P[dtype] * 100) / 100}"
+
+
 def check_lstm_optimizer_args(op: str, grad: Tensor, state: Tensor, weights: Sequence[Tensor],
                               preprocessing: str, p: float, out_scale: float) -> tuple[int, int, int]:
     """The argument checks of lstm_optimizer_step, in the order and with the messages of the
@@ -147,9 +152,9 @@ def check_lstm_optimizer_args(op: str, grad: Tensor, state: Tensor, weights: Seq
         raise TypeError(f"{op}: grad has dtype {grad.dtype}; supported are float32 and float64")
     if grad.dim() != 1:
         raise ValueError(f"{op}: grad must be 1-D [N] (flatten it), got shape {_shape(grad)}")
-    if preprocessing == "log_sign" and not math.exp(-p) >= torch.finfo(grad.dtype).tiny:
+    if preprocessing == "log_sign" and p > LSTM_MAX_P[grad.dtype]:
         raise ValueError(f"{op}: p = {p} is too large for {str(grad.dtype)[6:]} math: e^-p must "
-                         f"be a normal number, p <= {math.floor(LSTM_MAX_P[grad.dtype] * 100) / 100}")
+                         f"be a normal number, p <= {lstm_max_p_text(grad.dtype)}")
     N = grad.shape[0]
 
     def same(t: Tensor, name: str) -> None:

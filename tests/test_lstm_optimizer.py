@@ -1085,3 +1085,22 @@ def test_init_state_checks():
             net.init_state(3, dtype=dtype)
     with pytest.raises(TypeError, match="dtype"):  # the default: the net's dtype
         LSTMOptimizerNet(5).half().init_state(3)
+
+
+def test_step_checks_p_for_every_bucket_before_any():
+    """The net's p must fit the math dtype of every bucket (e^-p normal: p <= 87.33 in
+    float32): checked before the first bucket steps, not when the float32 bucket's op call
+    refuses it after the float64 one has been stepped."""
+    net = LSTMOptimizerNet(hidden_size=4, p=100.0)
+    a = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(3))
+    opt = LSTMOptimizer([a, b], net=net)
+    a.grad, b.grad = torch.randn(3, dtype=torch.float64), torch.randn(3)
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match=r"p = 100.0 is too large for float32 math, which "
+                                         r"some parameters run in: p <= 87.33"):
+        opt.step()
+    assert torch.equal(a.detach(), before) and not opt.state.get(a)
+    b.grad = None
+    opt.step()  # p = 100 fits float64
+    assert not torch.equal(a.detach(), before) and opt.state[a]["step"] == 1

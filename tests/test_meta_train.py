@@ -417,3 +417,14 @@ def test_run_functions_check_their_arguments():
     # steps=0: the initial losses only
     assert run_learned(_net(), p, 0).shape == (1, 2)
     assert run_torch_optimizer(p, 0, sgd).shape == (1, 2)
+
+
+def test_meta_train_checks_p_against_dtype_before_converting():
+    """A float64 net with p = 100 (fine in float64) asked to train in float32 (p <= 87.33):
+    refused before the net is converted, not by the first op call after it."""
+    net = LSTMOptimizerNet(hidden_size=6, p=100.0).double()
+    snap = _snapshot(net)
+    with pytest.raises(ValueError, match=r"^pymeta\.meta_train: the net's p = 100.0 is too "
+                                         r"large for dtype=torch.float32: p <= 87.33"):
+        pymeta.meta_train(net, FAM, 1, dtype=torch.float32, **TINY)
+    _assert_untouched(net, snap, dtype=torch.float64)

@@ -521,3 +521,16 @@ def test_vmap_matches_loop(device, batched):
                                       pick(lrs, in_dims[2]), 0.0)
         for o, w in zip(got, want):
             assert_close(o[b], w, rtol=1e-12, atol=1e-12)
+
+
+@needs_native
+def test_compile_takes_a_float_rate_as_graph_input():
+    """A float lr passed into a compiled function may be a SymFloat: the front's check steps
+    aside there, and fullgraph compiles (as it did before the check)."""
+    p, g = _good()
+    step = torch.compile(lambda p, g, lr: ops.inner_update(p, g, lr), fullgraph=True,
+                         backend="aot_eager")
+    with pymeta.use_backend("native"):
+        for lr in (0.25, 0.5):
+            for a, b in zip(step(p, g, lr), ops.inner_update(p, g, lr)):
+                torch.testing.assert_close(a, b)

@@ -1454,3 +1454,19 @@ def test_cuda_backward_pass_loads_ahead_same_bits(dtype, H, monkeypatch):
         for a, b in zip(outs[0], other):
             assert torch.equal(a.isnan(), b.isnan())
             assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@native_only
+def test_compile_takes_the_scalars_as_graph_inputs():
+    """Under torch.compile a float argument may be a SymFloat (torch does not specialize
+    floats by default): the front's scalar checks step aside (the op's C++ front and fake
+    kernel check it), so fullgraph compiles and gives the eager result."""
+    args = list(_valid().values())
+    step = torch.compile(lambda *a, p, s: ops.lstm_optimizer_step(*a, p=p, out_scale=s),
+                         fullgraph=True, backend="aot_eager")
+    with pymeta.use_backend("native"):
+        for p, s in ((9.0, 0.2), (8.0, 0.3)):
+            got = step(*args, p=p, s=s)
+            want = ops.lstm_optimizer_step(*args, p=p, out_scale=s)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
