@@ -710,11 +710,12 @@ int lstm_opt_forward_cuda(const LstmOptLaunch& L, CUstream_st* stream) {
 }
 
 // A bfloat16 state's backward reads it directly (backward_smem_bf16_kernel) where the float
-// weights fit in shared memory (not at H > 32 on an A100) and the workspace, shadow rows
-// included (1052 B per coordinate at H = 20, against 812 for a float32 state), takes at most
-// PYMETA_LSTM_BF16_DIRECT_MB MiB (1024 by default: N up to ~1M at H = 20). Above that the
-// front's chunks bound the call's extra memory (~230 MB at H = 20, whatever N) for ~1.6x the
-// time (H100, the 20-step unroll at 200k before this path: 22.6 vs 14.3 ms for float32).
+// weights fit in shared memory (lstm_smem_layout: at H > 53 not on an A100's 163 KB, at H > 32
+// not on sm_86 / sm_89's 99 KB) and the workspace, shadow rows included (1052 B per coordinate
+// at H = 20, against 812 for a float32 state), takes at most PYMETA_LSTM_BF16_DIRECT_MB MiB
+// (1024 by default: N up to ~1M at H = 20). Above that the front's chunks bound the call's
+// extra memory (~230 MB at H = 20, whatever N), for more time (copies and launches per chunk;
+// never timed on their own).
 bool lstm_opt_backward_reads_bf16_cuda(const LstmOptLaunch& L) {
   if (!L.state_bf16 || L.dtype != DType::Float32) return false;
   const int64_t mb = env_int("PYMETA_LSTM_BF16_DIRECT_MB", 1024);

@@ -569,7 +569,9 @@ PYMETA_WARP void lstm_mma_forward_core(const float* sm, const LstmOptScalars<flo
     }
   }
   // h_prev from a bfloat16 state is a TF32 value: 2 mma per tile, not 3 (same bits, but for
-  // the sign of an exact zero, and an Inf h: +-Inf gates as in the reference, not lo's NaN)
+  // the sign of an exact zero). An Inf h meets each weight as Inf * hi + Inf * lo: +-Inf gates,
+  // as in the reference, where every weight of its column has a lo part, else Inf * 0 = NaN
+  // (a weight that is exactly a TF32 value); either way only in that coordinate.
   constexpr bool kExactH = Src::kTf32State;
   lstm_mma_product<HB, kExactH>(z1, a1, sm, lane);
   if constexpr (kBwd) {  // z1 parks in its workspace rows (dz1 overwrites it): frees 4 NP registers
