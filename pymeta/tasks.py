@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Mapping
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from pymeta import _checks
+from pymeta._io import FileFormatError
 
 __all__ = ["OptimizeeProblem", "QuadraticFamily", "QuadraticProblem", "DigitsMLPFamily",
            "DigitsMLPProblem", "load_digits_split", "derive_seed",
@@ -32,11 +36,42 @@ __all__ = ["OptimizeeProblem", "QuadraticFamily", "QuadraticProblem", "DigitsMLP
            "split_classes", "digits_dataset"]
 
 
+_SEED_END = 2 ** 64  # seeds are ints in [0, 2**64): what torch.Generator.manual_seed takes
+
+
+def _seed(where: str, name: str, v: Any, optional: bool = False) -> Optional[int]:
+    """A seed as an int in [0, 2**64) (None too where optional), or an error naming it. Floats
+    are refused (1.7 would draw seed 1's stream), as are bools and strings."""
+    if v is None and optional:
+        return None
+    if type(v) is not int or not 0 <= v < _SEED_END:  # the usual case skips the ABC check
+        v = _checks.integer(where, name, v, min=0)
+        if v >= _SEED_END:
+            raise ValueError(f"{where}: {name} must be an int in [0, 2**64), got {v!r}")
+    return v
+
+
+def _float_dtype(where: str, dtype: Any) -> torch.dtype:
+    """A floating torch dtype, or a TypeError: an integer dtype would truncate the data."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{where}: dtype must be a floating torch dtype (e.g. torch.float32), "
+                        f"not {dtype!r}")
+    return dtype
+
+
+def _not_str_seq(where: str, name: str, v: Any, what: str) -> list:
+    """``list(v)`` for an iterable v that is not a str / bytes / dict (which would be iterated
+    character by character or key by key), else a TypeError naming it."""
+    if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Iterable):
+        raise TypeError(f"{where}: {name} must be a sequence of {what}, not {type(v).__name__} {v!r}")
+    return list(v)
+
+
 def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from a tuple of non-negative ints (well mixed: seeds (0, 1) and (1, 0)
+    """A 63-bit seed from a tuple of ints in [0, 2**64) (well mixed: seeds (0, 1) and (1, 0)
     give unrelated streams)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
+    keys = [_seed("pymeta.tasks.derive_seed", f"keys[{i}]", k) for i, k in enumerate(keys)]
+    return int(np.random.SeedSequence(keys).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -89,16 +124,39 @@ class OptimizeeProblem:
         """Inverse of ``unflatten``."""
         return torch.cat([p.reshape(self.batch, -1) for p in params], 1).reshape(-1)
 
-    def losses(self, theta: Tensor, step: int = 0) -> Tensor:
-        """The B per-problem losses ``[B]`` at flat parameters ``theta``. ``step`` picks the
-        minibatch of stochastic problems (the same step gives the same minibatch)."""
+    def _check_theta(self, where: str, theta: Tensor) -> None:
+        # Called every optimizer step: metadata only (no device sync), messages built on error.
+        if isinstance(theta, Tensor) and theta.shape == (self.numel,) and theta.dtype == self.dtype:
+            return
+        where = f"{type(self).__name__}.{where}"
+        if not isinstance(theta, Tensor):
+            raise TypeError(f"{where}: theta must be a tensor, not {type(theta).__name__}")
         if theta.shape != (self.numel,):
-            raise ValueError(f"{type(self).__name__}.losses: theta has shape {list(theta.shape)}; "
-                             f"expected [{self.numel}] (batch {self.batch} x {self.n_params} params)")
-        return self._losses(self.unflatten(theta), int(step))
+            raise ValueError(f"{where}: theta has shape {list(theta.shape)}; expected "
+                             f"[{self.numel}] (batch {self.batch} x {self.n_params} params)")
+        raise TypeError(f"{where}: theta has dtype {theta.dtype}; expected the problem's "
+                        f"{self.dtype}")
+
+    def losses(self, theta: Tensor, step: int = 0) -> Tensor:
+        """The B per-problem losses ``[B]`` at flat parameters ``theta``. ``step`` (an int
+        >= 0) picks the minibatch of stochastic problems (the same step gives the same
+        minibatch)."""
+        self._check_theta("losses", theta)
+        if type(step) is not int or step < 0:
+            step = _checks.integer(f"{type(self).__name__}.losses", "step", step, min=0)
+        return self._losses(self.unflatten(theta), step)
 
     def _losses(self, params: List[Tensor], step: int) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def _check_rows(self, start: int, stop: int) -> Tuple[int, int]:
+        where = f"{type(self).__name__}.subset"
+        start = _checks.integer(where, "start", start, min=0)
+        stop = _checks.integer(where, "stop", stop)
+        if not start < stop <= self.batch:  # slicing would truncate silently
+            raise ValueError(f"{where}: need 0 <= start < stop <= batch ({self.batch}), got "
+                             f"start={start}, stop={stop}")
+        return start, stop
 
     def subset(self, start: int, stop: int) -> "OptimizeeProblem":
         """Problems ``start..stop-1`` of this batch as a problem of their own, identical to
@@ -113,8 +171,24 @@ class QuadraticProblem(OptimizeeProblem):
     """``f_b(theta_b) = ||W_b theta_b - y_b||^2`` for b < B. ``W [B, dim, dim]``, ``y [B, dim]``."""
 
     def __init__(self, W: Tensor, y: Tensor, theta0: Tensor):
+        where = "QuadraticProblem"
+        for name, t in (("W", W), ("y", y), ("theta0", theta0)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{where}: {name} must be a tensor, not {type(t).__name__}")
+            if not t.is_floating_point() or t.dtype != y.dtype or t.device != y.device:
+                raise TypeError(f"{where}: W, y and theta0 must share one floating dtype and "
+                                f"device; {name} is {t.dtype} on {t.device}, y {y.dtype} on {y.device}")
+        if y.dim() != 2 or y.shape[0] < 1 or y.shape[1] < 1:
+            raise ValueError(f"{where}: y must be [B, dim] with B, dim >= 1, got {list(y.shape)}")
+        B, d = y.shape
+        if W.shape != (B, d, d):
+            raise ValueError(f"{where}: W must be [B, dim, dim] = [{B}, {d}, {d}] (y is [{B}, {d}]), "
+                             f"got {list(W.shape)}")
+        if theta0.shape not in ((B, d), (B * d,)):
+            raise ValueError(f"{where}: theta0 must be [B, dim] = [{B}, {d}] or [{B * d}], got "
+                             f"{list(theta0.shape)}")
         self.W, self.y = W, y
-        self.batch, self.dim = y.shape
+        self.batch, self.dim = B, d
         self.shapes = [(self.dim,)]
         self.device, self.dtype = y.device, y.dtype
         self.theta0 = theta0.reshape(-1)
@@ -125,6 +199,7 @@ class QuadraticProblem(OptimizeeProblem):
         return (r * r).sum(1)
 
     def subset(self, start: int, stop: int) -> "QuadraticProblem":
+        start, stop = self._check_rows(start, stop)
         d = self.dim
         return QuadraticProblem(self.W[start:stop], self.y[start:stop],
                                 self.theta0[start * d:stop * d])
@@ -138,15 +213,15 @@ class QuadraticFamily:
     """
 
     def __init__(self, dim: int = 10, init_std: float = 0.01):
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"QuadraticFamily: dim must be an int >= 1, got {dim!r}")
-        self.dim = dim
-        self.init_std = float(init_std)
+        self.dim = _checks.integer("QuadraticFamily", "dim", dim, min=1)
+        self.init_std = _checks.real("QuadraticFamily", "init_std", init_std, min=0)
 
     def sample(self, batch: int, seed: int, device=None,
                dtype: torch.dtype = torch.float32) -> QuadraticProblem:
-        if batch < 1:
-            raise ValueError(f"QuadraticFamily.sample: batch must be >= 1, got {batch}")
+        where = "QuadraticFamily.sample"
+        batch = _checks.integer(where, "batch", batch, min=1)
+        seed = _seed(where, "seed", seed)
+        _float_dtype(where, dtype)
         g = _generator(seed)
         d = self.dim
         W = torch.randn(batch, d, d, generator=g, dtype=torch.float64)
@@ -161,13 +236,23 @@ class QuadraticFamily:
 # ---- an MLP on scikit-learn's digits (the MNIST stand-in) -------------------------------------
 
 _DIGITS_CACHE: Dict[Tuple[float, int], Tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+_DIGITS_N = 1797  # images in scikit-learn's digits
 
 
-def load_digits_split(test_fraction: float = 0.2, seed: int = 0):
-    """scikit-learn's 8x8 digits (1797 images, bundled with scikit-learn: no download), pixels
-    scaled to [0, 1], shuffled with ``seed`` and split into ``(x_train, y_train, x_test,
-    y_test)`` (float32 ``[n, 64]``, int64 ``[n]``); the test part is ``test_fraction``."""
-    key = (float(test_fraction), int(seed))
+def _test_fraction(where: str, test_fraction: Any) -> float:
+    """test_fraction in (0, 1) that leaves both parts of the digits split non-empty (an empty
+    test part gives NaN metrics, an empty train part no minibatches)."""
+    f = _checks.real(where, "test_fraction", test_fraction)
+    if not 0 < round(_DIGITS_N * f) < _DIGITS_N:
+        raise ValueError(f"{where}: test_fraction must be in (0, 1) and leave at least one of the "
+                         f"{_DIGITS_N} digits images in each of the train and test parts, got "
+                         f"{test_fraction!r}")
+    return f
+
+
+def _digits_split(test_fraction: float, seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """load_digits_split without the checks, and the cached tensors themselves (not copies)."""
+    key = (test_fraction, seed)
     if key not in _DIGITS_CACHE:
         from sklearn.datasets import load_digits
         d = load_digits()
@@ -180,6 +265,17 @@ def load_digits_split(test_fraction: float = 0.2, seed: int = 0):
     return _DIGITS_CACHE[key]
 
 
+def load_digits_split(test_fraction: float = 0.2, seed: int = 0):
+    """scikit-learn's 8x8 digits (1797 images, bundled with scikit-learn: no download), pixels
+    scaled to [0, 1], shuffled with ``seed`` and split into ``(x_train, y_train, x_test,
+    y_test)`` (float32 ``[n, 64]``, int64 ``[n]``); the test part is ``test_fraction``
+    (0 < test_fraction < 1, both parts non-empty). The tensors are fresh copies."""
+    where = "pymeta.tasks.load_digits_split"
+    f = _test_fraction(where, test_fraction)
+    # copies: an in-place edit by the caller must not reach the cache the problems share
+    return tuple(t.clone() for t in _digits_split(f, _seed(where, "seed", seed)))
+
+
 _ACTS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
 
 
@@ -188,9 +284,13 @@ class DigitsMLPProblem(OptimizeeProblem):
     cross-entropy on a minibatch of ``batch_size`` training images drawn for (problem, t)."""
 
     def __init__(self, family: "DigitsMLPFamily", batch: int, seed: int, device, dtype):
+        where = "DigitsMLPProblem"
+        if not isinstance(family, DigitsMLPFamily):
+            raise TypeError(f"{where}: family must be a DigitsMLPFamily, not {type(family).__name__}")
         self.family = family
-        self.batch = batch
-        self.seed = int(seed)
+        self.batch = _checks.integer(where, "batch", batch, min=1)
+        self.seed = _seed(where, "seed", seed)
+        _float_dtype(where, dtype)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         sizes = [64] + [family.hidden] * family.layers + [10]
@@ -204,13 +304,14 @@ class DigitsMLPProblem(OptimizeeProblem):
             u = torch.rand(batch, *s, generator=g, dtype=torch.float64)
             parts.append((u * 2 - 1) / math.sqrt(fan_in))
         self.theta0 = self.flatten(parts).to(self.device, dtype)
-        xtr, ytr, xte, yte = load_digits_split(family.test_fraction, family.split_seed)
+        xtr, ytr, xte, yte = _digits_split(family.test_fraction, family.split_seed)
         self.x_train, self.y_train = xtr.to(self.device, dtype), ytr.to(self.device)
         self.x_test, self.y_test = xte.to(self.device, dtype), yte.to(self.device)
         self._batches: Dict[int, Tensor] = {}
         self._rows = (0, batch, batch)  # (start, stop, full batch): see subset
 
     def subset(self, start: int, stop: int) -> "DigitsMLPProblem":
+        start, stop = self._check_rows(start, stop)
         import copy
         sub = copy.copy(self)
         n = self.n_params
@@ -225,6 +326,7 @@ class DigitsMLPProblem(OptimizeeProblem):
         """``[B, batch_size]`` indices into the training split for ``step`` (deterministic)."""
         idx = self._batches.get(step)
         if idx is None:
+            step = _checks.integer("DigitsMLPProblem.minibatch", "step", step, min=0)
             g = _generator(derive_seed(self.seed, 1, step))
             n = self.y_train.shape[0]
             lo, hi, full = self._rows
@@ -258,7 +360,12 @@ class DigitsMLPProblem(OptimizeeProblem):
 
     @torch.no_grad()
     def evaluate(self, theta: Tensor, split: str = "train") -> Dict[str, Tensor]:
-        """Full-split mean cross-entropy and accuracy per problem: ``{"loss": [B], "acc": [B]}``."""
+        """Full-split mean cross-entropy and accuracy per problem: ``{"loss": [B], "acc": [B]}``;
+        split is ``"train"`` or ``"test"``."""
+        if not isinstance(split, str) or split not in ("train", "test"):
+            raise ValueError(f"DigitsMLPProblem.evaluate: split must be 'train' or 'test', "
+                             f"not {split!r}")
+        self._check_theta("evaluate", theta)
         x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
         params = self.unflatten(theta)
         logits = self.logits(params, x.unsqueeze(0).expand(self.batch, -1, -1))
@@ -280,21 +387,28 @@ class DigitsMLPFamily:
 
     def __init__(self, hidden: int = 20, layers: int = 1, activation: str = "sigmoid",
                  batch_size: int = 128, test_fraction: float = 0.2, split_seed: int = 0):
+        where = "DigitsMLPFamily"
+        if not isinstance(activation, str):
+            raise TypeError(f"{where}: activation must be a str, one of {sorted(_ACTS)}, "
+                            f"not {type(activation).__name__} {activation!r}")
         if activation not in _ACTS:
-            raise ValueError(f"DigitsMLPFamily: activation must be one of {sorted(_ACTS)}, "
+            raise ValueError(f"{where}: activation must be one of {sorted(_ACTS)}, "
                              f"not {activation!r}")
-        if hidden < 1 or layers < 1 or batch_size < 1:
-            raise ValueError("DigitsMLPFamily: hidden, layers and batch_size must be >= 1")
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"DigitsMLPFamily: test_fraction must be in (0, 1), got {test_fraction}")
-        self.hidden, self.layers, self.activation = int(hidden), int(layers), activation
-        self.batch_size = int(batch_size)
-        self.test_fraction, self.split_seed = float(test_fraction), int(split_seed)
+        hidden = _checks.integer(where, "hidden", hidden, min=1)
+        layers = _checks.integer(where, "layers", layers, min=1)
+        batch_size = _checks.integer(where, "batch_size", batch_size, min=1)
+        test_fraction = _test_fraction(where, test_fraction)
+        split_seed = _seed(where, "split_seed", split_seed)
+        self.hidden, self.layers, self.activation = hidden, layers, activation
+        self.batch_size = batch_size
+        self.test_fraction, self.split_seed = test_fraction, split_seed
 
     def sample(self, batch: int, seed: int, device=None,
                dtype: torch.dtype = torch.float32) -> DigitsMLPProblem:
-        if batch < 1:
-            raise ValueError(f"DigitsMLPFamily.sample: batch must be >= 1, got {batch}")
+        where = "DigitsMLPFamily.sample"
+        batch = _checks.integer(where, "batch", batch, min=1)
+        seed = _seed(where, "seed", seed)
+        _float_dtype(where, dtype)
         return DigitsMLPProblem(self, batch, seed, device, dtype)
 
     def __repr__(self) -> str:
@@ -309,27 +423,31 @@ class DigitsMLPFamily:
 # both imported when used).
 
 def _rng(seed: Optional[int]) -> torch.Generator:
+    """A generator seeded with a checked seed (None: a random one)."""
     g = torch.Generator()
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(int(seed))
+        g.manual_seed(seed)
     return g
 
 
 def _check_int(value, name: str, owner: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
-    return value
+    return _checks.integer(owner, name, value, min=minimum)
+
+
+def _check_generator(owner: str, generator: Any) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{owner}: generator must be a torch.Generator or None, not "
+                        f"{type(generator).__name__}")
 
 
 def _check_range(value, name: str, owner: str) -> Tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{owner}: {name} must be a pair (low, high), got {value!r}") from None
+    """A finite (low, high) pair with low <= high (inf bounds give inf / NaN samples)."""
+    pair = _not_str_seq(owner, name, value, "two numbers (low, high)")
+    if len(pair) != 2:
+        raise TypeError(f"{owner}: {name} must be a pair (low, high), got {value!r}")
+    lo, hi = (_checks.real(owner, name, v) for v in pair)
     if not lo <= hi:
         raise ValueError(f"{owner}: {name} must have low <= high, got {value!r}")
     return lo, hi
@@ -366,7 +484,7 @@ class Sinusoid:
         self.amplitude = _check_range(amplitude, "amplitude", owner)
         self.phase = _check_range(phase, "phase", owner)
         self.x_range = _check_range(x_range, "x_range", owner)
-        self.generator = _rng(seed)
+        self.generator = _rng(_seed(owner, "seed", seed, optional=True))
 
     @staticmethod
     def function(x: Tensor, amplitude: Tensor, phase: Tensor) -> Tensor:
@@ -381,9 +499,11 @@ class Sinusoid:
                dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None) -> SinusoidTasks:
         """Draws T tasks with K support and Q query points each (independent uniform x)."""
         owner = "pymeta.tasks.Sinusoid.sample"
-        _check_int(tasks, "tasks", owner, 1)
-        _check_int(shots, "shots", owner, 1)
-        _check_int(queries, "queries", owner, 0)
+        tasks = _check_int(tasks, "tasks", owner, 1)
+        shots = _check_int(shots, "shots", owner, 1)
+        queries = _check_int(queries, "queries", owner, 0)
+        _float_dtype(owner, dtype)
+        _check_generator(owner, generator)
         g = generator if generator is not None else self.generator
         amp = self._uniform((tasks,), self.amplitude, g)
         ph = self._uniform((tasks,), self.phase, g)
@@ -411,6 +531,22 @@ class Episode(NamedTuple):
 _ROTATIONS = (0, 90, 180, 270)
 
 
+def _label_list(owner: str, name: str, classes: Any) -> list:
+    """classes as a list of int labels: a sequence of ints (NumPy's too) or a 1-D integer
+    tensor; floats and bools are refused (1.0 would pass a set lookup as label 1)."""
+    if isinstance(classes, Tensor):
+        if classes.dim() != 1 or classes.is_floating_point() or classes.is_complex() \
+                or classes.dtype == torch.bool:
+            raise TypeError(f"{owner}: {name} as a tensor must be 1-D of integer labels, got "
+                            f"{classes.dtype} of shape {list(classes.shape)}")
+        return classes.tolist()
+    out = _not_str_seq(owner, name, classes, "int labels")
+    for i, c in enumerate(out):
+        if not _checks.is_int(c):
+            raise TypeError(f"{owner}: {name}[{i}] must be an int label, not {type(c).__name__} {c!r}")
+    return [int(c) for c in out]
+
+
 def split_classes(classes: Union[int, Sequence], sizes: Union[Sequence[int], Dict[str, int]],
                   seed: Optional[int] = 0, shuffle: bool = True) -> Dict[str, list]:
     """Disjoint class splits, e.g. the Omniglot convention
@@ -426,21 +562,32 @@ def split_classes(classes: Union[int, Sequence], sizes: Union[Sequence[int], Dic
         dict name -> list of classes; the lists are disjoint.
     """
     owner = "pymeta.tasks.split_classes"
-    if isinstance(classes, int):
-        classes = list(range(classes))
-    classes = list(classes)
-    if len(set(classes)) != len(classes):
+    if _checks.is_int(classes):
+        classes = list(range(_checks.integer(owner, "classes", classes, min=0)))
+    else:
+        classes = _not_str_seq(owner, "classes", classes, "class labels (or an int C)")
+    try:
+        distinct = len(set(classes))
+    except TypeError:  # an unhashable label (a list, ...)
+        raise TypeError(f"{owner}: classes must hold hashable labels (ints, names)") from None
+    if distinct != len(classes):
         raise ValueError(f"{owner}: classes has repeated entries")
-    if not isinstance(sizes, dict):
-        sizes = list(sizes)
+    if isinstance(sizes, Mapping):
+        sizes = dict(sizes)
+    else:
+        sizes = _not_str_seq(owner, "sizes", sizes, "counts (or a dict name -> count)")
         names = ["train", "val", "test"] if len(sizes) <= 3 else [f"split{i}" for i in range(len(sizes))]
         sizes = dict(zip(names, sizes))
-    rest = [n for n, s in sizes.items() if s == -1]
-    if len(rest) > 1:
-        raise ValueError(f"{owner}: sizes may use -1 ('the rest') once, got {sizes}")
     for n, s in sizes.items():
-        if isinstance(s, bool) or not isinstance(s, int) or (s < 0 and s != -1):
+        if not _checks.is_int(s):
+            raise TypeError(f"{owner}: sizes[{n!r}] must be an int count >= 0 or -1, not "
+                            f"{type(s).__name__} {s!r}")
+        if s < -1:
             raise ValueError(f"{owner}: sizes[{n!r}] must be a count >= 0 or -1, got {s!r}")
+        sizes[n] = int(s)
+    if sum(s == -1 for s in sizes.values()) > 1:
+        raise ValueError(f"{owner}: sizes may use -1 ('the rest') once, got {sizes}")
+    seed = _seed(owner, "seed", seed, optional=True)
     fixed = sum(s for s in sizes.values() if s != -1)
     if fixed > len(classes):
         raise ValueError(f"{owner}: sizes ask for {fixed} classes but classes has only {len(classes)}")
@@ -490,14 +637,22 @@ class FewShotSampler:
         if x.dim() < 1 or x.shape[0] != y.shape[0]:
             raise ValueError(f"{owner}: x has {x.shape[0] if x.dim() else 0} examples but y has "
                              f"{y.shape[0]} labels; they must agree")
-        self.n_way = _check_int(n_way, "n_way", owner, 1)
-        self.k_shot = _check_int(k_shot, "k_shot", owner, 1)
-        self.q_queries = _check_int(q_queries, "q_queries", owner, 0)
+        n_way = _check_int(n_way, "n_way", owner, 1)
+        k_shot = _check_int(k_shot, "k_shot", owner, 1)
+        q_queries = _check_int(q_queries, "q_queries", owner, 0)
+        seed = _seed(owner, "seed", seed, optional=True)
         if rotations is True:
             rotations = _ROTATIONS
         elif rotations is False or rotations is None:
             rotations = (0,)
+        elif isinstance(rotations, (str, bytes, Mapping)) or not isinstance(rotations, Iterable):
+            raise TypeError(f"{owner}: rotations must be True, False, None or a sequence of angles "
+                            f"from {_ROTATIONS}, not {type(rotations).__name__} {rotations!r}")
         rotations = tuple(rotations)
+        if not all(_checks.is_int(r) for r in rotations):  # 90.0 would give float quarter turns
+            raise TypeError(f"{owner}: rotations must hold int angles from {_ROTATIONS}, got "
+                            f"{rotations!r}")
+        rotations = tuple(int(r) for r in rotations)
         if not rotations or any(r not in _ROTATIONS for r in rotations) or len(set(rotations)) != len(rotations):
             raise ValueError(f"{owner}: rotations must be True, False or distinct angles from "
                              f"{_ROTATIONS}, got {rotations!r}")
@@ -505,44 +660,54 @@ class FewShotSampler:
             if x.dim() < 3 or x.shape[-1] != x.shape[-2]:
                 raise ValueError(f"{owner}: rotations by 90/270 need square images [M, ..., H, W] "
                                  f"with H == W; x has shape {list(x.shape)}")
-        self.rotations = rotations
-        labels = sorted(torch.unique(y).tolist())
+        # Counted by sorting, not bincount: sparse labels (e.g. 0 and 10**12) would make a
+        # dense count over the label range allocate gigabytes.
+        y_cpu = y.cpu()
+        label_t, count_t = torch.unique(y_cpu, sorted=True, return_counts=True)
+        labels = label_t.tolist()
+        counts = dict(zip(labels, count_t.tolist()))
         if classes is None:
             classes = labels
         else:
-            classes = list(classes)
-            missing = [c for c in classes if c not in set(labels)]
+            classes = _label_list(owner, "classes", classes)
+            missing = [c for c in classes if c not in counts]
             if missing:
                 raise ValueError(f"{owner}: classes lists labels not present in y: {missing[:10]}")
             if len(set(classes)) != len(classes):
                 raise ValueError(f"{owner}: classes has repeated entries")
         if not classes:
             raise ValueError(f"{owner}: classes is empty; the sampler needs at least n_way classes")
-        need = self.k_shot + self.q_queries
-        counts = torch.bincount(y - min(labels), minlength=1) if labels else torch.zeros(0)
-        per_class = {c: int(counts[c - min(labels)]) for c in classes}
+        need = k_shot + q_queries
+        per_class = {c: counts[c] for c in classes}
         poor = [(c, n) for c, n in per_class.items() if n < need]
         if poor:
             raise ValueError(f"{owner}: k_shot + q_queries = {need} examples per class are needed, "
                              f"but class {poor[0][0]!r} has only {poor[0][1]} "
                              f"({len(poor)} classes are short); lower k_shot or q_queries")
-        self.class_names: List = [(c, r) for c in classes for r in rotations] if rotations != (0,) else list(classes)
-        n_classes = len(self.class_names)
-        if self.n_way > n_classes:
-            raise ValueError(f"{owner}: n_way={self.n_way} but the sampler has only {n_classes} classes "
+        class_names: List = [(c, r) for c in classes for r in rotations] if rotations != (0,) else list(classes)
+        if n_way > len(class_names):
+            raise ValueError(f"{owner}: n_way={n_way} but the sampler has only {len(class_names)} classes "
                              f"({len(classes)} labels x {len(rotations)} rotations)")
-        # Padded index table: row j lists the examples of base class classes[j].
+        device = torch.device(device) if device is not None else x.device
+        # Padded index table: row j lists the examples of base class classes[j], in dataset
+        # order (a stable sort groups each label's examples; start[c] is where c's begin).
+        order = torch.argsort(y_cpu, stable=True)
+        start = dict(zip(labels, (torch.cumsum(count_t, 0) - count_t).tolist()))
         width = max(per_class.values())
         table = torch.full((len(classes), width), -1, dtype=torch.long)
         for j, c in enumerate(classes):
-            idx = torch.nonzero(y == c, as_tuple=False).flatten()
-            table[j, :idx.numel()] = idx
+            table[j, :per_class[c]] = order[start[c]:start[c] + per_class[c]]
+        self.n_way, self.k_shot, self.q_queries = n_way, k_shot, q_queries
+        self.rotations = rotations
+        self.class_names = class_names
         self._table = table
         self._counts = torch.tensor([per_class[c] for c in classes], dtype=torch.long)
         self._n_rot = len(rotations)
         self._rot_k = torch.tensor([r // 90 for r in rotations], dtype=torch.long)
+        # Any non-zero angle rotates (a lone [180] too, not only when angles are mixed).
+        self._rotates = any(rotations)
         self.x, self.y = x, y
-        self.device = torch.device(device) if device is not None else x.device
+        self.device = device
         self.seed = seed
         self.generator = _rng(seed)
 
@@ -553,7 +718,14 @@ class FewShotSampler:
                classes: Dict[str, Sequence], seed: Optional[int] = None, **kwargs) -> Dict[str, "FewShotSampler"]:
         """One sampler per split of ``classes`` (a dict name -> labels, e.g. from
         ``split_classes``), checked disjoint. Split i is seeded with ``seed + i``."""
+        owner = "pymeta.tasks.FewShotSampler.splits"
+        if not isinstance(classes, Mapping):
+            raise TypeError(f"{owner}: classes must be a dict split name -> labels (e.g. from "
+                            f"split_classes), not {type(classes).__name__}")
+        seed = _seed(owner, "seed", seed, optional=True)
         names = list(classes)
+        # None would mean "every label" in the constructor: a split must list its labels
+        classes = {n: _label_list(owner, f"classes[{n!r}]", classes[n]) for n in names}
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 both = set(classes[a]) & set(classes[b])
@@ -575,10 +747,15 @@ class FewShotSampler:
                     invert: bool = False, **kwargs) -> "FewShotSampler":
         """A sampler over an image-folder tree (see ``load_image_folder``); ``classes`` may
         name class folders (``"alphabet/character"``) instead of indices."""
+        classes = kwargs.get("classes")
+        named = classes is not None and not isinstance(classes, Tensor)
+        if named:  # checked before the (slow) load; a str would be read as one-letter names
+            classes = _not_str_seq("pymeta.tasks.FewShotSampler.from_folder", "classes", classes,
+                                   "class folder names or labels")
         x, y, names = load_image_folder(root, size=size, grayscale=grayscale, invert=invert)
-        if kwargs.get("classes") is not None:
+        if named:
             index = {n: i for i, n in enumerate(names)}
-            kwargs["classes"] = [index.get(c, c) if isinstance(c, str) else c for c in kwargs["classes"]]
+            kwargs["classes"] = [index.get(c, c) if isinstance(c, str) else c for c in classes]
             unknown = [c for c in kwargs["classes"] if isinstance(c, str)]
             if unknown:
                 raise ValueError(f"pymeta.tasks.FewShotSampler.from_folder: classes names folders that "
@@ -595,7 +772,8 @@ class FewShotSampler:
 
     def sample(self, tasks: int, *, generator: Optional[torch.Generator] = None) -> Episode:
         """Draws T episodes: N distinct classes each, K + Q distinct examples per class."""
-        _check_int(tasks, "tasks", "pymeta.tasks.FewShotSampler.sample", 1)
+        tasks = _check_int(tasks, "tasks", "pymeta.tasks.FewShotSampler.sample", 1)
+        _check_generator("pymeta.tasks.FewShotSampler.sample", generator)
         g = generator if generator is not None else self.generator
         T, N, K, Q = tasks, self.n_way, self.k_shot, self.q_queries
         # N distinct classes per task (class id = base * n_rot + rotation index).
@@ -608,7 +786,7 @@ class FewShotSampler:
         pick = keys.argsort(dim=2)[..., :K + Q]                         # [T, N, K+Q]
         idx = torch.gather(self._table[base], 2, pick)                 # dataset indices
         data = self.x[idx.to(self.x.device)]                            # [T, N, K+Q, ...]
-        if self._n_rot > 1:
+        if self._rotates:
             k = self._rot_k[rot]                                        # quarter turns, [T, N]
             for quarter in (1, 2, 3):
                 mask = (k == quarter).to(data.device)
@@ -659,10 +837,22 @@ def load_image_folder(root: Union[str, os.PathLike], size: Union[int, Tuple[int,
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{owner}: root {root!r} is not a folder")
     if size is not None:
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in hw):
+        hw = [size, size] if _checks.is_int(size) else None
+        if hw is None and isinstance(size, (tuple, list)) and len(size) == 2:
+            hw = list(size)
+        if hw is None or not all(_checks.is_int(s) for s in hw):
+            raise TypeError(f"{owner}: size must be an int >= 1, (H, W) or None, not "
+                            f"{type(size).__name__} {size!r}")
+        if any(s < 1 for s in hw):
             raise ValueError(f"{owner}: size must be an int >= 1, (H, W) or None, got {size!r}")
-    exts = tuple(e.lower() for e in extensions)
+        hw = [int(s) for s in hw]
+    # one str is one extension (iterating it would match every file ending in "p", "n", ...)
+    exts = [extensions] if isinstance(extensions, str) else \
+        _not_str_seq(owner, "extensions", extensions, "file name endings such as '.png'")
+    if not all(isinstance(e, str) and e for e in exts):
+        raise TypeError(f"{owner}: extensions must be a str or a sequence of non-empty str "
+                        f"(such as '.png'), got {extensions!r}")
+    exts = tuple(e.lower() for e in exts)
     classes: List[Tuple[str, List[str]]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -679,12 +869,21 @@ def load_image_folder(root: Union[str, os.PathLike], size: Union[int, Tuple[int,
     images, labels = [], []
     for label, (_, files) in enumerate(classes):
         for path in files:
-            with Image.open(path) as im:
-                im = im.convert(mode)
-                if size is not None and im.size != (hw[1], hw[0]):
-                    im = im.resize((hw[1], hw[0]), Image.BILINEAR)
-                buf = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-                images.append(buf.view(im.size[1], im.size[0], len(mode)).permute(2, 0, 1))
+            try:
+                with Image.open(path) as im:
+                    im = im.convert(mode)
+                    if size is not None and im.size != (hw[1], hw[0]):
+                        im = im.resize((hw[1], hw[0]), Image.BILINEAR)
+                    data = im.tobytes()
+                    w, h = im.size
+            except (PermissionError, FileNotFoundError):
+                raise
+            except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+                # Pillow's errors for a corrupt / truncated file do not say which file it was
+                raise FileFormatError(f"{owner}: cannot read the image {path!r}: "
+                                      f"{type(e).__name__}: {e}") from e
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            images.append(buf.view(h, w, len(mode)).permute(2, 0, 1))
             labels.append(label)
     shapes = {tuple(t.shape) for t in images}
     if len(shapes) > 1:
@@ -703,6 +902,7 @@ def digits_dataset(dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
         from sklearn.datasets import load_digits
     except ImportError:  # pragma: no cover - scikit-learn is a dependency
         raise ImportError("pymeta.tasks.digits_dataset needs scikit-learn: pip install scikit-learn") from None
+    _float_dtype("pymeta.tasks.digits_dataset", dtype)
     d = load_digits()
     x = torch.tensor(d.images, dtype=dtype).div_(16.0).unsqueeze(1)
     return x, torch.tensor(d.target, dtype=torch.long)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from pymeta.tasks import DigitsMLPFamily, QuadraticFamily, derive_seed, load_digits_split
+from pymeta.tasks import (DigitsMLPFamily, QuadraticFamily, QuadraticProblem, derive_seed,
+                          load_digits_split)
 from pymeta.tasks import (Episode, FewShotSampler, Sinusoid, digits_dataset, load_image_folder,
                           split_classes)
 
@@ -323,3 +325,286 @@ def test_digits_dataset():
     assert x.shape == (1797, 1, 8, 8) and y.shape == (1797,)
     assert 0 <= x.min() and x.max() <= 1
     assert y.unique().tolist() == list(range(10))
+
+
+# ---- bad inputs: clear errors naming the argument, no silent wrong results ------------------------
+
+@pytest.mark.parametrize("angle", [90, 180, 270])
+def test_a_single_rotation_rotates(angle):
+    # one non-zero angle is a rotation too (it used to run only when angles were mixed)
+    x, y = _toy(classes=2, per_class=6)
+    s = FewShotSampler(x, y, 1, 1, 1, rotations=[angle], seed=0)
+    assert s.class_names == [(0, angle), (1, angle)]
+    e = s.sample(4)
+    for t in range(4):
+        label, a = s.class_names[e.classes[t, 0]]
+        assert a == angle
+        for img in (e.x_support[t, 0], e.x_query[t, 0]):
+            originals = x[y == label]
+            rotated = torch.rot90(originals, angle // 90, dims=(-2, -1))
+            assert ((rotated - img).abs().flatten(1).sum(1) == 0).any()
+            assert not ((originals - img).abs().flatten(1).sum(1) == 0).any()
+
+
+def test_integer_dtypes_refused():
+    with pytest.raises(TypeError, match="dtype"):
+        QuadraticFamily(3).sample(2, 0, dtype=torch.int64)
+    with pytest.raises(TypeError, match="dtype"):
+        DigitsMLPFamily().sample(1, 0, dtype=torch.int64)
+    with pytest.raises(TypeError, match="dtype"):
+        Sinusoid(seed=0).sample(2, 3, dtype=torch.int32)
+    with pytest.raises(TypeError, match="dtype"):
+        digits_dataset(torch.int64)
+    with pytest.raises(TypeError, match="dtype"):
+        QuadraticFamily(3).sample(2, 0, dtype="float32")
+    assert digits_dataset(torch.float64)[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(amplitude=(0, math.inf)), "amplitude"), (dict(x_range=(-math.inf, 5)), "x_range"),
+    (dict(phase=(0, math.nan)), "phase"), (dict(amplitude=(5, 0.1)), "amplitude"),
+])
+def test_sinusoid_ranges_finite(kw, name):
+    with pytest.raises(ValueError, match=name):
+        Sinusoid(**kw)
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(amplitude="12"), "amplitude"), (dict(amplitude=(1, 2, 3)), "amplitude"),
+    (dict(x_range=(True, 5)), "x_range"), (dict(phase=5), "phase"), (dict(seed=1.5), "seed"),
+    (dict(seed="3"), "seed"),
+])
+def test_sinusoid_bad_types(kw, name):
+    with pytest.raises(TypeError, match=name):
+        Sinusoid(**kw)
+
+
+def test_quadratic_family_bad_inputs():
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match="init_std"):
+            QuadraticFamily(3, init_std=bad)
+    assert torch.equal(QuadraticFamily(3, init_std=0).sample(2, 0).theta0, torch.zeros(6))
+    for bad in (True, 2.0, "3"):
+        with pytest.raises(TypeError, match="dim"):
+            QuadraticFamily(dim=bad)
+    fam = QuadraticFamily(3)
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match="batch"):
+            fam.sample(bad, 0)
+    with pytest.raises(ValueError, match="batch"):
+        fam.sample(0, 0)
+    for bad in (1.9, True, "1"):
+        with pytest.raises(TypeError, match="seed"):
+            fam.sample(2, bad)
+    for bad in (-1, 2 ** 64):
+        with pytest.raises(ValueError, match="seed"):
+            fam.sample(2, bad)
+    assert torch.equal(fam.sample(2, np.int64(4)).W, fam.sample(2, 4).W)
+    assert fam.sample(np.int64(2), 2 ** 64 - 1).batch == 2
+
+
+def test_quadratic_problem_checks():
+    p = QuadraticFamily(3).sample(2, 0)
+    theta = p.init_theta()
+    with pytest.raises(ValueError, match="theta0"):
+        QuadraticProblem(p.W, p.y, torch.zeros(5))
+    with pytest.raises(ValueError, match="W must be"):
+        QuadraticProblem(p.W[:, :2], p.y, p.theta0)
+    with pytest.raises(TypeError, match="dtype"):
+        QuadraticProblem(p.W.long(), p.y, p.theta0)
+    assert QuadraticProblem(p.W, p.y, p.theta0.view(2, 3)).numel == 6
+    with pytest.raises(ValueError, match="step"):
+        p.losses(theta, -1)
+    with pytest.raises(TypeError, match="step"):
+        p.losses(theta, 1.5)
+    with pytest.raises(TypeError, match="theta has dtype torch.float64"):
+        p.losses(theta.double())
+    with pytest.raises(TypeError, match="theta must be a tensor"):
+        p.losses(theta.tolist())
+    assert torch.equal(p.losses(theta, np.int64(3)), p.losses(theta, 3))
+    for lo, hi in ((0, 3), (1, 1), (-1, 1), (2, 1)):
+        with pytest.raises(ValueError, match="start"):
+            p.subset(lo, hi)
+    with pytest.raises(TypeError, match="stop"):
+        p.subset(0, 1.5)
+    sub = p.subset(1, 2)
+    assert sub.batch == 1 and torch.equal(sub.W[0], p.W[1]) and torch.equal(sub.theta0, p.theta0[3:])
+
+
+def test_digits_problem_checks():
+    fam = DigitsMLPFamily(hidden=5, batch_size=8)
+    p = fam.sample(3, 0)
+    theta = p.init_theta()
+    with pytest.raises(ValueError, match="split"):
+        p.evaluate(theta, "tset")
+    with pytest.raises(ValueError, match="theta has shape"):
+        p.evaluate(theta[:-1])
+    with pytest.raises(TypeError, match="theta has dtype"):
+        p.evaluate(theta.double(), "test")
+    with pytest.raises(TypeError, match="theta has dtype"):
+        p.losses(theta.double())
+    with pytest.raises(ValueError, match="step"):
+        p.losses(theta, -1)
+    with pytest.raises(ValueError, match="step"):
+        p.minibatch(-1)
+    with pytest.raises(ValueError, match="start"):
+        p.subset(0, 4)
+    with pytest.raises(ValueError, match="start"):
+        p.subset(2, 2)
+    sub = p.subset(1, 3)
+    assert sub.batch == 2 and torch.equal(sub.minibatch(5), p.minibatch(5)[1:])
+    assert set(p.evaluate(theta, "train")) == {"loss", "acc"}
+
+
+@pytest.mark.parametrize("kw,name,exc", [
+    (dict(hidden=2.5), "hidden", TypeError), (dict(hidden=True), "hidden", TypeError),
+    (dict(hidden="20"), "hidden", TypeError), (dict(layers=1.9), "layers", TypeError),
+    (dict(batch_size=3.7), "batch_size", TypeError), (dict(layers=0), "layers", ValueError),
+    (dict(activation=["relu"]), "activation", TypeError),
+    (dict(test_fraction=1e-6), "test_fraction", ValueError),
+    (dict(test_fraction=0.9999), "test_fraction", ValueError),
+    (dict(test_fraction=math.nan), "test_fraction", ValueError),
+    (dict(test_fraction="0.2"), "test_fraction", TypeError),
+    (dict(split_seed=1.5), "split_seed", TypeError), (dict(split_seed=-1), "split_seed", ValueError),
+])
+def test_digits_family_bad_inputs(kw, name, exc):
+    with pytest.raises(exc, match=name):
+        DigitsMLPFamily(**kw)
+
+
+def test_digits_family_sample_checks_and_numpy_ints():
+    fam = DigitsMLPFamily(hidden=np.int64(5), layers=np.int32(1), batch_size=np.int64(8))
+    assert type(fam.hidden) is int and fam.hidden == 5
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match="batch"):
+            fam.sample(bad, 0)
+    with pytest.raises(TypeError, match="seed"):
+        fam.sample(2, 1.9)
+
+
+def test_load_digits_split_checks_and_copies():
+    for bad in (1.5, -0.5, 0.0, 1.0, 1e-6, 0.9999):
+        with pytest.raises(ValueError, match="test_fraction"):
+            load_digits_split(bad)
+    with pytest.raises(TypeError, match="seed"):
+        load_digits_split(0.2, 1.5)
+    a = load_digits_split(0.2, 0)
+    a[0].fill_(7.0)  # the caller's copy: the cache (shared by the problems) is untouched
+    assert load_digits_split(0.2, 0)[0].max() <= 1.0
+
+
+def test_derive_seed_checks():
+    for bad in (1.7, True, "3", None):
+        with pytest.raises(TypeError, match="keys\\[0\\]"):
+            derive_seed(bad)
+    with pytest.raises(ValueError, match="keys\\[1\\]"):
+        derive_seed(0, -1)
+    with pytest.raises(ValueError, match="keys\\[0\\]"):
+        derive_seed(2 ** 64)
+    assert derive_seed(np.uint64(3), np.int64(4)) == derive_seed(3, 4)
+    assert 0 <= derive_seed(2 ** 64 - 1) < 2 ** 63
+
+
+def test_sampler_seed_and_generator_checks():
+    x, y = _toy()
+    for bad in (1.5, True, "0"):
+        with pytest.raises(TypeError, match="seed"):
+            FewShotSampler(x, y, 2, 1, 1, seed=bad)
+    with pytest.raises(ValueError, match="seed"):
+        FewShotSampler(x, y, 2, 1, 1, seed=-1)
+    s = FewShotSampler(x, y, 2, 1, 1, seed=np.int64(3))
+    assert s.seed == 3 and type(s.seed) is int
+    with pytest.raises(TypeError, match="generator"):
+        s.sample(2, generator=5)
+    with pytest.raises(TypeError, match="generator"):
+        Sinusoid(seed=0).sample(2, 3, generator=5)
+    with pytest.raises(TypeError, match="tasks"):
+        s.sample(2.0)
+
+
+def test_sampler_sparse_labels():
+    # labels far apart: counted without a dense bincount over 0..10**12
+    x, y = _toy(classes=3, per_class=4)
+    y = torch.tensor([0, 10 ** 7, 10 ** 12])[y]
+    s = FewShotSampler(x, y, 2, 1, 2, seed=0)
+    assert s.class_names == [0, 10 ** 7, 10 ** 12]
+    e = s.sample(20)
+    for t in range(20):
+        true = (e.x_support[t, :, 0, 0, 0] // 1000).long()
+        assert torch.equal(y[true * 4], torch.tensor(s.class_names)[e.classes[t]])
+    with pytest.raises(ValueError, match="k_shot \\+ q_queries = 5"):
+        FewShotSampler(x, y, 2, 2, 3)
+
+
+def test_sampler_bad_rotations_and_classes():
+    x, y = _toy(classes=4, per_class=5)
+    for bad in (90, "90", [90.0], [False]):
+        with pytest.raises(TypeError, match="rotations"):
+            FewShotSampler(x, y, 2, 1, 1, rotations=bad)
+    for bad in ([1.0, 2.0], [True, 2]):
+        with pytest.raises(TypeError, match="classes\\[0\\]"):
+            FewShotSampler(x, y, 2, 1, 1, classes=bad)
+    for bad in ("12", 3, {1: 1}):
+        with pytest.raises(TypeError, match="classes"):
+            FewShotSampler(x, y, 2, 1, 1, classes=bad)
+    with pytest.raises(TypeError, match="classes"):
+        FewShotSampler(x, y, 2, 1, 1, classes=torch.tensor([1.0, 2.0]))
+    a = FewShotSampler(x, y, 2, 1, 1, classes=torch.tensor([1, 2]), seed=0)
+    b = FewShotSampler(x, y, 2, 1, 1, classes=[np.int64(1), 2], seed=0)
+    assert a.class_names == b.class_names == [1, 2]
+    assert torch.equal(a.sample(3).x_support, b.sample(3).x_support)
+    with pytest.raises(TypeError, match="classes"):
+        FewShotSampler.splits(x, y, 2, 1, 1, classes=[[0, 1], [2, 3]])
+    with pytest.raises(TypeError, match="classes\\['a'\\]"):
+        FewShotSampler.splits(x, y, 2, 1, 1, classes={"a": None})
+    with pytest.raises(TypeError, match="seed"):
+        FewShotSampler.splits(x, y, 2, 1, 1, classes={"a": [0, 1]}, seed=0.5)
+
+
+def test_split_classes_bad_inputs_and_numpy_ints():
+    assert split_classes(np.int64(10), [np.int64(6), np.int64(4)], seed=0) == split_classes(10, [6, 4], seed=0)
+    with pytest.raises(TypeError, match="sizes"):
+        split_classes(10, 5)
+    with pytest.raises(TypeError, match="sizes"):
+        split_classes(10, "55")
+    with pytest.raises(TypeError, match="sizes\\['train'\\]"):
+        split_classes(10, [5.0, 5])
+    with pytest.raises(ValueError, match="sizes\\['val'\\]"):
+        split_classes(10, [5, -2])
+    with pytest.raises(TypeError, match="classes"):
+        split_classes("abc", [1, 2])
+    with pytest.raises(TypeError, match="classes"):
+        split_classes([[0], [1]], [1, 1])
+    with pytest.raises(ValueError, match="classes"):
+        split_classes(-1, [0])
+    for bad in (1.5, "1"):
+        with pytest.raises(TypeError, match="seed"):
+            split_classes(10, [5, 5], seed=bad)
+
+
+def test_image_folder_bad_files_and_arguments(tmp_path):
+    from PIL import Image
+    from pymeta._io import FileFormatError
+
+    _write_tree(tmp_path / "t", ["a", "b"], size=(6, 6), per_class=2)
+    Image.new("L", (6, 6)).save(tmp_path / "t" / "a" / "x.jpg")
+    x, y, _ = load_image_folder(tmp_path / "t", size=np.int64(4), extensions=".png")
+    assert x.shape == (4, 1, 4, 4)  # the .jpg is not loaded (".png" is one extension)
+    assert load_image_folder(tmp_path / "t", size=4)[0].shape == (5, 1, 4, 4)
+    for bad in (2.5, True, (4, 4.0), "4", (4, 4, 4)):
+        with pytest.raises(TypeError, match="size"):
+            load_image_folder(tmp_path / "t", size=bad)
+    with pytest.raises(ValueError, match="size"):
+        load_image_folder(tmp_path / "t", size=(4, 0))
+    with pytest.raises(TypeError, match="extensions"):
+        load_image_folder(tmp_path / "t", extensions=[1])
+    with pytest.raises(TypeError, match="classes"):
+        FewShotSampler.from_folder(tmp_path / "t", 2, 1, 1, size=4, classes="ab")
+    # a truncated PNG and a file that is no image: the error names the file
+    good = (tmp_path / "t" / "b" / "00.png").read_bytes()
+    (tmp_path / "t" / "b" / "01.png").write_bytes(good[:len(good) // 2])
+    with pytest.raises(FileFormatError, match="01.png"):
+        load_image_folder(tmp_path / "t", size=4)
+    (tmp_path / "t" / "b" / "01.png").write_bytes(b"not an image at all")
+    with pytest.raises(FileFormatError, match="01.png"):
+        load_image_folder(tmp_path / "t", size=4)
