@@ -35,6 +35,7 @@ API:
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import hashlib
 import json
@@ -45,7 +46,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pymeta._io import atomic_save, safe_load
+from pymeta import _checks
+from pymeta._io import CHECKSUM_KEY, atomic_save, safe_load
 from pymeta.tasks import derive_seed
 
 __all__ = ["init", "rank_world", "shard_range", "shard", "rank_seed", "check_config",
@@ -65,6 +67,7 @@ def init(backend: Optional[str] = None, timeout_s: float = 60.0) -> Tuple[int, i
     ``(rank, world)``. ``backend``: None picks NCCL when CUDA is available, else gloo.
     Without ``WORLD_SIZE`` in the environment, nothing is initialized and (0, 1) returned.
     Collectives time out after ``timeout_s`` (a lost rank raises instead of hanging)."""
+    timeout_s = _checks.real("pymeta.distributed.init", "timeout_s", timeout_s, gt=0)
     if not dist.is_available():
         return 0, 1
     if not dist.is_initialized():
@@ -106,11 +109,17 @@ def _active(group=None) -> bool:
 
 def shard_range(n: int, rank: int, world: int) -> Tuple[int, int]:
     """Rank ``rank``'s contiguous ``[start, stop)`` of ``n`` items: sizes differ by at most
-    one, the first ``n % world`` ranks get the extra item. A rank may get none (n < world)."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"pymeta.distributed: rank {rank} is not in [0, {world})")
-    if n < 0:
-        raise ValueError(f"pymeta.distributed: cannot shard {n} items")
+    one, the first ``n % world`` ranks get the extra item. A rank may get none (n < world).
+    n, rank and world are ints (not bools): n >= 0, world >= 1, 0 <= rank < world."""
+    return _shard_range("pymeta.distributed.shard_range", n, rank, world)
+
+
+def _shard_range(where: str, n, rank, world) -> Tuple[int, int]:
+    n = _checks.integer(where, "n", n, min=0)
+    rank = _checks.integer(where, "rank", rank, min=0)
+    world = _checks.integer(where, "world", world, min=1)
+    if rank >= world:
+        raise ValueError(f"{where}: rank {rank} is not in [0, world) = [0, {world})")
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
@@ -119,24 +128,43 @@ def shard_range(n: int, rank: int, world: int) -> Tuple[int, int]:
 def shard(tensors: Sequence[Tensor], rank: Optional[int] = None, world: Optional[int] = None,
           group=None) -> List[Tensor]:
     """The rank's slice (dim 0, the task dimension) of each of ``tensors`` (views). All
-    must have the same ``T``. rank/world default to the process group's."""
+    (at least one) must have the same ``T``. rank/world default to the process group's."""
+    where = "pymeta.distributed.shard"
     if rank is None or world is None:
         r, w = rank_world(group)
         rank = r if rank is None else rank
         world = w if world is None else world
-    tensors = list(tensors)
+    if isinstance(tensors, Tensor):
+        raise TypeError(f"{where}: tensors must be a sequence of tensors (e.g. [x]), not one "
+                        f"Tensor")
+    try:
+        tensors = list(tensors)
+    except TypeError:
+        raise TypeError(f"{where}: tensors must be a sequence of tensors, not "
+                        f"{type(tensors).__name__}") from None
+    if not tensors:
+        raise ValueError(f"{where}: tensors is empty; give at least one tensor")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where}: tensors[{i}] must be a Tensor, not {type(t).__name__}")
+        if t.dim() == 0:
+            raise ValueError(f"{where}: tensors[{i}] is a 0-d tensor; each needs a task "
+                             f"dimension (dim 0) to shard")
     T = {t.shape[0] for t in tensors}
     if len(T) != 1:
-        raise ValueError(f"pymeta.distributed.shard: the tensors have different task counts "
+        raise ValueError(f"{where}: the tensors have different task counts "
                          f"{sorted(T)}; they must agree")
-    start, stop = shard_range(T.pop(), rank, world)
+    start, stop = _shard_range(where, T.pop(), rank, world)
     return [t[start:stop] for t in tensors]
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """A seed for rank ``rank``'s tasks at meta-step ``step``: distinct, well-mixed streams for
-    every (seed, rank, step) (``pymeta.tasks.derive_seed``)."""
-    return derive_seed(int(seed), int(rank), int(step))
+    every (seed, rank, step) (``pymeta.tasks.derive_seed``). All three are ints >= 0."""
+    where = "pymeta.distributed.rank_seed"
+    return derive_seed(_checks.integer(where, "seed", seed, min=0),
+                       _checks.integer(where, "rank", rank, min=0),
+                       _checks.integer(where, "step", step, min=0))
 
 
 # ---- the configuration check --------------------------------------------------------------
@@ -173,8 +201,10 @@ def check_config(config: Dict[str, Any], group=None) -> str:
 
 def maml_config(maml, meta_batch: int, **more: Any) -> Dict[str, Any]:
     """The configuration of a distributed MAML run that all ranks must share: the meta-batch
-    size, the inner loop's settings and every parameter's name, shape and dtype."""
-    return {"meta_batch": int(meta_batch), "inner_steps": maml.inner_steps,
+    size (an int >= 1), the inner loop's settings and every parameter's name, shape and
+    dtype."""
+    meta_batch = _checks.integer("pymeta.distributed.maml_config", "meta_batch", meta_batch, min=1)
+    return {"meta_batch": meta_batch, "inner_steps": maml.inner_steps,
             "lr_mode": maml.lr_mode, "first_order": maml.first_order,
             "adapted": list(maml.adapted_names),
             "params": [[n, list(p.shape), str(p.dtype)] for n, p in maml.named_parameters()],
@@ -195,11 +225,18 @@ def all_reduce_gradients(params: Sequence[Tensor], count: float, group=None,
     sum as ``count * x``, e.g. the loss) ride in the first bucket, so a small model costs one
     collective per step. Returns ``(total count, [sum_r count_r * x_r / total for x in extras])``.
     Without a process group (or world 1) the grads are left as they are.
+
+    ``count``: a finite number >= 0 (a rank without tasks passes 0); ``extras``: real
+    numbers (NaN and inf travel as they are); ``bucket_bytes``: an int >= 1.
     """
-    extras = [float(x) for x in (extras or [])]
+    where = "pymeta.distributed.all_reduce_gradients"
+    count = _checks.real(where, "count", count, min=0)
+    extras = [_checks.real(where, f"extras[{i}]", x, finite=False)
+              for i, x in enumerate(extras or [])]
+    bucket_bytes = _checks.integer(where, "bucket_bytes", bucket_bytes, min=1)
     params = [p for p in params if p.requires_grad]
     if not _active(group):
-        return float(count), extras
+        return count, extras
     groups: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = {}
     for p in params:
         groups.setdefault((p.device, p.dtype), []).append(p)
@@ -281,12 +318,57 @@ def _barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+# What ``torch.load(weights_only=True)`` (hence ``load_checkpoint``) reads back, as exact
+# types: a subclass (numpy's float64 is a float, an IntEnum an int) is pickled as its own
+# class, which the loader refuses.
+_CONTAINERS = (dict, collections.OrderedDict, list, tuple, torch.Size)
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.nn.Parameter,
+           torch.dtype, torch.device)
+
+
+def _check_loadable(v: Any, name: str, path_ids: set) -> None:
+    """Raises TypeError naming the first entry of v (named ``name``) that load_checkpoint
+    would refuse: anything but tensors, plain containers, numbers, strings and None."""
+    t = type(v)
+    if t in _LEAVES:
+        return
+    if t not in _CONTAINERS:
+        raise TypeError(
+            f"pymeta.distributed.save_checkpoint: {name} is a {t.__module__}.{t.__qualname__} "
+            f"({v!r:.80}); a checkpoint holds only tensors, dicts, lists, tuples, str, int, "
+            f"float, bool and None (load_checkpoint refuses anything else): convert it, e.g. "
+            f"with float(), int(), .tolist() or torch.as_tensor()")
+    if id(v) in path_ids:
+        raise ValueError(f"pymeta.distributed.save_checkpoint: {name} contains itself")
+    path_ids.add(id(v))
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _check_loadable(k, f"a key of {name}", path_ids)
+            _check_loadable(x, f"{name}[{k!r}]", path_ids)
+    else:
+        for i, x in enumerate(v):
+            _check_loadable(x, f"{name}[{i}]", path_ids)
+    path_ids.discard(id(v))
+
+
 def save_checkpoint(obj: dict, path, group=None) -> None:
     """Rank 0 writes ``obj`` atomically (``pymeta._io.atomic_save``: a crash mid-write leaves
     the previous checkpoint); then all ranks meet at a barrier, so none runs ahead of a
-    checkpoint that is not on disk yet."""
+    checkpoint that is not on disk yet.
+
+    ``obj`` is a dict of tensors, plain containers (dict, list, tuple), numbers, strings and
+    None, which ``load_checkpoint`` reads back; anything else (a NumPy number or array, an
+    object) is refused with a TypeError naming the entry before any file is touched, as is
+    the key ``"sha256"`` (the checksum's)."""
     rank, _ = rank_world(group)
     if rank == 0:
+        if not isinstance(obj, dict):
+            raise TypeError(f"pymeta.distributed.save_checkpoint: obj must be a dict, not "
+                            f"{type(obj).__name__}")
+        if CHECKSUM_KEY in obj:
+            raise ValueError(f"pymeta.distributed.save_checkpoint: obj has the key "
+                             f"{CHECKSUM_KEY!r}, which the file's checksum takes; rename it")
+        _check_loadable(obj, "obj", set())
         atomic_save(obj, path)
     _barrier(group)
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Dict, Sequence, Union
+from typing import Callable, Dict, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pymeta import ops
+from pymeta import _checks, ops
 
 __all__ = ["Conv4", "MLP"]
 
@@ -24,22 +24,61 @@ Activation = Union[str, Callable[[], nn.Module]]
 
 
 def _activation(act: Activation) -> Callable[[], nn.Module]:
+    """A factory of fresh activation modules; each module it makes is checked (see _make)."""
     if isinstance(act, str):
         try:
             return _ACTIVATIONS[act.lower()]
         except KeyError:
             raise ValueError(f"pymeta.models: unknown activation {act!r}; choose one of "
                              f"{sorted(_ACTIVATIONS)} or pass a module class") from None
+    if isinstance(act, nn.Module):  # callable, but calling it runs its forward
+        raise TypeError(f"pymeta.models: activation must be a name or a module class, not the "
+                        f"module instance {act!r}; pass its class (e.g. nn.ReLU, not nn.ReLU())")
     if not callable(act):
         raise TypeError(f"pymeta.models: activation must be a name or a module class, "
                         f"not {type(act).__name__}")
     return act
 
 
+def _make(factory: Callable[[], nn.Module], activation: Activation) -> nn.Module:
+    """factory(), which must be an nn.Module (not e.g. torch.relu, a function of a tensor)."""
+    try:
+        m = factory()
+    except TypeError as e:
+        raise TypeError(f"pymeta.models: activation {activation!r} cannot be called without "
+                        f"arguments to make a module ({e}); pass a name or a module class "
+                        f"such as nn.ReLU") from e
+    if not isinstance(m, nn.Module):
+        raise TypeError(f"pymeta.models: activation {activation!r} made a "
+                        f"{type(m).__name__}, not an nn.Module; pass a name or a module class "
+                        f"such as nn.ReLU")
+    return m
+
+
+def _check_input(where: str, x: Tensor, like: Tensor) -> None:
+    """x is a floating tensor of like's dtype (any floating dtype under autocast) and device.
+    Attribute reads only: forward_tasks runs at every inner step."""
+    if not x.is_floating_point() or (x.dtype != like.dtype
+                                     and not torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(f"{where}: x has dtype {x.dtype}, but the parameters are {like.dtype}; "
+                        f"convert one to the other")
+    if x.device != like.device:
+        raise ValueError(f"{where}: x is on {x.device}, but the parameters are on "
+                         f"{like.device}; move one to the other")
+
+
+def _param(params: Dict[str, Tensor], name: str) -> Tensor:
+    try:
+        return params[name]
+    except KeyError:
+        raise ValueError(f"pymeta.models: params has no entry {name!r}; it must map every "
+                         f"parameter name of the model to a tensor") from None
+
+
 def _per_task(params: Dict[str, Tensor], name: str, like: Tensor, T: int) -> Tensor:
     """params[name] as [T, *like.shape]: per-task tensors as they are, a shared one (shaped
     like the module's own parameter) broadcast over the tasks (a view)."""
-    p = params[name]
+    p = _param(params, name)
     if p.dim() == like.dim():
         return p.expand(T, *p.shape)
     if p.dim() != like.dim() + 1 or p.shape[0] != T or p.shape[1:] != like.shape:
@@ -245,16 +284,28 @@ class Conv4(nn.Module):
         hidden: channels of every conv block.
         n_way: number of classes (output features).
         image_size: H = W of the input; the head's input is ``hidden * (H // 16) ** 2``.
+        bn_momentum: the BatchNorm layers' running-statistics momentum, in [0, 1], or None
+            (a cumulative average).
+
+    All sizes are ints >= 1 (image_size >= 16).
 
     Shapes: input ``[B, C, H, W]`` -> logits ``[B, n_way]``.
     """
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, n_way: int = 5,
-                 image_size: int = 28, bn_momentum: float = 0.1):
+                 image_size: int = 28, bn_momentum: Optional[float] = 0.1):
         super().__init__()
-        side = image_size
-        for _ in range(4):
-            side //= 2
+        where = "pymeta.models.Conv4"
+        in_channels = _checks.integer(where, "in_channels", in_channels, min=1)
+        hidden = _checks.integer(where, "hidden", hidden, min=1)
+        n_way = _checks.integer(where, "n_way", n_way, min=1)
+        image_size = _checks.integer(where, "image_size", image_size)
+        if bn_momentum is not None:  # None: BatchNorm's cumulative average
+            bn_momentum = _checks.real(where, "bn_momentum", bn_momentum, min=0)
+            if bn_momentum > 1:
+                raise ValueError(f"{where}: bn_momentum must be in [0, 1] (or None), "
+                                 f"got {bn_momentum!r}")
+        side = image_size // 16  # after 4 max-pools
         if side < 1:
             raise ValueError(f"pymeta.models.Conv4: image_size {image_size} is too small for "
                              f"4 max-pools; it must be at least 16")
@@ -277,7 +328,10 @@ class Conv4(nn.Module):
 
         ``params`` maps every parameter name to ``[T, *shape]`` (per task) or ``[*shape]``
         (shared by all tasks). BatchNorm normalizes with each task's batch statistics and
-        never touches the running statistics (the MAML setting).
+        never touches the running statistics (the MAML setting). ``x`` must be 5-D with
+        ``C = in_channels``, ``H // 16 = W // 16 = image_size // 16``, ``T, B >= 1`` and the
+        parameters' dtype (any floating dtype under autocast) and device (ValueError /
+        TypeError naming x otherwise; attribute reads only).
 
         The activations stay in one contiguous ``[B, T * channels, H, W]`` layout: every conv
         is one grouped conv (groups = T), every BatchNorm one plain batch norm over T x
@@ -286,9 +340,15 @@ class Conv4(nn.Module):
         matmul; ``vmap`` instead moves the task dimension in and out around each op (permuted
         copies, strided elementwise kernels).
         """
+        side = self.image_size // 16
+        if (not isinstance(x, Tensor) or x.dim() != 5 or x.shape[2] != self.in_channels
+                or x.shape[0] < 1 or x.shape[1] < 1
+                or x.shape[3] // 16 != side or x.shape[4] // 16 != side):
+            self._bad_input(x)
         T, B = x.shape[:2]
-        h = x.transpose(0, 1).reshape(B, T * x.shape[2], *x.shape[3:])
         feats = self.features
+        _check_input("pymeta.models.Conv4.forward_tasks", x, _param(params, "features.0.weight"))
+        h = x.transpose(0, 1).reshape(B, T * x.shape[2], *x.shape[3:])
         for i in range(0, len(feats), 4):
             conv, bn = feats[i], feats[i + 1]
             w = _per_task(params, f"features.{i}.weight", conv.weight, T)
@@ -324,6 +384,20 @@ class Conv4(nn.Module):
         return _linear_tasks(h, _per_task(params, "head.weight", self.head.weight, T),
                              _per_task(params, "head.bias", self.head.bias, T))
 
+    def _bad_input(self, x) -> None:
+        """Raises the error for an x that forward_tasks does not take."""
+        where, C, S = "pymeta.models.Conv4.forward_tasks", self.in_channels, self.image_size
+        expected = f"[T, B, {C}, {S}, {S}] (tasks, examples per task, in_channels, image_size, image_size)"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{where}: x must be a Tensor {expected}, not {type(x).__name__}")
+        note = ""
+        if x.dim() == 5 and x.shape[2] == C and x.shape[0] >= 1 and x.shape[1] >= 1:
+            note = (f"; images of {x.shape[3]}x{x.shape[4]} do not fit the head (any H and W "
+                    f"with H // 16 = W // 16 = {S // 16} would)")
+        elif x.dim() == 5 and x.shape[2] == C:
+            note = "; it needs at least one task and one example per task"
+        raise ValueError(f"{where}: x has shape {list(x.shape)}; expected {expected}{note}")
+
 
 class MLP(nn.Module):
     """A fully connected net: ``Linear -> act`` per hidden layer, then a linear ``head``.
@@ -333,7 +407,10 @@ class MLP(nn.Module):
         in_features: input features.
         hidden: sizes of the hidden layers (may be empty: a linear model).
         out_features: output features.
-        activation: a name ("relu", "tanh", ...) or a module class / factory.
+        activation: a name ("relu", "tanh", ...) or a module class / factory (called without
+            arguments, it must return an ``nn.Module``).
+
+    in_features, out_features and every hidden size are ints >= 1.
 
     Shapes: ``[B, in_features]`` -> ``[B, out_features]``.
     """
@@ -341,14 +418,24 @@ class MLP(nn.Module):
     def __init__(self, in_features: int = 1, hidden: Sequence[int] = (40, 40),
                  out_features: int = 1, activation: Activation = "relu"):
         super().__init__()
+        where = "pymeta.models.MLP"
+        in_features = _checks.integer(where, "in_features", in_features, min=1)
+        out_features = _checks.integer(where, "out_features", out_features, min=1)
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Iterable):
+            raise TypeError(f"{where}: hidden must be a sequence of ints (the hidden layers' "
+                            f"sizes, may be empty), not {type(hidden).__name__} {hidden!r}")
+        hidden = [_checks.integer(where, f"hidden[{i}]", h, min=1) for i, h in enumerate(hidden)]
         act = _activation(activation)
         layers = []
         n = in_features
         for h in hidden:
-            layers += [nn.Linear(n, h), act()]
+            layers += [nn.Linear(n, h), _make(act, activation)]
             n = h
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(n, out_features)
+        if not hidden:  # unused, but checked all the same
+            _make(act, activation)
+        self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
@@ -356,7 +443,17 @@ class MLP(nn.Module):
     def forward_tasks(self, params: Dict[str, Tensor], x: Tensor) -> Tensor:
         """T tasks at once (see ``Conv4.forward_tasks``): ``x [T, B, in_features]`` ->
         ``[T, B, out_features]``; every layer is one batched matmul."""
+        if (not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != self.in_features
+                or x.shape[0] < 1 or x.shape[1] < 1):
+            where = "pymeta.models.MLP.forward_tasks"
+            expected = f"[T, B, {self.in_features}] (tasks, examples per task, in_features)"
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{where}: x must be a Tensor {expected}, not {type(x).__name__}")
+            raise ValueError(f"{where}: x has shape {list(x.shape)}; expected {expected}, "
+                             f"with T >= 1 and B >= 1")
         T = x.shape[0]
+        _check_input("pymeta.models.MLP.forward_tasks", x,
+                     _param(params, "body.0.weight" if len(self.body) else "head.weight"))
         h = x
         for name, m in self.body.named_children():
             if isinstance(m, nn.Linear):

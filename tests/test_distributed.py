@@ -243,3 +243,140 @@ def test_maml_meta_step_single_process_is_a_plain_step():
         states.append(maml.state_dict())
     assert_same(states[0], states[1], tol=0)
     assert_same(states[0], states[2], tol=0)
+
+
+# ---- bad inputs: a clear error naming the argument, nothing changed ---------------------------
+
+@pytest.mark.parametrize("args,exc,name", [
+    ((2.5, 0, 2), TypeError, "n"), ((10, 0.5, 2), TypeError, "rank"),
+    ((float("nan"), 0, 1), TypeError, "n"), ((10, True, 2), TypeError, "rank"),
+    ((10, 0, 2.0), TypeError, "world"), ((10, 0, 0), ValueError, "world"),
+    ((-1, 0, 1), ValueError, "n"), ((10, -1, 2), ValueError, "rank"),
+    ((10, 2, 2), ValueError, r"rank 2 is not in \[0, world\)"),
+])
+def test_shard_range_bad_arguments_are_named(args, exc, name):
+    with pytest.raises(exc, match=rf"shard_range: {name}"):
+        pdist.shard_range(*args)
+
+
+def test_shard_range_takes_numpy_ints():
+    import numpy as np
+    assert pdist.shard_range(np.int64(10), np.int32(1), np.int64(2)) == (5, 10)
+
+
+def test_shard_bad_arguments_are_named():
+    x = torch.arange(10)
+    with pytest.raises(ValueError, match="shard: tensors is empty"):
+        pdist.shard([], 0, 2)
+    with pytest.raises(ValueError, match=r"shard: tensors\[1\] is a 0-d tensor"):
+        pdist.shard([x, torch.tensor(3.0)], 0, 2)
+    with pytest.raises(TypeError, match=r"shard: tensors\[0\] must be a Tensor"):
+        pdist.shard([[1, 2]], 0, 2)
+    with pytest.raises(TypeError, match="shard: tensors must be a sequence"):
+        pdist.shard(x, 0, 2)
+    with pytest.raises(TypeError, match="shard: rank"):
+        pdist.shard([x], 0.5, 2)
+    with pytest.raises(ValueError, match="shard: world"):
+        pdist.shard([x], 0, 0)
+
+
+@pytest.mark.parametrize("args,exc,name", [
+    ((1.5, 0, 0), TypeError, "seed"), ((True, 0, 0), TypeError, "seed"),
+    (("3", 0, 0), TypeError, "seed"), ((-1, 0, 0), ValueError, "seed"),
+    ((0, 1.0, 0), TypeError, "rank"), ((0, -2, 0), ValueError, "rank"),
+    ((0, 0, False), TypeError, "step"), ((0, 0, -1), ValueError, "step"),
+])
+def test_rank_seed_bad_arguments_are_named(args, exc, name):
+    with pytest.raises(exc, match=f"rank_seed: {name}"):
+        pdist.rank_seed(*args)
+
+
+def test_rank_seed_takes_numpy_ints():
+    import numpy as np
+    assert pdist.rank_seed(np.int64(3), np.int32(1), 2) == pdist.rank_seed(3, 1, 2)
+
+
+@pytest.mark.parametrize("meta_batch,exc", [(2.5, TypeError), (True, TypeError), (-3, ValueError),
+                                            (0, ValueError), ("4", TypeError)])
+def test_maml_config_bad_meta_batch_is_named(meta_batch, exc):
+    maml = pymeta.MAML(pymeta.models.MLP(1, (4,), 1))
+    with pytest.raises(exc, match="maml_config: meta_batch"):
+        pdist.maml_config(maml, meta_batch)
+    assert pdist.maml_config(maml, 4)["meta_batch"] == 4
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(count=float("nan")), ValueError, "count"), (dict(count=-1), ValueError, "count"),
+    (dict(count=True), TypeError, "count"), (dict(count="5"), TypeError, "count"),
+    (dict(count=5, extras=["1.5"]), TypeError, r"extras\[0\]"),
+    (dict(count=5, bucket_bytes=0), ValueError, "bucket_bytes"),
+])
+def test_all_reduce_gradients_bad_arguments_are_named(kwargs, exc, name):
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    with pytest.raises(exc, match=f"all_reduce_gradients: {name}"):
+        pdist.all_reduce_gradients([p], **kwargs)
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+class _Thing:
+    pass
+
+
+@pytest.mark.parametrize("bad,exc,name", [
+    ({"lr": __import__("numpy").float64(0.5)}, TypeError, r"obj\['lr'\] is a numpy.float64"),
+    ({"w": __import__("numpy").ones(2)}, TypeError, r"obj\['w'\] is a numpy.ndarray"),
+    ({"a": [1, {"b": _Thing()}]}, TypeError, r"obj\['a'\]\[1\]\['b'\] is a .*_Thing"),
+    ({"s": {1, 2}}, TypeError, r"obj\['s'\] is a builtins.set"),
+    ({_Thing(): 1}, TypeError, r"a key of obj is a .*_Thing"),
+    ({"sha256": "x"}, ValueError, "'sha256'"),
+])
+def test_save_checkpoint_refuses_what_load_cannot_read(tmp_path, bad, exc, name):
+    """The good checkpoint stays byte-identical; no temporary file is left behind."""
+    path = tmp_path / "ckpt.pt"
+    pdist.save_checkpoint({"format": "t", "step": 1, "w": torch.ones(2)}, path)
+    before = path.read_bytes()
+    with pytest.raises(exc, match=name):
+        pdist.save_checkpoint({"format": "t", "step": 2, **bad}, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.pt"]
+    assert pdist.load_checkpoint(path, kind="t")["step"] == 1
+
+
+def test_save_checkpoint_refuses_a_non_dict_and_a_cycle(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(TypeError, match="obj must be a dict"):
+        pdist.save_checkpoint([1, 2], path)
+    loop = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match=r"obj\['l'\]\[0\] contains itself"):
+        pdist.save_checkpoint({"l": loop}, path)
+    assert not path.exists()
+
+
+def test_save_checkpoint_round_trips_what_it_takes(tmp_path):
+    """What the checks allow, load_checkpoint reads back: optimizer and module state,
+    nested containers, every plain scalar type, dtypes and devices."""
+    import collections
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    obj = {"format": "t", "net": net.state_dict(), "adam": opt.state_dict(),
+           "scalars": [None, True, 3, 2 ** 70, 0.5, float("nan"), 1 + 2j, "s", b"b"],
+           "nested": {"t": (1, [2.0]), 3: collections.OrderedDict(a=torch.zeros(1)),
+                      "size": torch.Size([2, 3])},
+           "dtype": torch.float64, "device": torch.device("cpu"),
+           "param": torch.nn.Parameter(torch.ones(2))}
+    path = tmp_path / "ckpt.pt"
+    pdist.save_checkpoint(obj, path)
+    back = pdist.load_checkpoint(path, kind="t")
+    assert back["dtype"] == torch.float64 and back["nested"]["size"] == torch.Size([2, 3])
+    assert back["scalars"][:5] == obj["scalars"][:5] and back["scalars"][6:] == obj["scalars"][6:]
+    assert torch.equal(back["net"]["weight"], net.weight.detach())
+
+
+@pytest.mark.parametrize("timeout_s,exc", [(0, ValueError), (float("nan"), ValueError),
+                                           ("60", TypeError)])
+def test_init_bad_timeout_is_named(timeout_s, exc):
+    with pytest.raises(exc, match="init: timeout_s"):
+        pdist.init(timeout_s=timeout_s)

@@ -254,3 +254,139 @@ def test_grouped_conv_under_torch_func():
     xs = torch.randn(3, *x.shape, dtype=torch.float64)
     torch.testing.assert_close(torch.vmap(lambda v: new(v, w, b))(xs),
                                ref(xs.flatten(0, 1), w, b).view(3, 2, -1, 4, 4))
+
+
+# ---- bad inputs: a clear error naming the argument -------------------------------------------
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(in_channels=0), ValueError, "in_channels"),
+    (dict(in_channels=True), TypeError, "in_channels"),
+    (dict(in_channels=1.0), TypeError, "in_channels"),
+    (dict(hidden=2.5), TypeError, "hidden"),
+    (dict(hidden=0), ValueError, "hidden"),
+    (dict(n_way=0), ValueError, "n_way"),
+    (dict(n_way="5"), TypeError, "n_way"),
+    (dict(image_size=16.0), TypeError, "image_size"),
+    (dict(image_size=-16), ValueError, "image_size"),
+    (dict(bn_momentum=float("nan")), ValueError, "bn_momentum"),
+    (dict(bn_momentum=-1), ValueError, "bn_momentum"),
+    (dict(bn_momentum=5), ValueError, "bn_momentum"),
+    (dict(bn_momentum=True), TypeError, "bn_momentum"),
+    (dict(bn_momentum="0.1"), TypeError, "bn_momentum"),
+])
+def test_conv4_bad_constructor_arguments_are_named(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        Conv4(**kwargs)
+
+
+def test_conv4_accepted_constructor_arguments():
+    import numpy as np
+    m = Conv4(np.int64(1), hidden=np.int32(4), n_way=3, image_size=np.int64(16), bn_momentum=None)
+    assert m.features[1].momentum is None and m.head.in_features == 4
+    for mom in (0, 1, 0.5, np.float32(0.25)):
+        assert Conv4(1, hidden=2, image_size=16, bn_momentum=mom).features[1].momentum == mom
+    m.train()(torch.randn(4, 1, 16, 16))  # cumulative average: no NaN
+    assert torch.isfinite(m.features[1].running_mean).all()
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(in_features=0), ValueError, "in_features"),
+    (dict(in_features=True), TypeError, "in_features"),
+    (dict(out_features=0), ValueError, "out_features"),
+    (dict(out_features=2.0), TypeError, "out_features"),
+    (dict(hidden=(0,)), ValueError, r"hidden\[0\]"),
+    (dict(hidden=(4, 2.5)), TypeError, r"hidden\[1\]"),
+    (dict(hidden=(4, False)), TypeError, r"hidden\[1\]"),
+    (dict(hidden=40), TypeError, "hidden"),
+    (dict(hidden="40"), TypeError, "hidden"),
+    (dict(activation=nn.ReLU()), TypeError, "activation"),
+    (dict(activation=torch.relu), TypeError, "activation"),
+    (dict(activation=lambda: 3), TypeError, "activation"),
+    (dict(activation=3), TypeError, "activation"),
+    (dict(hidden=(), activation=nn.ReLU()), TypeError, "activation"),
+])
+def test_mlp_bad_constructor_arguments_are_named(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        MLP(**kwargs)
+
+
+def test_mlp_accepted_constructor_arguments():
+    import numpy as np
+    m = MLP(np.int64(2), [np.int32(3)], 1, activation=lambda: nn.LeakyReLU(0.2))
+    assert isinstance(m.body[1], nn.LeakyReLU) and m(torch.randn(5, 2)).shape == (5, 1)
+    assert MLP(2, iter([3, 4]), 1)(torch.randn(5, 2)).shape == (5, 1)  # any iterable of ints
+
+
+def _shared_params(model):
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("shape", [
+    (2, 3, 16, 16),          # channel dim missing (was accepted for T = 1 as [1, B, H, W])
+    (1, 3, 16, 16),
+    (1, 2, 3, 1, 16, 16),    # 6-D (was accepted)
+    (2, 3, 3, 16, 16),       # channels
+    (2, 3, 1, 8, 8),         # image size
+    (2, 3, 1, 16, 32),
+    (0, 3, 1, 16, 16),       # T = 0
+    (2, 0, 1, 16, 16),       # B = 0
+])
+def test_conv4_forward_tasks_bad_x_shape_is_named(shape):
+    model = Conv4(1, hidden=4, n_way=2, image_size=16)
+    with pytest.raises(ValueError, match=r"x has shape .*expected \[T, B, 1, 16, 16\]"):
+        model.forward_tasks(_shared_params(model), torch.randn(shape))
+
+
+def test_conv4_forward_tasks_bad_x_dtype_type_device_are_named():
+    model = Conv4(1, hidden=4, n_way=2, image_size=16)
+    params = _shared_params(model)
+    with pytest.raises(TypeError, match="x has dtype torch.float64, but the parameters are torch.float32"):
+        model.forward_tasks(params, torch.randn(2, 3, 1, 16, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        model.forward_tasks(params, torch.ones(2, 3, 1, 16, 16, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a Tensor"):
+        model.forward_tasks(params, [[1.0]])
+    with pytest.raises(ValueError, match="x is on meta, but the parameters are on cpu"):
+        model.forward_tasks(params, torch.empty(2, 3, 1, 16, 16, device="meta"))
+    del params["features.4.weight"]
+    with pytest.raises(ValueError, match="params has no entry 'features.4.weight'"):
+        model.forward_tasks(params, torch.randn(2, 3, 1, 16, 16))
+
+
+def test_conv4_forward_tasks_other_image_sizes_that_fit_the_head():
+    """H, W with H // 16 = W // 16 = image_size // 16 fit, as in the module's own forward."""
+    torch.manual_seed(0)
+    model = Conv4(1, hidden=3, n_way=2, image_size=16).double()
+    params = _shared_params(model)
+    x = torch.randn(2, 3, 1, 17, 19, dtype=torch.float64)
+    torch.testing.assert_close(model.forward_tasks(params, x), _per_task_loop(model, params, x),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_forward_tasks_under_autocast_takes_another_float_dtype():
+    model = Conv4(1, hidden=4, n_way=2, image_size=16)
+    x = torch.randn(2, 3, 1, 16, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.forward_tasks(_shared_params(model), x).shape == (2, 3, 2)
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (2, 3, 4, 3), (2, 3, 4), (0, 3, 3), (2, 0, 3)])
+def test_mlp_forward_tasks_bad_x_is_named(shape):
+    model = MLP(3, (5,), 2)
+    with pytest.raises(ValueError, match=r"x has shape .*expected \[T, B, 3\]"):
+        model.forward_tasks(_shared_params(model), torch.randn(shape))
+
+
+def test_mlp_forward_tasks_bad_x_dtype_is_named():
+    model = MLP(3, (5,), 2)
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        model.forward_tasks(_shared_params(model), torch.randn(2, 4, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):  # a linear model (no body)
+        MLP(3, (), 2).forward_tasks(_shared_params(MLP(3, (), 2)), torch.randn(2, 4, 3).double())
+
+
+def test_maml_names_a_bad_x_before_any_conv():
+    maml = pymeta.MAML(Conv4(1, hidden=4, n_way=3, image_size=28), inner_steps=1)
+    xs = torch.randn(2, 3, 84, 28)  # [T, B, H, W]: the channel dim missing
+    with pytest.raises(ValueError, match=r"x has shape \[2, 3, 84, 28\]; expected \[T, B, 1, 28, 28\]"):
+        maml.adapt(xs, torch.zeros(2, 3, dtype=torch.long), F.cross_entropy)
