@@ -2,7 +2,12 @@
 
 Backends: ``"auto"`` (native where a kernel for the tensor's device is compiled in, else the
 reference), ``"native"`` (native or a clear error), ``"reference"`` (pure PyTorch). The
-initial value comes from the environment variable ``PYMETA_BACKEND`` (default ``"auto"``).
+initial value comes from the environment variable ``PYMETA_BACKEND`` (unset or empty:
+``"auto"``); a value that names no backend fails ``import pymeta`` with an error naming the
+variable (a misconfigured environment must not silently run another backend). Names are
+read the same way everywhere (the variable, ``set_backend``, ``use_backend``): case and
+surrounding spaces don't matter ("Native" is "native"), and ``get_backend`` returns the
+lowercase name.
 """
 from __future__ import annotations
 
@@ -28,16 +33,32 @@ except ImportError as e:  # pure-Python install, or a build that failed to load
 
 
 def _check_name(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"pymeta: unknown backend {name!r}; choose one of {BACKENDS}")
-    return name
+    """The backend's lowercase name, or a TypeError / ValueError that lists the backends."""
+    if not isinstance(name, str):
+        raise TypeError(f"pymeta: the backend must be a str, one of {BACKENDS}, "
+                        f"not {type(name).__name__} {name!r}")
+    key = name.strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(f"pymeta: unknown backend {name!r}; choose one of {BACKENDS} (any case)")
+    return key
 
 
-_backend = _check_name(os.environ.get("PYMETA_BACKEND", "auto").strip().lower() or "auto")
+def _from_environment() -> str:
+    value = os.environ.get("PYMETA_BACKEND", "")
+    if not value.strip():
+        return "auto"
+    try:
+        return _check_name(value)
+    except ValueError:
+        raise ValueError(f"pymeta: unknown backend {value!r} in the environment variable PYMETA_BACKEND; "
+                         f"set it to one of {', '.join(BACKENDS)} (any case), or unset it for auto") from None
+
+
+_backend = _from_environment()
 
 
 def set_backend(name: str) -> None:
-    """Sets the backend for every pymeta op: "auto", "native" or "reference"."""
+    """Sets the backend for every pymeta op: "auto", "native" or "reference" (any case)."""
     global _backend
     _backend = _check_name(name)
 

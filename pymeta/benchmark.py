@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from pymeta import _checks
 from pymeta.workloads import Workload
 
 
@@ -73,7 +74,14 @@ def keep_freed_cpu_memory() -> bool:
 
 def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.2, warmup: int = 3,
             max_reps: int = 200) -> float:
-    """Median seconds per call of fn()."""
+    """Median seconds per call of fn(): after ``warmup`` untimed calls, timed calls until they
+    add up to ``min_time`` seconds (on a CPU at least 5), at most ``max_reps`` (at least one)."""
+    # Checked once, before anything is timed.
+    if not callable(fn):
+        raise TypeError(f"pymeta.benchmark.time_fn: fn must be callable, not {type(fn).__name__}")
+    _checks.real("pymeta.benchmark.time_fn", "min_time", min_time, finite=False, min=0)
+    warmup = _checks.integer("pymeta.benchmark.time_fn", "warmup", warmup, min=0)
+    max_reps = _checks.integer("pymeta.benchmark.time_fn", "max_reps", max_reps, min=1)
     for _ in range(warmup):
         fn()
     times = []
@@ -81,7 +89,7 @@ def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.2, warmup
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         total = 0.0
-        while total < min_time and len(times) < max_reps:
+        while (total < min_time or not times) and len(times) < max_reps:
             start.record()
             fn()
             end.record()
@@ -102,6 +110,7 @@ def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.2, warmup
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 28) -> float:
     """Measured device-to-device copy rate in bytes/s (bytes read + bytes written)."""
+    nbytes = _checks.integer("pymeta.benchmark.copy_bandwidth", "nbytes", nbytes, min=4)
     a = torch.empty(nbytes // 4, device=device)
     b = torch.empty_like(a)
     t = time_fn(lambda: b.copy_(a), device, min_time=0.3)
@@ -132,6 +141,11 @@ def cuda_graph(fn: Callable[[], object]) -> Callable[[], object] | None:
 def run_workload(w: Workload, device: str, min_time: float = 0.2, bandwidth: float | None = None) -> list[dict]:
     """Times every variant of w: eagerly and, on a GPU, also as a CUDA graph replay (which
     shows device time without the host's launch overhead). Returns one row per variant."""
+    if not w.variants:
+        raise ValueError(f"pymeta.benchmark.run_workload: workload {w.name!r} has no variants")
+    _checks.real("pymeta.benchmark.run_workload", "min_time", min_time, finite=False, min=0)
+    if bandwidth is not None:
+        _checks.real("pymeta.benchmark.run_workload", "bandwidth", bandwidth, gt=0)
     rows = []
     for name, fn in w.variants.items():
         row = {"workload": w.name, "variant": name, "ms": time_fn(fn, device, min_time=min_time) * 1e3}

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import pymeta
+from pymeta import _checks
 from pymeta.models import MLP
 from pymeta.tasks import FewShotSampler, Sinusoid, digits_dataset
 
@@ -31,6 +32,12 @@ __all__ = ["run_demo", "demo_sinusoid", "demo_learned_optimizer", "demo_digits",
 # Meta-SGD (Li et al. 2017), Table 1, sinusoid regression, 5-shot: MSE with 95% interval.
 PUBLISHED_5SHOT = {"MAML": (1.13, 0.18), "Meta-SGD": (0.90, 0.16)}
 FULL_PROTOCOL_ITERATIONS = 60_000
+
+# The parts seed their generators with `seed` and with seed + each of these, so that the
+# held-out tasks never overlap the training ones.
+SEED_OFFSETS = {"sinusoid_test": 1_000_003, "quadratics_val": 2_000_003, "quadratics_test": 3_000_017,
+                "digits_test": 7_000_001}
+MAX_SEED = 2**64 - 1 - max(SEED_OFFSETS.values())  # torch's generators take seeds below 2**64
 
 SINUSOID_METHODS = {  # name -> pymeta.MAML options
     "MAML": dict(lr_mode="scalar", first_order=False),
@@ -93,6 +100,44 @@ def _save_figure(plt, fig, path: str) -> str:
     return path
 
 
+def seed_problem(seed: int) -> Optional[str]:
+    """Why the int `seed` can't seed the demo (every part must be able to add its offset), or None."""
+    if not 0 <= seed <= MAX_SEED:
+        return (f"must be an int in [0, {MAX_SEED}] (the demo also seeds with seed + up to "
+                f"{max(SEED_OFFSETS.values()):_}), got {seed}")
+    return None
+
+
+def out_dir_problem(out: str) -> Optional[str]:
+    """Why `out` can't be the demo's output folder (an existing folder, or one that can be made
+    with its missing parents), or None. Touches nothing."""
+    if not out or "\0" in out:
+        return f"{out!r} is not a folder name"
+    path = os.path.abspath(out)
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            return f"{out!r} exists and is not a folder"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"folder {out!r} is not writable"
+        return None
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):  # the nearest existing ancestor
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{out!r} can't be created: {parent!r} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{out!r} can't be created: folder {parent!r} is not writable"
+    return None
+
+
+def _check_seed(where: str, seed) -> int:
+    seed = _checks.integer(where, "seed", seed)
+    problem = seed_problem(seed)
+    if problem:
+        raise ValueError(f"{where}: seed {problem}")
+    return seed
+
+
 # ---- part 1: sinusoid regression -------------------------------------------------------------
 
 def demo_sinusoid(device: str = "cpu", quick: bool = False, seed: int = 0, out_dir: Optional[str] = None,
@@ -100,6 +145,7 @@ def demo_sinusoid(device: str = "cpu", quick: bool = False, seed: int = 0, out_d
                   shots: Sequence[int] = (5, 10), eval_tasks: int = 600) -> dict:
     """MAML, FOMAML and Meta-SGD on sinusoids: meta-train each, then adapt to ``eval_tasks``
     held-out tasks (one inner step on K points) and measure the MSE on 100 query points."""
+    seed = _check_seed("pymeta.demo.demo_sinusoid", seed)
     iterations = iterations or (300 if quick else 2500)
     meta_batch, inner_lr, meta_lr, queries_eval = 25, 0.01, 1e-3, 100
     config = dict(iterations=iterations, meta_batch=meta_batch, inner_lr=inner_lr, inner_steps=1,
@@ -111,7 +157,8 @@ def demo_sinusoid(device: str = "cpu", quick: bool = False, seed: int = 0, out_d
     examples: dict = {}
     for K in shots:
         # One set of held-out tasks per K, the same for every method.
-        test = Sinusoid(seed=seed + 1_000_003).sample(eval_tasks, K, queries_eval, device=device)
+        test = Sinusoid(seed=seed + SEED_OFFSETS["sinusoid_test"]).sample(eval_tasks, K, queries_eval,
+                                                                          device=device)
         rows, res_k = [], {}
         for name, opts in SINUSOID_METHODS.items():
             torch.manual_seed(seed)
@@ -240,6 +287,7 @@ def demo_learned_optimizer(device: str = "cpu", quick: bool = False, seed: int =
     The net is the shipped pretrained one, or, with ``iterations``, one meta-trained here on
     ``pymeta.tasks.QuadraticFamily`` with ``pymeta.meta_train``. Returns the results, or
     ``"skipped"`` where the learned optimizer is not in this build."""
+    seed = _check_seed("pymeta.demo.demo_learned_optimizer", seed)
     try:
         from pymeta import LSTMOptimizer, LSTMOptimizerNet, meta_train
         from pymeta.tasks import QuadraticFamily
@@ -261,8 +309,8 @@ def demo_learned_optimizer(device: str = "cpu", quick: bool = False, seed: int =
         source = ("the shipped pretrained net (meta-trained on 10-d quadratics by "
                   "`python scripts/reproduce_l2l.py pretrain`)")
     train_s = time.perf_counter() - t0
-    val = _quadratic_problems(problems, dim, seed + 2_000_003, device)
-    test = _quadratic_problems(problems, dim, seed + 3_000_017, device)
+    val = _quadratic_problems(problems, dim, seed + SEED_OFFSETS["quadratics_val"], device)
+    test = _quadratic_problems(problems, dim, seed + SEED_OFFSETS["quadratics_test"], device)
     curves = {"LSTM (learned)": _optimize(lambda ps: LSTMOptimizer(ps, net=net), *test, horizon)}
     best_lr = {}
     for name, make in _progress(BASELINE_OPTIMIZERS.items(), progress, desc="learning-rate search"):
@@ -337,6 +385,7 @@ def demo_digits(device: str = "cpu", quick: bool = False, seed: int = 0, out_dir
     on 5-way tasks of the held-out digits 5-9. With 5 held-out digits every test task has the
     same five classes, with a random assignment of labels and random support and query
     examples, so the learner must adapt from the K shots to tell which label is which digit."""
+    seed = _check_seed("pymeta.demo.demo_digits", seed)
     x, y = digits_dataset()
     iterations = iterations or (50 if quick else 400)
     eval_tasks = eval_tasks or (100 if quick else 600)
@@ -352,8 +401,8 @@ def demo_digits(device: str = "cpu", quick: bool = False, seed: int = 0, out_dir
     for K in shots:
         train = FewShotSampler(x, y, n_way, K, queries_train, classes=DIGITS_TRAIN_CLASSES, rotations=True,
                                seed=seed, device=device)
-        test = FewShotSampler(x, y, n_way, K, queries_eval, classes=DIGITS_TEST_CLASSES, seed=seed + 7_000_001,
-                              device=device)
+        test = FewShotSampler(x, y, n_way, K, queries_eval, classes=DIGITS_TEST_CLASSES,
+                              seed=seed + SEED_OFFSETS["digits_test"], device=device)
         torch.manual_seed(seed)
         maml = pymeta.MAML(DigitsConvNet(n_way), inner_lr=inner_lr, inner_steps=inner_steps).to(device)
         torch.manual_seed(seed)
@@ -411,10 +460,15 @@ def demo_digits(device: str = "cpu", quick: bool = False, seed: int = 0, out_dir
 
 def run_demo(device: str = "cpu", out: str = "pymeta-demo", quick: bool = False, seed: int = 0,
              iterations: Optional[int] = None, progress: bool = True, threads_cpu: Optional[int] = 1) -> dict:
-    """Runs the three parts; writes the plots and results.json under ``out``; returns the
-    results. ``iterations`` sets the sinusoid meta-iterations (default 2500; 300 with quick).
-    On the CPU the demo runs with ``threads_cpu`` threads (None: torch's setting)."""
+    """Runs the three parts; writes the plots and results.json under ``out`` (created with its
+    parents; results.json is rewritten after each part); returns the results. ``seed``: an
+    int in [0, MAX_SEED]. ``iterations`` sets the sinusoid meta-iterations (default 2500; 300
+    with quick). On the CPU the demo runs with ``threads_cpu`` threads (None: torch's setting).
+    Every argument is checked before anything runs or is created."""
+    device, out, seed, iterations, threads_cpu = _check_run_demo_args(device, out, quick, seed, iterations,
+                                                                      progress, threads_cpu)
     os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.json")
     torch.manual_seed(seed)
     threads = torch.get_num_threads()
     if device == "cpu" and threads_cpu:
@@ -429,22 +483,63 @@ def run_demo(device: str = "cpu", out: str = "pymeta-demo", quick: bool = False,
     results: dict = {"pymeta": info["pymeta"], "torch": info["torch"], "device": device, "quick": quick,
                      "seed": seed, "native": info["native"]}
     timings = {}
-    for key, title, fn, kw in (
-            ("sinusoid", "Part 1/3: sinusoid regression (MAML, FOMAML, Meta-SGD)", demo_sinusoid,
-             dict(iterations=iterations)),
-            ("learned_optimizer", "Part 2/3: the learned LSTM optimizer on quadratics", demo_learned_optimizer, {}),
-            ("digits", "Part 3/3: 5-way few-shot classification of digits (MAML)", demo_digits, {})):
-        print(f"\n=== {title} ===", flush=True)
-        t0 = time.perf_counter()
-        results[key] = fn(device=device, quick=quick, seed=seed, out_dir=out, progress=progress, **kw)
-        timings[key] = time.perf_counter() - t0
-    torch.set_num_threads(threads)
+    try:
+        for key, title, fn, kw in (
+                ("sinusoid", "Part 1/3: sinusoid regression (MAML, FOMAML, Meta-SGD)", demo_sinusoid,
+                 dict(iterations=iterations)),
+                ("learned_optimizer", "Part 2/3: the learned LSTM optimizer on quadratics",
+                 demo_learned_optimizer, {}),
+                ("digits", "Part 3/3: 5-way few-shot classification of digits (MAML)", demo_digits, {})):
+            print(f"\n=== {title} ===", flush=True)
+            t0 = time.perf_counter()
+            results[key] = fn(device=device, quick=quick, seed=seed, out_dir=out, progress=progress, **kw)
+            timings[key] = time.perf_counter() - t0
+            results["seconds"] = dict(timings)
+            _write_json(path, results)  # a failure in a later part keeps this one's results
+    finally:
+        torch.set_num_threads(threads)
     results["seconds"] = {**timings, "total": time.perf_counter() - t_start}
-    path = os.path.join(out, "results.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+    _write_json(path, results)
     files = [r["plot"] for r in results.values() if isinstance(r, dict) and "plot" in r] + [path]
     print(f"\nDone in {results['seconds']['total']:.0f} s. Wrote:")
     for p in files:
         print(f"  {p}")
     return results
+
+
+def _write_json(path: str, results: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def _check_run_demo_args(device, out, quick, seed, iterations, progress, threads_cpu) -> tuple:
+    """run_demo's arguments checked (TypeError / ValueError naming the bad one); returns
+    device, out, seed, iterations and threads_cpu as Python's str and int (results.json
+    records them)."""
+    where = "pymeta.demo.run_demo"
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{where}: device must be a str or torch.device, not {type(device).__name__} {device!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{where}: device must be 'cpu' or 'cuda', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{where}: device must be 'cpu' or 'cuda', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{where}: device {device!r} but no GPU is available")
+    out = os.fspath(out) if isinstance(out, os.PathLike) else out
+    if not isinstance(out, str):
+        raise TypeError(f"{where}: out must be a folder path (a str or os.PathLike), not {type(out).__name__} "
+                        f"{out!r}")
+    problem = out_dir_problem(out)
+    if problem:
+        raise ValueError(f"{where}: out {problem}")
+    for name, flag in (("quick", quick), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{where}: {name} must be a bool, not {type(flag).__name__} {flag!r}")
+    seed = _check_seed(where, seed)
+    if iterations is not None:
+        iterations = _checks.integer(where, "iterations", iterations, min=1)
+    if threads_cpu is not None:
+        threads_cpu = _checks.integer(where, "threads_cpu", threads_cpu, min=1)
+    return str(dev), out, seed, iterations, threads_cpu

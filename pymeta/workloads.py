@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import pymeta
-from pymeta import ops, reference
+from pymeta import _checks, ops, reference
 from pymeta.models import MLP, Conv4
 
 
@@ -34,6 +34,7 @@ class Workload:
 def conv4_shapes(channels: int = 64, in_channels: int = 1, n_way: int = 5, feat: int = 1) -> list[tuple]:
     """Parameter shapes of the few-shot Conv-4: 4 x (3x3 conv + bias, BN scale and shift),
     then a linear head from channels * feat to n_way. 18 tensors."""
+    _counts("pymeta.workloads.conv4_shapes", channels=channels, in_channels=in_channels, n_way=n_way, feat=feat)
     shapes = []
     c_in = in_channels
     for _ in range(4):
@@ -41,6 +42,12 @@ def conv4_shapes(channels: int = 64, in_channels: int = 1, n_way: int = 5, feat:
         c_in = channels
     shapes += [(n_way, channels * feat), (n_way,)]
     return shapes
+
+
+def _counts(where: str, **counts) -> None:
+    """Each count an int >= 1, or an error naming it."""
+    for name, v in counts.items():
+        _checks.integer(where, name, v, min=1)
 
 
 def _native(fn):
@@ -60,6 +67,10 @@ def inner_update_workload(device: str = "cpu", tasks: int = 32, channels: int = 
     "per_param" (a tensor shaped like each param, Meta-SGD). With backward=True the variants
     also run the backward of a sum over the outputs (grads to params and rates).
     """
+    _counts("pymeta.workloads.inner_update_workload", tasks=tasks, channels=channels)
+    if lr_mode not in ("scalar", "per_tensor", "per_param"):
+        raise ValueError(f"inner_update_workload: lr_mode must be scalar, per_tensor or per_param, "
+                         f"not {lr_mode!r}")
     dev = torch.device(device)
     shapes = conv4_shapes(channels)
     gen = torch.Generator().manual_seed(0)
@@ -75,11 +86,9 @@ def inner_update_workload(device: str = "cpu", tasks: int = 32, channels: int = 
     elif lr_mode == "per_tensor":
         lr = [torch.tensor(0.4, device=dev, dtype=dtype) for _ in shapes]
         lr_list = lr
-    elif lr_mode == "per_param":
+    else:  # "per_param"
         lr = [torch.full(s, 0.4, device=dev, dtype=dtype) for s in shapes]
         lr_list = lr
-    else:
-        raise ValueError(f"lr_mode must be scalar, per_tensor or per_param, not {lr_mode!r}")
     numel = sum(g.numel() for g in grads)
     esize = grads[0].element_size()
     n_task = numel // tasks
@@ -135,6 +144,7 @@ def lstm_optimizer_inputs(n: int, hidden: int = 20, device: str = "cpu", seed: i
                           dtype: torch.dtype = torch.float32):
     """(grad [n], state [4, H, n], the net's 10 weights requiring grad): gradients spread over
     nine decades as an optimizee's are, a small random state."""
+    _counts("pymeta.workloads.lstm_optimizer_inputs", n=n, hidden=hidden)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = pymeta.LSTMOptimizerNet(hidden)
@@ -160,6 +170,7 @@ def lstm_optimizer_workload(device: str = "cpu", n: int = 100_000, hidden: int =
     (fullgraph). backward=True adds the backward to the state and the 10 weights (the
     meta-training step). state_dtype=torch.bfloat16 stores the state in bfloat16 (float32
     math). Variants return the op's outputs (forward) or the gradients."""
+    _counts("pymeta.workloads.lstm_optimizer_workload", n=n, hidden=hidden)
     grad_, state, weights = lstm_optimizer_inputs(n, hidden, device)
     if state_dtype is not None:
         state = state.to(state_dtype)
@@ -209,6 +220,10 @@ SINUSOID_MLP = dict(model="mlp", tasks=25, shots=10, queries=10, inner_steps=1, 
 def make_maml_inputs(cfg: dict, device: str = "cpu", seed: int = 0):
     """(model, (x_support, y_support, x_query, y_query)) for a MAML config; random data of
     the config's shapes (classification: labels 0..n_way-1)."""
+    keys = ["tasks", "shots", "queries"]
+    if cfg.get("model", "conv4") != "mlp":
+        keys += ["in_channels", "hidden", "n_way", "image_size"]
+    _counts("pymeta.workloads.make_maml_inputs", **{f"cfg[{k!r}]": cfg.get(k) for k in keys})
     torch.manual_seed(seed)
     T, k, q = cfg["tasks"], cfg["shots"], cfg["queries"]
     if cfg.get("model", "conv4") == "mlp":
@@ -285,13 +300,14 @@ MAML_IMPLS = {"pymeta": "pymeta", "torch_func": "torch.func vmap(grad)", "loop":
 def build_maml(impl: str, cfg: dict, first_order: bool, device: str = "cpu"):
     """(module, run, data) for one implementation ("pymeta", "torch_func", "loop"):
     ``run(*data)`` is the meta-loss; module's parameters get the meta-gradients."""
+    if impl not in MAML_IMPLS:
+        raise ValueError(f"build_maml: impl must be one of {list(MAML_IMPLS)}, not {impl!r}")
+    _counts("pymeta.workloads.build_maml", **{"cfg['inner_steps']": cfg.get("inner_steps")})
     model, data = make_maml_inputs(cfg, device)
     steps, lr, loss_fn = cfg["inner_steps"], cfg["inner_lr"], _maml_loss_fn(cfg)
     if impl == "pymeta":
         maml = pymeta.MAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order)
         return maml, pymeta_meta_loss(maml, loss_fn), data
-    if impl not in MAML_IMPLS:
-        raise ValueError(f"build_maml: impl must be one of {list(MAML_IMPLS)}, not {impl!r}")
     fn = loop_meta_loss if impl == "loop" else torchfunc_meta_loss
     return model, fn(model, steps, lr, first_order, loss_fn), data
 
@@ -309,6 +325,9 @@ def maml_workload(device: str = "cpu", cfg: dict = CPU_CONV4, first_order: bool 
                   impls=tuple(MAML_IMPLS)) -> Workload:
     """One MAML meta-iteration (adapt, query loss, backward to the meta-parameters):
     pymeta.MAML vs a hand-written torch.func vmap(grad) vs a per-task Python loop."""
+    impls = tuple(impls)
+    if not impls or any(i not in MAML_IMPLS for i in impls):
+        raise ValueError(f"maml_workload: impls must be one or more of {list(MAML_IMPLS)}, not {impls!r}")
     variants: dict[str, Callable[[], object]] = {}
     for impl in impls:
         module, run, data = build_maml(impl, cfg, first_order, device)

@@ -38,6 +38,20 @@ def test_set_get_use_backend():
         pymeta.set_backend("cuda")
 
 
+def test_backend_names_ignore_case_and_spaces():
+    # One rule for set_backend, use_backend and PYMETA_BACKEND; get_backend gives the lowercase name.
+    pymeta.set_backend("Reference")
+    assert pymeta.get_backend() == "reference"
+    with pymeta.use_backend(" NATIVE "):
+        assert pymeta.get_backend() == "native"
+    assert pymeta.get_backend() == "reference"
+    with pytest.raises(ValueError, match="unknown backend ''"):
+        pymeta.set_backend("")
+    with pytest.raises(TypeError, match="the backend must be a str"):
+        pymeta.set_backend(None)
+    assert pymeta.get_backend() == "reference"
+
+
 def test_native_without_kernel_is_a_clear_error():
     p, g = [torch.randn(3, device="meta")], [torch.randn(2, 3, device="meta")]
     with pymeta.use_backend("native"), pytest.raises(RuntimeError, match="no native kernel for device type 'meta'"):
@@ -74,8 +88,24 @@ def test_env_var_sets_initial_backend():
     r = _run_python("import pymeta; print(pymeta.get_backend())", PYMETA_BACKEND="reference")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "reference"
+    # A bad value fails the import (rather than run another backend), naming the variable.
     r = _run_python("import pymeta", PYMETA_BACKEND="bogus")
-    assert r.returncode != 0 and "unknown backend 'bogus'" in r.stderr
+    assert r.returncode != 0
+    assert "unknown backend 'bogus' in the environment variable PYMETA_BACKEND" in r.stderr, r.stderr
+    assert "auto, native, reference" in r.stderr
+
+
+def test_env_var_values(monkeypatch):
+    # What import reads from PYMETA_BACKEND (in this process: the function import calls).
+    for value, name in ((" Native", "native"), ("REFERENCE", "reference"), ("", "auto"), (" ", "auto")):
+        monkeypatch.setenv("PYMETA_BACKEND", value)
+        assert _backend._from_environment() == name
+    monkeypatch.delenv("PYMETA_BACKEND")
+    assert _backend._from_environment() == "auto"
+    monkeypatch.setenv("PYMETA_BACKEND", "fast")
+    with pytest.raises(ValueError, match="'fast' in the environment variable PYMETA_BACKEND; set it to one of "
+                                         "auto, native, reference"):
+        _backend._from_environment()
 
 
 def test_pure_python_fallback_without_extension():
