@@ -16,6 +16,17 @@ def is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _scalar(v: Any, integral: bool) -> Any:
+    """A one-element real tensor as its Python number (float() / int() took them, and so did
+    the APIs before these checks; on a GPU that reads the value back, as float() did), else
+    v unchanged. A bool tensor stays a tensor (refused), as does a floating one where an int
+    is wanted."""
+    if (isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool
+            and not v.is_complex() and not (integral and v.is_floating_point())):
+        return v.item()
+    return v
+
+
 def is_int(v: Any) -> bool:
     """An integer (Python's or NumPy's), not a bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -32,7 +43,7 @@ def real(where: str, name: str, v: Any, *, finite: bool = True, min: Optional[fl
         return v
     if type(v) is float:  # the usual case, without the ABC check's cost (the op fronts are hot)
         f = v
-    elif not is_real(v):
+    elif not is_real(v := _scalar(v, False)):
         raise TypeError(f"{where}: {name} must be a real number, not {type(v).__name__} {v!r}")
     else:
         try:
@@ -51,6 +62,7 @@ def real(where: str, name: str, v: Any, *, finite: bool = True, min: Optional[fl
 def integer(where: str, name: str, v: Any, *, min: Optional[int] = None) -> int:
     """``int(v)`` for an integer v (Python's or NumPy's, not a bool), or an error naming it."""
     rule = "an int" if min is None else f"an int >= {min}"
+    v = _scalar(v, True)
     if not is_int(v):
         raise TypeError(f"{where}: {name} must be {rule}, not {type(v).__name__} {v!r}")
     if min is not None and v < min:

@@ -18,6 +18,7 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -463,10 +464,11 @@ def run_demo(device: str = "cpu", out: str = "pymeta-demo", quick: bool = False,
     """Runs the three parts; writes the plots and results.json under ``out`` (created with its
     parents; results.json is rewritten after each part); returns the results. ``seed``: an
     int in [0, MAX_SEED]. ``iterations`` sets the sinusoid meta-iterations (default 2500; 300
-    with quick). On the CPU the demo runs with ``threads_cpu`` threads (None: torch's setting).
+    with quick). On the CPU the demo runs with ``threads_cpu`` threads (None or 0: torch's setting).
     Every argument is checked before anything runs or is created."""
     device, out, seed, iterations, threads_cpu = _check_run_demo_args(device, out, quick, seed, iterations,
                                                                       progress, threads_cpu)
+    quick, progress = bool(quick), bool(progress)  # (NumPy bools: results.json takes bool)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "results.json")
     torch.manual_seed(seed)
@@ -535,11 +537,11 @@ def _check_run_demo_args(device, out, quick, seed, iterations, progress, threads
     if problem:
         raise ValueError(f"{where}: out {problem}")
     for name, flag in (("quick", quick), ("progress", progress)):
-        if not isinstance(flag, bool):
+        if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{where}: {name} must be a bool, not {type(flag).__name__} {flag!r}")
     seed = _check_seed(where, seed)
     if iterations is not None:
         iterations = _checks.integer(where, "iterations", iterations, min=1)
-    if threads_cpu is not None:
-        threads_cpu = _checks.integer(where, "threads_cpu", threads_cpu, min=1)
+    if threads_cpu is not None:  # (0, like None, keeps torch's setting, as it always did)
+        threads_cpu = _checks.integer(where, "threads_cpu", threads_cpu, min=0) or None
     return str(dev), out, seed, iterations, threads_cpu

@@ -320,17 +320,23 @@ def _barrier(group=None) -> None:
 
 # What ``torch.load(weights_only=True)`` (hence ``load_checkpoint``) reads back, as exact
 # types: a subclass (numpy's float64 is a float, an IntEnum an int) is pickled as its own
-# class, which the loader refuses.
+# class, which the loader refuses. (Sets load too, but the file's checksum hashes their
+# printed form, whose order can differ between processes: refused.) Types registered with
+# torch.serialization.add_safe_globals count as leaves too.
 _CONTAINERS = (dict, collections.OrderedDict, list, tuple, torch.Size)
-_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.nn.Parameter,
-           torch.dtype, torch.device)
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.Tensor,
+           torch.nn.Parameter, torch.dtype, torch.device, torch.layout)
+
+
+def _user_safe_types() -> tuple:
+    return tuple(g for g in torch.serialization.get_safe_globals() if isinstance(g, type))
 
 
 def _check_loadable(v: Any, name: str, path_ids: set) -> None:
     """Raises TypeError naming the first entry of v (named ``name``) that load_checkpoint
     would refuse: anything but tensors, plain containers, numbers, strings and None."""
     t = type(v)
-    if t in _LEAVES:
+    if t in _LEAVES or t in _user_safe_types():
         return
     if t not in _CONTAINERS:
         raise TypeError(
@@ -360,15 +366,17 @@ def save_checkpoint(obj: dict, path, group=None) -> None:
     None, which ``load_checkpoint`` reads back; anything else (a NumPy number or array, an
     object) is refused with a TypeError naming the entry before any file is touched, as is
     the key ``"sha256"`` (the checksum's)."""
+    # (checked on every rank, so that a bad obj raises on all of them, not on rank 0 alone
+    # while the others wait at the barrier)
+    if not isinstance(obj, dict):
+        raise TypeError(f"pymeta.distributed.save_checkpoint: obj must be a dict, not "
+                        f"{type(obj).__name__}")
+    if CHECKSUM_KEY in obj:
+        raise ValueError(f"pymeta.distributed.save_checkpoint: obj has the key "
+                         f"{CHECKSUM_KEY!r}, which the file's checksum takes; rename it")
+    _check_loadable(obj, "obj", set())
     rank, _ = rank_world(group)
     if rank == 0:
-        if not isinstance(obj, dict):
-            raise TypeError(f"pymeta.distributed.save_checkpoint: obj must be a dict, not "
-                            f"{type(obj).__name__}")
-        if CHECKSUM_KEY in obj:
-            raise ValueError(f"pymeta.distributed.save_checkpoint: obj has the key "
-                             f"{CHECKSUM_KEY!r}, which the file's checksum takes; rename it")
-        _check_loadable(obj, "obj", set())
         atomic_save(obj, path)
     _barrier(group)
 

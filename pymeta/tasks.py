@@ -68,9 +68,10 @@ def _not_str_seq(where: str, name: str, v: Any, what: str) -> list:
 
 
 def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from a tuple of ints in [0, 2**64) (well mixed: seeds (0, 1) and (1, 0)
-    give unrelated streams)."""
-    keys = [_seed("pymeta.tasks.derive_seed", f"keys[{i}]", k) for i, k in enumerate(keys)]
+    """A 63-bit seed from a tuple of ints >= 0, of any size (well mixed: seeds (0, 1) and
+    (1, 0) give unrelated streams)."""
+    keys = [_checks.integer("pymeta.tasks.derive_seed", f"keys[{i}]", k, min=0)
+            for i, k in enumerate(keys)]
     return int(np.random.SeedSequence(keys).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
@@ -175,6 +176,7 @@ class QuadraticProblem(OptimizeeProblem):
         for name, t in (("W", W), ("y", y), ("theta0", theta0)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{where}: {name} must be a tensor, not {type(t).__name__}")
+        for name, t in (("W", W), ("y", y), ("theta0", theta0)):
             if not t.is_floating_point() or t.dtype != y.dtype or t.device != y.device:
                 raise TypeError(f"{where}: W, y and theta0 must share one floating dtype and "
                                 f"device; {name} is {t.dtype} on {t.device}, y {y.dtype} on {y.device}")
@@ -324,9 +326,10 @@ class DigitsMLPProblem(OptimizeeProblem):
 
     def minibatch(self, step: int) -> Tensor:
         """``[B, batch_size]`` indices into the training split for ``step`` (deterministic)."""
+        if type(step) is not int or step < 0:  # (True or 1.0 would hit step 1's cache entry)
+            step = _checks.integer("DigitsMLPProblem.minibatch", "step", step, min=0)
         idx = self._batches.get(step)
         if idx is None:
-            step = _checks.integer("DigitsMLPProblem.minibatch", "step", step, min=0)
             g = _generator(derive_seed(self.seed, 1, step))
             n = self.y_train.shape[0]
             lo, hi, full = self._rows

@@ -158,7 +158,7 @@ def test_run_demo_checks_its_arguments_first(tmp_path):
            (dict(seed=-1), ValueError, "seed must be"),
            (dict(seed=1.0), TypeError, "seed must be an int"),
            (dict(iterations=0), ValueError, "iterations must be an int >= 1"),
-           (dict(threads_cpu=0), ValueError, "threads_cpu must be an int >= 1"),
+           (dict(threads_cpu=-1), ValueError, "threads_cpu must be an int >= 0"),
            (dict(quick="yes"), TypeError, "quick must be a bool"),
            (dict(device="tpu"), ValueError, "device must be 'cpu' or 'cuda'"),
            (dict(device="meta"), ValueError, "device must be 'cpu' or 'cuda'")]

@@ -380,3 +380,19 @@ def test_save_checkpoint_round_trips_what_it_takes(tmp_path):
 def test_init_bad_timeout_is_named(timeout_s, exc):
     with pytest.raises(exc, match="init: timeout_s"):
         pdist.init(timeout_s=timeout_s)
+
+
+def test_review_fixes_checkpoint_types_and_tensor_extras(tmp_path):
+    """bytearray and torch.layout load back with weights_only, so save_checkpoint takes them;
+    a set does not survive the checksum (its printed order may differ), so it is refused;
+    all_reduce_gradients takes a one-element tensor as an extra and as count, as before."""
+    path = tmp_path / "ck.pt"
+    pdist.save_checkpoint({"b": bytearray(b"xy"), "layout": torch.strided}, path)
+    back = pdist.load_checkpoint(path)
+    assert back["b"] == bytearray(b"xy") and back["layout"] is torch.strided
+    with pytest.raises(TypeError, match=r"obj\['s'\] is a builtins.set"):
+        pdist.save_checkpoint({"s": {1, 2}}, path)
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.full((3,), 2.0)
+    count, (loss,) = pdist.all_reduce_gradients([w], torch.tensor(3), extras=[torch.tensor(0.5)])
+    assert loss == pytest.approx(0.5)

@@ -923,7 +923,8 @@ def test_optimizer_half_params_step_in_float32(backend, dtype, state_dtype, layo
 def test_optimizer_lr_checked_everywhere():
     params = list(_model().parameters())
     for bad, exc in (("x", TypeError), (True, TypeError), (None, TypeError),
-                     (torch.tensor(1.0), TypeError), (float("nan"), ValueError),
+                     (torch.tensor(True), TypeError), (torch.tensor(float("nan")), ValueError),
+                     (torch.ones(2), TypeError), (float("nan"), ValueError),
                      (float("inf"), ValueError), (-1.0, ValueError), (10 ** 400, ValueError)):
         with pytest.raises(exc, match="lr"):
             LSTMOptimizer(params, net=_small_net(), lr=bad)
@@ -936,6 +937,8 @@ def test_optimizer_lr_checked_everywhere():
         assert len(opt.param_groups) == 1
     opt = LSTMOptimizer(params, net=_small_net(), lr=0)  # 0 and ints are fine
     assert opt.param_groups[0]["lr"] == 0.0
+    opt = LSTMOptimizer(params, net=_small_net(), lr=torch.tensor(0.5))  # as torch's optimizers
+    assert opt.param_groups[0]["lr"] == 0.5
 
 
 @pytest.mark.parametrize("spoil, exc, match", [
