@@ -792,9 +792,12 @@ class FewShotSampler:
         if self._rotates:
             k = self._rot_k[rot]                                        # quarter turns, [T, N]
             for quarter in (1, 2, 3):
-                mask = (k == quarter).to(data.device)
-                if mask.any():
-                    data[mask] = torch.rot90(data[mask], quarter, dims=(-2, -1))
+                # (the selection is found on the CPU, where k lives, and moved as indices: a
+                # mask's any() or nonzero on a GPU would wait for the device)
+                sel = (k == quarter).nonzero(as_tuple=True)
+                if sel[0].numel():
+                    sel = tuple(i.to(data.device) for i in sel)
+                    data[sel] = torch.rot90(data[sel], quarter, dims=(-2, -1))
         data = data.to(self.device)
         labels = torch.arange(N, device=self.device)
         feat = data.shape[3:]
