@@ -80,6 +80,25 @@ def test_init_state_and_shapes():
 
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+def test_forward_keeps_grad_shape_and_names_a_non_tensor(backend):
+    """A flat grad goes to the op as it is (no view nodes), other shapes are flattened and the
+    update reshaped back; either way the results are those of the flat call."""
+    torch.manual_seed(2)
+    net = pymeta.LSTMOptimizerNet(5).double()
+    g = torch.randn(12, dtype=torch.float64)
+    s = torch.randn(4, 5, 12, dtype=torch.float64)
+    with pymeta.use_backend(backend):
+        u1, s1 = net(g, s)
+        u2, s2 = net(g.view(3, 4), s)
+        u0, _ = net(g[:1].view(()), s[:, :, :1].contiguous())
+        assert u1.shape == (12,) and u2.shape == (3, 4) and u0.shape == ()
+        assert torch.equal(u1, u2.reshape(-1)) and torch.equal(s1, s2)
+        assert u1.grad_fn is not None and "View" not in type(u1.grad_fn).__name__
+        with pytest.raises(TypeError, match="grad is a list"):
+            net([1.0] * 12, s)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
 def test_forward_matches_modules(backend):
     torch.manual_seed(1)
     net = pymeta.LSTMOptimizerNet(7).double()
