@@ -607,8 +607,8 @@ inline void backward_chunk(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
 }
 
 // The backward's per-coordinate part over one block: chunks of CW coordinates, the block's
-// last cnt % CW coordinates (only where N ends inside the block) through
-// lstm_opt_backward_coord, LN at a time. The 12H + 3 rows a chunk touches (state, d_new_state,
+// last cnt % CW coordinates (only where N ends inside the block) as one more chunk on
+// zero-padded copies of their rows. The 12H + 3 rows a chunk touches (state, d_new_state,
 // d_state: 4H each; grad, d_update, d_grad) are N elements apart, too many streams for the
 // hardware prefetchers: each chunk prefetches the next chunk's lines (to L2, a few rows per
 // unit loop: BackwardPrefetch) if they lie before n_end (N, or the block's end where the rows
@@ -619,6 +619,9 @@ inline void backward_block(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
                            const T* d_new_state, T* d_grad, T* d_state, T* ws, int64_t ws_stride,
                            int64_t N, int64_t n0, int64_t cnt, int64_t n_end) {
   constexpr int CW = LN * NV;
+  // (the last chunk's padding stays inside the block's workspace, whose width is a multiple
+  // of 64 columns)
+  static_assert(64 % CW == 0, "chunk width must divide 64");
   const int64_t r4 = 4 * int64_t(s.H);
   int64_t off = 0;
   for (; off + CW <= cnt; off += CW) {
@@ -632,12 +635,30 @@ inline void backward_block(const LstmOptWeights<T>& W, const LstmOptScalars<T>& 
     backward_chunk<T, LN, NV>(W, s, grad + n, state + n, d_update + n, d_new_state + n,
                               d_grad + n, d_state + n, ws + off, N, ws_stride, pf);
   }
-  for (; off < cnt; off += LN) {
-    const int64_t n = n0 + off;
-    const int c = static_cast<int>(std::min<int64_t>(LN, cnt - off));
-    const Col col{N, n, c}, wc{ws_stride, off, c};
-    lstm_opt_backward_coord<HMAX, Lanes<T, LN>, T>(W, s, grad, state, d_update, d_new_state,
-                                                   d_grad, d_state, ws, col, wc);
+  if (off < cnt) {
+    // The last cnt - off < CW coordinates: one chunk over zero-padded local copies of their
+    // rows, as the forward does (the per-coordinate path, LN at a time, took ~29 of the op's
+    // ~70 us at N = 10). The padding's results are dropped, and the weight gradients read
+    // only the block's cnt workspace columns (ws_stride >= off + CW: see backward()).
+    const int64_t n = n0 + off, c = cnt - off, rows = r4;
+    std::vector<T> buf(static_cast<size_t>(3 * rows + 3) * CW, T(0));
+    T* bst = buf.data();
+    T* bdns = bst + rows * CW;
+    T* bds = bdns + rows * CW;
+    T* bg = bds + rows * CW;
+    T* bdu = bg + CW;
+    T* bdg = bdu + CW;
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(bst + r * CW, state + r * N + n, c * sizeof(T));
+      std::memcpy(bdns + r * CW, d_new_state + r * N + n, c * sizeof(T));
+    }
+    std::memcpy(bg, grad + n, c * sizeof(T));
+    std::memcpy(bdu, d_update + n, c * sizeof(T));
+    BackwardPrefetch<T> none;
+    backward_chunk<T, LN, NV>(W, s, bg, bst, bdu, bdns, bdg, bds, ws + off, CW, ws_stride, none);
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(d_state + r * N + n, bds + r * CW, c * sizeof(T));
+    std::memcpy(d_grad + n, bdg, c * sizeof(T));
   }
 }
 

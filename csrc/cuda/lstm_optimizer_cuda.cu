@@ -273,7 +273,7 @@ forward_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ 
   if (n >= L.N) return;
   lstm_opt_forward_coord<HMAX, T, T>(P.W, P.s, static_cast<const T*>(L.grad),
                                      static_cast<const T*>(L.state), static_cast<T*>(L.update),
-                                     static_cast<T*>(L.new_state), Col{L.N, n, 1});
+                                     static_cast<T*>(L.new_state), Col{L.N, n});
 }
 
 template <typename T, int HMAX>
@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(kThreads)
 backward_kernel(const __grid_constant__ LstmOptLaunch L, const __grid_constant__ Params<T> P) {
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= L.N) return;
-  const Col col{L.N, n, 1};
+  const Col col{L.N, n};
   lstm_opt_backward_coord<HMAX, T, T>(
       P.W, P.s, static_cast<const T*>(L.grad), static_cast<const T*>(L.state),
       static_cast<const T*>(L.d_update), static_cast<const T*>(L.d_new_state),

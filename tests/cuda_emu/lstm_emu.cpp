@@ -65,7 +65,7 @@ static void run(int H, int n_in, int64_t N, int block, std::mt19937& rng) {
   std::vector<T> u_ref(N), ns_ref(4 * H * N);
   for (int64_t n = 0; n < N; ++n)
     lstm_opt_forward_coord<kLstmOptMaxHidden, T, T>(W, s, grad.data(), state.data(), u_ref.data(),
-                                                   ns_ref.data(), Col{N, n, 1});
+                                                   ns_ref.data(), Col{N, n});
   // forward: persistent blocks as in forward_smem_kernel (grid of 3 blocks)
   std::vector<T> u(N, T(-777)), ns(4 * H * N, T(-777));
   const int grid = 3;
@@ -98,7 +98,7 @@ static void run(int H, int n_in, int64_t N, int block, std::mt19937& rng) {
   const int64_t rows_elems = int64_t(R.total) * N;
   std::vector<T> dg_ref(N), ds_ref(4 * H * N), ws_ref(rows_elems);
   for (int64_t n = 0; n < N; ++n) {
-    const Col col{N, n, 1};
+    const Col col{N, n};
     lstm_opt_backward_coord<kLstmOptMaxHidden, T, T>(W, s, grad.data(), state.data(), du.data(),
                                                     dns.data(), dg_ref.data(), ds_ref.data(),
                                                     ws_ref.data(), col, col);

@@ -227,7 +227,7 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
   for (int64_t n = 0; n < N; ++n)
     lstm_opt_forward_coord<kLstmOptMaxHidden, float, float>(W, s, grad.data(), state.data(),
                                                            u_ref.data(), ns_ref.data(),
-                                                           Col{N, n, 1});
+                                                           Col{N, n});
   // persistent one-warp blocks, grid of 3, as the kernels run with 32 threads per block
   auto run_grid = [&](auto&& warp_step) {
     const int grid = 3;
@@ -527,7 +527,7 @@ static void run(int H, int n_in, int64_t N, std::mt19937& rng) {
   const int64_t rows = int64_t(R.total) * N;
   std::vector<float> dg_ref(N), ds_ref(4 * H * N), ws_ref(rows);
   for (int64_t n = 0; n < N; ++n) {
-    const Col col{N, n, 1};
+    const Col col{N, n};
     lstm_opt_backward_coord<kLstmOptMaxHidden, float, float>(
         W, s, grad.data(), state.data(), du.data(), dns.data(), dg_ref.data(), ds_ref.data(),
         ws_ref.data(), col, col);

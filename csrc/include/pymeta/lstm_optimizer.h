@@ -94,11 +94,10 @@ PYMETA_HD float v_sigmoid(float x) {
 }
 
 // Loads and stores of one value per coordinate. Row `row` of a feature-major array starts at
-// p + row * stride; the coordinate(s) are at idx (and the count - 1 after it, for Lanes).
+// p + row * stride; the coordinate is at idx.
 struct Col {
   int64_t stride;
   int64_t idx;
-  int count;
 };
 
 template <typename V>
@@ -294,27 +293,6 @@ inline Lanes<T, L> v_select(const LaneMask<L>& m, const Lanes<T, L>& a, const La
   return r;
 }
 
-template <typename T, int L>
-struct Access<Lanes<T, L>> {  // lanes past `count` read as 0 and are not written
-  static Lanes<T, L> ld(const T* p, int64_t row, const Col& c) {
-    const T* q = p + row * c.stride + c.idx;
-    Lanes<T, L> r;
-    if (c.count == L) {
-      std::memcpy(&r.v, q, sizeof(r.v));
-    } else {
-      for (int l = 0; l < L; ++l) r.v[l] = l < c.count ? q[l] : T(0);
-    }
-    return r;
-  }
-  static void st(T* p, int64_t row, const Col& c, const Lanes<T, L>& v) {
-    T* q = p + row * c.stride + c.idx;
-    if (c.count == L) {
-      std::memcpy(q, &v.v, sizeof(v.v));
-    } else {
-      for (int l = 0; l < c.count; ++l) q[l] = v.v[l];
-    }
-  }
-};
 #endif  // !__CUDACC__
 
 // ---- the parameters of one call --------------------------------------------------------------
