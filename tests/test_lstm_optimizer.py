@@ -335,6 +335,38 @@ def test_optimizer_param_groups_and_lr_scale():
     assert opt.state[c]["step"] == 1 and opt.state[a]["step"] == 2
 
 
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=native_only), "reference"])
+def test_optimizer_updates_bitwise_per_group_lr_and_a_repeated_parameter(backend):
+    """step() adds each parameter's share of the joint update (one foreach add per lr): the
+    bits of p + lr * u, per group's lr, as add_ gives them; a parameter listed twice (torch
+    warns) is stepped twice, in order, never in a race."""
+    net = _small_net()
+    ps = [nn.Parameter(torch.randn(s)) for s in ((3, 4), (7,), (2, 3, 5))]
+    q = nn.Parameter(torch.randn(6))
+    grads = [torch.randn(p.shape) for p in ps] + [torch.randn(6)]
+    with pymeta.use_backend(backend):
+        u_q, _ = net(grads[3], net.init_state(6))
+        want_q = q.detach().clone().add_(u_q, alpha=0.7).add_(u_q, alpha=0.7)
+        opt = LSTMOptimizer([{"params": [ps[0], ps[2]]}, {"params": [ps[1]], "lr": 0.3}],
+                            net=net)
+        # (the joint call runs the parameters in group order: 0, 2, 1)
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        u_perm, _ = net(torch.cat([grads[i].reshape(-1) for i in (0, 2, 1)]),
+                        net.init_state(sum(p.numel() for p in ps)))
+        want = [p.detach().clone() for p in ps]
+        for i, lr, lo in ((0, 1.0, 0), (2, 1.0, 12), (1, 0.3, 42)):
+            want[i].add_(u_perm[lo:lo + ps[i].numel()].view_as(ps[i]), alpha=lr)
+        opt.step()
+        for p, w in zip(ps, want):
+            assert torch.equal(p.detach(), w)
+        with pytest.warns(UserWarning, match="duplicate"):
+            opt2 = LSTMOptimizer([{"params": [q, q], "lr": 0.7}], net=net)
+        q.grad = grads[3].clone()
+        opt2.step()
+        assert torch.equal(q.detach(), want_q)
+
+
 def test_optimizer_missing_grad_skipped_state_untouched():
     net = _small_net()
     a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
