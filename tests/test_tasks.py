@@ -42,6 +42,33 @@ def test_problems_of_a_batch_are_independent():
         assert rows[0].abs().sum() == 0 and rows[2].abs().sum() == 0 and rows[1].abs().sum() > 0
 
 
+def _autograd_losses_and_grad(p, theta, step):
+    leaf = theta.detach().clone().requires_grad_()
+    losses = p.losses(leaf, step)
+    (g,) = torch.autograd.grad(losses.sum(), leaf)
+    return losses.detach(), g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_losses_and_grad_equals_autograd(dtype):
+    """The quadratics' closed form gives autograd's bits on the CPU; other problems go through
+    autograd itself. Neither returns a graph, and theta is left as it was."""
+    for p, step in ((QuadraticFamily(10).sample(7, 1, dtype=dtype), 0),
+                    (QuadraticFamily(3).sample(1, 2, dtype=dtype), 5),
+                    (DigitsMLPFamily(hidden=5, batch_size=8).sample(3, 0, dtype=dtype), 4)):
+        theta = (p.init_theta() + 0.3 * torch.randn(p.numel, dtype=dtype)).requires_grad_()
+        want_l, want_g = _autograd_losses_and_grad(p, theta, step)
+        losses, g = p.losses_and_grad(theta, step)
+        assert torch.equal(losses, want_l) and torch.equal(g, want_g)
+        assert losses.shape == (p.batch,) and g.shape == (p.numel,)
+        assert not losses.requires_grad and not g.requires_grad and g.grad_fn is None
+        assert theta.grad is None and theta.is_leaf
+        with pytest.raises(ValueError, match="losses_and_grad: theta has shape"):
+            p.losses_and_grad(theta[:-1], step)
+        with pytest.raises(ValueError, match="losses_and_grad: step must be"):
+            p.losses_and_grad(theta, -1)
+
+
 def test_digits_split():
     xtr, ytr, xte, yte = load_digits_split()
     assert xtr.shape[1] == 64 and len(xtr) + len(xte) == 1797 and len(xte) == 359
