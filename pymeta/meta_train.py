@@ -14,6 +14,7 @@ are detached (the paper drops the second derivatives). Each step is one fused
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -25,7 +26,7 @@ from torch import Tensor
 from pymeta import _checks, reference
 from pymeta._io import FileFormatError, atomic_save, safe_load
 from pymeta.lstm_optimizer import LSTMOptimizerNet
-from pymeta.tasks import OptimizeeProblem, derive_seed
+from pymeta.tasks import OptimizeeProblem, autograd_losses_and_grad, derive_seed
 
 __all__ = ["meta_train", "unroll", "run_learned", "run_torch_optimizer"]
 
@@ -73,14 +74,17 @@ def unroll(net: LSTMOptimizerNet, problem: OptimizeeProblem, theta: Tensor, stat
     """
     theta = theta.detach()
     state = state.detach()
-    losses, g = problem.losses_and_grad(theta, t0)
+    # (a problem of a family's own that is not an OptimizeeProblem: autograd of its losses)
+    losses_and_grad = getattr(problem, "losses_and_grad", None) or functools.partial(
+        autograd_losses_and_grad, problem.losses)
+    losses, g = losses_and_grad(theta, t0)
     meta_loss = theta.new_zeros(())
     for j in range(steps):
         if on_grad is not None:
             on_grad(g)
         update, state = net(g, state)
         theta = theta + update
-        losses, g = problem.losses_and_grad(theta, t0 + j + 1)
+        losses, g = losses_and_grad(theta, t0 + j + 1)
         meta_loss = meta_loss + _MetaLossTerm.apply(theta, losses, g)
     return meta_loss, theta, state, losses
 

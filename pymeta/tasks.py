@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from pymeta import _checks
 from pymeta._io import FileFormatError
 
 __all__ = ["OptimizeeProblem", "QuadraticFamily", "QuadraticProblem", "DigitsMLPFamily",
-           "DigitsMLPProblem", "load_digits_split", "derive_seed",
+           "DigitsMLPProblem", "load_digits_split", "derive_seed", "autograd_losses_and_grad",
            "Sinusoid", "SinusoidTasks", "FewShotSampler", "Episode", "load_image_folder",
            "split_classes", "digits_dataset"]
 
@@ -82,6 +82,17 @@ def _generator(seed: int) -> torch.Generator:
 # =============================================================================================
 # Optimizee families (learned optimizers)
 # =============================================================================================
+
+def autograd_losses_and_grad(losses_fn: Callable[[Tensor, int], Tensor], theta: Tensor,
+                             step: int) -> Tuple[Tensor, Tensor]:
+    """``(losses, d losses.sum() / d theta)`` of ``losses_fn(theta, step)``, both without a
+    graph, by autograd on a fresh leaf sharing theta's memory (theta itself is not touched)."""
+    leaf = theta.detach().requires_grad_()
+    with torch.enable_grad():
+        losses = losses_fn(leaf, step)
+        (g,) = torch.autograd.grad(losses.sum(), leaf)
+    return losses.detach(), g
+
 
 class OptimizeeProblem:
     """A batch of B independent optimizee problems as one vectorized optimizee.
@@ -168,11 +179,8 @@ class OptimizeeProblem:
         raise NotImplementedError
 
     def _losses_and_grad(self, theta: Tensor, step: int) -> Tuple[Tensor, Tensor]:
-        leaf = theta.requires_grad_()  # (a detached alias: a leaf of its own)
-        with torch.enable_grad():
-            losses = self._losses(self.unflatten(leaf), step)
-            (g,) = torch.autograd.grad(losses.sum(), leaf)
-        return losses.detach(), g
+        # (through losses(), which a subclass may have overridden)
+        return autograd_losses_and_grad(self.losses, theta, step)
 
     def _check_rows(self, start: int, stop: int) -> Tuple[int, int]:
         where = f"{type(self).__name__}.subset"
@@ -225,6 +233,9 @@ class QuadraticProblem(OptimizeeProblem):
         return (r * r).sum(1)
 
     def _losses_and_grad(self, theta: Tensor, step: int) -> Tuple[Tensor, Tensor]:
+        if (type(self)._losses is not QuadraticProblem._losses
+                or type(self).losses is not OptimizeeProblem.losses):
+            return super()._losses_and_grad(theta, step)  # a subclass changed the loss
         # grad_b = 2 W_b^T r_b as autograd forms it (r * r's backward adds r + r; bmm's is a
         # bmm with W^T): the same bits on the CPU (tested), with no graph built or walked.
         (th,) = self.unflatten(theta)

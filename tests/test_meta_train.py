@@ -11,7 +11,7 @@ import torch
 import pymeta
 from pymeta.meta_train import run_learned, run_torch_optimizer, unroll
 from pymeta.lstm_optimizer import LSTMOptimizerNet
-from pymeta.tasks import QuadraticFamily
+from pymeta.tasks import QuadraticFamily, QuadraticProblem
 from testutil import needs_native
 
 FAM = QuadraticFamily(dim=4)
@@ -126,6 +126,66 @@ def test_lstm_inputs_are_detached_and_match_a_manual_first_order_unroll():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # a second-order unroll would differ: the first-order choice is visible
     assert theta.requires_grad and state.requires_grad
+
+
+class _ScaledQuadratic(QuadraticProblem):
+    """A subclass with a loss of its own: the closed form must step aside."""
+
+    def _losses(self, params, step):
+        return 3.0 * super()._losses(params, step) + params[0].pow(4).sum(1)
+
+
+class _PublicLosses(pymeta.tasks.OptimizeeProblem):
+    """Overrides the public losses() only."""
+
+    def __init__(self, inner):
+        self.inner, self.batch, self.shapes = inner, inner.batch, inner.shapes
+        self.device, self.dtype, self.theta0 = inner.device, inner.dtype, inner.theta0
+
+    def losses(self, theta, step=0):
+        return self.inner.losses(theta, step) + theta.view(self.batch, -1).sin().sum(1)
+
+
+class _DuckProblem:
+    """Not an OptimizeeProblem: only what meta_train's unroll reads."""
+
+    def __init__(self, inner):
+        self.inner, self.numel = inner, inner.numel
+
+    def init_theta(self):
+        return self.inner.init_theta()
+
+    def losses(self, theta, step=0):
+        return self.inner.losses(theta, step).cos() + theta.view(self.inner.batch, -1).pow(2).sum(1)
+
+
+def _manual_meta_grads(net, losses_fn, theta0, numel, steps):
+    """The first-order unroll by hand through autograd: grads are constants to the net."""
+    th, st, total = theta0, net.init_state(numel), 0
+    for t in range(steps):
+        leaf = th.detach().requires_grad_()
+        (g,) = torch.autograd.grad(losses_fn(leaf, t).sum(), leaf)
+        u, st = net(g, st)
+        th = th + u
+        total = total + losses_fn(th, t + 1).mean()
+    return total, torch.autograd.grad(total, list(net.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["subclass_losses", "public_losses", "duck"])
+def test_unroll_uses_the_problems_own_loss(kind):
+    """Problems whose loss is not the quadratic's own (a subclass's _losses, an override of
+    losses(), an object that is no OptimizeeProblem) get the meta-gradient of their loss."""
+    torch.manual_seed(0)
+    net = _net().double()
+    base = FAM.sample(3, seed=4, dtype=torch.float64)
+    prob = {"subclass_losses": lambda: _ScaledQuadratic(base.W, base.y, base.theta0),
+            "public_losses": lambda: _PublicLosses(base), "duck": lambda: _DuckProblem(base)}[kind]()
+    theta0 = base.init_theta() + 0.2
+    loss, *_ = unroll(net, prob, theta0, net.init_state(base.numel), 0, 4)
+    want, want_grads = _manual_meta_grads(net, prob.losses, theta0, base.numel, 4)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, list(net.parameters())), want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @needs_native
