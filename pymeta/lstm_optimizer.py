@@ -530,8 +530,9 @@ class LSTMOptimizer(torch.optim.Optimizer):
             st["step"] = 1 if new else st["step"] + 1
         for lr, (ps, us) in adds.items():
             # (a float16/bfloat16 p: the float32 sum is rounded once, into p, as by p.add_.
-            # A parameter listed twice is stepped twice, in order: one add_ at a time.)
-            if len({id(p) for p in ps}) == len(ps):
+            # A parameter listed twice, or two that start at one address, get one add_ at a
+            # time, in order: a foreach call would race on a GPU.)
+            if len({p.data_ptr() for p in ps}) == len(ps):
                 torch._foreach_add_(ps, us, alpha=lr)
             else:
                 for p, u in zip(ps, us):

@@ -38,18 +38,32 @@ class _MetaLossTerm(torch.autograd.Function):
     """``mean_b f_b(theta)`` as a node of theta's graph, from ``problem.losses_and_grad``'s
     values at theta: the losses ``[B]`` and ``grad = d sum_b f_b / d theta`` ``[N]``, which the
     net is fed anyway. Its backward, ``d_out * grad / B``, is the loss's own (exact, not an
-    approximation), with no graph of the loss kept or walked."""
+    approximation), with no graph of the loss kept or walked; its jvp is ``grad . t / B``.
+    A backward that is itself recorded (``create_graph``, for higher derivatives) runs
+    ``losses_fn(theta, step)`` again and differentiates that, so that those derivatives see
+    the loss's dependence on theta (``grad`` alone is a constant)."""
 
     @staticmethod
-    def forward(ctx, theta, losses, grad):
-        ctx.save_for_backward(grad)
-        ctx.batch = losses.numel()
+    def forward(ctx, theta, losses, grad, losses_fn, step):
+        ctx.save_for_backward(theta, grad)
+        ctx.save_for_forward(grad)
+        ctx.losses_fn, ctx.step, ctx.batch = losses_fn, step, losses.numel()
         return losses.mean()
 
     @staticmethod
     def backward(ctx, d_out):
+        theta, grad = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph
+            value = ctx.losses_fn(theta, ctx.step).mean()
+            (d_theta,) = torch.autograd.grad(value, theta, d_out, create_graph=True)
+        else:
+            d_theta = grad * (d_out / ctx.batch)
+        return d_theta, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, theta_t, losses_t, grad_t, losses_fn_t, step_t):
         (grad,) = ctx.saved_tensors
-        return grad * (d_out / ctx.batch), None, None
+        return (grad * theta_t).sum() / ctx.batch
 
 
 def unroll(net: LSTMOptimizerNet, problem: OptimizeeProblem, theta: Tensor, state: Tensor,
@@ -59,7 +73,9 @@ def unroll(net: LSTMOptimizerNet, problem: OptimizeeProblem, theta: Tensor, stat
     Args:
         theta: flat parameters ``[N]`` at step t0 (treated as a constant: detached here).
         state: the LSTM state ``[4, H, N]`` at step t0 (detached here).
-        on_grad: called with every gradient fed to the net (tests check it is detached).
+        on_grad: called with every gradient fed to the net, before the net sees it (tests
+            check it is detached; an in-place edit changes what the net is fed, not the
+            meta-loss).
 
     Returns ``(meta_loss, theta, state, last_losses)``: the meta-loss
     ``sum_{t=t0+1}^{t0+steps} mean_b f_b(theta_t)`` (a graph into the net's weights), theta and
@@ -85,7 +101,10 @@ def unroll(net: LSTMOptimizerNet, problem: OptimizeeProblem, theta: Tensor, stat
         update, state = net(g, state)
         theta = theta + update
         losses, g = losses_and_grad(theta, t0 + j + 1)
-        meta_loss = meta_loss + _MetaLossTerm.apply(theta, losses, g)
+        # (on_grad may edit the next step's g in place, e.g. clip it for the net: the term
+        # keeps the loss's own gradient)
+        meta_loss = meta_loss + _MetaLossTerm.apply(
+            theta, losses, g if on_grad is None else g.clone(), problem.losses, t0 + j + 1)
     return meta_loss, theta, state, losses
 
 

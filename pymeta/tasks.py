@@ -234,8 +234,9 @@ class QuadraticProblem(OptimizeeProblem):
 
     def _losses_and_grad(self, theta: Tensor, step: int) -> Tuple[Tensor, Tensor]:
         if (type(self)._losses is not QuadraticProblem._losses
-                or type(self).losses is not OptimizeeProblem.losses):
-            return super()._losses_and_grad(theta, step)  # a subclass changed the loss
+                or type(self).losses is not OptimizeeProblem.losses
+                or "losses" in vars(self) or "_losses" in vars(self)):
+            return super()._losses_and_grad(theta, step)  # a subclass or instance changed the loss
         # grad_b = 2 W_b^T r_b as autograd forms it (r * r's backward adds r + r; bmm's is a
         # bmm with W^T): the same bits on the CPU (tested), with no graph built or walked.
         (th,) = self.unflatten(theta)

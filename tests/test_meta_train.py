@@ -188,6 +188,70 @@ def test_unroll_uses_the_problems_own_loss(kind):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def _loss_graph_unroll(net, prob, theta0, steps, clip=None):
+    """The unroll as it was built before _MetaLossTerm: each step's loss graph kept."""
+    th = theta0.detach().requires_grad_()
+    st, total = net.init_state(prob.numel), 0
+    loss = prob.losses(th, 0)
+    for t in range(steps):
+        (g,) = torch.autograd.grad(loss.sum(), th, retain_graph=t > 0)
+        u, st = net(g if clip is None else g.clamp(-clip, clip), st)
+        th = th + u
+        loss = prob.losses(th, t + 1)
+        total = total + loss.mean()
+    return total
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_unroll_higher_derivatives_forward_mode_and_on_grad_edits():
+    """The meta-loss terms keep the loss's second derivatives for a recorded backward
+    (Hessian-vector products w.r.t. the net), give forward-mode AD the reverse-mode value,
+    and an on_grad that clips in place changes what the net is fed, not the meta-loss."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    net = _net(H=4).double()
+    w = list(net.parameters())
+    prob = FAM.sample(3, seed=6, dtype=torch.float64)
+    theta0 = prob.init_theta() + 0.1
+    vs = [torch.randn_like(x) for x in w]
+
+    def hvp(loss):
+        g = torch.autograd.grad(loss, w, create_graph=True)
+        return torch.autograd.grad(sum((a * v).sum() for a, v in zip(g, vs)), w)
+    new, *_ = unroll(net, prob, theta0, net.init_state(prob.numel), 0, 3)
+    d_rev = sum((a * v).sum() for a, v in zip(torch.autograd.grad(new, w, retain_graph=True), vs))
+    for a, b in zip(hvp(new), hvp(_loss_graph_unroll(net, prob, theta0, 3))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    with fwAD.dual_level():
+        duals = {k: fwAD.make_dual(x.detach(), v) for (k, x), v in zip(net.named_parameters(), vs)}
+        with torch.nn.utils.stateless._reparametrize_module(net, duals):
+            fwd, *_ = unroll(net, prob, theta0, net.init_state(prob.numel), 0, 3)
+        d_fwd = fwAD.unpack_dual(fwd).tangent
+    torch.testing.assert_close(d_fwd, d_rev, rtol=1e-9, atol=1e-12)
+
+    clipped, *_ = unroll(net, prob, theta0, net.init_state(prob.numel), 0, 3,
+                         on_grad=lambda g: g.clamp_(-0.1, 0.1))
+    want = _loss_graph_unroll(net, prob, theta0, 3, clip=0.1)
+    torch.testing.assert_close(clipped, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(clipped, w), torch.autograd.grad(want, w)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_quadratic_closed_form_steps_aside_for_an_instance_loss():
+    torch.manual_seed(0)
+    net = _net().double()
+    prob = FAM.sample(2, seed=7, dtype=torch.float64)
+    plain = prob.losses
+    prob.losses = lambda theta, step=0: plain(theta, step) + theta.view(2, -1).pow(2).sum(1)
+    theta0 = prob.init_theta() + 0.2
+    loss, *_ = unroll(net, prob, theta0, net.init_state(prob.numel), 0, 3)
+    want, want_grads = _manual_meta_grads(net, prob.losses, theta0, prob.numel, 3)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, list(net.parameters())), want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @needs_native
 def test_native_and_reference_meta_gradients_agree():
     torch.manual_seed(0)

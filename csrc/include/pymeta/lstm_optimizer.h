@@ -8,8 +8,10 @@
 // State layout: [4, H, N] (h1, c1, h2, c2), feature-major, so that for one feature the
 // coordinates are contiguous (coalesced on the GPU, SIMD lanes on the CPU).
 //
-// The per-coordinate math below is written once over a value type V: a scalar (one CUDA
-// thread = one coordinate) or Lanes<T, L> (the CPU runs L consecutive coordinates at once).
+// The cell math below is written once over a value type V: a scalar (one CUDA thread = one
+// coordinate) or Lanes<T, L> (the CPU's chunks run L consecutive coordinates at once). The
+// whole-coordinate steps (lstm_opt_*_coord) run on scalars: the CUDA-core kernels and the
+// emulator's references.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -579,7 +581,7 @@ PYMETA_HD void lstm_layer1_input(const LstmOptWeights<T>& W, int H, int n_in, in
   }
 }
 
-// ---- one coordinate (or one group of lanes): forward ----------------------------------------
+// ---- one coordinate: forward ----------------------------------------------------------------
 // HMAX >= H bounds the unrolled loops over hidden units, so that the per-coordinate arrays
 // are indexed by compile-time constants only (registers on the GPU).
 template <int HMAX, typename V, typename T>
