@@ -159,8 +159,10 @@ class _DuckProblem:
         return self.inner.losses(theta, step).cos() + theta.view(self.inner.batch, -1).pow(2).sum(1)
 
 
-def _manual_meta_grads(net, losses_fn, theta0, numel, steps):
-    """The first-order unroll by hand through autograd: grads are constants to the net."""
+def _assert_unroll_matches_by_hand(net, prob, losses_fn, theta0, numel, steps):
+    """unroll's meta-loss and meta-gradient against the first-order unroll by hand through
+    autograd of losses_fn (grads are constants to the net)."""
+    loss, *_ = unroll(net, prob, theta0, net.init_state(numel), 0, steps)
     th, st, total = theta0, net.init_state(numel), 0
     for t in range(steps):
         leaf = th.detach().requires_grad_()
@@ -168,7 +170,10 @@ def _manual_meta_grads(net, losses_fn, theta0, numel, steps):
         u, st = net(g, st)
         th = th + u
         total = total + losses_fn(th, t + 1).mean()
-    return total, torch.autograd.grad(total, list(net.parameters()))
+    torch.testing.assert_close(loss, total, rtol=1e-12, atol=1e-12)
+    w = list(net.parameters())
+    for a, b in zip(torch.autograd.grad(loss, w), torch.autograd.grad(total, w)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["subclass_losses", "public_losses", "duck"])
@@ -180,12 +185,7 @@ def test_unroll_uses_the_problems_own_loss(kind):
     base = FAM.sample(3, seed=4, dtype=torch.float64)
     prob = {"subclass_losses": lambda: _ScaledQuadratic(base.W, base.y, base.theta0),
             "public_losses": lambda: _PublicLosses(base), "duck": lambda: _DuckProblem(base)}[kind]()
-    theta0 = base.init_theta() + 0.2
-    loss, *_ = unroll(net, prob, theta0, net.init_state(base.numel), 0, 4)
-    want, want_grads = _manual_meta_grads(net, prob.losses, theta0, base.numel, 4)
-    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(loss, list(net.parameters())), want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_unroll_matches_by_hand(net, prob, prob.losses, base.init_theta() + 0.2, base.numel, 4)
 
 
 def _loss_graph_unroll(net, prob, theta0, steps, clip=None):
@@ -244,12 +244,7 @@ def test_quadratic_closed_form_steps_aside_for_an_instance_loss():
     prob = FAM.sample(2, seed=7, dtype=torch.float64)
     plain = prob.losses
     prob.losses = lambda theta, step=0: plain(theta, step) + theta.view(2, -1).pow(2).sum(1)
-    theta0 = prob.init_theta() + 0.2
-    loss, *_ = unroll(net, prob, theta0, net.init_state(prob.numel), 0, 3)
-    want, want_grads = _manual_meta_grads(net, prob.losses, theta0, prob.numel, 3)
-    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(loss, list(net.parameters())), want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_unroll_matches_by_hand(net, prob, prob.losses, prob.init_theta() + 0.2, prob.numel, 3)
 
 
 @needs_native
